@@ -1,0 +1,1 @@
+"""laspar_jax: learned sparse retrieval in JAX/Flax NNX."""

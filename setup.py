@@ -1,0 +1,33 @@
+"""laspar_jax: learned sparse retrieval in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="laspar_jax",
+    version="0.1.0",
+    description="Learned sparse retrieval (LASPAR, SPLADE, decoder LSR) in JAX/Flax NNX",
+    python_requires=">=3.11",
+    packages=find_packages(include=["laspar_jax", "laspar_jax.*"]),
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12,<0.14",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "ir-measures>=0.3.1",
+        "ir_datasets>=0.5.6",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "chex>=0.1.86"],
+        "tpu": ["jax[tpu]>=0.10,<0.13"],
+        "gpu": ["jax[cuda12]>=0.10,<0.13"],
+        "hub": ["huggingface_hub>=0.24"],
+        "engines": ["pyseismic-lsr", "pyterrier-pisa"],
+    },
+)
