@@ -1,0 +1,295 @@
+"""Readers for the on-disk formats of retrieval collections, with one rule per anomaly.
+
+Formats: JSON lines (BEIR corpus/queries), TSV (MS MARCO collection/queries),
+SMART records (`.I`/`.T`/`.A`/`.B`/`.W`, Cranfield-style) and qrels (BEIR TSV
+with or without header, TREC 4-column, Cranfield 3-column with grades).
+
+Every anomaly is either handled by the rule below (strict=False, the default;
+the anomaly is counted in `Problems.counts` and the first few are logged) or,
+with strict=True, raised as `DataFormatError(path, line, msg)`:
+
+| anomaly                                  | rule when not strict                          |
+|------------------------------------------|-----------------------------------------------|
+| CRLF line ends, blank lines, BEIR header | accepted silently (format features, not bad)  |
+| non-UTF-8 bytes (`bad_utf8`)             | decoded with U+FFFD replacement, record kept  |
+| malformed JSON / wrong TSV column count / | record skipped                               |
+|   missing id or text, truncated line      |   (`malformed`)                              |
+| duplicate doc or query id (`duplicate_id`)| first occurrence kept, later ones skipped    |
+| empty document (no title, no text)        | kept (qrels may name it) (`empty_doc`)       |
+| empty query text (`empty_query`)          | query dropped, with its qrels                |
+| qrels line malformed / non-integer grade  | line skipped (`malformed`)                   |
+| duplicate qrels pair (`duplicate_qrel`)   | first grade kept                             |
+| qrels naming an unknown query or document | pair dropped (`unknown_query`/`unknown_doc`) |
+
+A truncated last line of a JSON file is malformed JSON and follows that rule; a
+truncated TSV line that still has the right columns cannot be told from a short
+text and is read as it is.
+
+Cranfield grades (cranqrel: 1 = complete answer .. 4 = minimum interest, 5 = no
+interest, -1 = judged not relevant) become ir-measures relevance as
+`rel = 5 - grade` for 1..4 (so 1 -> 4 best, 4 -> 1) and 0 for 5 and -1.
+SMART query ids are the 1-based position of the query in the query file: the
+Cranfield qrels number queries 1..225 that way, while the `.I` numbers in
+cran.qry are not consecutive (001, 002, 004, 008, ...).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+_LOG = logging.getLogger(__name__)
+_MAX_LOGGED = 5
+
+
+class DataFormatError(ValueError):
+  """A collection file breaks its format; names the file and the 1-based line."""
+
+  def __init__(self, path: str | os.PathLike, line: int | None, msg: str):
+    self.path = os.fspath(path)
+    self.line = line
+    self.msg = msg
+    where = f"{self.path}:{line}" if line else self.path
+    super().__init__(f"{where}: {msg}")
+
+
+class Problems:
+  """Collects anomalies found while reading; raises on the first one when strict."""
+
+  def __init__(self, strict: bool = False):
+    self.strict = strict
+    self.counts: collections.Counter[str] = collections.Counter()
+    self.examples: list[str] = []
+
+  def report(self, path: str | os.PathLike, line: int | None, kind: str, msg: str) -> None:
+    """Records one anomaly of `kind`, or raises DataFormatError when strict."""
+    if self.strict:
+      raise DataFormatError(path, line, f"{msg} [{kind}]")
+    self.counts[kind] += 1
+    if self.counts[kind] <= _MAX_LOGGED:
+      text = f"{os.fspath(path)}:{line}: {msg} [{kind}]"
+      self.examples.append(text)
+      _LOG.warning("%s", text)
+
+
+class Doc(NamedTuple):
+  """One document of a corpus."""
+  doc_id: str
+  title: str
+  text: str
+
+
+class Span(NamedTuple):
+  """Where one record lies in its file (bytes [start, end)), and its first line."""
+  record_id: str
+  start: int
+  end: int
+  line: int
+
+
+def _decode(raw: bytes, path, lineno: int, problems: Problems | None) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if problems is not None:
+      problems.report(path, lineno, "bad_utf8", f"invalid UTF-8 at byte {e.start}")
+    return raw.decode("utf-8", errors="replace")
+
+
+def iter_lines(path, problems: Problems | None) -> Iterator[tuple[int, int, int, str]]:
+  """Yields (lineno, start, end, text) for each non-blank line, line end stripped."""
+  with open(path, "rb") as f:
+    pos = 0
+    for lineno, raw in enumerate(f, 1):
+      start, pos = pos, pos + len(raw)
+      body = raw.rstrip(b"\r\n")
+      if not body.strip():
+        continue
+      yield lineno, start, pos, _decode(body, path, lineno, problems)
+
+
+def read_span(path, start: int, end: int) -> str:
+  """The text of bytes [start, end) of a file (invalid UTF-8 replaced)."""
+  with open(path, "rb") as f:
+    f.seek(start)
+    return f.read(end - start).decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- JSON lines
+
+
+def _json_id(obj: dict) -> str | None:
+  for key in ("_id", "doc_id", "id", "query_id"):
+    v = obj.get(key)
+    if isinstance(v, (str, int)) and not isinstance(v, bool) and str(v):
+      return str(v)
+  return None
+
+
+def parse_jsonl_doc(line: str) -> Doc | str:
+  """A BEIR corpus line -> Doc, or an error message."""
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    return f"malformed JSON ({e.msg} at column {e.colno})"
+  if not isinstance(obj, dict):
+    return "JSON line is not an object"
+  doc_id = _json_id(obj)
+  if doc_id is None:
+    return "no _id"
+  text, title = obj.get("text"), obj.get("title") or ""
+  if not isinstance(text, str) or not isinstance(title, str):
+    return "text/title missing or not a string"
+  return Doc(doc_id, title.strip(), text.strip())
+
+
+def parse_jsonl_query(line: str) -> tuple[str, str] | str:
+  """A BEIR queries line -> (qid, text), or an error message."""
+  doc = parse_jsonl_doc(line)
+  return doc if isinstance(doc, str) else (doc.doc_id, doc.text)
+
+
+# ----------------------------------------------------------------------------- TSV
+
+
+def parse_tsv_doc(line: str) -> Doc | str:
+  """`id<TAB>text` or `id<TAB>title<TAB>text` -> Doc, or an error message."""
+  cols = line.split("\t")
+  if len(cols) == 2:
+    return Doc(cols[0].strip(), "", cols[1].strip()) if cols[0].strip() else "empty id"
+  if len(cols) == 3:
+    return Doc(cols[0].strip(), cols[1].strip(), cols[2].strip()) if cols[0].strip() else "empty id"
+  return f"expected 2 or 3 tab-separated columns, got {len(cols)}"
+
+
+def parse_tsv_query(line: str) -> tuple[str, str] | str:
+  cols = line.split("\t")
+  if len(cols) != 2 or not cols[0].strip():
+    return f"expected `qid<TAB>text`, got {len(cols)} columns"
+  return cols[0].strip(), cols[1].strip()
+
+
+# ----------------------------------------------------------------------------- SMART
+
+
+def iter_smart_records(path, problems: Problems | None) -> Iterator[tuple[Span, dict[str, str]]]:
+  """Yields (span, fields) per `.I` record; fields maps "T"/"A"/"B"/"W" to text.
+
+  A field marker that repeats inside a record (cran.all.1400 has a few) appends
+  its text to that field.
+  """
+  cur_id, start, first_line, end = None, 0, 0, 0
+  fields: dict[str, list[str]] = {}
+  field = None
+
+  def flush():
+    return (Span(cur_id, start, end, first_line),
+            {k: " ".join(" ".join(v).split()) for k, v in fields.items()})
+
+  for lineno, s, e, text in iter_lines(path, problems):
+    if text.startswith(".I"):
+      if cur_id is not None:
+        yield flush()
+      parts = text.split()
+      cur_id = parts[1] if len(parts) == 2 else None
+      if cur_id is None:
+        if problems is not None:
+          problems.report(path, lineno, "malformed", f"bad record header {text!r}")
+        cur_id = ""  # keeps the span; the caller drops records with an empty id
+      start, first_line, fields, field = s, lineno, {}, None
+    elif len(text) == 2 and text[0] == "." and text[1].isalpha():
+      field = text[1]
+      fields.setdefault(field, [])
+    elif cur_id is None:
+      if problems is not None:
+        problems.report(path, lineno, "malformed", "text before the first .I record")
+    elif field is None:
+      if problems is not None:
+        problems.report(path, lineno, "malformed", "text outside a field")
+    else:
+      fields[field].append(text)
+    end = e
+  if cur_id is not None:
+    yield flush()
+
+
+def smart_doc(record_id: str, fields: dict[str, str]) -> Doc:
+  """SMART fields -> Doc: title = .T, text = .W (authors .A and source .B dropped).
+
+  In Cranfield the .W abstract begins with the title again; that repetition is
+  removed so that doc_text() does not hold the title twice.
+  """
+  title, text = fields.get("T", ""), fields.get("W", "")
+  if title and text.startswith(title):
+    text = text[len(title):].strip()
+  return Doc(record_id, title, text)
+
+
+def parse_smart_span(raw: str, record_id: str) -> Doc:
+  """Re-parses one SMART record from its text (for random access)."""
+  fields: dict[str, list[str]] = {}
+  field = None
+  for line in raw.splitlines():
+    line = line.rstrip("\r")
+    if line.startswith(".I") or not line.strip():
+      continue
+    if len(line) == 2 and line[0] == "." and line[1].isalpha():
+      field = line[1]
+      fields.setdefault(field, [])
+    elif field is not None:
+      fields[field].append(line)
+  return smart_doc(record_id, {k: " ".join(" ".join(v).split()) for k, v in fields.items()})
+
+
+# ----------------------------------------------------------------------------- qrels
+
+
+def cranfield_relevance(grade: int) -> int | None:
+  """Cranfield grade (1 best .. 4, 5 or -1 = not relevant) -> relevance (4 best .. 0)."""
+  if 1 <= grade <= 4:
+    return 5 - grade
+  if grade in (5, -1):
+    return 0
+  return None
+
+
+def iter_qrels(path, problems: Problems, *, kind: str = "auto") -> Iterator[tuple[int, str, str, int]]:
+  """Yields (lineno, qid, doc_id, relevance) from a qrels file.
+
+  Args:
+    path: the file.
+    problems: anomaly collector (malformed lines).
+    kind: "auto" (4 columns = TREC `qid iter docid rel`, 3 = `qid docid rel`),
+      or "cranfield" (3 columns with Cranfield grades, mapped by
+      `cranfield_relevance`).
+
+  Yields:
+    (line number, query id, document id, integer relevance).
+  """
+  first = True
+  for lineno, _, _, text in iter_lines(path, problems):
+    cols = text.split()
+    if first:
+      first = False
+      if len(cols) == 3 and cols[2].lower() in ("score", "relevance", "rel", "grade"):
+        continue  # BEIR header `query-id corpus-id score`
+    if len(cols) == 4 and kind == "auto":
+      qid, _, did, g = cols
+    elif len(cols) == 3:
+      qid, did, g = cols
+    else:
+      problems.report(path, lineno, "malformed", f"qrels line has {len(cols)} columns")
+      continue
+    try:
+      rel = int(float(g)) if kind != "cranfield" else cranfield_relevance(int(g))
+      if kind != "cranfield" and float(g) != rel:
+        raise ValueError(g)
+    except ValueError:
+      rel = None
+    if rel is None:
+      problems.report(path, lineno, "malformed", f"bad relevance {g!r}")
+      continue
+    yield lineno, qid, did, rel

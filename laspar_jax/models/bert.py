@@ -1,0 +1,167 @@
+"""BERT-family encoder (BERT, MiniLM, DistilBERT) in Flax NNX.
+
+Post-LN transformer encoder as in Devlin et al. (2019). Parameters are fp32;
+activations use `compute_dtype` (fp32 or bf16), with LayerNorm and softmax in
+fp32. Every parameter carries logical axis names (see `layers.py`). Weights
+come from Hugging Face checkpoints through `hf_weights.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from laspar_jax.models import layers
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Hyper-parameters of a BERT-family encoder (Hugging Face names)."""
+  vocab_size: int = 30522
+  hidden_size: int = 384
+  num_hidden_layers: int = 6
+  num_attention_heads: int = 12
+  intermediate_size: int = 1536
+  hidden_act: str = "gelu"
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2  # 0 for DistilBERT (no segment embeddings)
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int = 0
+  model_type: str = "bert"
+
+  @classmethod
+  def from_hf_dict(cls, d: dict[str, Any]) -> "BertConfig":
+    """Builds the config from a Hugging Face config.json dict (BERT or DistilBERT)."""
+    if d.get("model_type") == "distilbert":
+      d = dict(vocab_size=d["vocab_size"], hidden_size=d["dim"], num_hidden_layers=d["n_layers"],
+               num_attention_heads=d["n_heads"], intermediate_size=d["hidden_dim"],
+               hidden_act=d.get("activation", "gelu"), hidden_dropout_prob=d.get("dropout", 0.1),
+               attention_probs_dropout_prob=d.get("attention_dropout", 0.1),
+               max_position_embeddings=d.get("max_position_embeddings", 512), type_vocab_size=0,
+               layer_norm_eps=1e-12, pad_token_id=d.get("pad_token_id", 0), model_type="distilbert")
+    names = {f.name for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: v for k, v in d.items() if k in names})
+    if cfg.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}; known: {sorted(_ACTIVATIONS)}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+      raise ValueError("hidden_size must be a multiple of num_attention_heads")
+    return cfg
+
+
+class BertEmbeddings(nnx.Module):
+  """Word + position (+ token type) embeddings, then LayerNorm and dropout."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.word_embeddings = layers.Embed(cfg.vocab_size, d, axes=("vocab", "embed"), rngs=rngs)
+    self.position_embeddings = layers.Embed(cfg.max_position_embeddings, d, axes=(None, "embed"),
+                                            rngs=rngs)
+    self.token_type_embeddings = (layers.Embed(cfg.type_vocab_size, d, axes=(None, "embed"), rngs=rngs)
+                                  if cfg.type_vocab_size else None)
+    self.layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps)
+    self.rate = cfg.hidden_dropout_prob
+
+  def __call__(self, ids_bl, type_ids_bl, *, dtype, deterministic, rngs) -> jax.Array:
+    pos_l = jnp.arange(ids_bl.shape[1])
+    x_bld = self.word_embeddings(ids_bl) + self.position_embeddings(pos_l)[None]
+    if self.token_type_embeddings is not None:
+      x_bld = x_bld + self.token_type_embeddings(type_ids_bl)
+    x_bld = self.layer_norm(x_bld).astype(dtype)
+    return layers.dropout(x_bld, self.rate, deterministic=deterministic, rngs=rngs)
+
+
+class BertLayer(nnx.Module):
+  """One post-LN transformer block: self-attention, add & norm, MLP, add & norm."""
+
+  def __init__(self, cfg: BertConfig, *, dtype: Any, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.num_heads = cfg.num_attention_heads
+    self.query = layers.Dense(d, d, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+    self.key = layers.Dense(d, d, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+    self.value = layers.Dense(d, d, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+    self.attn_out = layers.Dense(d, d, axes=("heads", "embed"), dtype=dtype, rngs=rngs)
+    self.attn_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps)
+    self.mlp_in = layers.Dense(d, f, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.mlp_out = layers.Dense(f, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+    self.mlp_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps)
+    self.act = _ACTIVATIONS[cfg.hidden_act]
+    self.rate = cfg.hidden_dropout_prob
+    self.attn_rate = cfg.attention_probs_dropout_prob
+
+  def __call__(self, x_btd, mask_bt, *, deterministic: bool, rngs) -> jax.Array:
+    b, t, d = x_btd.shape
+    split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+    a_bthk = layers.dot_product_attention(split(self.query(x_btd)), split(self.key(x_btd)),
+                                          split(self.value(x_btd)), mask_bt)
+    # Attention-probability dropout is folded into output dropout (same expectation);
+    # fine-tuning recipes for retrieval are insensitive to the difference.
+    a_btd = layers.dropout(self.attn_out(a_bthk.reshape(b, t, d)), self.rate,
+                           deterministic=deterministic, rngs=rngs)
+    x_btd = self.attn_norm(x_btd + a_btd)
+    m_btd = self.mlp_out(self.act(self.mlp_in(x_btd)))
+    m_btd = layers.dropout(m_btd, self.rate, deterministic=deterministic, rngs=rngs)
+    return self.mlp_norm(x_btd + m_btd)
+
+
+class BertModel(nnx.Module):
+  """BERT encoder: ids -> last hidden states h_btd (no pooler)."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+               remat: bool = False):
+    self.config = cfg
+    self.dtype = dtype
+    self.remat = remat
+    self.embeddings = BertEmbeddings(cfg, rngs=rngs)
+    self.layers = nnx.List([BertLayer(cfg, dtype=dtype, rngs=rngs)
+                            for _ in range(cfg.num_hidden_layers)])
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.hidden_size
+
+  def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array,
+               token_type_ids_bl: jax.Array | None = None, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Returns the last hidden states h_btd in the compute dtype.
+
+    Args:
+      input_ids_bl: [B, L] int token ids.
+      attention_mask_bl: [B, L] 1 for real tokens, 0 for padding.
+      token_type_ids_bl: [B, L] segment ids (zeros when None).
+      deterministic: disables dropout.
+      rngs: needs a 'dropout' stream when not deterministic.
+    """
+    if token_type_ids_bl is None:
+      token_type_ids_bl = jnp.zeros_like(input_ids_bl)
+    h_btd = self.embeddings(input_ids_bl, token_type_ids_bl, dtype=self.dtype,
+                            deterministic=deterministic, rngs=rngs)
+    for layer in self.layers:
+      if self.remat:
+        h_btd = nnx.remat(lambda lyr, h, m: lyr(h, m, deterministic=deterministic, rngs=rngs))(
+            layer, h_btd, attention_mask_bl)
+      else:
+        h_btd = layer(h_btd, attention_mask_bl, deterministic=deterministic, rngs=rngs)
+    return h_btd
+
+
+def mean_pool(h_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
+  """Mean of the unmasked token states (sentence-transformers pooling), fp32."""
+  m_bt1 = mask_bt[..., None].astype(jnp.float32)
+  return (h_btd.astype(jnp.float32) * m_bt1).sum(1) / jnp.maximum(m_bt1.sum(1), 1e-9)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) along the last axis (as torch.nn.functional.normalize)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
