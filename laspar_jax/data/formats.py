@@ -15,7 +15,8 @@ with strict=True, raised as `DataFormatError(path, line, msg)`:
 | malformed JSON / wrong TSV column count / | record skipped                               |
 |   missing id or text, truncated line      |   (`malformed`)                              |
 | duplicate doc or query id (`duplicate_id`)| first occurrence kept, later ones skipped    |
-| empty document (no title, no text)        | kept (qrels may name it) (`empty_doc`)       |
+| empty document (no title, no text)        | kept, also when strict (`empty_doc`; real     |
+|                                           |   collections have them: Cranfield 471, 995) |
 | empty query text (`empty_query`)          | query dropped, with its qrels                |
 | qrels line malformed / non-integer grade  | line skipped (`malformed`)                   |
 | duplicate qrels pair (`duplicate_qrel`)   | first grade kept                             |
@@ -64,9 +65,10 @@ class Problems:
     self.counts: collections.Counter[str] = collections.Counter()
     self.examples: list[str] = []
 
-  def report(self, path: str | os.PathLike, line: int | None, kind: str, msg: str) -> None:
-    """Records one anomaly of `kind`, or raises DataFormatError when strict."""
-    if self.strict:
+  def report(self, path: str | os.PathLike, line: int | None, kind: str, msg: str,
+             *, fatal: bool = True) -> None:
+    """Records one anomaly of `kind`; raises DataFormatError when strict and `fatal`."""
+    if self.strict and fatal:
       raise DataFormatError(path, line, f"{msg} [{kind}]")
     self.counts[kind] += 1
     if self.counts[kind] <= _MAX_LOGGED:

@@ -1,0 +1,447 @@
+"""Corpora, queries and qrels through one API: `load_collection(spec, split=..., strict=...)`.
+
+`spec` is either an existing path, whose layout is detected:
+  - BEIR directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv (header
+    optional, CRLF accepted);
+  - MS MARCO-style TSV directory: collection.tsv (`pid<TAB>text` or
+    `pid<TAB>title<TAB>text`), queries.<split>.tsv (or queries.tsv), qrels in
+    TREC format (`qid 0 pid rel`) as qrels.<split>.tsv|.txt or qrels/<split>.tsv;
+  - SMART directory (Cranfield style): a `*.all*` document file with
+    `.I/.T/.A/.B/.W` records, a `*.qry` query file and a `*qrel*`/`*.rel` qrels
+    file (3 columns with Cranfield grades, or TREC 4 columns);
+or an ir_datasets id (`msmarco-passage/train/judged`, `msmarco-passage/dev/small`,
+`msmarco-passage/trec-dl-2019/judged`, `beir/scifact/test`, ...; `split` is
+appended as `<spec>/<split>` when given). ir_datasets downloads into
+$IR_DATASETS_HOME (default ~/.ir_datasets) on first use and reads that cache
+offline afterwards.
+
+Local corpora are never read into memory whole: loading scans the file once and
+keeps an index of byte offsets (numpy arrays: sorted ids as bytes, offsets),
+which serves `docs()` (streamed in file order) and `doc(doc_id)` (random
+access, as the training pipeline needs for positives and negatives).
+
+`queries` holds every query the source lists; `judged_queries` those with
+qrels (e.g. SciFact: 1,109 queries, 300 judged on test; ir_datasets ids such as
+`beir/scifact/test` already list only their judged queries). Without `split` a
+BEIR/TSV directory uses `test` if present, else its only qrels file.
+
+The handling of bad input (malformed lines, CRLF, non-UTF-8 bytes, empty texts,
+duplicate ids, qrels naming unknown documents or queries) is the table in
+`laspar_jax.data.formats`; with strict=True every anomaly raises
+`DataFormatError` naming the file and line.
+"""
+from __future__ import annotations
+
+import abc
+import glob
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from laspar_jax.data import formats
+from laspar_jax.data.formats import DataFormatError, Doc, Problems
+
+__all__ = ["Collection", "DataFormatError", "Doc", "doc_text", "load_collection"]
+
+
+def doc_text(doc: Doc) -> str:
+  """Title + " " + text (title omitted when empty)."""
+  return f"{doc.title} {doc.text}" if doc.title else doc.text
+
+
+class Collection(abc.ABC):
+  """A corpus (streamed), queries and qrels."""
+
+  name: str
+  queries: dict[str, str]
+  qrels: dict[str, dict[str, int]]
+  problems: Problems
+
+  @abc.abstractmethod
+  def docs(self) -> Iterator[Doc]:
+    """Streams the documents in corpus order."""
+
+  @abc.abstractmethod
+  def doc(self, doc_id: str) -> Doc:
+    """One document by id. Raises KeyError for an unknown id."""
+
+  @property
+  @abc.abstractmethod
+  def num_docs(self) -> int:
+    """Number of documents."""
+
+  def docs_text(self, doc_ids: Iterable[str]) -> list[str]:
+    """doc_text() of each id."""
+    return [doc_text(self.doc(d)) for d in doc_ids]
+
+  @property
+  def judged_queries(self) -> dict[str, str]:
+    """The queries that have qrels."""
+    return {q: t for q, t in self.queries.items() if q in self.qrels}
+
+  def __repr__(self) -> str:
+    return (f"{type(self).__name__}({self.name!r}, docs={self.num_docs}, queries={len(self.queries)}, "
+            f"judged={len(self.qrels)}, qrels={sum(map(len, self.qrels.values()))})")
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+class _DocIndex:
+  """Byte-offset index over the records of one corpus file."""
+
+  def __init__(self, path: str, spans: Iterable[formats.Span], problems: Problems,
+               parse: Callable[[str, str], Doc]):
+    self.path, self._parse = path, parse
+    ids, starts, ends, lines = [], [], [], []
+    for s in spans:
+      ids.append(s.record_id.encode("utf-8"))
+      starts.append(s.start)
+      ends.append(s.end)
+      lines.append(s.line)
+    width = max((len(i) for i in ids), default=1)
+    ids_s = np.array(ids, dtype=f"S{max(width, 1)}")
+    lines_n = np.array(lines, np.int64)
+    order = np.argsort(ids_s, kind="stable")
+    sorted_ids = ids_s[order]
+    dup = np.zeros(len(ids), bool)
+    if len(ids) > 1:
+      dup[order[1:][sorted_ids[1:] == sorted_ids[:-1]]] = True  # stable: first occurrence kept
+      for i in np.flatnonzero(dup):
+        first = order[np.searchsorted(sorted_ids, ids_s[i], side="left")]
+        problems.report(path, int(lines_n[i]), "duplicate_id",
+                        f"duplicate doc id {ids[i].decode()!r} (first at line {lines_n[first]})")
+    keep = ~dup
+    self.starts = np.array(starts, np.int64)[keep]
+    self.ends = np.array(ends, np.int64)[keep]
+    self._ids_s = ids_s[keep]  # file order
+    self._order = np.argsort(self._ids_s, kind="stable")
+    self._sorted = self._ids_s[self._order]
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def row(self, doc_id: str) -> int:
+    key = doc_id.encode("utf-8")
+    i = int(np.searchsorted(self._sorted, key))
+    if i >= len(self._sorted) or self._sorted[i] != key:
+      raise KeyError(doc_id)
+    return int(self._order[i])
+
+  def __contains__(self, doc_id: str) -> bool:
+    try:
+      self.row(doc_id)
+      return True
+    except KeyError:
+      return False
+
+  def ids(self) -> Iterator[str]:
+    return (b.decode("utf-8") for b in self._ids_s)
+
+  def get(self, doc_id: str) -> Doc:
+    r = self.row(doc_id)
+    return self._parse(formats.read_span(self.path, int(self.starts[r]), int(self.ends[r])), doc_id)
+
+  def iter_docs(self) -> Iterator[Doc]:
+    with open(self.path, "rb") as f:
+      for r in range(len(self.starts)):
+        s, e = int(self.starts[r]), int(self.ends[r])
+        if f.tell() != s:
+          f.seek(s)
+        raw = f.read(e - s).decode("utf-8", errors="replace")
+        yield self._parse(raw, self._ids_s[r].decode("utf-8"))
+
+
+def _scan_lines(path: str, problems: Problems, parse: Callable[[str], Any]) -> Iterator[formats.Span]:
+  for lineno, start, end, text in formats.iter_lines(path, problems):
+    doc = parse(text)
+    if isinstance(doc, str):
+      problems.report(path, lineno, "malformed", doc)
+      continue
+    if not doc.title and not doc.text:
+      problems.report(path, lineno, "empty_doc", f"document {doc.doc_id!r} has no text",
+                      fatal=False)
+    yield formats.Span(doc.doc_id, start, end, lineno)
+
+
+def _scan_smart(path: str, problems: Problems) -> Iterator[formats.Span]:
+  for span, fields in formats.iter_smart_records(path, problems):
+    if not span.record_id:
+      continue
+    doc = formats.smart_doc(span.record_id, fields)
+    if not doc.title and not doc.text:
+      problems.report(path, span.line, "empty_doc", f"document {doc.doc_id!r} has no text",
+                      fatal=False)
+    yield span
+
+
+def _line_parser(parse: Callable[[str], Any]) -> Callable[[str, str], Doc]:
+  def parse_doc(raw: str, doc_id: str) -> Doc:
+    doc = parse(raw.rstrip("\r\n"))
+    assert not isinstance(doc, str), (doc_id, doc)
+    return doc
+  return parse_doc
+
+
+def _read_queries_lines(path: str, problems: Problems, parse) -> dict[str, str]:
+  queries, first_line = {}, {}
+  for lineno, _, _, text in formats.iter_lines(path, problems):
+    q = parse(text)
+    if isinstance(q, str):
+      problems.report(path, lineno, "malformed", q)
+      continue
+    qid, qtext = q
+    if qid in first_line:
+      problems.report(path, lineno, "duplicate_id",
+                      f"duplicate query id {qid!r} (first at line {first_line[qid]})")
+      continue
+    first_line[qid] = lineno
+    if not qtext:
+      problems.report(path, lineno, "empty_query", f"query {qid!r} has no text")
+      continue
+    queries[qid] = qtext
+  return queries
+
+
+def _read_smart_queries(path: str, problems: Problems) -> dict[str, str]:
+  queries = {}
+  n = 0
+  for span, fields in formats.iter_smart_records(path, problems):
+    n += 1  # the position, not the .I number, is the query id (see formats)
+    text = fields.get("W", "")
+    if not text:
+      problems.report(path, span.line, "empty_query", f"query {n} (.I {span.record_id}) has no text")
+      continue
+    queries[str(n)] = text
+  return queries
+
+
+def _read_qrels(path: str, problems: Problems, queries: dict[str, str], has_doc: Callable[[str], bool],
+                kind: str = "auto") -> dict[str, dict[str, int]]:
+  qrels: dict[str, dict[str, int]] = {}
+  for lineno, qid, did, rel in formats.iter_qrels(path, problems, kind=kind):
+    if qid not in queries:
+      problems.report(path, lineno, "unknown_query", f"qrels name unknown query {qid!r}")
+      continue
+    if not has_doc(did):
+      problems.report(path, lineno, "unknown_doc", f"qrels name unknown document {did!r}")
+      continue
+    per_q = qrels.setdefault(qid, {})
+    if did in per_q:
+      problems.report(path, lineno, "duplicate_qrel", f"duplicate qrels pair ({qid}, {did})")
+      continue
+    per_q[did] = rel
+  return qrels
+
+
+class LocalCollection(Collection):
+  """A collection read from local files, with a byte-offset document index."""
+
+  def __init__(self, name: str, index: _DocIndex, queries: dict[str, str],
+               qrels: dict[str, dict[str, int]], problems: Problems):
+    self.name, self._index, self.queries, self.qrels, self.problems = name, index, queries, qrels, problems
+
+  def docs(self) -> Iterator[Doc]:
+    return self._index.iter_docs()
+
+  def doc(self, doc_id: str) -> Doc:
+    return self._index.get(doc_id)
+
+  def doc_ids(self) -> Iterator[str]:
+    """Document ids in corpus order."""
+    return self._index.ids()
+
+  def has_doc(self, doc_id: str) -> bool:
+    return doc_id in self._index
+
+  @property
+  def num_docs(self) -> int:
+    return len(self._index)
+
+
+def _pick_qrels(candidates: dict[str, str], split: str | None, where: str) -> str | None:
+  """Chooses the qrels file of `split` among {split_name: path}."""
+  if split is not None:
+    if split not in candidates:
+      raise FileNotFoundError(f"{where}: no qrels for split {split!r} (have {sorted(candidates)})")
+    return candidates[split]
+  if not candidates:
+    return None
+  if "test" in candidates:
+    return candidates["test"]
+  if len(candidates) == 1:
+    return next(iter(candidates.values()))
+  raise ValueError(f"{where}: several qrels splits {sorted(candidates)}; pass split=")
+
+
+def _load_beir_dir(path: str, split: str | None, problems: Problems) -> LocalCollection:
+  corpus = os.path.join(path, "corpus.jsonl")
+  index = _DocIndex(corpus, _scan_lines(corpus, problems, formats.parse_jsonl_doc), problems,
+                    _line_parser(formats.parse_jsonl_doc))
+  queries = _read_queries_lines(os.path.join(path, "queries.jsonl"), problems, formats.parse_jsonl_query)
+  cands = {os.path.splitext(os.path.basename(p))[0]: p
+           for p in glob.glob(os.path.join(path, "qrels", "*.tsv"))}
+  qpath = _pick_qrels(cands, split, path)
+  qrels = _read_qrels(qpath, problems, queries, index.__contains__) if qpath else {}
+  return LocalCollection(path, index, queries, qrels, problems)
+
+
+def _load_tsv_dir(path: str, split: str | None, problems: Problems) -> LocalCollection:
+  corpus = os.path.join(path, "collection.tsv")
+  index = _DocIndex(corpus, _scan_lines(corpus, problems, formats.parse_tsv_doc), problems,
+                    _line_parser(formats.parse_tsv_doc))
+  qfiles = {os.path.basename(p)[len("queries."):-len(".tsv")]: p
+            for p in glob.glob(os.path.join(path, "queries.*.tsv"))}
+  if os.path.exists(os.path.join(path, "queries.tsv")):
+    qfiles[""] = os.path.join(path, "queries.tsv")
+  if split is None:
+    split = "test" if "test" in qfiles else (next(iter(qfiles)) if len(qfiles) == 1 else None)
+    if split is None:
+      raise ValueError(f"{path}: query files for splits {sorted(qfiles)}; pass split=")
+  if split not in qfiles:
+    raise FileNotFoundError(f"{path}: no queries.{split}.tsv (have {sorted(qfiles)})")
+  queries = _read_queries_lines(qfiles[split], problems, formats.parse_tsv_query)
+  suffix = f".{split}" if split else ""
+  qrels = {}
+  for cand in (f"qrels{suffix}.tsv", f"qrels{suffix}.txt", os.path.join("qrels", f"{split or 'test'}.tsv")):
+    if os.path.exists(os.path.join(path, cand)):
+      qrels = _read_qrels(os.path.join(path, cand), problems, queries, index.__contains__)
+      break
+  return LocalCollection(path, index, queries, qrels, problems)
+
+
+def _find_smart_files(path: str) -> tuple[str, str | None, str | None] | None:
+  files = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+  low = {f: f.lower() for f in files}
+  docs = [f for f in files if ".all" in low[f] or low[f].endswith("all")]
+  qry = [f for f in files if low[f].endswith(".qry") or low[f].endswith("qry")]
+  rel = [f for f in files if ("qrel" in low[f] or low[f].endswith(".rel")) and not low[f].endswith(".readme")]
+  if len(docs) != 1:
+    return None
+  with open(os.path.join(path, docs[0]), "rb") as f:
+    if not f.readline().startswith(b".I"):
+      return None
+  j = lambda fs: os.path.join(path, fs[0]) if len(fs) == 1 else None
+  return os.path.join(path, docs[0]), j(qry), j(rel)
+
+
+def _load_smart_dir(path: str, files, problems: Problems) -> LocalCollection:
+  docs_path, qry_path, rel_path = files
+  index = _DocIndex(docs_path, _scan_smart(docs_path, problems), problems, formats.parse_smart_span)
+  queries = _read_smart_queries(qry_path, problems) if qry_path else {}
+  qrels = {}
+  if rel_path:
+    with open(rel_path, "rb") as f:
+      ncols = next((len(l.split()) for l in f if l.strip()), 0)
+    kind = "cranfield" if ncols == 3 else "auto"
+    qrels = _read_qrels(rel_path, problems, queries, index.__contains__, kind=kind)
+  return LocalCollection(path, index, queries, qrels, problems)
+
+
+# ----------------------------------------------------------------------------- ir_datasets
+
+
+class IrDatasetsCollection(Collection):
+  """An ir_datasets dataset; documents streamed from ir_datasets, looked up in its docstore."""
+
+  def __init__(self, dataset_id: str, problems: Problems):
+    import ir_datasets  # pylint: disable=g-import-not-at-top
+    self.name, self.problems = dataset_id, problems
+    self._ds = ir_datasets.load(dataset_id)
+    self._store = None
+    self.queries = {}
+    if self._ds.has_queries():
+      where = f"ir_datasets:{dataset_id}/queries"
+      for i, q in enumerate(self._ds.queries_iter(), 1):
+        text = (getattr(q, "text", None) or q.default_text() or "").strip()
+        if q.query_id in self.queries:
+          problems.report(where, i, "duplicate_id", f"duplicate query id {q.query_id!r}")
+          continue
+        if not text:
+          problems.report(where, i, "empty_query", f"query {q.query_id!r} has no text")
+          continue
+        self.queries[q.query_id] = text
+    self.qrels = {}
+    if self._ds.has_qrels():
+      where = f"ir_datasets:{dataset_id}/qrels"
+      for i, qr in enumerate(self._ds.qrels_iter(), 1):
+        if qr.query_id not in self.queries:
+          problems.report(where, i, "unknown_query", f"qrels name unknown query {qr.query_id!r}")
+          continue
+        per_q = self.qrels.setdefault(qr.query_id, {})
+        if qr.doc_id in per_q:
+          problems.report(where, i, "duplicate_qrel", f"duplicate qrels pair ({qr.query_id}, {qr.doc_id})")
+          continue
+        per_q[qr.doc_id] = int(qr.relevance)
+
+  @staticmethod
+  def _to_doc(d) -> Doc:
+    title = getattr(d, "title", "") or ""
+    text = getattr(d, "text", None)
+    if text is None:
+      text = d.default_text()
+    return Doc(d.doc_id, title.strip(), text.strip())
+
+  def docs(self) -> Iterator[Doc]:
+    return (self._to_doc(d) for d in self._ds.docs_iter())
+
+  def doc(self, doc_id: str) -> Doc:
+    if self._store is None:
+      self._store = self._ds.docs_store()
+    return self._to_doc(self._store.get(doc_id))
+
+  @property
+  def num_docs(self) -> int:
+    n = self._ds.docs_count()
+    if n is None:  # some stores count only once built
+      n = sum(1 for _ in self._ds.docs_iter())
+    return n
+
+
+def _irds_id(spec: str, split: str | None) -> str:
+  import ir_datasets  # pylint: disable=g-import-not-at-top
+  full = f"{spec}/{split}" if split else spec
+  if full not in ir_datasets.registry:
+    raise ValueError(f"{spec!r}: not a path, and {full!r} is not an ir_datasets id")
+  return full
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def load_collection(spec: str | os.PathLike, *, split: str | None = None,
+                    strict: bool = False) -> Collection:
+  """Loads a collection named by a path (layout detected) or an ir_datasets id.
+
+  Args:
+    spec: directory (BEIR, MS MARCO TSV or SMART layout) or ir_datasets id.
+    split: qrels split (BEIR `qrels/<split>.tsv`, TSV `queries.<split>.tsv`,
+      ir_datasets `<spec>/<split>`); None picks `test` or the only one.
+    strict: raise DataFormatError on any anomaly instead of applying the
+      documented rule (see laspar_jax.data.formats).
+
+  Returns:
+    A Collection.
+
+  Raises:
+    DataFormatError: strict and the files break their format.
+    FileNotFoundError / ValueError: unknown layout, id or split.
+  """
+  problems = Problems(strict)
+  spec = os.fspath(spec)
+  if os.path.isdir(spec):
+    if os.path.exists(os.path.join(spec, "corpus.jsonl")):
+      return _load_beir_dir(spec, split, problems)
+    if os.path.exists(os.path.join(spec, "collection.tsv")):
+      return _load_tsv_dir(spec, split, problems)
+    smart = _find_smart_files(spec)
+    if smart is not None:
+      return _load_smart_dir(spec, smart, problems)
+    raise FileNotFoundError(
+        f"{spec}: unknown layout (expected corpus.jsonl [BEIR], collection.tsv [MS MARCO] "
+        f"or a SMART *.all file starting with .I)")
+  if os.path.exists(spec):
+    raise FileNotFoundError(f"{spec}: expected a directory")
+  return IrDatasetsCollection(_irds_id(spec, split), problems)
