@@ -94,7 +94,7 @@ class _DocIndex:
 
   def __init__(self, path: str, spans: Iterable[formats.Span], problems: Problems,
                parse: Callable[[str, str], Doc]):
-    self.path, self._parse = path, parse
+    self.path, self._parse, self._fd = path, parse, None
     ids, starts, ends, lines = [], [], [], []
     for s in spans:
       ids.append(s.record_id.encode("utf-8"))
@@ -142,7 +142,15 @@ class _DocIndex:
 
   def get(self, doc_id: str) -> Doc:
     r = self.row(doc_id)
-    return self._parse(formats.read_span(self.path, int(self.starts[r]), int(self.ends[r])), doc_id)
+    if self._fd is None:
+      self._fd = os.open(self.path, os.O_RDONLY)
+    s, e = int(self.starts[r]), int(self.ends[r])
+    raw = os.pread(self._fd, e - s, s)  # no shared file position: safe from several threads
+    return self._parse(raw.decode("utf-8", errors="replace"), doc_id)
+
+  def __del__(self):
+    if getattr(self, "_fd", None) is not None:
+      os.close(self._fd)
 
   def iter_docs(self) -> Iterator[Doc]:
     with open(self.path, "rb") as f:

@@ -1,0 +1,280 @@
+"""The training input pipeline: tokenized, fixed-shape, deterministic, resumable batches.
+
+Order. Epoch e visits the examples in `permutation(seed, e)` (or, with
+`groups`, e.g. balanced teacher clusters, visits whole groups in permuted
+order, one group per global batch) and drops the incomplete last batch. The
+negatives of an example are drawn per epoch from its pool with a generator
+seeded by (seed, epoch, example index). Batch (e, i) is therefore a pure
+function of (seed, e, i), and the iterator state is the JSON-able
+`{"seed", "epoch", "step"}`: `set_state(get_state())` resumes exactly.
+
+Hosts. `batch_size` is global. Host p of P (jax.process_index/process_count
+by default) builds rows [p*B/P, (p+1)*B/P) of every global batch, and only
+reads those documents; `to_global(batch, mesh)` assembles the hosts' shares
+into global jax.Arrays sharded on 'data'.
+
+Shapes. Queries are padded to q_len and documents to d_len (fixed, so all
+hosts agree and the step compiles once); texts longer than that are
+truncated by the tokenizer.
+
+Prefetch. A background thread builds the next `prefetch` batches while the
+step runs; each queued batch carries the state after it, so get_state()
+always describes the batches the caller has received.
+
+Batch (numpy, local rows; B = batch_size / P, n = n_neg):
+  q_input_ids, q_attention_mask       int32 [B, q_len]
+  d_input_ids, d_attention_mask       int32 [B*(1+n), d_len], query-major:
+                                      row b*(1+n) is query b's positive, then its negatives
+  teacher_scores (if examples carry them) float32 [B, 1+n]
+  teacher_q, teacher_d (if teacher=)  float32 [B, E], [B*(1+n), E], L2-normalised
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from laspar_jax.data.sources import doc_text
+from laspar_jax.data.training import TrainExample
+
+Batch = dict[str, np.ndarray]
+
+
+def _pad(a_bl: np.ndarray, length: int, value: int) -> np.ndarray:
+  if a_bl.shape[1] == length:
+    return a_bl
+  out = np.full((a_bl.shape[0], length), value, a_bl.dtype)
+  out[:, :min(length, a_bl.shape[1])] = a_bl[:, :length]
+  return out
+
+
+def _doc_lookup(docs) -> Callable[[str], str]:
+  if hasattr(docs, "doc"):
+    return lambda i: doc_text(docs.doc(i))
+  if isinstance(docs, Mapping):
+    return docs.__getitem__
+  if callable(docs):
+    return docs
+  raise TypeError("docs must be a Collection, a {doc_id: text} mapping or a callable")
+
+
+class TrainPipeline:
+  """Iterator over training batches; see the module docstring."""
+
+  def __init__(self, examples: Sequence[TrainExample], docs, tokenizer, *, batch_size: int, n_neg: int,
+               q_len: int = 32, d_len: int = 256, seed: int = 0, teacher=None,
+               queries: Mapping[str, str] | None = None, groups: Sequence[np.ndarray] | None = None,
+               num_epochs: int | None = None, prefetch: int = 2, query_prefix: str = "",
+               doc_prefix: str = "", process_index: int | None = None, process_count: int | None = None):
+    """Builds the pipeline.
+
+    Args:
+      examples: TrainExamples (each with >= n_neg negatives in its pool).
+      docs: a Collection (`.doc(id)`; its `.queries` serve as queries), a
+        {doc_id: text} mapping, or a callable doc_id -> text.
+      tokenizer: `laspar_jax.data.tokenize.Tokenizer`.
+      batch_size: global batch size (queries); divisible by process_count.
+      n_neg: negatives per query.
+      q_len, d_len: padded query / document lengths.
+      seed: order and negative sampling seed.
+      teacher: `teacher.TeacherEmbeddings` (adds teacher_q / teacher_d) or None.
+      queries: {qid: text}; default `docs.queries`.
+      groups: optional example-index groups of exactly batch_size (e.g.
+        `teacher.balanced_clusters`); other sizes are dropped.
+      num_epochs: stop after this many epochs (None: never).
+      prefetch: batches built ahead in a background thread (0: none).
+      query_prefix, doc_prefix: text prefixes.
+      process_index, process_count: this host's share (default: jax's).
+    """
+    if process_index is None or process_count is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      process_index, process_count = jax.process_index(), jax.process_count()
+    if batch_size % process_count:
+      raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} hosts")
+    self.examples = list(examples)
+    short = [e for e in self.examples if len(e.neg_ids) < n_neg]
+    if short:
+      raise ValueError(f"{len(short)} examples have fewer than n_neg={n_neg} negatives, e.g. {short[0]}")
+    if queries is None:
+      queries = getattr(docs, "queries", None)
+      if queries is None:
+        raise ValueError("pass queries= when docs is not a Collection")
+    self.queries, self._doc = queries, _doc_lookup(docs)
+    self.tokenizer, self.teacher = tokenizer, teacher
+    self.batch_size, self.n_neg, self.q_len, self.d_len = batch_size, n_neg, q_len, d_len
+    self.local_batch_size = batch_size // process_count
+    self.process_index, self.process_count = process_index, process_count
+    self.num_epochs, self.prefetch = num_epochs, prefetch
+    self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
+    self.with_scores = bool(self.examples) and all(e.teacher_scores is not None for e in self.examples)
+    self.groups = None if groups is None else [np.asarray(g, np.int64) for g in groups if len(g) == batch_size]
+    self.steps_per_epoch = (len(self.groups) if self.groups is not None
+                            else len(self.examples) // batch_size)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"{len(self.examples)} examples make no full batch of {batch_size}")
+    self._state = {"seed": int(seed), "epoch": 0, "step": 0}
+    self._worker: threading.Thread | None = None
+    self._queue: queue.Queue | None = None
+    self._stop: threading.Event | None = None
+    self._order_cache: tuple[int, np.ndarray] | None = None
+
+  # --------------------------------------------------------------------------- state
+
+  def get_state(self) -> dict[str, int]:
+    """JSON-able position: the next batch to be returned is (epoch, step)."""
+    return dict(self._state)
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Restores a position from get_state(); the following batches are exactly those that followed it."""
+    self._stop_worker()
+    self._state = {"seed": int(state["seed"]), "epoch": int(state["epoch"]), "step": int(state["step"])}
+
+  # --------------------------------------------------------------------------- batches
+
+  def _epoch_order(self, epoch: int) -> np.ndarray:
+    if self._order_cache is None or self._order_cache[0] != epoch:
+      rng = np.random.default_rng([self._state["seed"], epoch, 0])
+      if self.groups is not None:
+        order = np.concatenate([self.groups[g] for g in rng.permutation(len(self.groups))])
+      else:
+        order = rng.permutation(len(self.examples))
+      self._order_cache = (epoch, order)
+    return self._order_cache[1]
+
+  def example_indices(self, epoch: int, step: int) -> np.ndarray:
+    """This host's example indices of global batch (epoch, step)."""
+    order = self._epoch_order(epoch)
+    lo = step * self.batch_size + self.process_index * self.local_batch_size
+    return order[lo:lo + self.local_batch_size]
+
+  def batch_at(self, epoch: int, step: int) -> Batch:
+    """This host's share of global batch (epoch, step)."""
+    seed, n = self._state["seed"], self.n_neg
+    q_texts, d_ids, scores = [], [], []
+    for j in self.example_indices(epoch, step):
+      e = self.examples[j]
+      pool = len(e.neg_ids)
+      if pool == n:
+        pick = np.arange(n)
+      else:
+        pick = np.random.default_rng([seed, epoch, 1, int(j)]).choice(pool, n, replace=False)
+      q_texts.append(self.queries[e.qid])
+      d_ids += [e.pos_id] + [e.neg_ids[k] for k in pick]
+      if self.with_scores:
+        scores.append([e.teacher_scores[0]] + [e.teacher_scores[1 + k] for k in pick])
+    q = self.tokenizer(q_texts, max_length=self.q_len, prefix=self.query_prefix)
+    d = self.tokenizer([self._doc(i) for i in d_ids], max_length=self.d_len, prefix=self.doc_prefix)
+    pad = self.tokenizer.pad_id
+    batch = {
+        "q_input_ids": _pad(q["input_ids"], self.q_len, pad),
+        "q_attention_mask": _pad(q["attention_mask"], self.q_len, 0),
+        "d_input_ids": _pad(d["input_ids"], self.d_len, pad),
+        "d_attention_mask": _pad(d["attention_mask"], self.d_len, 0),
+    }
+    if self.with_scores:
+      batch["teacher_scores"] = np.asarray(scores, np.float32)
+    if self.teacher is not None:
+      idx = self.example_indices(epoch, step)
+      batch["teacher_q"] = self.teacher.queries.lookup([self.examples[j].qid for j in idx])
+      batch["teacher_d"] = self.teacher.docs.lookup(d_ids)
+    return batch
+
+  def _advance(self, state: dict[str, int]) -> dict[str, int] | None:
+    """The state after returning batch `state`, or None at the end."""
+    if self.num_epochs is not None and state["epoch"] >= self.num_epochs:
+      return None
+    step, epoch = state["step"] + 1, state["epoch"]
+    if step == self.steps_per_epoch:
+      step, epoch = 0, epoch + 1
+    return {"seed": state["seed"], "epoch": epoch, "step": step}
+
+  # --------------------------------------------------------------------------- iteration
+
+  def __iter__(self) -> "TrainPipeline":
+    return self
+
+  def __next__(self) -> Batch:
+    if self.prefetch <= 0:
+      nxt = self._advance(self._state)
+      if nxt is None:
+        raise StopIteration
+      batch = self.batch_at(self._state["epoch"], self._state["step"])
+      self._state = nxt
+      return batch
+    if self._worker is None:
+      self._start_worker()
+    item = self._queue.get()
+    if item is None:
+      raise StopIteration
+    if isinstance(item, BaseException):
+      self._stop_worker()
+      raise item
+    batch, self._state = item
+    return batch
+
+  def _start_worker(self) -> None:
+    self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+    q, stop, state = self._queue, self._stop, dict(self._state)
+
+    def put(item) -> bool:
+      while not stop.is_set():
+        try:
+          q.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
+
+    def work():
+      s = state
+      try:
+        while not stop.is_set():
+          nxt = self._advance(s)
+          if nxt is None:
+            put(None)
+            return
+          if not put((self.batch_at(s["epoch"], s["step"]), nxt)):
+            return
+          s = nxt
+      except BaseException as e:  # pylint: disable=broad-except  # handed to the consumer
+        put(e)
+
+    self._worker = threading.Thread(target=work, name="TrainPipeline-prefetch", daemon=True)
+    self._worker.start()
+
+  def _stop_worker(self) -> None:
+    if self._worker is None:
+      return
+    self._stop.set()
+    self._worker.join()
+    self._worker = self._queue = self._stop = None
+
+  def close(self) -> None:
+    """Stops the prefetch thread."""
+    self._stop_worker()
+
+  def __del__(self):
+    try:
+      self._stop_worker()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def to_global(batch: Batch, mesh, axis: str = "data") -> dict[str, Any]:
+  """Assembles each host's rows into global jax.Arrays sharded on `axis` (leading dim).
+
+  Args:
+    batch: this host's numpy batch (from TrainPipeline).
+    mesh: jax.sharding.Mesh with an `axis` axis.
+    axis: the mesh axis of the batch.
+
+  Returns:
+    {key: jax.Array} with global leading dims (sum over hosts).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  sharding = NamedSharding(mesh, PartitionSpec(axis))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
