@@ -154,9 +154,12 @@ def _get_var(model: nnx.Module, path: tuple) -> nnx.Variable:
   return obj
 
 
-def load_bert(path: str, *, dtype: Any = jnp.float32, remat: bool = False,
+def load_bert(path: str, *, dtype: Any = jnp.float32, remat: bool = False, weights: bool = True,
               ) -> tuple[bert.BertModel, dict[str, np.ndarray] | None, bert.BertConfig, dict]:
-  """Builds a BertModel from a local HF folder; returns (model, mlm params or None, cfg, hf dict)."""
+  """Builds a BertModel from a local HF folder; returns (model, mlm params or None, cfg, hf dict).
+
+  With weights=False the model is abstract (shapes only; values set by the caller).
+  """
   cfg_file = os.path.join(path, "config.json")
   if not os.path.exists(cfg_file):
     raise CheckpointError(f"{path}: no config.json")
@@ -166,6 +169,8 @@ def load_bert(path: str, *, dtype: Any = jnp.float32, remat: bool = False,
     raise CheckpointError(f"{cfg_file}: model_type {hf_cfg.get('model_type')!r} is not a BERT-family model")
   cfg = bert.BertConfig.from_hf_dict(hf_cfg)
   model = nnx.eval_shape(lambda: bert.BertModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
+  if not weights:
+    return model, None, cfg, hf_cfg
   name_map = _bert_name_map(cfg)
   seen: set[str] = set()
   mlm: dict[str, np.ndarray] = {}
@@ -194,7 +199,7 @@ def load_bert(path: str, *, dtype: Any = jnp.float32, remat: bool = False,
 
 
 def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_length: int = 256,
-         remat: bool = False) -> Loaded:
+         remat: bool = False, weights: bool = True) -> Loaded:
   """Loads a BERT-family backbone with its real weights and tokenizer.
 
   Args:
@@ -202,11 +207,12 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_lengt
     dtype: compute dtype (params stay fp32).
     max_length: tokenizer truncation length.
     remat: rematerialize each layer in the backward pass.
+    weights: False builds an abstract model (shapes only) without reading tensors.
 
   Returns:
     `Loaded` with model, tokenizer, config, path and the MLM head tensors (or None).
   """
   path = resolve(name_or_path)
-  model, mlm, cfg, hf_cfg = load_bert(path, dtype=dtype, remat=remat)
+  model, mlm, cfg, hf_cfg = load_bert(path, dtype=dtype, remat=remat, weights=weights)
   tok = Tokenizer.from_dir(path, max_length=max_length)
   return Loaded(model=model, tokenizer=tok, config=cfg, path=path, mlm_head_params=mlm, hf_config=hf_cfg)
