@@ -240,6 +240,42 @@ def dense_embeddings(cache_dir: str | os.PathLike, model, items: Callable[[], It
   return out
 
 
+def teacher_embeddings(cache_root: str | os.PathLike, model, collection, examples, *, q_len: int = 32,
+                       d_len: int = 256, batch_size: int = 64, on_stale: str = "recompute",
+                       progress: bool = True) -> TeacherEmbeddings:
+  """Dense-teacher embeddings of the queries and documents that training examples use.
+
+  Only the documents named by the examples (positives and negative pools) are
+  encoded, not the whole corpus. Caches live in <cache_root>/queries and
+  <cache_root>/docs (see dense_embeddings).
+
+  Args:
+    cache_root: directory for the two caches.
+    model: model folder / hub id, or an `hf_weights.load(...)` result.
+    collection: a Collection (`.queries`, `.doc(id)`).
+    examples: TrainExamples.
+    q_len, d_len: truncation lengths for queries and documents.
+    batch_size: encoding batch size.
+    on_stale: "recompute" or "error".
+    progress: tqdm bars.
+
+  Returns:
+    TeacherEmbeddings for TrainPipeline(teacher=...).
+  """
+  from laspar_jax.data.sources import doc_text  # pylint: disable=g-import-not-at-top
+  if isinstance(model, (str, os.PathLike)):
+    from laspar_jax.models import hf_weights  # pylint: disable=g-import-not-at-top
+    model = hf_weights.resolve(model)
+  qids = sorted({e.qid for e in examples})
+  dids = sorted({d for e in examples for d in (e.pos_id, *e.neg_ids)})
+  kw = dict(batch_size=batch_size, on_stale=on_stale, progress=progress)
+  q = dense_embeddings(os.path.join(cache_root, "queries"), model,
+                       lambda: ((i, collection.queries[i]) for i in qids), max_length=q_len, **kw)
+  d = dense_embeddings(os.path.join(cache_root, "docs"), model,
+                       lambda: ((i, doc_text(collection.doc(i))) for i in dids), max_length=d_len, **kw)
+  return TeacherEmbeddings(q, d)
+
+
 # ----------------------------------------------------------------------------- clustered batching
 
 

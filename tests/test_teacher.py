@@ -79,3 +79,17 @@ def test_balanced_clusters():
     assert len(set(perm[g] // 16)) == 1  # each batch is one blob
   uneven = teacher.balanced_clusters(rng.normal(size=(70, 4)), 16)
   assert sorted(len(g) for g in uneven) == [6, 16, 16, 16, 16]
+
+
+def test_teacher_embeddings_for_examples(tmp_path, minilm, shared_data):
+  from laspar_jax.data import training
+  from laspar_jax.data.sources import load_collection
+  c = load_collection(shared_data / "scifact")
+  qrels = dict(sorted(c.qrels.items())[:3])
+  cand = {q: ["4983", "5836"] for q in qrels}
+  ex = training.build_examples(qrels, cand, n_neg=1, seed=0)
+  t = teacher.teacher_embeddings(tmp_path, minilm, c, ex, q_len=16, d_len=32, progress=False)
+  assert sorted(t.queries.ids.tolist()) == sorted(qrels)
+  assert set(t.docs.ids.tolist()) == {d for e in ex for d in (e.pos_id, *e.neg_ids)}
+  assert t.docs.fingerprint["max_length"] == 32 and t.queries.fingerprint["max_length"] == 16
+  np.testing.assert_allclose(np.linalg.norm(t.docs.lookup([ex[0].pos_id, *ex[0].neg_ids]), axis=1), 1.0, atol=2e-3)
