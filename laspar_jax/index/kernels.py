@@ -1,0 +1,272 @@
+"""numba search kernels over the dim-major posting arrays (release the GIL).
+
+Weights arrive either as float32 (`table` unused, size 0) or as integer codes
+(uint8 / uint16 / float16 bits) decoded by a float32 lookup `table`; each
+kernel is compiled for both through `_make`.
+
+Exact search is term-at-a-time: every posting of every query dim is added
+into a float32 accumulator over docs, then a size-k heap picks the top-k
+(ties: lower row first). Touched docs are tracked when the query touches few
+postings, so neither the top-k scan nor the reset costs O(N) then.
+
+Approximate search is impact-ordered with exact re-scoring: a global impact
+threshold tau is chosen by bisection so that only about `budget` postings
+with q_j * w >= tau are read from the weight-sorted lists; the `n_cand` best
+partial scores are then re-scored exactly from the forward (doc-major)
+index, and the top-k of those is returned.
+"""
+from __future__ import annotations
+
+import numba
+import numba.extending
+import numpy as np
+
+# Docs per accumulator block in exact search (1 MiB of float32: fits L2).
+_BLOCK = 1 << 18
+
+
+@numba.njit(inline="always")
+def _worse(s_a, r_a, s_b, r_b):
+  """True if (score a, row a) ranks below (score b, row b)."""
+  return s_a < s_b or (s_a == s_b and r_a > r_b)
+
+
+@numba.njit(inline="always")
+def _sift_down(hs, hr, n, i):
+  while True:
+    l = 2 * i + 1
+    if l >= n:
+      return
+    m = l
+    r = l + 1
+    if r < n and _worse(hs[r], hr[r], hs[l], hr[l]):
+      m = r
+    if _worse(hs[m], hr[m], hs[i], hr[i]):
+      hs[i], hs[m] = hs[m], hs[i]
+      hr[i], hr[m] = hr[m], hr[i]
+      i = m
+    else:
+      return
+
+
+@numba.njit(inline="always")
+def _heap_push(hs, hr, n, k, s, r):
+  """Offers (s, r) to a min-heap of capacity k holding n items; returns new n."""
+  if n < k:
+    i = n
+    hs[i] = s
+    hr[i] = r
+    n += 1
+    while i > 0:
+      p = (i - 1) // 2
+      if _worse(hs[i], hr[i], hs[p], hr[p]):
+        hs[i], hs[p] = hs[p], hs[i]
+        hr[i], hr[p] = hr[p], hr[i]
+        i = p
+      else:
+        break
+  elif _worse(hs[0], hr[0], s, r):
+    hs[0] = s
+    hr[0] = r
+    _sift_down(hs, hr, n, 0)
+  return n
+
+
+@numba.njit(inline="always")
+def _heap_drain(hs, hr, n, out_s, out_r):
+  """Writes the heap best-first into out_* (length >= n)."""
+  while n > 0:
+    out_s[n - 1] = hs[0]
+    out_r[n - 1] = hr[0]
+    n -= 1
+    hs[0] = hs[n]
+    hr[0] = hr[n]
+    _sift_down(hs, hr, n, 0)
+
+
+def weight(vals, table, p):
+  """Weight of posting p: vals[p] (float) or table[vals[p]] (integer codes)."""
+  raise NotImplementedError  # only called from numba code (see the overload)
+
+
+@numba.extending.overload(weight, inline="always")
+def _weight_overload(vals, table, p):
+  if isinstance(vals.dtype, numba.types.Integer):
+    return lambda vals, table, p: table[vals[p]]
+  return lambda vals, table, p: vals[p]
+
+
+@numba.njit(nogil=True, cache=True)
+def exact(offsets, rows, vals, table, q_ptr, q_dims, q_w, k, acc, touched,
+          heap_s, heap_r, out_rows, out_scores):
+  n_docs = acc.size
+  cursor = np.empty(q_ptr.size, np.int64)  # >= longest query would do; small
+  for qi in range(q_ptr.size - 1):
+    a = q_ptr[qi]
+    b = q_ptr[qi + 1]
+    if cursor.size < b - a:
+      cursor = np.empty(b - a, np.int64)
+    total = 0
+    for t in range(a, b):
+      d = q_dims[t]
+      total += offsets[d + 1] - offsets[d]
+    n = 0
+    if total < n_docs // 16:
+      # Few postings: remember touched docs; no O(N) scan.
+      nt = 0
+      for t in range(a, b):
+        d = q_dims[t]
+        w = q_w[t]
+        for p in range(offsets[d], offsets[d + 1]):
+          r = rows[p]
+          if acc[r] == 0.0:
+            touched[nt] = r
+            nt += 1
+          acc[r] += w * weight(vals, table, p)
+      for i in range(nt):
+        r = touched[i]
+        s = acc[r]
+        acc[r] = 0.0
+        if s > 0.0 and (n < k or not _worse(s, r, heap_s[0], heap_r[0])):
+          n = _heap_push(heap_s, heap_r, n, k, s, r)
+    else:
+      # Many postings: doc blocks whose accumulator stays in L2.
+      for t in range(a, b):
+        cursor[t - a] = offsets[q_dims[t]]
+      for b0 in range(0, n_docs, _BLOCK):
+        b1 = min(b0 + _BLOCK, n_docs)
+        for t in range(a, b):
+          d = q_dims[t]
+          w = q_w[t]
+          end = offsets[d + 1]
+          p = cursor[t - a]
+          while p < end and rows[p] < b1:
+            acc[rows[p]] += w * weight(vals, table, p)
+            p += 1
+          cursor[t - a] = p
+        for r in range(b0, b1):
+          s = acc[r]
+          if s > 0.0:
+            acc[r] = 0.0
+            if n < k or not _worse(s, r, heap_s[0], heap_r[0]):
+              n = _heap_push(heap_s, heap_r, n, k, s, r)
+    _heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
+
+@numba.njit(inline="always")
+def count_at_least(offsets, ivals, table, d, thr):
+  """Postings of weight-sorted list d with weight >= thr (binary search)."""
+  lo = offsets[d]
+  hi = offsets[d + 1]
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if weight(ivals, table, mid) >= thr:
+      lo = mid + 1
+    else:
+      hi = mid
+  return lo - offsets[d]
+
+@numba.njit(nogil=True, cache=True)
+def approx(offsets, irows, ivals, fwd_offsets, fwd_dims, fvals, table, q_ptr, q_dims, q_w,
+           k, budget, n_cand, acc, touched, heap_s, heap_r, cand_s, cand_r, out_rows,
+           out_scores):
+  ncap = cand_s.size
+  hkeys = np.empty(64, np.int64)
+  hslot = np.empty(64, np.int64)
+  part = np.zeros(64, np.float32)
+  for qi in range(q_ptr.size - 1):
+    a = q_ptr[qi]
+    b = q_ptr[qi + 1]
+    # 1. impact threshold tau: at most (and near) `budget` postings with q_w * w >= tau.
+    hi = 0.0
+    total = 0
+    for t in range(a, b):
+      d = q_dims[t]
+      if offsets[d + 1] > offsets[d]:
+        top = q_w[t] * weight(ivals, table, offsets[d])
+        if top > hi:
+          hi = top
+      total += offsets[d + 1] - offsets[d]
+    tau = 0.0
+    if total > budget:
+      lo = 0.0
+      for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        cnt = 0
+        for t in range(a, b):
+          cnt += count_at_least(offsets, ivals, table, q_dims[t], mid / q_w[t])
+        if cnt > budget:
+          lo = mid
+        else:
+          hi = mid
+          if cnt * 10 >= budget * 9:
+            break
+      tau = hi
+    # 2. partial scores from the pruned weight-sorted prefixes.
+    nt = 0
+    for t in range(a, b):
+      d = q_dims[t]
+      w = q_w[t]
+      if tau > 0:
+        end = offsets[d] + count_at_least(offsets, ivals, table, d, tau / w)
+      else:
+        end = offsets[d + 1]
+      for p in range(offsets[d], end):
+        r = irows[p]
+        if acc[r] == 0.0:
+          touched[nt] = r
+          nt += 1
+        acc[r] += w * weight(ivals, table, p)
+    # 3. best n_cand partial scores.
+    n = 0
+    kc = min(n_cand, ncap)
+    for i in range(nt):
+      r = touched[i]
+      s = acc[r]
+      acc[r] = 0.0
+      if s > 0.0 and (n < kc or not _worse(s, r, heap_s[0], heap_r[0])):
+        n = _heap_push(heap_s, heap_r, n, kc, s, r)
+    nc = n
+    _heap_drain(heap_s, heap_r, n, cand_s, cand_r)
+    # 4. exact re-scoring from the forward index; the query's dims sit in a small
+    #    open-addressing table; per-dim terms are summed in query order, as in
+    #    `exact`, so the scores are bitwise equal to exact search.
+    nq = b - a
+    hsize = 64
+    while hsize < 2 * nq:
+      hsize *= 2
+    if hkeys.size < hsize:
+      hkeys = np.empty(hsize, np.int64)
+      hslot = np.empty(hsize, np.int64)
+    if part.size < nq:
+      part = np.zeros(nq, np.float32)
+    mask = hsize - 1
+    for i in range(hsize):
+      hkeys[i] = -1
+    for t in range(a, b):
+      d = q_dims[t]
+      h = (d * 2654435761) & mask
+      while hkeys[h] != -1 and hkeys[h] != d:
+        h = (h + 1) & mask
+      hkeys[h] = d
+      hslot[h] = t - a
+    n = 0
+    for i in range(nc):
+      r = cand_r[i]
+      for p in range(fwd_offsets[r], fwd_offsets[r + 1]):
+        d = fwd_dims[p]
+        h = (d * 2654435761) & mask
+        while hkeys[h] != -1:
+          if hkeys[h] == d:
+            part[hslot[h]] = weight(fvals, table, p)
+            break
+          h = (h + 1) & mask
+      s = np.float32(0.0)
+      for t in range(a, b):
+        v = part[t - a]
+        if v != 0.0:
+          s += q_w[t] * v
+          part[t - a] = 0.0
+      if s > 0.0 and (n < k or not _worse(s, r, heap_s[0], heap_r[0])):
+        n = _heap_push(heap_s, heap_r, n, k, s, r)
+    _heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
+

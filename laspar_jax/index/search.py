@@ -1,0 +1,260 @@
+"""Loading and searching the inverted index.
+
+    index = Index.load(path)                      # memory-mapped, verified
+    rows_bk, scores_bk = index.search(q_idx_bk, q_val_bk, k=1000)
+    ids = index.lookup(rows_bk)                   # doc id strings
+
+`search` is exact by default (equal to brute-force dot products; see
+`kernels.py`) and spreads the queries over `threads` threads. `mode="approx"`
+needs an index built with `approx=True`. Result rows are -1 (score
+-inf) past the last document with a positive score.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pathlib
+import threading
+from typing import Any
+
+import numpy as np
+
+from laspar_jax.index import format as fmt
+from laspar_jax.index import kernels
+
+
+def queries_to_csr(q_idx_bk: Any, q_val_bk: Any, dim: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """[B, K] query postings -> (q_ptr int64 [B+1], q_dims int64, q_w float32), dropping w <= 0."""
+  q_idx_bk = np.asarray(q_idx_bk)
+  q_val_bk = np.asarray(q_val_bk, dtype=np.float32)
+  if q_idx_bk.ndim == 1:
+    q_idx_bk, q_val_bk = q_idx_bk[None], q_val_bk[None]
+  if q_idx_bk.shape != q_val_bk.shape:
+    raise ValueError(f"idx {q_idx_bk.shape} and val {q_val_bk.shape} differ")
+  mask_bk = q_val_bk > 0
+  q_dims = q_idx_bk[mask_bk].astype(np.int64)
+  if q_dims.size and (q_dims.min() < 0 or q_dims.max() >= dim):
+    raise ValueError(f"query dims must lie in [0, {dim})")
+  q_ptr = np.zeros(q_idx_bk.shape[0] + 1, np.int64)
+  np.cumsum(mask_bk.sum(axis=1), out=q_ptr[1:])
+  return q_ptr, q_dims, q_val_bk[mask_bk]
+
+
+def _weight_table(dtype: np.dtype, scale: float | None) -> np.ndarray:
+  if dtype == np.float16:
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
+        np.float32)
+  if dtype.kind == "u":
+    return np.arange(1 << (8 * dtype.itemsize), dtype=np.float32) * np.float32(scale or 1.0)
+  return np.zeros(0, np.float32)
+
+
+class _Scratch:
+  """Per-thread accumulators (reused across calls)."""
+
+  def __init__(self, n_docs: int):
+    self.acc = np.zeros(max(n_docs, 1), np.float32)
+    self.touched = np.zeros(max(n_docs, 1), np.uint32)
+    self.cap = 0
+    self.heap_s = self.heap_r = self.cand_s = self.cand_r = None
+
+  def ensure(self, k: int, n_cand: int) -> None:
+    cap = max(k, n_cand, 1)
+    if cap > self.cap:
+      self.cap = cap
+      self.heap_s = np.zeros(cap, np.float32)
+      self.heap_r = np.zeros(cap, np.int64)
+      self.cand_s = np.zeros(cap, np.float32)
+      self.cand_r = np.zeros(cap, np.int64)
+
+
+class Index:
+  """A memory-mapped inverted index (see `format.py` for the layout)."""
+
+  def __init__(self, path: pathlib.Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray]):
+    self.path = path
+    self.manifest = manifest
+    self.dim = int(manifest["dim"])
+    self.n_docs = int(manifest["n_docs"])
+    self.n_postings = int(manifest["n_postings"])
+    self.quant_scale = manifest.get("quant_scale")
+    self.offsets = arrays["offsets.npy"]
+    self.rows = arrays["rows.npy"]
+    self.weights = arrays["weights.npy"]
+    self.doc_lengths = arrays["doc_lengths.npy"]
+    self._doc_ids_raw = arrays["doc_ids.npy"]
+    self.impact_rows = arrays.get("impact_rows.npy")
+    self.impact_weights = arrays.get("impact_weights.npy")
+    self.fwd_offsets = arrays.get("fwd_offsets.npy")
+    self.fwd_dims = arrays.get("fwd_dims.npy")
+    self.fwd_weights = arrays.get("fwd_weights.npy")
+    self._table = _weight_table(self.weights.dtype, self.quant_scale)
+    self._doc_ids = None
+    self._pool: list[_Scratch] = []
+    self._lock = threading.Lock()
+
+  @classmethod
+  def load(cls, path: str | os.PathLike, *, verify: str = "auto") -> "Index":
+    """Opens an index directory.
+
+    Args:
+      path: directory written by `IndexWriter`.
+      verify: "size" (default for > 1 GiB), "full" (re-hash every file),
+        "auto", or "none".
+
+    Returns:
+      The Index (arrays memory-mapped read-only).
+
+    Raises:
+      FileNotFoundError, IndexFormatError (incomplete build), IndexCorruptError
+      (a named file is missing, truncated or modified).
+    """
+    path = pathlib.Path(path)
+    manifest = fmt.read_manifest(path)
+    fmt.verify_files(path, manifest, verify)
+    arrays = {name: fmt.load_array(path, name, entry)
+              for name, entry in manifest["files"].items()}
+    if arrays["offsets.npy"].shape[0] != manifest["dim"] + 1 or (
+        arrays["rows.npy"].shape[0] != manifest["n_postings"]) or (
+        arrays["doc_ids.npy"].shape[0] != manifest["n_docs"]):
+      raise fmt.IndexCorruptError(f"{path}: array lengths disagree with the manifest")
+    if int(arrays["offsets.npy"][-1]) != manifest["n_postings"]:
+      raise fmt.IndexCorruptError(f"{path / 'offsets.npy'}: last offset is not n_postings")
+    return cls(path, manifest, arrays)
+
+  # -- doc ids
+  @property
+  def doc_ids(self) -> np.ndarray:
+    """All doc ids as a numpy str array (decoded once, cached)."""
+    if self._doc_ids is None:
+      self._doc_ids = np.char.decode(np.asarray(self._doc_ids_raw), "utf-8")
+    return self._doc_ids
+
+  def lookup(self, rows: np.ndarray) -> np.ndarray:
+    """Doc id strings of `rows` (any shape); -1 maps to ''."""
+    rows = np.asarray(rows)
+    out = np.char.decode(self._doc_ids_raw[np.where(rows < 0, 0, rows)], "utf-8")
+    return np.where(rows < 0, "", out)
+
+  # -- search
+  def _get_scratch(self) -> _Scratch:
+    with self._lock:
+      if self._pool:
+        return self._pool.pop()
+    return _Scratch(self.n_docs)
+
+  def _put_scratch(self, s: _Scratch) -> None:
+    with self._lock:
+      self._pool.append(s)
+
+  def search(self, q_idx_bk: Any, q_val_bk: Any, k: int = 1000, *, threads: int | None = 1,
+             mode: str = "exact", budget: int = 50_000, n_cand: int = 200
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k documents for a batch of sparse queries.
+
+    Args:
+      q_idx_bk: [B, K] int query dims (or [K] for one query).
+      q_val_bk: [B, K] weights; entries <= 0 are ignored.
+      k: documents per query.
+      threads: worker threads (None = os.cpu_count()).
+      mode: "exact" (term-at-a-time, equals brute force) or "approx"
+        (impact-ordered, about `budget` postings per query, then exact
+        re-scoring of the `n_cand` best candidates).
+      budget: approx: postings read per query from the weight-sorted lists.
+      n_cand: approx: candidates re-scored exactly (>= k).
+
+    Returns:
+      doc_rows_bk int64 [B, k] best first (-1 past the matches) and
+      scores_bk float32 [B, k] (-inf past the matches).
+    """
+    if mode not in ("exact", "approx"):
+      raise ValueError(f"mode must be exact|approx, got {mode!r}")
+    if mode == "approx" and self.impact_rows is None:
+      raise ValueError("mode='approx' needs an index built with approx=True")
+    q_ptr, q_dims, q_w = queries_to_csr(q_idx_bk, q_val_bk, self.dim)
+    nq = q_ptr.size - 1
+    out_rows = np.full((nq, k), -1, np.int64)
+    out_scores = np.full((nq, k), -np.inf, np.float32)
+    if nq == 0 or k <= 0 or self.n_docs == 0:
+      return out_rows, out_scores
+    threads = min(threads or os.cpu_count() or 1, nq)
+    bounds = np.linspace(0, nq, threads + 1).astype(np.int64)
+
+    def run(lo, hi):
+      s = self._get_scratch()
+      try:
+        s.ensure(k, max(n_cand, k))
+        sub_ptr = q_ptr[lo:hi + 1]
+        self._run(mode, sub_ptr, q_dims, q_w, k, budget, max(n_cand, k), s,
+                  out_rows[lo:hi], out_scores[lo:hi])
+      finally:
+        self._put_scratch(s)
+
+    if threads == 1:
+      run(0, nq)
+    else:
+      with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+        list(ex.map(run, bounds[:-1], bounds[1:]))
+    return out_rows, out_scores
+
+  def _run(self, mode, q_ptr, q_dims, q_w, k, budget, n_cand, s, out_rows, out_scores):
+    def bits(x):  # numba has no float16: pass the bits, decoded by the table
+      return x.view(np.uint16) if x.dtype == np.float16 else x
+    if mode == "exact":
+      kernels.exact(self.offsets, self.rows, bits(self.weights), self._table, q_ptr, q_dims,
+                    q_w, k, s.acc, s.touched, s.heap_s, s.heap_r, out_rows, out_scores)
+    else:
+      kernels.approx(self.offsets, self.impact_rows, bits(self.impact_weights),
+                     self.fwd_offsets, self.fwd_dims, bits(self.fwd_weights), self._table,
+                     q_ptr, q_dims, q_w, k, budget, n_cand, s.acc, s.touched, s.heap_s,
+                     s.heap_r, s.cand_s, s.cand_r, out_rows, out_scores)
+
+  # -- statistics
+  def postings_per_dim(self) -> np.ndarray:
+    """int64 [D] posting-list lengths."""
+    return np.diff(np.asarray(self.offsets))
+
+  def stats(self, q_idx_bk: Any = None, q_val_bk: Any = None) -> dict[str, float]:
+    """Index statistics; with queries also their mean length and expected FLOPS.
+
+    FLOPS per query = sum over the query's dims of the posting-list length
+    (multiply-adds of term-at-a-time scoring), averaged over the queries.
+    The corpus-only estimate `flops_expected_doc_query` = sum_j p_j^2 * N
+    (p_j = fraction of docs with dim j; SPLADE's FLOPS, queries distributed
+    like docs).
+    """
+    ppd = self.postings_per_dim()
+    p = ppd / max(self.n_docs, 1)
+    out = {
+        "n_docs": self.n_docs, "dim": self.dim, "n_postings": self.n_postings,
+        "mean_doc_length": self.n_postings / max(self.n_docs, 1),
+        "empty_docs": int((np.asarray(self.doc_lengths) == 0).sum()),
+        "nonempty_dims": int((ppd > 0).sum()),
+        "max_postings_per_dim": int(ppd.max()) if ppd.size else 0,
+        "mean_postings_per_nonempty_dim": float(ppd[ppd > 0].mean()) if (ppd > 0).any() else 0.0,
+        "flops_expected_doc_query": float((p ** 2).sum() * self.n_docs),
+        "index_bytes": self.size_bytes(),
+    }
+    if q_idx_bk is not None:
+      q_ptr, q_dims, _ = queries_to_csr(q_idx_bk, q_val_bk, self.dim)
+      nq = max(q_ptr.size - 1, 1)
+      out["mean_query_length"] = q_dims.size / nq
+      out["flops_per_query"] = float(ppd[q_dims].sum() / nq)
+    return out
+
+  def size_bytes(self) -> int:
+    """Bytes of all index files."""
+    return sum(int(e["bytes"]) for e in self.manifest["files"].values())
+
+  def brute_force(self, q_idx_bk: Any, q_val_bk: Any) -> np.ndarray:
+    """Dense [B, N] float64 scores from the postings (for tests; small indexes)."""
+    import scipy.sparse as sp
+    from laspar_jax.index.build import decode_weights
+    w = decode_weights(np.asarray(self.weights), self.quant_scale).astype(np.float64)
+    x_nd = sp.csc_matrix((w, np.asarray(self.rows).astype(np.int64),
+                          np.asarray(self.offsets)), shape=(self.n_docs, self.dim))
+    q_ptr, q_dims, q_w = queries_to_csr(q_idx_bk, q_val_bk, self.dim)
+    q_bd = sp.csr_matrix((q_w.astype(np.float64), q_dims, q_ptr),
+                         shape=(q_ptr.size - 1, self.dim))
+    return np.asarray((q_bd @ x_nd.T).todense())
