@@ -1,0 +1,154 @@
+"""Retrieval latency and recall on a synthetic learned-sparse collection.
+
+Times, in one run and on the same data, laspar_jax exact search, its
+approximate mode (a few budgets), PISA MaxScore (pyterrier-pisa) and Seismic
+(pyseismic-lsr), one thread each; recall@k is against exact search.
+
+  python benchmarks/retrieval.py                                 # 1M docs, D=30522 and 4194304
+  python benchmarks/retrieval.py --n_docs 100000 --dims 30522    # smaller
+  python benchmarks/retrieval.py --engines exact,approx          # no external engines
+
+Indexes are cached under --workdir by collection spec.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from laspar_jax.index import Index, build_index  # noqa: E402
+from laspar_jax.index.synthetic import SyntheticCollection, SyntheticSpec  # noqa: E402
+
+
+def _recall(ref_rows, rows, k):
+  return float(np.mean([len(set(a[:k][a[:k] >= 0]) & set(b[:k][b[:k] >= 0]))
+                        / max(1, (a[:k] >= 0).sum()) for a, b in zip(ref_rows, rows)]))
+
+
+def _time_per_query(fn, q_idx, q_val):
+  """Calls fn one query at a time; returns (rows, scores, ms list)."""
+  fn(q_idx[:1], q_val[:1])  # warm-up / compile
+  rows, scores, ms = [], [], []
+  for i in range(q_idx.shape[0]):
+    t = time.perf_counter()
+    r, s = fn(q_idx[i:i + 1], q_val[i:i + 1])
+    ms.append((time.perf_counter() - t) * 1e3)
+    rows.append(r[0])
+    scores.append(s[0])
+  return np.stack(rows), np.stack(scores), np.array(ms)
+
+
+def run_dim(args, dim: int) -> list[dict]:
+  spec = SyntheticSpec(n_docs=args.n_docs, dim=dim, n_queries=args.n_queries, seed=args.seed)
+  col = SyntheticCollection(spec)
+  work = pathlib.Path(args.workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  tag = f"n{spec.n_docs}_d{dim}_s{spec.seed}"
+  path = work / f"laspar_{tag}"
+  if not path.exists():
+    t = time.time()
+    build_index(col.doc_batches(20_000), path, dim, approx=True, ram_budget_bytes=3 << 30)
+    print(f"[D={dim}] laspar index built in {time.time() - t:.0f}s", flush=True)
+  ix = Index.load(path, verify="size")
+  q_idx, q_val = col.queries()
+  st = ix.stats(q_idx, q_val)
+  print(f"[D={dim}] docs {st['n_docs']} postings {st['n_postings']} mean doc len "
+        f"{st['mean_doc_length']:.1f} mean query len {st['mean_query_length']:.1f} "
+        f"postings/query (FLOPS) {st['flops_per_query']:.3g}", flush=True)
+  k = args.k
+  out = []
+  exact_fn = lambda qi, qv: ix.search(qi, qv, k=k, threads=1)  # noqa: E731
+  ref_rows, _, ms = _time_per_query(exact_fn, q_idx, q_val)
+  # Batched call (one numba call for all queries, still one thread).
+  t = time.perf_counter()
+  ix.search(q_idx, q_val, k=k, threads=1)
+  batch_ms = (time.perf_counter() - t) * 1e3 / q_idx.shape[0]
+  out.append(dict(engine="laspar exact", dim=dim, mean_ms=ms.mean(), p99_ms=np.percentile(ms, 99),
+                  batch_ms=batch_ms, recall=1.0))
+  print(out[-1], flush=True)
+  if "approx" in args.engines:
+    for budget, n_cand in [(2000, 200), (5000, 300), (5000, 500), (10000, 500)]:
+      fn = lambda qi, qv: ix.search(qi, qv, k=k, mode="approx", budget=budget,  # noqa: E731
+                                    n_cand=n_cand)
+      rows, _, ms = _time_per_query(fn, q_idx, q_val)
+      out.append(dict(engine=f"laspar approx b={budget} c={n_cand}", dim=dim, mean_ms=ms.mean(),
+                      p99_ms=np.percentile(ms, 99), batch_ms=float("nan"),
+                      recall=_recall(ref_rows, rows, k)))
+      print(out[-1], flush=True)
+  if "pisa" in args.engines:
+    try:
+      from laspar_jax.index.backends import PisaBackend
+      ppath = work / f"pisa_{tag}"
+      t = time.time()
+      if not (ppath / "pt_meta.json").exists():
+        pisa = PisaBackend.build(col.doc_batches(20_000), ppath)
+        print(f"[D={dim}] PISA index built in {time.time() - t:.0f}s", flush=True)
+      else:
+        pisa = PisaBackend(ppath)
+      for algo in ("maxscore", "block_max_wand"):
+        pisa.search(q_idx[:2], q_val[:2], k=k, query_algorithm=algo)
+        t = time.perf_counter()
+        rows, _ = pisa.search(q_idx, q_val, k=k, query_algorithm=algo, threads=1)
+        ms = (time.perf_counter() - t) * 1e3 / q_idx.shape[0]
+        out.append(dict(engine=f"PISA {algo}", dim=dim, mean_ms=ms, p99_ms=float("nan"),
+                        batch_ms=ms, recall=_recall(ref_rows, rows, k)))
+        print(out[-1], flush=True)
+    except Exception as e:  # report, don't hide
+      print(f"[D={dim}] PISA failed: {type(e).__name__}: {e}", flush=True)
+  if "seismic" in args.engines:
+    if dim > 65_536 and not args.seismic_lv:
+      print(f"[D={dim}] Seismic skipped: SeismicIndex takes <= 65,536 components "
+            "(--seismic_lv tries SeismicIndexLV)", flush=True)
+    else:
+      try:
+        from laspar_jax.index.backends import SeismicBackend
+        t = time.time()
+        sei = SeismicBackend.build(col.doc_batches(20_000), large_vocab=dim > 65_536,
+                                   num_threads=args.seismic_threads)
+        print(f"[D={dim}] Seismic index built in {time.time() - t:.0f}s", flush=True)
+        for qc, hf in [(10, 0.9), (20, 0.7)]:
+          sei.search(q_idx[:2], q_val[:2], k=k, query_cut=qc, heap_factor=hf)
+          t = time.perf_counter()
+          rows, _ = sei.search(q_idx, q_val, k=k, query_cut=qc, heap_factor=hf, threads=1)
+          ms = (time.perf_counter() - t) * 1e3 / q_idx.shape[0]
+          out.append(dict(engine=f"Seismic cut={qc} hf={hf}", dim=dim, mean_ms=ms,
+                          p99_ms=float("nan"), batch_ms=ms, recall=_recall(ref_rows, rows, k)))
+          print(out[-1], flush=True)
+        del sei
+      except Exception as e:
+        print(f"[D={dim}] Seismic failed: {type(e).__name__}: {e}", flush=True)
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--n_docs", type=int, default=1_000_000)
+  p.add_argument("--n_queries", type=int, default=1_000)
+  p.add_argument("--dims", default="30522,4194304")
+  p.add_argument("--k", type=int, default=10)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--engines", default="exact,approx,pisa,seismic")
+  p.add_argument("--seismic_threads", type=int, default=2, help="build threads")
+  p.add_argument("--seismic_lv", action="store_true")
+  p.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp") + "/laspar_bench")
+  args = p.parse_args(argv)
+  rows = []
+  for d in [int(x) for x in args.dims.split(",")]:
+    rows += run_dim(args, d)
+  print(f"\nn_docs={args.n_docs} n_queries={args.n_queries} k={args.k}; single thread; "
+        "mean/p99 = one query per call, batch = all queries in one call")
+  print(f"{'engine':32s} {'D':>9s} {'mean ms':>8s} {'p99 ms':>8s} {'batch ms':>8s} "
+        f"{'R@' + str(args.k):>6s}")
+  for r in rows:
+    print(f"{r['engine']:32s} {r['dim']:9d} {r['mean_ms']:8.2f} {r['p99_ms']:8.2f} "
+          f"{r['batch_ms']:8.2f} {r['recall']:6.3f}")
+
+
+if __name__ == "__main__":
+  main()
