@@ -469,6 +469,8 @@ def build_index(batches: Iterable[tuple[Sequence[str], Any, Any]], path: str | o
 def encoder_fingerprint(encoder: Any, **extra: Any) -> str:
   """sha256 (16 hex) of the encoder's config (if any), class name and `extra`."""
   cfg = getattr(encoder, "config", None)
+  if hasattr(cfg, "fingerprint") and not extra:
+    return str(cfg.fingerprint())
   if dataclasses.is_dataclass(cfg):
     cfg = dataclasses.asdict(cfg)
   blob = json.dumps({"class": type(encoder).__name__, "config": cfg, "extra": extra},
@@ -479,7 +481,7 @@ def encoder_fingerprint(encoder: Any, **extra: Any) -> str:
 def encoder_dim(encoder: Any, tokenizer: Any = None) -> int:
   """D of an encoder's output, from the usual attribute names."""
   for obj in (encoder, getattr(encoder, "head", None), getattr(encoder, "doc_head", None)):
-    for name in ("out_dim", "dim", "sparse_dim", "vocab_size", "num_outputs"):
+    for name in ("output_dim", "out_dim", "dim", "sparse_dim", "vocab_size", "num_outputs"):
       v = getattr(obj, name, None) if obj is not None else None
       if isinstance(v, (int, np.integer)) and v > 0:
         return int(v)
@@ -529,7 +531,7 @@ def build_index_from_encoder(encoder: Any, tokenizer: Any, collection: Any,
     The index path. Encode throughput (docs/s) is stored in the manifest metadata.
   """
   dim = dim or encoder_dim(encoder, tokenizer)
-  writer_kwargs.setdefault("encoder_hash", encoder_fingerprint(encoder, k_doc=k_doc))
+  writer_kwargs.setdefault("encoder_hash", encoder_fingerprint(encoder))
   meta = dict(writer_kwargs.pop("metadata", None) or {})
   meta.update(collection=getattr(collection, "name", None), k_doc=k_doc)
   batches = _doc_batches(encoder, tokenizer, collection.docs(), k=k_doc,
