@@ -167,7 +167,7 @@ def count_at_least(offsets, ivals, table, d, thr):
 
 @numba.njit(nogil=True, cache=True)
 def approx(offsets, irows, ivals, fwd_offsets, fwd_dims, fvals, table, q_ptr, q_dims, q_w,
-           k, budget, n_cand, acc, touched, heap_s, heap_r, cand_s, cand_r, out_rows,
+           k, budget, n_cand, acc, touched, qbits, heap_s, heap_r, cand_s, cand_r, out_rows,
            out_scores):
   ncap = cand_s.size
   hkeys = np.empty(64, np.int64)
@@ -227,12 +227,13 @@ def approx(offsets, irows, ivals, fwd_offsets, fwd_dims, fvals, table, q_ptr, q_
         n = _heap_push(heap_s, heap_r, n, kc, s, r)
     nc = n
     _heap_drain(heap_s, heap_r, n, cand_s, cand_r)
-    # 4. exact re-scoring from the forward index; the query's dims sit in a small
-    #    open-addressing table; per-dim terms are summed in query order, as in
-    #    `exact`, so the scores are bitwise equal to exact search.
+    # 4. exact re-scoring from the forward index. A bitmap over D filters the
+    #    doc's dims; the few query dims sit in a small open-addressing table;
+    #    per-dim terms are summed in query order, as in `exact`, so the scores
+    #    are bitwise equal to exact search.
     nq = b - a
     hsize = 64
-    while hsize < 2 * nq:
+    while hsize < 4 * nq:
       hsize *= 2
     if hkeys.size < hsize:
       hkeys = np.empty(hsize, np.int64)
@@ -244,6 +245,7 @@ def approx(offsets, irows, ivals, fwd_offsets, fwd_dims, fvals, table, q_ptr, q_
       hkeys[i] = -1
     for t in range(a, b):
       d = q_dims[t]
+      qbits[d >> 6] |= np.uint64(1) << np.uint64(d & 63)
       h = (d * 2654435761) & mask
       while hkeys[h] != -1 and hkeys[h] != d:
         h = (h + 1) & mask
@@ -254,12 +256,11 @@ def approx(offsets, irows, ivals, fwd_offsets, fwd_dims, fvals, table, q_ptr, q_
       r = cand_r[i]
       for p in range(fwd_offsets[r], fwd_offsets[r + 1]):
         d = fwd_dims[p]
-        h = (d * 2654435761) & mask
-        while hkeys[h] != -1:
-          if hkeys[h] == d:
-            part[hslot[h]] = weight(fvals, table, p)
-            break
-          h = (h + 1) & mask
+        if (qbits[d >> 6] >> np.uint64(d & 63)) & np.uint64(1):
+          h = (d * 2654435761) & mask
+          while hkeys[h] != d:
+            h = (h + 1) & mask
+          part[hslot[h]] = weight(fvals, table, p)
       s = np.float32(0.0)
       for t in range(a, b):
         v = part[t - a]
@@ -268,5 +269,7 @@ def approx(offsets, irows, ivals, fwd_offsets, fwd_dims, fvals, table, q_ptr, q_
           part[t - a] = 0.0
       if s > 0.0 and (n < k or not _worse(s, r, heap_s[0], heap_r[0])):
         n = _heap_push(heap_s, heap_r, n, k, s, r)
+    for t in range(a, b):
+      qbits[q_dims[t] >> 6] = np.uint64(0)
     _heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
 

@@ -53,8 +53,9 @@ def _weight_table(dtype: np.dtype, scale: float | None) -> np.ndarray:
 class _Scratch:
   """Per-thread accumulators (reused across calls)."""
 
-  def __init__(self, n_docs: int):
+  def __init__(self, n_docs: int, dim: int):
     self.acc = np.zeros(max(n_docs, 1), np.float32)
+    self.qbits = np.zeros(dim // 64 + 1, np.uint64)
     self.touched = np.zeros(max(n_docs, 1), np.uint32)
     self.cap = 0
     self.heap_s = self.heap_r = self.cand_s = self.cand_r = None
@@ -142,7 +143,7 @@ class Index:
     with self._lock:
       if self._pool:
         return self._pool.pop()
-    return _Scratch(self.n_docs)
+    return _Scratch(self.n_docs, self.dim)
 
   def _put_scratch(self, s: _Scratch) -> None:
     with self._lock:
@@ -207,7 +208,7 @@ class Index:
     else:
       kernels.approx(self.offsets, self.impact_rows, bits(self.impact_weights),
                      self.fwd_offsets, self.fwd_dims, bits(self.fwd_weights), self._table,
-                     q_ptr, q_dims, q_w, k, budget, n_cand, s.acc, s.touched, s.heap_s,
+                     q_ptr, q_dims, q_w, k, budget, n_cand, s.acc, s.touched, s.qbits, s.heap_s,
                      s.heap_r, s.cand_s, s.cand_r, out_rows, out_scores)
 
   # -- statistics
