@@ -22,6 +22,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "psutil>=5.9",
+        "numba>=0.60",
         "bm25s>=0.2,<1",
     ],
     extras_require={
