@@ -92,20 +92,26 @@ def test_latent_max_matches_numpy(tile, token_chunk):
   assert (act.max(1) > 1.5).any()  # the clamp is exercised
 
 
-def test_latent_max_tiled_grads_equal_untiled():
+@pytest.mark.parametrize("tile,token_chunk,backward", [(32, 4, "remat"), (48, None, "argmax")])
+def test_latent_max_tiled_grads_equal_untiled(tile, token_chunk, backward):
   h, m = _inputs(scale=2.0)
-  tiled = heads.LatentMaxHead(DM, D, tile=32, token_chunk=4, rngs=nnx.Rngs(3))
+  m[0] = 0  # a row without tokens
+  tiled = heads.LatentMaxHead(DM, D, tile=tile, token_chunk=token_chunk, backward=backward,
+                              rngs=nnx.Rngs(3))
   untiled = heads.LatentMaxHead(DM, D, tile=None, rngs=nnx.Rngs(3))
   w = jnp.asarray(np.random.default_rng(0).normal(size=(B, D)), jnp.float32)
 
-  def loss(head, h):
-    return jnp.sum(head(h, jnp.asarray(m)) * w)
+  @nnx.jit
+  def grads(head, h):
+    return nnx.grad(lambda head, h: jnp.sum(head(h, jnp.asarray(m)) * w), argnums=(0, 1))(head, h)
 
-  g1 = nnx.grad(loss, argnums=(0, 1))(tiled, jnp.asarray(h))
-  g2 = nnx.grad(loss, argnums=(0, 1))(untiled, jnp.asarray(h))
+  g1, g2 = grads(tiled, jnp.asarray(h)), grads(untiled, jnp.asarray(h))
+  np.testing.assert_allclose(tiled(jnp.asarray(h), jnp.asarray(m)),
+                             untiled(jnp.asarray(h), jnp.asarray(m)), atol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   assert float(jnp.abs(g1[0]["kernel"][...]).sum()) > 0
+  assert float(jnp.abs(g1[1][1:]).sum()) > 0 and float(jnp.abs(g1[1][0]).sum()) == 0
 
 
 def test_token_pool_sum_and_padding_of_tiles():
@@ -134,11 +140,13 @@ def test_topk_gather_equals_mask(cls):
   def loss(head, h, mode):
     return jnp.sum(head(h, jnp.asarray(m), topk=k, topk_mode=mode) * w)
 
-  outs = {mode: head(jnp.asarray(h), jnp.asarray(m), topk=k, topk_mode=mode) for mode in ("gather", "mask")}
+  outs = {mode: nnx.jit(lambda hd, x, mode=mode: hd(x, jnp.asarray(m), topk=k, topk_mode=mode))(
+      head, jnp.asarray(h)) for mode in ("gather", "mask")}
   np.testing.assert_allclose(outs["gather"], outs["mask"], atol=1e-6)
   assert ((np.asarray(outs["gather"]) > 0).sum(1) == k).all()
   np.testing.assert_allclose(np.linalg.norm(outs["gather"], axis=1), 1.0, atol=1e-5)
-  grads = {mode: nnx.grad(loss, argnums=(0, 1))(head, jnp.asarray(h), mode) for mode in ("gather", "mask")}
+  grads = {mode: nnx.jit(nnx.grad(loss, argnums=(0, 1)), static_argnums=2)(head, jnp.asarray(h), mode)
+           for mode in ("gather", "mask")}
   for a, b in zip(jax.tree.leaves(grads["gather"]), jax.tree.leaves(grads["mask"])):
     np.testing.assert_allclose(a, b, atol=1e-5)
   # Only the kept columns of U get gradient.

@@ -20,9 +20,11 @@ U [d, D] carries the logical axes ("embed", "sparse") and b [D] ("sparse",), so
 `mesh.shard_model` puts the D axis on the mesh 'model' axis.
 
 D tiles are *strided*: tile k holds columns {k, k + n, k + 2n, ...} (n tiles).
-With U sharded in contiguous blocks on D, the reshape [d, D] -> [d, tile, n]
-keeps the shard boundaries on the `tile` axis, so each step of the scan over
-tiles works on every device's share at once (no gather of U).
+The reshape [d, D] -> [d, tile, n] is free (no copy of U; a
+scan step slices tile k from the last axis and its backward writes the tile's
+gradient in place), and with U sharded in contiguous blocks on D the shard
+boundaries fall on the `tile` axis, so every step works on each device's share
+at once (no gather of U).
 """
 from __future__ import annotations
 
@@ -193,14 +195,75 @@ def _pool_block(h_btd, mask_bt, k_dv, b_v, reduce, token_chunk, dtype):
   return acc
 
 
+# ---------------------------------------------------------------------------
+# Max pooling with an argmax backward (no rematerialization)
+# ---------------------------------------------------------------------------
+
+
+def _tile_max_argmax(h_btd, mask_bt, k_dtn, b_tn, dtype):
+  """Per strided tile: masked max over t of the pre-activation and its argmax."""
+  m = mask_bt.astype(bool)[..., None]
+
+  def one(k):
+    k_dt = jax.lax.dynamic_index_in_dim(k_dtn, k, axis=2, keepdims=False)
+    b_t = jax.lax.dynamic_index_in_dim(b_tn, k, axis=1, keepdims=False)
+    z = jnp.einsum("btd,dv->btv", h_btd.astype(dtype), k_dt.astype(dtype),
+                   preferred_element_type=jnp.float32) + b_t.astype(jnp.float32)
+    z = jnp.where(m, z, _NEG)
+    return jnp.max(z, axis=1), jnp.argmax(z, axis=1).astype(jnp.int32)
+
+  return jax.lax.map(one, jnp.arange(k_dtn.shape[2]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _tiled_max_argmax(h_btd, mask_bt, k_dtn, b_tn, dtype):
+  return _tile_max_argmax(h_btd, mask_bt, k_dtn, b_tn, dtype)[0]
+
+
+def _tiled_max_fwd(h_btd, mask_bt, k_dtn, b_tn, dtype):
+  m_nbt, a_nbt = _tile_max_argmax(h_btd, mask_bt, k_dtn, b_tn, dtype)
+  return m_nbt, (h_btd, mask_bt, k_dtn, b_tn, a_nbt)
+
+
+def _tiled_max_bwd(dtype, res, g_nbt):
+  # d max_t z_tj = one-hot at the argmax: dU_j = sum_b g_bj h[b, a_bj] (a gather),
+  # dh[b, t] = sum_j [a_bj = t] g_bj U_j (a one-hot matmul per tile), db_j = sum_b g_bj.
+  h_btd, mask_bt, k_dtn, b_tn, a_nbt = res
+  B, L, d = h_btd.shape
+  has_b = jnp.any(mask_bt.astype(bool), axis=1)
+  g_nbt = jnp.where(has_b[None, :, None], g_nbt, 0.0)
+  h32 = h_btd.astype(jnp.float32)
+
+  def step(carry, xs):
+    dh_bld, dk_dtn = carry
+    k, g_bt, a_bt = xs
+    k_dt = jax.lax.dynamic_index_in_dim(k_dtn, k, axis=2, keepdims=False)
+    hg_btd = jnp.take_along_axis(h32, a_bt[..., None], axis=1)
+    dk_dt = jnp.einsum("bt,btd->dt", g_bt, hg_btd)
+    dk_dtn = jax.lax.dynamic_update_index_in_dim(dk_dtn, dk_dt.astype(dk_dtn.dtype), k, axis=2)
+    oh_blt = jnp.where(a_bt[:, None, :] == jnp.arange(L)[None, :, None], g_bt[:, None, :], 0.0)
+    dh_bld = dh_bld + jnp.einsum("blt,dt->bld", oh_blt.astype(dtype), k_dt.astype(dtype),
+                                 preferred_element_type=jnp.float32)
+    return (dh_bld, dk_dtn), None
+
+  init = (jnp.zeros((B, L, d), jnp.float32), jnp.zeros_like(k_dtn))
+  n = k_dtn.shape[2]
+  (dh_bld, dk_dtn), _ = jax.lax.scan(step, init, (jnp.arange(n), g_nbt, a_nbt))
+  db_tn = jnp.sum(g_nbt, axis=1).T.astype(b_tn.dtype)
+  return dh_bld.astype(h_btd.dtype), None, dk_dtn, db_tn
+
+
+_tiled_max_argmax.defvjp(_tiled_max_fwd, _tiled_max_bwd)
+
+
 def token_pool(h_btd: jax.Array, mask_bt: jax.Array, kernel_dv: jax.Array,
                bias_v: jax.Array, *, reduce: str = "max", tile: int | None = None,
                token_chunk: int | None = None, remat: bool = True,
-               dtype: Any = jnp.float32) -> jax.Array:
+               backward: str = "remat", dtype: Any = jnp.float32) -> jax.Array:
   """s_bv = reduce_t log1p(relu(h_t W + b)) over unmasked tokens, never B x L x V.
 
   With `tile`, the V columns are processed in strided tiles of width `tile`
-  (lax.map over tiles; each tile rematerialized in the backward pass), so the
+  (lax.map over tile indices; each tile rematerialized in the backward pass), so the
   peak activation memory is O(B*V + B*L*tile) (O(B*V + B*token_chunk*tile) with
   `token_chunk`, which scans over L with a running max/sum). tile=None is the
   untiled path (materializes [B, L, V]; for tests and small V).
@@ -214,6 +277,12 @@ def token_pool(h_btd: jax.Array, mask_bt: jax.Array, kernel_dv: jax.Array,
     tile: columns per tile (V is padded up to a multiple of it); None: untiled.
     token_chunk: tokens per step of an inner scan over L; None: all at once.
     remat: rematerialize each tile in the backward pass (keep True when tiled).
+    backward: for reduce="max" with tiles: "remat" (autodiff of the max,
+      recomputing each tile: ~4 matmul passes per step) or "argmax" (custom VJP
+      that keeps the argmax token per column, int32 [B, V], and computes dU by
+      a gather and dh by a one-hot matmul: ~2 passes). Same gradients except
+      on exact ties (then "remat" splits, "argmax" picks the first token).
+      With token_chunk, "argmax" falls back to "remat".
     dtype: compute dtype of the matmul (accumulation in float32).
 
   Returns:
@@ -232,17 +301,25 @@ def token_pool(h_btd: jax.Array, mask_bt: jax.Array, kernel_dv: jax.Array,
   if Vp != V:
     kernel_dv = jnp.pad(kernel_dv, ((0, 0), (0, Vp - V)))
     bias_v = jnp.pad(bias_v.astype(jnp.float32), (0, Vp - V), constant_values=_NEG)
-  # Strided tiles: column j = t * n + k lives in tile k at position t.
-  k_ndt = constrain(kernel_dv.reshape(d, tile, n).transpose(2, 0, 1), (None, "embed", "sparse"))
-  b_nt = bias_v.reshape(tile, n).T
+  # Strided tiles: column j = t * n + k lives in tile k at position t. The
+  # reshape is free (no copy of the kernel); each step slices its tile from the
+  # last axis, and the backward pass writes the tile's gradient in place.
+  k_dtn = constrain(kernel_dv.reshape(d, tile, n), ("embed", "sparse", None))
+  b_tn = bias_v.reshape(tile, n)
 
-  def one(xs):
-    k_dt, b_t = xs
+  def one(k):
+    k_dt = jax.lax.dynamic_index_in_dim(k_dtn, k, axis=2, keepdims=False)
+    b_t = jax.lax.dynamic_index_in_dim(b_tn, k, axis=1, keepdims=False)
     return _pool_block(h_btd, mask_bt, k_dt, b_t, reduce, token_chunk, dtype)
 
-  if remat:
-    one = jax.checkpoint(one)
-  r_nbt = jax.lax.map(one, (k_ndt, b_nt))
+  if reduce == "max" and backward == "argmax" and token_chunk is None:
+    r_nbt = _tiled_max_argmax(h_btd, mask_bt, k_dtn, b_tn, dtype)
+  elif backward in ("remat", "argmax"):
+    if remat:
+      one = jax.checkpoint(one)
+    r_nbt = jax.lax.map(one, jnp.arange(n))
+  else:
+    raise ValueError(f"backward must be 'remat' or 'argmax', got {backward!r}")
   r_bv = r_nbt.transpose(1, 2, 0).reshape(B, Vp)[:, :V]
   return finish(constrain(r_bv, ("batch", "sparse")))
 
@@ -409,21 +486,26 @@ class LatentMaxHead(_LatentHead):
   Computed as log1p(relu(max_t (h_t U_j + b_j))) in strided D tiles of width
   `tile` (lax.map + jax.checkpoint), optionally scanning L in chunks of
   `token_chunk`: peak memory O(B*D + B*L*tile), never B x L x D. tile=None is
-  the untiled path (tests, small D).
+  the untiled path (tests, small D). backward="argmax" (default) replaces the
+  rematerialized backward by an argmax-based custom VJP (see `token_pool`;
+  2.4x faster on CPU at D=2^16); "remat" is plain autodiff with jax.checkpoint
+  (used whenever token_chunk is set).
   """
 
   def __init__(self, d: int, D: int, *, rngs: nnx.Rngs, tile: int | None = 4096,
-               token_chunk: int | None = None, bias_init: float = 3.0,
+               token_chunk: int | None = None, backward: str = "argmax", bias_init: float = 3.0,
                clamp: float | None = 10.0, normalize: bool = True,
                kernel_std: float | None = None, dtype: Any = jnp.float32):
     super().__init__(d, D, rngs=rngs, bias_init=bias_init, clamp=clamp, normalize=normalize,
                      kernel_std=kernel_std, dtype=dtype)
     self.tile = tile
     self.token_chunk = token_chunk
+    self.backward = backward
 
   def scores(self, h_btd, mask_bt):
     return token_pool(h_btd, mask_bt, self.kernel[...], self.bias[...], reduce="max",
-                      tile=self.tile, token_chunk=self.token_chunk, dtype=self.dtype)
+                      tile=self.tile, token_chunk=self.token_chunk, backward=self.backward,
+                      dtype=self.dtype)
 
   def scores_at(self, h_btd, mask_bt, idx_bk):
     return token_pool_at(h_btd, mask_bt, self.kernel[...], self.bias[...], idx_bk,
@@ -451,7 +533,7 @@ class MLMHead(nnx.Module):
   def __init__(self, d: int, vocab: int, *, rngs: nnx.Rngs, tied_embedding: Any = None,
                pooling: str = "max", special_ids: Sequence[int] = (),
                tile: int | None = 8192, token_chunk: int | None = None,
-               layer_norm_eps: float = 1e-12, dtype: Any = jnp.float32):
+               backward: str = "argmax", layer_norm_eps: float = 1e-12, dtype: Any = jnp.float32):
     if pooling not in ("max", "sum"):
       raise ValueError(f"pooling must be 'max' or 'sum', got {pooling!r}")
     self.d, self.vocab = d, vocab
@@ -469,6 +551,7 @@ class MLMHead(nnx.Module):
     self.special_ids = tuple(int(i) for i in np.asarray(special_ids).reshape(-1))
     self.tile = tile
     self.token_chunk = token_chunk
+    self.backward = backward
     self.dtype = dtype
 
   def decoder_dv(self, embedding_vd: jax.Array | None = None) -> jax.Array:
@@ -491,7 +574,8 @@ class MLMHead(nnx.Module):
     t_btd = self.transform(h_btd)
     w_dv = self.decoder_dv(embedding_vd)
     rep = token_pool(t_btd, mask_bt, w_dv, self.bias[...], reduce=self.pooling,
-                     tile=self.tile, token_chunk=self.token_chunk, dtype=self.dtype)
+                     tile=self.tile, token_chunk=self.token_chunk, backward=self.backward,
+                     dtype=self.dtype)
     if self.special_ids:
       keep = jnp.ones((self.vocab,), jnp.float32).at[jnp.array(self.special_ids)].set(0.0)
       rep = rep * keep
