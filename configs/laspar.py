@@ -1,0 +1,179 @@
+r"""LASPAR (LAtent SPArse Retrieval): a backbone + a latent sparse head of D dims.
+
+Paper defaults: MiniLM-L12-H384 backbone, max length 256, D = 4,194,304,
+`latent_attention` head, batch 32 x 8 accumulation steps, AdamW lr 1e-4 with
+4,000 warm-up steps, lambda_q = lambda_d = 5e-3 with a quadratic warm-up over
+T = 10,000 steps (FLOPS on queries and documents, equipartition on documents),
+dense-teacher distillation (KL over the in-batch score matrix), query top-k 128
+and document top-k 512 (in training and indexing).
+
+Arguments (comma-separated, `configs/laspar.py:ARG`):
+  variant=latent_attention|latent_sum|latent_max|mlm   the head
+  reg=flops|l1          the sparsity regularizer (queries and documents)
+  equipartition=True    equipartition on documents (False: off)
+  D=4194304             latent dimensions
+  data=msmarco|scifact|PATH   training collection (BEIR/TSV dir or ir_datasets id)
+  scifact               the SciFact recipe (all-MiniLM-L6-v2, D = 2^17, ~25 min on 2 CPU cores)
+  runlocal              shrink everything for a laptop / CI
+
+Commands (from the repository root; `--config.a.b=value` overrides any field):
+
+  # Paper run (MS MARCO, needs accelerators; launch/tpu/ for pods):
+  python launch/train.py --config configs/laspar.py --workdir /tmp/laspar
+
+  # Variants:
+  python launch/train.py --config configs/laspar.py:variant=latent_sum,D=131072 --workdir /tmp/laspar_sum
+
+  # Laptop smoke run (all-MiniLM-L6-v2, D = 2^14, SciFact, 10 steps):
+  python launch/train.py --config configs/laspar.py:runlocal --workdir /tmp/laspar_local
+
+  # SciFact recipe, then index + evaluate over the full corpus (5,183 docs, 300 test queries):
+  python launch/train.py --config configs/laspar.py:scifact --workdir /tmp/laspar_scifact
+  python launch/train.py --config configs/laspar.py:scifact --workdir /tmp/sf3 --config.train.total_steps=3
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from laspar_jax import config_lib
+
+MSMARCO = "msmarco-passage/train/judged"
+SCIFACT = "../shared/data/scifact"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The LASPAR training config (see the module docstring for `arg`)."""
+  a = config_lib.parse_arg(arg, variant="latent_attention", reg="flops", equipartition=True,
+                           D=2 ** 22, data="msmarco", scifact=False, runlocal=False)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---- the sparse encoder (fields of sparse_encoder.EncoderConfig)
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "microsoft/MiniLM-L12-H384-uncased"
+  c.model.head = a.variant
+  c.model.latent_dim = a.D
+  c.model.head_kwargs = ml_collections.ConfigDict()
+  if a.variant == "latent_max":
+    c.model.head_kwargs.tile = 4096
+  c.model.towers = "shared"
+  c.model.query_prefix = ""
+  c.model.doc_prefix = ""
+  c.model.query_max_len = 64
+  c.model.doc_max_len = 256
+  c.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 master weights
+  c.model.remat = False
+
+  # ---- training data
+  c.data = ml_collections.ConfigDict()
+  c.data.collection = {"msmarco": MSMARCO, "scifact": SCIFACT}.get(a.data, a.data)
+  c.data.split = "train"
+  c.data.negatives = "none"  # "none" (in-batch only), "bm25", or a TREC run file
+  c.data.n_neg = 0  # hard negatives per query in a batch
+  c.data.neg_pool = 8  # negatives sampled per example (the pipeline draws n_neg per epoch)
+  c.data.neg_depth = 100  # candidates considered per query
+  c.data.teacher = "dense"  # "dense" (embeddings of teacher_model), "scores" (file), "none"
+  c.data.teacher_model = "sentence-transformers/all-MiniLM-L6-v2"
+  c.data.teacher_scores = ""  # cross-encoder score file for teacher="scores"
+  c.data.teacher_cache = ""  # default: WORKDIR/teacher
+  c.data.prefetch = 2
+
+  # ---- loss (names: losses.RANKING_LOSSES, DISTILL_LOSSES, REGULARIZERS)
+  c.loss = ml_collections.ConfigDict()
+  c.loss.ranking = "inbatch_ce"
+  c.loss.ranking_weight = 1.0
+  c.loss.temperature = 1.0  # student temperature (ranking and distillation)
+  c.loss.distill = "dense_kl"  # "" for none; "margin_mse"/"kl" with teacher="scores"
+  c.loss.distill_weight = 1.0
+  c.loss.teacher_temperature = 0.05  # cosines / 0.05
+  # "name:side:lambda,...": each lambda warmed up quadratically over reg_warmup_steps.
+  regs = [f"{a.reg}:q:5e-3", f"{a.reg}:d:5e-3"]
+  if a.equipartition:
+    regs.append("equipartition:d:5e-3")
+  c.loss.regularizers = ",".join(regs)
+  c.loss.reg_warmup_steps = 10_000
+  c.loss.flops_per_shard = False  # FLOPS per data shard (as per-GPU PyTorch code) instead of global
+
+  # ---- optimizer
+  c.optim = ml_collections.ConfigDict()
+  c.optim.batch_size = 32  # queries per micro-batch (global)
+  c.optim.accum_steps = 8
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 4_000
+  c.optim.schedule = "linear"  # warm-up then "linear" decay to end_lr, or "constant"
+  c.optim.end_lr = 0.0
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.grad_clip = 1.0
+
+  # ---- loop
+  c.train = ml_collections.ConfigDict()
+  c.train.total_steps = 100_000  # optimizer steps
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1_000
+  c.train.keep_checkpoints = 3
+  c.train.eval_every = 10_000  # 0: only at the end
+  c.train.final_eval = True
+  c.train.dropout = True
+  c.train.rng_impl = "threefry2x32"  # dropout PRNG; "rbg" compiles and runs faster (bits depend on sharding)
+  c.train.q_topk = 128  # training-time top-k masking (0: off)
+  c.train.d_topk = 512
+  c.train.topk_mode = "gather"
+
+  # ---- evaluation (full corpus through the index)
+  c.eval = ml_collections.ConfigDict()
+  c.eval.collection = "msmarco-passage/dev/small"
+  c.eval.split = ""
+  c.eval.q_topk = 128
+  c.eval.d_topk = 512
+  c.eval.batch_size = 64
+  c.eval.measures = "nDCG@10,RR@10,R@100,R@1000"
+  c.eval.max_queries = 0  # 0: all judged queries
+  c.eval.max_docs = 0  # 0: the full corpus
+  c.eval.search_threads = 0  # 0: all cores
+
+  # ---- device mesh (sizes; -1 takes the remaining devices)
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.model = 1
+
+  if a.scifact:
+    scifact(c)
+  if a.runlocal:
+    config_lib.runlocal(c)
+    if "D=" in (arg or ""):  # an explicit D wins over the shrink
+      c.model.latent_dim = a.D
+  return c
+
+
+def scifact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """SciFact recipe: all-MiniLM-L6-v2 + latent_attention D = 2^17, dense-teacher KL, in-batch negatives.
+
+  Train: the 809 SciFact train queries (920 query-positive pairs), batch 32,
+  documents truncated to 192 tokens. Evaluated over the full 5,183-document
+  corpus on the 300 test queries.
+  """
+  c.model.backbone = "sentence-transformers/all-MiniLM-L6-v2"
+  c.model.latent_dim = 2 ** 17
+  c.model.query_max_len = 64
+  c.model.doc_max_len = 192
+  c.model.head_kwargs.kernel_std = 0.5
+  c.data.collection = SCIFACT
+  c.data.negatives = "none"
+  c.data.n_neg = 0
+  c.optim.batch_size = 32
+  c.optim.accum_steps = 1
+  c.optim.lr = 5e-5
+  c.optim.warmup_steps = 10
+  c.optim.grad_clip = 1.0
+  c.train.total_steps = 110
+  c.train.log_every = 5
+  c.train.checkpoint_every = 25
+  c.train.eval_every = 0
+  c.loss.reg_warmup_steps = 50
+  c.eval.collection = SCIFACT
+  c.eval.split = "test"
+  c.eval.measures = "nDCG@10,RR@10,R@100"
+  return c

@@ -1,0 +1,46 @@
+r"""SPLADE baseline: the backbone's MLM head over the vocabulary, max pooling, FLOPS.
+
+SPLADE-max (SPLADE v2): w_j = max_t log(1 + ReLU(logit_tj)), special tokens
+masked; FLOPS regularization with lambda_q = 3e-4, lambda_d = 1e-4 warmed up
+quadratically over 50,000 steps; in-batch softmax cross-entropy plus
+dense-teacher KL, as the LASPAR config, so the two differ only in the head.
+Backbones without an MLM head (e.g. all-MiniLM-L6-v2) tie the decoder to the
+word embeddings.
+
+Arguments: the same as configs/laspar.py (variant/D are ignored), e.g.
+`runlocal`, `scifact`, `data=...`, `reg=l1`.
+
+Commands:
+  python launch/train.py --config configs/splade.py --workdir /tmp/splade
+  python launch/train.py --config configs/splade.py:runlocal --workdir /tmp/splade_local
+  python launch/train.py --config configs/splade.py:scifact --workdir /tmp/splade_scifact
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import laspar  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The SPLADE baseline config."""
+  c = laspar.get_config(arg)
+  runlocal = "runlocal" in (arg or "").split(",")
+  c.model.head = "mlm"
+  c.model.latent_dim = 0  # unused: D is the vocabulary
+  c.model.head_kwargs = ml_collections.ConfigDict({"pooling": "max"})
+  if not runlocal and "scifact" not in (arg or "").split(","):
+    c.model.backbone = "distilbert-base-uncased"
+  reg = [r.split(":")[0] for r in c.loss.regularizers.split(",")][0]
+  c.loss.regularizers = f"{reg}:q:3e-4,{reg}:d:1e-4"
+  if not runlocal:
+    c.loss.reg_warmup_steps = 50_000
+  c.train.q_topk = 0  # no training-time top-k: FLOPS makes it sparse
+  c.train.d_topk = 0
+  c.eval.q_topk = 256
+  c.eval.d_topk = 1024
+  return c
