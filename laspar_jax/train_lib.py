@@ -160,6 +160,28 @@ def create_train_state(encoder: nnx.Module, tx: optax.GradientTransformation, me
   return graphdef, rest, state, shardings
 
 
+def abstract_train_state(encoder: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
+                         rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES, rng_impl: str = "threefry2x32"
+                         ) -> tuple[nnx.GraphDef, Any, TrainState, TrainState]:
+  """Like `create_train_state` with ShapeDtypeStruct leaves (nothing allocated).
+
+  For an abstract encoder (`build_encoder(cfg, weights=False)`): lowering and
+  compiling the step against it shows that a model builds and fits a mesh
+  (`.lower(...).compile().memory_analysis()`) without the memory to run it.
+  """
+  shardings = state_shardings(encoder, tx, mesh, rules)
+  graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
+  params = params.to_pure_dict()
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  params = jax.tree.map(sds, params, shardings.params)
+  opt_state = jax.tree.map(sds, jax.eval_shape(tx.init, params), shardings.opt_state)
+  key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_impl)))
+  state = TrainState(step=sds(jax.ShapeDtypeStruct((), jnp.int32), shardings.step), params=params,
+                     opt_state=opt_state, rng=sds(key, shardings.rng),
+                     bad_step=sds(jax.ShapeDtypeStruct((), jnp.int32), shardings.bad_step))
+  return graphdef, rest, state, shardings
+
+
 # ----------------------------------------------------------------------------- the step
 
 
@@ -223,18 +245,16 @@ def loss_fn(params: Any, graphdef: nnx.GraphDef, rest: Any, batch: Mapping[str, 
                      topk=cfg.d_topk or None)
   regs = tuple((name, side, schedules.quadratic_warmup(step, value=lam, warmup_steps=cfg.reg_warmup_steps))
                for name, side, lam in cfg.regularizers)
-  kw = {} if cfg.distill is None else {"distill_kwargs": {"temperature": cfg.temperature}}
+  distill_kwargs = None
   if cfg.distill in ("kl", "dense_kl"):
-    kw["distill_kwargs"]["teacher_temperature"] = cfg.teacher_temperature
-  elif cfg.distill is not None:
-    kw = {}
+    distill_kwargs = {"temperature": cfg.temperature, "teacher_temperature": cfg.teacher_temperature}
   return losses.total_loss(
       rep_q_bv=rep_q_bv, rep_d_mv=rep_d_mv, teacher_scores_bn=batch.get("teacher_scores"),
       teacher_q_be=batch.get("teacher_q"), teacher_d_me=batch.get("teacher_d"),
       ranking=cfg.ranking, ranking_weight=cfg.ranking_weight,
       ranking_kwargs={"temperature": cfg.temperature} if cfg.ranking in ("inbatch_ce", "group_ce") else None,
       distill=cfg.distill, distill_weight=cfg.distill_weight, regularizers=regs,
-      flops_num_shards=cfg.flops_num_shards, **kw)
+      distill_kwargs=distill_kwargs, flops_num_shards=cfg.flops_num_shards)
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransformation,
@@ -625,13 +645,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def _encoder_from_state(graphdef, rest, state: TrainState) -> sparse_encoder.SparseEncoder:
-  return nnx.merge(graphdef, state.params, rest)
+  """The encoder with the state's parameters (gathered to every host when multi-host)."""
+  params = state.params
+  if jax.process_count() > 1:  # parameters span hosts: every host must take part
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    params = jax.tree.map(jnp.asarray, multihost_utils.process_allgather(params, tiled=True))
+  return nnx.merge(graphdef, params, rest)
 
 
 def _save_final(graphdef, rest, state: TrainState, tokenizer, workdir: str, lead: bool) -> str | None:
+  encoder = _encoder_from_state(graphdef, rest, state)
   if not lead:
     return None
-  path = sparse_encoder.save_encoder(_encoder_from_state(graphdef, rest, state), tokenizer,
+  path = sparse_encoder.save_encoder(encoder, tokenizer,
                                      os.path.join(workdir, "encoder"))
   _say(lead, f"saved the encoder to {path}")
   return path
@@ -639,9 +665,9 @@ def _save_final(graphdef, rest, state: TrainState, tokenizer, workdir: str, lead
 
 def _evaluate_state(graphdef, rest, state: TrainState, tokenizer, config, workdir: str, step: int,
                     lead: bool) -> dict[str, float]:
+  encoder = _encoder_from_state(graphdef, rest, state)
   if not lead:
     return {}
-  encoder = _encoder_from_state(graphdef, rest, state)
   res = evaluate(encoder, tokenizer, config.eval, os.path.join(workdir, "eval", str(step)), progress=True)
   _say(lead, f"eval at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
   return res
