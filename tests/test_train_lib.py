@@ -148,3 +148,16 @@ def test_train_and_evaluate_end_to_end(tiny_path, shared_data, tmp_path):
   enc, tok = sparse_encoder.load_encoder(res["encoder"])
   assert enc.output_dim == 512
   assert (tmp_path / "tb").is_dir() and (tmp_path / "teacher" / "docs").is_dir()
+
+
+def test_bf16_compute_keeps_fp32_params_and_mlm_head_trains(tiny_path, shared_data):
+  """SPLADE's tied MLM head in bfloat16 compute: parameters (master weights) stay float32."""
+  c = tiny_config(tiny_path, shared_data, **{"model.dtype": "bfloat16", "model.head": "mlm",
+                                             "train.q_topk": 0, "train.d_topk": 0})
+  c.model.head_kwargs = {"pooling": "max"}
+  mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+  s, ms, _ = _run_steps(c, mesh, [_batch(np.random.default_rng(2), 8, 0, 16, 32) for _ in range(2)])
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(s.params))
+  assert np.isfinite(ms[1]["loss"]) and ms[1]["grad_norm"] > 0
+  assert "decoder" not in s.params["query_tower"]["head"]  # tied to the word embeddings
+  assert ms[1]["active_d"] > 0
