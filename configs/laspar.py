@@ -30,6 +30,11 @@ Commands (from the repository root; `--config.a.b=value` overrides any field):
   # SciFact recipe, then index + evaluate over the full corpus (5,183 docs, 300 test queries):
   python launch/train.py --config configs/laspar.py:scifact --workdir /tmp/laspar_scifact
   python launch/train.py --config configs/laspar.py:scifact --workdir /tmp/sf3 --config.train.total_steps=3
+
+Measured (2 shared CPU cores, load 4-5): the 3-step SciFact run takes 11 min
+wall (data + dense-teacher cache 98 s, compile + 3 steps 80 s at 16.6 s/step,
+final index + search 500 s) and scores nDCG@10 0.603 (R@100 0.890) with
+128 / 512 active dims per query / document.
 """
 from __future__ import annotations
 
@@ -174,7 +179,7 @@ def scifact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.grad_clip = 1.0
   c.train.total_steps = 100  # ~10-16 s/step on 2 shared CPU cores: ~17-27 min
   c.train.log_every = 5
-  c.train.checkpoint_every = 25
+  c.train.checkpoint_every = 50
   c.train.eval_every = 0
   c.loss.reg_warmup_steps = 50
   c.eval.collection = SCIFACT

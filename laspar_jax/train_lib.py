@@ -115,7 +115,7 @@ def state_shardings(encoder: nnx.Module, tx: optax.GradientTransformation, mesh:
                     rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES) -> TrainState:
   """A TrainState of NamedShardings: params by logical axes, Adam moments like their params."""
   sh_all = mesh_lib.state_shardings(encoder, mesh, rules)
-  sh_params = nnx.split_state(sh_all, nnx.Param, ...)[0].to_pure_dict()
+  sh_params = nnx.to_pure_dict(nnx.split_state(sh_all, nnx.Param, ...)[0])
   replicated = NamedSharding(mesh, P())
   abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct((), jnp.float32), sh_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -150,7 +150,7 @@ def create_train_state(encoder: nnx.Module, tx: optax.GradientTransformation, me
   shardings = state_shardings(encoder, tx, mesh, rules)
   mesh_lib.shard_model(encoder, mesh, rules)
   graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
-  params = params.to_pure_dict()
+  params = nnx.to_pure_dict(params)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   rep = NamedSharding(mesh, P())
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
@@ -171,7 +171,7 @@ def abstract_train_state(encoder: nnx.Module, tx: optax.GradientTransformation, 
   """
   shardings = state_shardings(encoder, tx, mesh, rules)
   graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
-  params = params.to_pure_dict()
+  params = nnx.to_pure_dict(params)
   sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   params = jax.tree.map(sds, params, shardings.params)
   opt_state = jax.tree.map(sds, jax.eval_shape(tx.init, params), shardings.opt_state)

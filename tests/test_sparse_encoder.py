@@ -56,7 +56,7 @@ def test_separate_towers_train_separately(tiny_path):
   q_before = np.asarray(enc.query_tower.head.kernel[...]).copy()
   enc.doc_tower.head.kernel.set_value(enc.doc_tower.head.kernel[...] * 0)  # changing one tower ...
   np.testing.assert_array_equal(np.asarray(enc.query_tower.head.kernel[...]), q_before)  # ... leaves the other
-  params = nnx.state(enc, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(enc, nnx.Param))
   assert set(params) == {"query_tower", "doc_tower"}
   assert params["query_tower"]["backbone"]["embeddings"]["word_embeddings"]["embedding"] is not \
       params["doc_tower"]["backbone"]["embeddings"]["word_embeddings"]["embedding"]

@@ -118,7 +118,7 @@ def test_sharded_step_equals_unsharded(tiny_path, shared_data):
   assert 0 < m1[1]["active_q"] <= 64 and 0 < m1[1]["active_d"] <= 128
   # and the parameters moved
   enc, _ = sparse_encoder.build_encoder(train_lib._encoder_config(c))
-  init = nnx.state(enc, nnx.Param).to_pure_dict()
+  init = nnx.to_pure_dict(nnx.state(enc, nnx.Param))
   assert not np.allclose(init["query_tower"]["head"]["kernel"], s1.params["query_tower"]["head"]["kernel"])
 
 
