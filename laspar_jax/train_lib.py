@@ -87,7 +87,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
   Weight decay applies to matrices only (not to biases, norms, or position logits).
 
   Args:
-    optim: config.optim (lr, warmup_steps, schedule, end_lr, weight_decay, b1, b2, eps, grad_clip).
+    optim: config.optim (lr, warmup_steps, schedule, end_lr, weight_decay, b1, b2, eps, grad_clip,
+      head_lr_mult).
     total_steps: optimizer steps of the run (end of the decay).
 
   Returns:
@@ -104,11 +105,21 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
   else:
     raise ValueError(f"optim.schedule must be 'linear' or 'constant', got {optim.schedule!r}")
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  head_mult = float(optim.get("head_lr_mult", 1.0))
   tx = optax.chain(
       optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
       optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                  mask=decay_mask))
+                  mask=decay_mask),
+      # The freshly initialised sparse head learns at head_lr_mult x the backbone's rate.
+      optax.masked(optax.scale(head_mult), head_mask) if head_mult != 1.0 else optax.identity())
   return tx, lr
+
+
+def head_mask(params: Any) -> Any:
+  """True for parameters under a `head` node (the sparse heads), False for the backbone."""
+  def is_head(path, _):
+    return any(getattr(k, "key", getattr(k, "name", None)) == "head" for k in path)
+  return jax.tree_util.tree_map_with_path(is_head, params)
 
 
 def state_shardings(encoder: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
@@ -625,6 +636,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           res = _evaluate_state(graphdef, rest, state, tokenizer, config, workdir, done, lead)
           logger.write(done, res, prefix="eval")
       ckpt.wait()
+      if old_handler is not None:  # training is over: SIGTERM stops the process again
+        signal.signal(signal.SIGTERM, old_handler)
+        old_handler = None
 
     result["encoder"] = _save_final(graphdef, rest, state, tokenizer, workdir, lead)
     if config.train.final_eval:
