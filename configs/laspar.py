@@ -114,6 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.grad_clip = 1.0
+  c.optim.head_lr_mult = 1.0  # learning rate of the sparse head / of the backbone
 
   # ---- loop
   c.train = ml_collections.ConfigDict()
@@ -175,11 +176,14 @@ def scifact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.batch_size = 32
   c.optim.accum_steps = 1
   c.optim.lr = 5e-5  # short fine-tune: keep the pretrained backbone close to its start
+  # The fresh head needs a far larger rate: head-only training on frozen MiniLM states
+  # reached nDCG@10 0.667 after 200 steps at 1e-3 (0.604 untrained).
+  c.optim.head_lr_mult = 20.0
   c.optim.warmup_steps = 10
   c.optim.grad_clip = 1.0
-  c.train.total_steps = 100  # ~10-16 s/step on 2 shared CPU cores: ~17-27 min
+  c.train.total_steps = 80  # 16.6-20 s/step measured on 2 shared CPU cores (load 3-5): 22-27 min
   c.train.log_every = 5
-  c.train.checkpoint_every = 50
+  c.train.checkpoint_every = 40
   c.train.eval_every = 0
   c.loss.reg_warmup_steps = 50
   c.eval.collection = SCIFACT
