@@ -161,3 +161,15 @@ def test_bf16_compute_keeps_fp32_params_and_mlm_head_trains(tiny_path, shared_da
   assert np.isfinite(ms[1]["loss"]) and ms[1]["grad_norm"] > 0
   assert "decoder" not in s.params["query_tower"]["head"]  # tied to the word embeddings
   assert ms[1]["active_d"] > 0
+
+
+def test_head_learning_rate_multiplier():
+  c = laspar.get_config("runlocal")
+  c.optim.head_lr_mult, c.optim.warmup_steps, c.optim.weight_decay = 20.0, 1, 0.0
+  tx, _ = train_lib.make_optimizer(c.optim, 10)
+  params = {"query_tower": {"head": {"kernel": jnp.ones((2, 3))}, "backbone": {"w": jnp.ones((2, 3))}}}
+  st = tx.init(params)
+  g = jax.tree.map(jnp.ones_like, params)
+  for _ in range(2):
+    u, st = tx.update(g, st, params)
+  np.testing.assert_allclose(u["query_tower"]["head"]["kernel"], 20 * u["query_tower"]["backbone"]["w"], rtol=1e-6)
