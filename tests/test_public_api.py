@@ -23,3 +23,10 @@ def test_search_by_path_equals_brute_force(tmp_path):
     np.testing.assert_allclose(scores[b][:len(expect)], expect, rtol=1e-5)
     assert np.isneginf(scores[b][len(expect):]).all() and (rows[b][len(expect):] == -1).all()
     assert rows[b][0] == int(np.argmax(ref))
+
+
+def test_submodules_not_shadowed():
+  import laspar_jax.encode
+  assert callable(laspar_jax.encode.encode_sparse) and laspar_jax.encode_sparse is laspar_jax.encode.encode_sparse
+  import laspar_jax.evaluate
+  assert laspar_jax.evaluate_encoder is laspar_jax.evaluate.evaluate_encoder
