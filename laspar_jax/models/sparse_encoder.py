@@ -153,8 +153,7 @@ def build_encoder(cfg: EncoderConfig, *, weights: bool = True) -> tuple[SparseEn
     (encoder, tokenizer); the tokenizer truncates at max(query_max_len, doc_max_len).
   """
   if not weights:
-    tok = Tokenizer.from_dir(hf_weights.resolve(cfg.backbone), max_length=max(cfg.query_max_len, cfg.doc_max_len))
-    return nnx.eval_shape(lambda: _build(cfg, weights=False)), tok
+    return nnx.eval_shape(lambda: _build(cfg, weights=False)), _tokenizer(cfg)
   return _build(cfg, weights=True), _tokenizer(cfg)
 
 
