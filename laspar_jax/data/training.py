@@ -56,6 +56,17 @@ def positive_pairs(qrels: Mapping[str, Mapping[str, int]], *, min_grade: int = 1
   return sorted((q, d) for q, docs in qrels.items() for d, g in docs.items() if g >= min_grade)
 
 
+def _rows(f, path, n_cols: int, what: str):
+  """Yields (line number, whitespace-split columns) of non-blank lines; wrong widths raise."""
+  for lineno, raw in enumerate(f, 1):
+    cols = raw.decode("utf-8", errors="replace").split()
+    if not cols:
+      continue
+    if len(cols) != n_cols:
+      raise DataFormatError(path, lineno, f"{what} has {len(cols)} columns, expected {n_cols}")
+    yield lineno, cols
+
+
 def read_run(path: str | os.PathLike, *, depth: int | None = None) -> Candidates:
   """Reads a TREC run (`qid Q0 docid rank score tag`) into {qid: [docid, ...]} by score.
 
@@ -64,12 +75,7 @@ def read_run(path: str | os.PathLike, *, depth: int | None = None) -> Candidates
   """
   scored: dict[str, list[tuple[float, int, str]]] = {}
   with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, 1):
-      cols = raw.decode("utf-8", errors="replace").split()
-      if not cols:
-        continue
-      if len(cols) != 6:
-        raise DataFormatError(path, lineno, f"run line has {len(cols)} columns, expected 6")
+    for lineno, cols in _rows(f, path, 6, "run line"):
       try:
         score = float(cols[4])
       except ValueError:
@@ -150,12 +156,7 @@ def read_teacher_scores(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     return out
   out: dict[str, dict[str, float]] = {}
   with opener(path, "rb") as f:
-    for lineno, line in enumerate(f, 1):
-      cols = line.decode("utf-8", errors="replace").split()
-      if not cols:
-        continue
-      if len(cols) != 3:
-        raise DataFormatError(path, lineno, f"expected `qid pid score`, got {len(cols)} columns")
+    for lineno, cols in _rows(f, path, 3, "`qid pid score` line"):
       try:
         out.setdefault(cols[0], {})[cols[1]] = float(cols[2])
       except ValueError:
