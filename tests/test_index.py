@@ -86,6 +86,24 @@ def test_exact_search_huge_dim_and_dense_queries(tmp_path):
   assert st["flops_per_query"] > 0 and st["nonempty_dims"] <= st["n_postings"]
 
 
+def test_exact_search_across_accumulator_blocks(tmp_path):
+  """More docs than one accumulator block (2^18): block edges, chunk skipping, k=1000."""
+  from laspar_jax.index import kernels
+  rng = np.random.default_rng(2)
+  n, dim = kernels._BLOCK + 40_000, 500
+  idx = rng.integers(0, dim, (n, 4)).astype(np.int32)
+  idx[:, 0] = rng.integers(0, 3, n)  # hot dims: every query takes the blocked path
+  val = rng.random((n, 4)).astype(np.float32)
+  val[rng.random((n, 4)) < 0.2] = 0.0
+  path = build_index(_batches(idx, val, 50_000), tmp_path / "ix", dim)
+  ix = Index.load(path)
+  q_idx = np.concatenate([np.tile(np.arange(3), (4, 1)), rng.integers(3, dim, (4, 5))], axis=1)
+  q_val = rng.random(q_idx.shape).astype(np.float32) + 0.01
+  for k in (10, 1000):
+    rows, _ = _check_exact(ix, q_idx, q_val, k=k)
+    assert (rows >= kernels._BLOCK).any()  # hits beyond the first block
+
+
 def test_approx_search_recall_and_exact_rescoring(tmp_path):
   col = SyntheticCollection(SyntheticSpec(n_docs=20_000, dim=5000, doc_len=40,
                                           n_queries=50, query_len=12, seed=3))

@@ -6,7 +6,8 @@ kernel is compiled for both through `_make`.
 
 Exact search is term-at-a-time: every posting of every query dim is added
 into a float32 accumulator over docs, then a size-k heap picks the top-k
-(ties: lower row first). Touched docs are tracked when the query touches few
+(ties: lower row first); chunks whose vectorized max cannot enter the heap
+are skipped. Touched docs are tracked when the query touches few
 postings, so neither the top-k scan nor the reset costs O(N) then.
 
 Approximate search is impact-ordered with exact re-scoring: a global impact
@@ -23,6 +24,8 @@ import numpy as np
 
 # Docs per accumulator block in exact search (1 MiB of float32: fits L2).
 _BLOCK = 1 << 18
+# Docs per chunk of the top-k scan (one vectorized max decides whether to look inside).
+_CHUNK = 64
 
 
 @numba.njit(inline="always")
@@ -96,6 +99,46 @@ def _weight_overload(vals, table, p):
   return lambda vals, table, p: vals[p]
 
 
+@numba.njit(fastmath=True, inline="always")
+def _range_max(acc, lo, hi):
+  """max(0, acc[lo:hi]), vectorized (no NaNs in accumulators)."""
+  m = np.float32(0.0)
+  for r in range(lo, hi):
+    m = max(m, acc[r])
+  return m
+
+
+@numba.njit(inline="always")
+def _scan_block(acc, lo, hi, k, heap_s, heap_r, n):
+  """Offers acc[lo:hi] (> 0) to the top-k heap and zeroes it; returns the heap size.
+
+  Chunks of _CHUNK docs whose max cannot enter a full heap are skipped after
+  one vectorized max, so the per-doc branch runs on few chunks.
+  """
+  for c0 in range(lo, hi, _CHUNK):
+    c1 = min(c0 + _CHUNK, hi)
+    if n == k and _range_max(acc, c0, c1) < heap_s[0]:
+      continue
+    for r in range(c0, c1):
+      s = acc[r]
+      if s > 0.0 and (n < k or not _worse(s, r, heap_s[0], heap_r[0])):
+        n = _heap_push(heap_s, heap_r, n, k, s, r)
+  acc[lo:hi] = 0.0
+  return n
+
+
+@numba.njit(inline="always")
+def _lower_bound(rows, lo, hi, x):
+  """First p in [lo, hi) with rows[p] >= x (rows sorted there)."""
+  while lo < hi:
+    mid = (lo + hi) >> 1
+    if rows[mid] < x:
+      lo = mid + 1
+    else:
+      hi = mid
+  return lo
+
+
 @numba.njit(nogil=True, cache=True)
 def exact(offsets, rows, vals, table, q_ptr, q_dims, q_w, k, acc, touched,
           heap_s, heap_r, out_rows, out_scores):
@@ -130,7 +173,9 @@ def exact(offsets, rows, vals, table, q_ptr, q_dims, q_w, k, acc, touched,
         if s > 0.0 and (n < k or not _worse(s, r, heap_s[0], heap_r[0])):
           n = _heap_push(heap_s, heap_r, n, k, s, r)
     else:
-      # Many postings: doc blocks whose accumulator stays in L2.
+      # Many postings: doc blocks whose accumulator stays in L2; each list's
+      # slice for the block is found by binary search (lists are row-sorted),
+      # so the inner loop is a plain scatter-add.
       for t in range(a, b):
         cursor[t - a] = offsets[q_dims[t]]
       for b0 in range(0, n_docs, _BLOCK):
@@ -138,19 +183,14 @@ def exact(offsets, rows, vals, table, q_ptr, q_dims, q_w, k, acc, touched,
         for t in range(a, b):
           d = q_dims[t]
           w = q_w[t]
-          end = offsets[d + 1]
-          p = cursor[t - a]
-          while p < end and rows[p] < b1:
+          p0 = cursor[t - a]
+          p1 = _lower_bound(rows, p0, offsets[d + 1], b1)
+          for p in range(p0, p1):
             acc[rows[p]] += w * weight(vals, table, p)
-            p += 1
-          cursor[t - a] = p
-        for r in range(b0, b1):
-          s = acc[r]
-          if s > 0.0:
-            acc[r] = 0.0
-            if n < k or not _worse(s, r, heap_s[0], heap_r[0]):
-              n = _heap_push(heap_s, heap_r, n, k, s, r)
+          cursor[t - a] = p1
+        n = _scan_block(acc, b0, b1, k, heap_s, heap_r, n)
     _heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
+
 
 @numba.njit(inline="always")
 def count_at_least(offsets, ivals, table, d, thr):
