@@ -13,19 +13,18 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from laspar_jax import sparsify
+from laspar_jax import sparsify, xla_options
 from laspar_jax.data.tokenize import Tokenizer
 from laspar_jax.models.sparse_encoder import SparseEncoder
 
 
 @functools.lru_cache(maxsize=32)
-def _encode_fn(graphdef, kind: str, k: int, min_weight: float):
-  @jax.jit
+def _encode_fn(graphdef, kind: str, k: int, min_weight: float, dtype: str):
   def fn(state, ids_bl, mask_bl):
     encoder = nnx.merge(graphdef, state)
     rep_bv = encoder(ids_bl, mask_bl, kind=kind)
     return sparsify.topk(rep_bv, k, min_weight=min_weight)
-  return fn
+  return xla_options.jit(fn, dtype=dtype)
 
 
 def encode_sparse(encoder: SparseEncoder, tokenizer: Tokenizer, texts: Iterable[str], *, kind: str,
@@ -55,7 +54,7 @@ def encode_sparse(encoder: SparseEncoder, tokenizer: Tokenizer, texts: Iterable[
   prefix = cfg.query_prefix if kind == "query" else cfg.doc_prefix
   max_length = max_length or (cfg.query_max_len if kind == "query" else cfg.doc_max_len)
   graphdef, state = nnx.split(encoder)
-  fn = _encode_fn(graphdef, kind, int(k), float(min_weight))
+  fn = _encode_fn(graphdef, kind, int(k), float(min_weight), cfg.dtype)
   bar = tqdm(total=total, desc=f"encode {kind}s", unit=kind, disable=not progress)
   it = iter(texts)
   while True:

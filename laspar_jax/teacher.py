@@ -112,17 +112,18 @@ def encode_dense(loaded, texts: Sequence[str], *, batch_size: int = 64, max_leng
   Yields:
     e_bd float32 arrays, in text order.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from laspar_jax import xla_options  # pylint: disable=g-import-not-at-top
   from laspar_jax.models import bert  # pylint: disable=g-import-not-at-top
 
   graphdef, state = nnx.split(loaded.model)
 
-  @jax.jit
-  def embed(state, ids_bl, mask_bl, tt_bl):
+  def embed_fn(state, ids_bl, mask_bl, tt_bl):
     model = nnx.merge(graphdef, state)
     h_btd = model(ids_bl, mask_bl, tt_bl, deterministic=True)
     return bert.l2_normalize(bert.mean_pool(h_btd, mask_bl))
+
+  embed = xla_options.jit(embed_fn, dtype=loaded.model.dtype)
 
   for i in range(0, len(texts), batch_size):
     chunk = list(texts[i:i + batch_size])

@@ -1,0 +1,39 @@
+"""xla_options: CPU fp32 computations get the Eigen-dot options; results do not change."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from laspar_jax import xla_options
+
+
+def test_options_by_backend_and_dtype():
+  assert xla_options.compiler_options(jnp.float32, "cpu") == xla_options.CPU_FP32
+  assert xla_options.compiler_options("float32", "cpu") == xla_options.CPU_FP32
+  assert xla_options.compiler_options(jnp.bfloat16, "cpu") is None
+  assert xla_options.compiler_options(jnp.float32, "gpu") is None
+
+
+def _mlp(w1, w2, x):
+  return jnp.sum(jax.nn.gelu(x @ w1) @ w2, -1)
+
+
+def test_tuned_jit_equals_plain_jit():
+  rng = np.random.default_rng(0)
+  w1, w2, x = (rng.standard_normal(s).astype(np.float32) for s in [(64, 256), (256, 64), (96, 64)])
+  tuned = xla_options.jit(_mlp, dtype=jnp.float32)
+  assert tuned.options == xla_options.CPU_FP32
+  np.testing.assert_allclose(np.asarray(tuned(w1, w2, x)), np.asarray(jax.jit(_mlp)(w1, w2, x)),
+                             rtol=1e-5, atol=1e-4)
+  # The option reached XLA: the compiled module has no YNNPACK fusion left.
+  hlo_tuned = tuned.lower(w1, w2, x).compile().as_text()
+  assert "__ynn_fusion" not in hlo_tuned
+
+
+def test_rejected_option_falls_back_with_warning(monkeypatch):
+  monkeypatch.setattr(xla_options, "CPU_FP32", {"xla_cpu_experimental_ynn_fusion_type": "bogus"})
+  fn = xla_options.jit(lambda x: x * 2.0, dtype=jnp.float32)
+  with pytest.warns(RuntimeWarning, match="rejected"):
+    out = fn(jnp.ones(3))
+  np.testing.assert_array_equal(np.asarray(out), 2.0)
+  np.testing.assert_array_equal(np.asarray(fn(jnp.ones(3))), 2.0)  # plain jit from now on
