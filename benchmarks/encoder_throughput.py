@@ -62,7 +62,7 @@ def main() -> None:
     def fwd(state, ids, mask):
       return nnx.merge(graphdef, state)(ids, mask)
 
-    variants = [("", xla_options.jit(fwd, dtype=dtype))]
+    variants = [("", xla_options.jit(fwd))]
     if args.xla_defaults:
       variants.append((" xla-dflt", jax.jit(fwd)))
     for length in args.lengths:

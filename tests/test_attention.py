@@ -30,7 +30,9 @@ def _inputs(scale, seed=0, b=3, t=7, h=2, d=8):
 
 @pytest.mark.parametrize("offset", ["max", "bound"])
 @pytest.mark.parametrize("scale", [1.0, 12.0])  # 12: the bound is > 46 above the max -> fallback
-def test_matches_reference(offset, scale):
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])  # weight sum in the value product, or reduced
+def test_matches_reference(offset, scale, backend, monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   q, k, v, mask = _inputs(scale)
   out = jax.jit(lambda *a: dot_product_attention(*a, offset=offset))(q, k, v, mask)
   np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, mask), rtol=2e-5, atol=2e-5)

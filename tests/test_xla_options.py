@@ -7,11 +7,11 @@ import pytest
 from laspar_jax import xla_options
 
 
-def test_options_by_backend_and_dtype():
-  assert xla_options.compiler_options(jnp.float32, "cpu") == xla_options.CPU_FP32
-  assert xla_options.compiler_options("float32", "cpu") == xla_options.CPU_FP32
-  assert xla_options.compiler_options(jnp.bfloat16, "cpu") is None
-  assert xla_options.compiler_options(jnp.float32, "gpu") is None
+def test_options_by_backend():
+  assert xla_options.compiler_options("cpu") == xla_options.CPU_OPTIONS
+  assert xla_options.compiler_options() == xla_options.CPU_OPTIONS  # tests run on CPU
+  assert xla_options.compiler_options("gpu") is None
+  assert xla_options.compiler_options("tpu") is None
 
 
 def _mlp(w1, w2, x):
@@ -21,8 +21,8 @@ def _mlp(w1, w2, x):
 def test_tuned_jit_equals_plain_jit():
   rng = np.random.default_rng(0)
   w1, w2, x = (rng.standard_normal(s).astype(np.float32) for s in [(64, 256), (256, 64), (96, 64)])
-  tuned = xla_options.jit(_mlp, dtype=jnp.float32)
-  assert tuned.options == xla_options.CPU_FP32
+  tuned = xla_options.jit(_mlp)
+  assert tuned.options == xla_options.CPU_OPTIONS
   np.testing.assert_allclose(np.asarray(tuned(w1, w2, x)), np.asarray(jax.jit(_mlp)(w1, w2, x)),
                              rtol=1e-5, atol=1e-4)
   # The option reached XLA: the compiled module has no YNNPACK fusion left.
@@ -31,8 +31,8 @@ def test_tuned_jit_equals_plain_jit():
 
 
 def test_rejected_option_falls_back_with_warning(monkeypatch):
-  monkeypatch.setattr(xla_options, "CPU_FP32", {"xla_cpu_experimental_ynn_fusion_type": "bogus"})
-  fn = xla_options.jit(lambda x: x * 2.0, dtype=jnp.float32)
+  monkeypatch.setattr(xla_options, "CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "bogus"})
+  fn = xla_options.jit(lambda x: x * 2.0)
   with pytest.warns(RuntimeWarning, match="rejected"):
     out = fn(jnp.ones(3))
   np.testing.assert_array_equal(np.asarray(out), 2.0)

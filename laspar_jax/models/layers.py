@@ -106,9 +106,8 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
   """Softmax attention over keys; padding keys (mask 0) get no weight.
 
   Works in the heads-major layout [B, H, T, D] (about 2x faster on XLA:CPU
-  than contracting in [B, T, H, D]). The softmax denominator comes out of the
-  value product itself (V gets a column of ones), and the result is
-  normalized after it, so no pass over [B, H, T, S] is spent on sums.
+  than contracting in [B, T, H, D]) and normalizes after the value product
+  (divides [B, H, T, D], not [B, H, T, S]).
 
   `offset` is what is subtracted from the logits before `exp` (softmax is
   invariant to it; it only guards overflow):
@@ -126,15 +125,23 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
   q_bhtd = q_bhtd * jnp.asarray(1.0 / float(d) ** 0.5, q_bhtd.dtype)
   logits_bhts = jnp.einsum("bhtd,bhsd->bhts", q_bhtd, k_bhsd, preferred_element_type=jnp.float32)
   keep_b11s = None if mask_bs is None else (mask_bs > 0)[:, None, None, :]
-  ones_bhs1 = jnp.ones(v_bhsd.shape[:-1] + (1,), v_bhsd.dtype)
-  v1_bhsd = jnp.concatenate([v_bhsd, ones_bhs1], -1)  # last column sums the weights
+  # On CPU the value product also sums the weights (a column of ones, no extra
+  # pass); on accelerators a head size of D + 1 would break MXU/tensor-core
+  # tiling, so the sum is a fused reduction there.
+  sum_in_product = jax.default_backend() == "cpu"
+  if sum_in_product:
+    v_bhsd = jnp.concatenate([v_bhsd, jnp.ones(v_bhsd.shape[:-1] + (1,), v_bhsd.dtype)], -1)
 
   def attend(offset_bht1):
+    """[B, H, T, D + 1]: weighted values, then the weights' sum."""
     e_bhts = jnp.exp(logits_bhts - jax.lax.stop_gradient(offset_bht1))
     if keep_b11s is not None:
       e_bhts = jnp.where(keep_b11s, e_bhts, 0.0)
-    return jnp.einsum("bhts,bhsd->bhtd", e_bhts.astype(v_bhsd.dtype), v1_bhsd,
-                      preferred_element_type=jnp.float32)
+    o_bhtd = jnp.einsum("bhts,bhsd->bhtd", e_bhts.astype(v_bhsd.dtype), v_bhsd,
+                        preferred_element_type=jnp.float32)
+    if sum_in_product:
+      return o_bhtd
+    return jnp.concatenate([o_bhtd, e_bhts.sum(-1, keepdims=True)], -1)
 
   def row_max():
     masked = logits_bhts if keep_b11s is None else jnp.where(keep_b11s, logits_bhts, -jnp.inf)
