@@ -10,7 +10,7 @@ setup(
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12,<0.14",
-        "optax>=0.2.4",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "ml_collections>=1.0",
         "numpy>=1.26",

@@ -302,13 +302,13 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
       grads, ms = jax.lax.scan(body, zeros, (batch, jnp.arange(cfg.accum_steps)))
       grads = jax.tree.map(lambda g: g / cfg.accum_steps, grads)
       metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), ms)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     metrics = dict(metrics, grad_norm=grad_norm, lr=jnp.asarray(lr_schedule(state.step), jnp.float32),
-                   param_norm=optax.global_norm(state.params))
+                   param_norm=optax.tree.norm(state.params))
     new = state.replace(step=state.step + 1, params=keep(params, state.params),
                         opt_state=keep(opt_state, state.opt_state),
                         bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step))
