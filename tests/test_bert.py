@@ -180,3 +180,13 @@ def test_distilbert_names_map(tmp_path):
   b = loaded.tokenizer(["w1 w2 w3"])
   h = loaded.model(b["input_ids"], b["attention_mask"])
   assert h.shape == (1, b["input_ids"].shape[1], 32) and bool(jnp.isfinite(h).all())
+
+
+def test_gelu_erf_equals_exact_gelu():
+  from laspar_jax.models.bert import gelu_erf
+  x = jnp.linspace(-12.0, 12.0, 20001)
+  np.testing.assert_allclose(np.asarray(gelu_erf(x)), np.asarray(jax.nn.gelu(x, approximate=False)),
+                             atol=2e-6, rtol=1e-6)
+  g = jax.vmap(jax.grad(gelu_erf))(x)
+  g_ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=2e-6)

@@ -16,8 +16,18 @@ from flax import nnx
 
 from laspar_jax.models import layers
 
+def gelu_erf(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x), written with erf as BERT / PyTorch do.
+
+  Same values as `jax.nn.gelu(approximate=False)` to ~1e-6, but that one goes
+  through erfc, which XLA:CPU evaluates ~5x slower (28 vs 5.5 ms on a
+  [4096, 1536] fp32 tensor, one core): 15% of the MiniLM forward.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
+
+
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_erf,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
