@@ -26,7 +26,7 @@ setup(
         "bm25s>=0.2,<1",
     ],
     extras_require={
-        "test": ["pytest>=8", "chex>=0.1.86"],
+        "test": ["pytest>=8", "chex>=0.1.86", "pyseismic-lsr>=0.5"],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],
         "hub": ["huggingface_hub>=0.24"],

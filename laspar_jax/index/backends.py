@@ -138,7 +138,11 @@ class SeismicBackend:
                                   vals, k=k,
                                   query_cut=query_cut, heap_factor=heap_factor,
                                   num_threads=threads)
-    out = [[(int(doc), float(score)) for _, score, doc in r] for r in res]
+    # Results carry their query id; they are not necessarily in input order.
+    out: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+    for r in res:
+      for qid, score, doc in r:
+        out[int(qid)].append((int(doc), float(score)))
     return _results_to_arrays(out, k)
 
 
