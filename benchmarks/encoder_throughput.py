@@ -9,7 +9,8 @@ transformers are installed (e.g. `pip install torch==2.13.0 transformers`),
 otherwise only JAX numbers print. JAX runs through `laspar_jax.xla_options.jit`
 (the tuned XLA:CPU options); `--xla_defaults` adds rows with XLA's defaults.
 Inputs are real SciFact abstracts truncated/padded to the length, all tokens
-real. Each figure is the best of `--repeats` timed calls after a warm-up.
+real. Implementations are timed in interleaved rounds (one call each per
+round, after a warm-up); each figure is the best round.
 """
 from __future__ import annotations
 
@@ -32,14 +33,20 @@ def _texts(data_dir: str, n: int) -> list[str]:
     return [(lambda d: d["title"] + " " + d["text"])(json.loads(line)) for _, line in zip(range(n), f)]
 
 
-def _time(fn, repeats: int) -> float:
-  """Best wall time of `repeats` calls after one warm-up (compile) call."""
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
+def _interleaved_best(fns: dict[str, callable], rounds: int) -> dict[str, float]:
+  """Best wall time per callable over `rounds` rounds, each calling every one once.
+
+  Interleaving exposes every implementation to the same drift of a shared
+  machine (clock, neighbours), so the ratios stay fair when the level moves.
+  """
+  for fn in fns.values():
+    fn()  # warm-up / compile
+  best = {name: float("inf") for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      best[name] = min(best[name], time.perf_counter() - t)
   return best
 
 
@@ -49,17 +56,17 @@ def main() -> None:
   ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data/scifact"))
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the best of each counts")
   ap.add_argument("--xla_defaults", action="store_true", help="also time with XLA's default options")
   args = ap.parse_args()
 
   texts = _texts(args.data, args.batch)
-  rows = []
+  fns: dict[tuple[str, int], callable] = {}
   for dtype_name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
     loaded = hf_weights.load(args.model, dtype=dtype, max_length=max(args.lengths))
     graphdef, state = nnx.split(loaded.model)
 
-    def fwd(state, ids, mask):
+    def fwd(state, ids, mask, graphdef=graphdef):
       return nnx.merge(graphdef, state)(ids, mask)
 
     variants = [("", xla_options.jit(fwd))]
@@ -68,31 +75,40 @@ def main() -> None:
     for length in args.lengths:
       b = loaded.tokenizer(texts, max_length=length)
       ids = np.pad(b["input_ids"], ((0, 0), (0, length - b["input_ids"].shape[1])), constant_values=1012)
-      mask = np.ones_like(ids)
-      ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+      ids, mask = jnp.asarray(ids), jnp.asarray(np.ones_like(ids))
       for tag, fn in variants:
-        sec = _time(lambda: fn(state, ids, mask).block_until_ready(), args.repeats)
-        rows.append((f"jax {dtype_name}{tag}", length, args.batch / sec))
+        fns[(f"jax {dtype_name}{tag}", length)] = (
+            lambda fn=fn, state=state, ids=ids, mask=mask: fn(state, ids, mask).block_until_ready())
 
   try:
+    import copy
+
     import torch
     from transformers import AutoModel
     torch.set_num_threads(os.cpu_count() or 1)
     tm = AutoModel.from_pretrained(hf_weights.resolve(args.model)).eval()
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-      tm = tm.to(dtype)
+      m = copy.deepcopy(tm).to(dtype)
       for length in args.lengths:
         ids_t = torch.full((args.batch, length), 1012, dtype=torch.long)
         ids_t[:, 0] = 101
-        with torch.inference_mode():
-          sec = _time(lambda: tm(input_ids=ids_t, attention_mask=torch.ones_like(ids_t)), args.repeats)
-        rows.append((f"torch {dtype_name}", length, args.batch / sec))
+
+        def run(m=m, ids_t=ids_t):
+          with torch.inference_mode():
+            m(input_ids=ids_t, attention_mask=torch.ones_like(ids_t))
+        fns[(f"torch {dtype_name}", length)] = run
   except ImportError as e:
     print(f"(PyTorch reference unavailable: {e})")
 
+  rows = []
+  for length in args.lengths:  # one interleaved contest per length
+    group = {name: fn for (name, n), fn in fns.items() if n == length}
+    for name, sec in _interleaved_best(group, args.repeats).items():
+      rows.append((name, length, args.batch / sec))
+
   ref = {(name.split()[1], length): r for name, length, r in rows if name.startswith("torch")}
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  cpus: {os.cpu_count()}  "
-        f"batch {args.batch}  best of {args.repeats}")
+        f"batch {args.batch}  best of {args.repeats} interleaved rounds")
   print(f"{'impl':<20}{'length':>8}{'seq/s':>10}{'vs torch fp32':>15}{'vs torch same dtype':>21}")
   for name, length, r in rows:
     fp32 = ref.get(("fp32", length))
