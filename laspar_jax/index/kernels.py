@@ -121,7 +121,7 @@ def _scan_block(acc, lo, hi, k, heap_s, heap_r, n):
       continue
     for r in range(c0, c1):
       s = acc[r]
-      if s > 0.0 and (n < k or not _worse(s, r, heap_s[0], heap_r[0])):
+      if s > 0.0:  # _heap_push keeps it only if it beats the heap's worst
         n = _heap_push(heap_s, heap_r, n, k, s, r)
   acc[lo:hi] = 0.0
   return n
@@ -170,7 +170,7 @@ def exact(offsets, rows, vals, table, q_ptr, q_dims, q_w, k, acc, touched,
         r = touched[i]
         s = acc[r]
         acc[r] = 0.0
-        if s > 0.0 and (n < k or not _worse(s, r, heap_s[0], heap_r[0])):
+        if s > 0.0:  # _heap_push keeps it only if it beats the heap's worst
           n = _heap_push(heap_s, heap_r, n, k, s, r)
     else:
       # Many postings: doc blocks whose accumulator stays in L2; each list's
@@ -263,7 +263,7 @@ def approx(offsets, irows, ivals, fwd_offsets, fwd_dims, fvals, table, q_ptr, q_
       r = touched[i]
       s = acc[r]
       acc[r] = 0.0
-      if s > 0.0 and (n < kc or not _worse(s, r, heap_s[0], heap_r[0])):
+      if s > 0.0:  # _heap_push keeps it only if it beats the heap's worst
         n = _heap_push(heap_s, heap_r, n, kc, s, r)
     nc = n
     _heap_drain(heap_s, heap_r, n, cand_s, cand_r)
@@ -307,7 +307,7 @@ def approx(offsets, irows, ivals, fwd_offsets, fwd_dims, fvals, table, q_ptr, q_
         if v != 0.0:
           s += q_w[t] * v
           part[t - a] = 0.0
-      if s > 0.0 and (n < k or not _worse(s, r, heap_s[0], heap_r[0])):
+      if s > 0.0:  # _heap_push keeps it only if it beats the heap's worst
         n = _heap_push(heap_s, heap_r, n, k, s, r)
     for t in range(a, b):
       qbits[q_dims[t] >> 6] = np.uint64(0)
