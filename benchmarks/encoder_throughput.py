@@ -69,7 +69,7 @@ def main() -> None:
     def fwd(state, ids, mask, graphdef=graphdef):
       return nnx.merge(graphdef, state)(ids, mask)
 
-    variants = [("", xla_options.jit(fwd))]
+    variants = [("", xla_options.jit(fwd, compute_dtype=dtype))]
     if args.xla_defaults:
       variants.append((" xla-dflt", jax.jit(fwd)))
     for length in args.lengths:

@@ -19,12 +19,12 @@ from laspar_jax.models.sparse_encoder import SparseEncoder
 
 
 @functools.lru_cache(maxsize=32)
-def _encode_fn(graphdef, kind: str, k: int, min_weight: float):
+def _encode_fn(graphdef, kind: str, k: int, min_weight: float, compute_dtype: str):
   def fn(state, ids_bl, mask_bl):
     encoder = nnx.merge(graphdef, state)
     rep_bv = encoder(ids_bl, mask_bl, kind=kind)
     return sparsify.topk(rep_bv, k, min_weight=min_weight)
-  return xla_options.jit(fn)
+  return xla_options.jit(fn, compute_dtype=compute_dtype)
 
 
 def encode_sparse(encoder: SparseEncoder, tokenizer: Tokenizer, texts: Iterable[str], *, kind: str,
@@ -54,7 +54,7 @@ def encode_sparse(encoder: SparseEncoder, tokenizer: Tokenizer, texts: Iterable[
   prefix = cfg.query_prefix if kind == "query" else cfg.doc_prefix
   max_length = max_length or (cfg.query_max_len if kind == "query" else cfg.doc_max_len)
   graphdef, state = nnx.split(encoder)
-  fn = _encode_fn(graphdef, kind, int(k), float(min_weight))
+  fn = _encode_fn(graphdef, kind, int(k), float(min_weight), cfg.dtype)
   bar = tqdm(total=total, desc=f"encode {kind}s", unit=kind, disable=not progress)
   it = iter(texts)
   while True:

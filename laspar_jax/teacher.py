@@ -123,7 +123,7 @@ def encode_dense(loaded, texts: Sequence[str], *, batch_size: int = 64, max_leng
     h_btd = model(ids_bl, mask_bl, tt_bl, deterministic=True)
     return bert.l2_normalize(bert.mean_pool(h_btd, mask_bl))
 
-  embed = xla_options.jit(embed_fn)
+  embed = xla_options.jit(embed_fn, compute_dtype=loaded.model.dtype)
 
   for i in range(0, len(texts), batch_size):
     chunk = list(texts[i:i + batch_size])

@@ -1,16 +1,24 @@
 """Per-computation XLA compiler options (XLA:CPU library choices).
 
 XLA:CPU (jaxlib 0.10) hands dots, reductions and elementwise ops to YNNPACK
-by default. For transformer encoders that is slower than its Eigen dots: on
-one core of this machine an [8192 x 384] x [384 x 1536] fp32 dot runs at
-~106 GFLOP/s in Eigen and ~71 in YNNPACK, and the MiniLM forward (batch 32)
-gains 1.3-1.5x in fp32 and up to 1.3x in bf16 (`benchmarks/
-encoder_throughput.py --xla_defaults`). Forward+backward is unchanged, so
-the train step keeps XLA's defaults.
+by default. What serves a transformer encoder depends on the compute dtype:
 
-`jit(fn)` is `jax.jit` with those options on the CPU backend and plain
-`jax.jit` elsewhere. An XLA that no longer knows an option makes the first
-call fall back to plain `jax.jit` with a warning, never an error.
+  fp32: Eigen dots, no YNNPACK. On one core an [8192 x 384] x [384 x 1536]
+        fp32 dot runs at ~106 GFLOP/s in Eigen and ~71 in YNNPACK; the
+        MiniLM forward (batch 32) gains 1.3-1.5x.
+  bf16: YNNPACK for individual dots only. A bf16 x bf16 -> fp32 dot
+        (`preferred_element_type=float32`, as `layers.Dense` and the
+        attention products write it) runs on AMX / AVX512-BF16 there at
+        ~800-950 GFLOP/s on this machine's CPU, ~5x Eigen; a bf16-output dot is
+        upcast to fp32 first and gains nothing. The MiniLM forward gains ~2x.
+
+`benchmarks/encoder_throughput.py --xla_defaults` measures both against XLA's
+defaults. Forward+backward is unchanged, so the train step keeps the defaults.
+
+`jit(fn, compute_dtype=...)` is `jax.jit` with those options on the CPU
+backend and plain `jax.jit` elsewhere. An XLA that no longer knows an option
+makes the first call fall back to plain `jax.jit` with a warning, never an
+error.
 """
 from __future__ import annotations
 
@@ -19,15 +27,21 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 # Empty list: no YNNPACK library fusions (dots and reductions go to Eigen / XLA codegen).
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# YNNPACK for individual dots only (its AMX / AVX512-BF16 kernels); the rest is XLA codegen.
+CPU_BF16_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
-  """Options for an inference computation on `backend` (None: XLA defaults)."""
+def compiler_options(backend: str | None = None,
+                     compute_dtype: Any = jnp.float32) -> dict[str, Any] | None:
+  """Options for an inference computation in `compute_dtype` on `backend` (None: XLA defaults)."""
   backend = backend or jax.default_backend()
-  return dict(CPU_OPTIONS) if backend == "cpu" else None
+  if backend != "cpu":
+    return None
+  return dict(CPU_BF16_OPTIONS if jnp.dtype(compute_dtype) == jnp.bfloat16 else CPU_OPTIONS)
 
 
 class _Jitted:
@@ -55,6 +69,6 @@ class _Jitted:
     return (self._tuned or self._plain).lower(*args, **kwargs)
 
 
-def jit(fn: Callable, **jit_kwargs) -> Callable:
-  """`jax.jit(fn, **jit_kwargs)` with `compiler_options()` on CPU."""
-  return _Jitted(fn, compiler_options(), jit_kwargs)
+def jit(fn: Callable, *, compute_dtype: Any = jnp.float32, **jit_kwargs) -> Callable:
+  """`jax.jit(fn, **jit_kwargs)` with `compiler_options(compute_dtype=...)` on CPU."""
+  return _Jitted(fn, compiler_options(compute_dtype=compute_dtype), jit_kwargs)

@@ -1,4 +1,4 @@
-"""xla_options: CPU fp32 computations get the Eigen-dot options; results do not change."""
+"""xla_options: CPU fp32 computations get Eigen dots, bf16 ones YNNPACK dots; results do not change."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +12,10 @@ def test_options_by_backend():
   assert xla_options.compiler_options() == xla_options.CPU_OPTIONS  # tests run on CPU
   assert xla_options.compiler_options("gpu") is None
   assert xla_options.compiler_options("tpu") is None
+  assert xla_options.compiler_options("cpu", jnp.bfloat16) == xla_options.CPU_BF16_OPTIONS
+  assert xla_options.compiler_options("cpu", "bfloat16") == xla_options.CPU_BF16_OPTIONS
+  assert xla_options.compiler_options("cpu", "float32") == xla_options.CPU_OPTIONS
+  assert xla_options.compiler_options("gpu", jnp.bfloat16) is None
 
 
 def _mlp(w1, w2, x):
@@ -37,3 +41,20 @@ def test_rejected_option_falls_back_with_warning(monkeypatch):
     out = fn(jnp.ones(3))
   np.testing.assert_array_equal(np.asarray(out), 2.0)
   np.testing.assert_array_equal(np.asarray(fn(jnp.ones(3))), 2.0)  # plain jit from now on
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
+def test_bf16_dense_stays_bf16_in_a_library_dot():
+  """The bf16 Dense product reaches YNNPACK with bf16 operands (not upcast to an fp32 dot)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from laspar_jax.models.layers import Dense  # pylint: disable=g-import-not-at-top
+  layer = Dense(64, 96, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((128, 64)), jnp.bfloat16)
+  fn = xla_options.jit(lambda x: layer(x), compute_dtype=jnp.bfloat16)
+  hlo = fn.lower(x).compile().as_text()
+  assert "__ynn_fusion" in hlo
+  assert "f32[128,64]" not in hlo  # x is never upcast for an fp32 dot...
+  fp32_opts = xla_options.jit(lambda x: layer(x)).lower(x).compile().as_text()
+  assert "f32[128,64]" in fp32_opts  # ...as it is with the fp32 (Eigen) options
+  ref = np.asarray(x, np.float32) @ np.asarray(layer.kernel[...].astype(jnp.bfloat16), np.float32)
+  np.testing.assert_allclose(np.asarray(fn(x), np.float32), ref, rtol=2e-2, atol=2e-2)

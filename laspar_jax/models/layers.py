@@ -57,10 +57,15 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    # Inputs in the compute dtype, products accumulated and biased in fp32,
+    # output cast back: bf16 x bf16 -> fp32 is the form XLA:CPU hands to
+    # YNNPACK's AMX / AVX512-BF16 kernels (a bf16-output dot is upcast to an
+    # fp32 dot instead), and what GPUs and TPUs accumulate in anyway.
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                preferred_element_type=jnp.float32)
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+      y = y + self.bias[...]
+    return y.astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -101,6 +106,9 @@ def dropout(x: jax.Array, rate: float, *, deterministic: bool,
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+_BOUND_SLACK = 60.0  # e^60 ~ 1.1e26: headroom below the fp32 / bf16 max (3.4e38)
+
+
 def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
                           mask_bs: jax.Array | None, *, offset: str = "bound") -> jax.Array:
   """Softmax attention over keys; padding keys (mask 0) get no weight.
@@ -113,17 +121,22 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
   invariant to it; it only guards overflow):
     "max":   the row max over keys, as usual (one reduction over [B, H, T, S]).
     "bound": the Cauchy-Schwarz bound |q_t| * max_s |k_s| >= every logit of the
-             row, from [B, H, T] and [B, H, S] norms only: no reduction over
-             the largest tensor (1.5x faster attention on XLA:CPU at L = 256).
-             Exponentials never overflow; if a row's bound is so loose that its
-             sum falls below 1e-20 (a logit gap over ~46, never seen in BERT
-             models), the whole call falls back to "max" under `lax.cond`.
+             row, minus `_BOUND_SLACK` (60), from [B, H, T] and [B, H, S] norms
+             only: no reduction over the largest tensor (1.5x faster attention
+             on XLA:CPU at L = 256). Exponentials stay <= e^60 (sums of 10^4
+             keys times values of 10^8 still fit fp32 and bf16); if a row's
+             bound is so loose that its sum falls below 1e-20 (a logit gap
+             over ~106; all-MiniLM-L6-v2 peaks at 59 on SciFact, its layer 0),
+             the whole call falls back to "max" under `lax.cond`.
   Logits and exponentials are fp32.
   """
   d = q_bthd.shape[-1]
-  q_bhtd, k_bhsd, v_bhsd = (x.transpose(0, 2, 1, 3) for x in (q_bthd, k_bshd, v_bshd))
+  q_bhtd, v_bhsd = (x.transpose(0, 2, 1, 3) for x in (q_bthd, v_bshd))
+  # Keys go [B, H, D, S] so both products contract a row-major right operand:
+  # the form XLA:CPU's YNNPACK dots accept (they reject a transposed one).
+  k_bhds = k_bshd.transpose(0, 2, 3, 1)
   q_bhtd = q_bhtd * jnp.asarray(1.0 / float(d) ** 0.5, q_bhtd.dtype)
-  logits_bhts = jnp.einsum("bhtd,bhsd->bhts", q_bhtd, k_bhsd, preferred_element_type=jnp.float32)
+  logits_bhts = jnp.einsum("bhtd,bhds->bhts", q_bhtd, k_bhds, preferred_element_type=jnp.float32)
   keep_b11s = None if mask_bs is None else (mask_bs > 0)[:, None, None, :]
   # On CPU the value product also sums the weights (a column of ones, no extra
   # pass); on accelerators a head size of D + 1 would break MXU/tensor-core
@@ -150,10 +163,10 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
   if offset == "max":
     o_bhtd = row_max()
   elif offset == "bound":
-    q32_bhtd, k32_bhsd = q_bhtd.astype(jnp.float32), k_bhsd.astype(jnp.float32)
-    k_norm_bh11 = jnp.sqrt(jnp.max(jnp.sum(k32_bhsd * k32_bhsd, -1), -1))[..., None, None]
+    q32_bhtd, k32_bhds = q_bhtd.astype(jnp.float32), k_bhds.astype(jnp.float32)
+    k_norm_bh11 = jnp.sqrt(jnp.max(jnp.sum(k32_bhds * k32_bhds, -2), -1))[..., None, None]
     bound_bht1 = jnp.sqrt(jnp.sum(q32_bhtd * q32_bhtd, -1, keepdims=True)) * k_norm_bh11
-    o_bhtd = attend(bound_bht1)
+    o_bhtd = attend(bound_bht1 - _BOUND_SLACK)
     if keep_b11s is None:
       ok = jnp.all(o_bhtd[..., -1] >= 1e-20)
     else:  # rows of all-padding sequences sum to 0 with any offset
@@ -161,5 +174,10 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
     o_bhtd = jax.lax.cond(ok, lambda: o_bhtd, row_max)
   else:
     raise ValueError(f"offset must be 'max' or 'bound', got {offset!r}")
-  out_bhtd = o_bhtd[..., :-1] / jnp.maximum(o_bhtd[..., -1:], 1e-30)
+  # Divide by the sum s through a constant 1/s (no gradient): d(o/s)/ds is
+  # -o/s^2, and s^2 leaves the fp32 range for s up to S * e^60 or down to
+  # 1e-20; (o r) / (s r) has the same value and keeps every factor in range.
+  sum_bht1 = jnp.maximum(o_bhtd[..., -1:], 1e-30)
+  r_bht1 = jax.lax.stop_gradient(1.0 / sum_bht1)
+  out_bhtd = (o_bhtd[..., :-1] * r_bht1) / (sum_bht1 * r_bht1)
   return out_bhtd.astype(v_bshd.dtype).transpose(0, 2, 1, 3)
