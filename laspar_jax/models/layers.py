@@ -123,8 +123,9 @@ def dot_product_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Arra
     "max":   the row max over keys, as usual (one reduction over [B, H, T, S]).
     "bound": the Cauchy-Schwarz bound |q_t| * max_s |k_s| >= every logit of the
              row, minus `_BOUND_SLACK` (60), from [B, H, T] and [B, H, S] norms
-             only: no reduction over the largest tensor (1.5x faster attention
-             on XLA:CPU at L = 256). Exponentials stay <= e^60 (sums of 10^4
+             only: no reduction over the largest tensor. Against "max" on
+             XLA:CPU (batch 32, 12 heads, interleaved): fp32 0.95x at L = 128,
+             1.08x at L = 256; bf16 1.16x at L = 128. Exponentials stay <= e^60 (sums of 10^4
              keys times values of 10^8 still fit fp32 and bf16); if a row's
              bound is so loose that its sum falls below 1e-25 (a logit gap
              over ~117), the whole call falls back to "max" under `lax.cond`.
