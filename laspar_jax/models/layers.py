@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from laspar_jax import mesh as mesh_lib
+
 Axes = tuple[str | None, ...]
 
 
@@ -26,13 +28,7 @@ def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
   return nnx.Param(value, eager_sharding=False, out_sharding=axes)
 
 
-def logical_axes(var: nnx.Variable) -> Axes | None:
-  """Logical axis names of a variable (across flax metadata spellings)."""
-  meta = var.get_metadata()
-  for key in ("out_sharding", "sharding_names", "sharding"):
-    if meta.get(key) is not None:
-      return tuple(meta[key])
-  return None
+logical_axes = mesh_lib.logical_axes  # re-exported: parameters' logical names
 
 
 def normal_init(key: jax.Array, shape: Sequence[int], std: float,
