@@ -13,6 +13,8 @@ setup(
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "etils[epath]>=1.7",
         "numpy>=1.26",
         "scipy>=1.11",
         "safetensors>=0.4",

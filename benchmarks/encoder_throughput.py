@@ -2,11 +2,12 @@
 
   python benchmarks/encoder_throughput.py                 # all-MiniLM-L6-v2, batch 32, L=128,256
   python benchmarks/encoder_throughput.py --repeats 5 --lengths 128
+  python benchmarks/encoder_throughput.py --attention cpu xla  # both attention implementations
 
 PyTorch (transformers BertModel, CPU, inference_mode, fp32 and bf16) is the
 reference; it is not a dependency of laspar_jax: run this where torch +
 transformers are installed (e.g. `pip install torch==2.13.0 transformers`),
-otherwise only JAX numbers print. JAX runs through `laspar_jax.xla_options.jit`
+otherwise only JAX numbers print. JAX runs through `laspar_jax.platform.jit`
 (the tuned XLA:CPU options); `--xla_defaults` adds rows with XLA's defaults.
 Inputs are real SciFact abstracts truncated/padded to the length, all tokens
 real. Implementations are timed in interleaved rounds (one call each per
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from laspar_jax import xla_options
+from laspar_jax import platform
 from laspar_jax.models import hf_weights
 
 
@@ -58,20 +59,24 @@ def main() -> None:
   ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
   ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the best of each counts")
   ap.add_argument("--xla_defaults", action="store_true", help="also time with XLA's default options")
+  ap.add_argument("--attention", nargs="+", default=["auto"],
+                  help="attention implementations to time (auto, cpu, xla)")
   args = ap.parse_args()
 
   texts = _texts(args.data, args.batch)
   fns: dict[tuple[str, int], callable] = {}
-  for dtype_name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-    loaded = hf_weights.load(args.model, dtype=dtype, max_length=max(args.lengths))
+  for (dtype_name, dtype), impl in ((d, a) for d in (("fp32", jnp.float32), ("bf16", jnp.bfloat16))
+                                    for a in args.attention):
+    loaded = hf_weights.load(args.model, dtype=dtype, max_length=max(args.lengths), attention_impl=impl)
     graphdef, state = nnx.split(loaded.model)
 
     def fwd(state, ids, mask, graphdef=graphdef):
       return nnx.merge(graphdef, state)(ids, mask)
 
-    variants = [("", xla_options.jit(fwd, compute_dtype=dtype))]
+    attn = "" if args.attention == ["auto"] else f" attn={impl}"
+    variants = [(attn, platform.jit(fwd, compute_dtype=dtype))]
     if args.xla_defaults:
-      variants.append((" xla-dflt", jax.jit(fwd)))
+      variants.append((f"{attn} xla-dflt", jax.jit(fwd)))
     for length in args.lengths:
       b = loaded.tokenizer(texts, max_length=length)
       ids = np.pad(b["input_ids"], ((0, 0), (0, length - b["input_ids"].shape[1])), constant_values=1012)

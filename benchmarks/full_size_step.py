@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "configs"))
 import laspar  # noqa: E402
 
-from laspar_jax import mesh as mesh_lib, train_lib  # noqa: E402
+from laspar_jax import mesh as mesh_lib, optim, train_lib, train_state, train_step  # noqa: E402
 from laspar_jax.models import hf_weights, sparse_encoder  # noqa: E402
 
 # microsoft/MiniLM-L12-H384-uncased (the paper's backbone; written here so no download is needed
@@ -60,7 +60,7 @@ def abstract_batch(c, mesh, E=384):
   for k, s in shapes.items():
     s = ((A,) if A > 1 else ()) + s
     dt = jnp.float32 if k.startswith("teacher") else jnp.int32
-    out[k] = jax.ShapeDtypeStruct(s, dt, sharding=train_lib.batch_sharding(mesh, len(s), A > 1))
+    out[k] = jax.ShapeDtypeStruct(s, dt, sharding=mesh_lib.batch_sharding(mesh, len(s), A > 1))
   return out
 
 
@@ -74,22 +74,22 @@ def main():
   c = laspar.get_config(f"D={args.D}")
   c.model.backbone = backbone_dir()
   c.model.dtype = args.dtype
-  tx, lr = train_lib.make_optimizer(c.optim, c.train.total_steps)
-  cfg = train_lib.StepConfig
+  cfg = train_step.StepConfig
   for spec in args.mesh or ["1x%d" % jax.device_count()]:
     data, model = map(int, spec.split("x"))
     mesh = mesh_lib.make_mesh(data, model, devices=jax.devices()[:data * model])
-    enc, _ = sparse_encoder.build_encoder(train_lib._encoder_config(c), weights=False)  # pylint: disable=protected-access
-    g, rest, state, sh = train_lib.abstract_train_state(enc, tx, mesh)
+    enc, _ = sparse_encoder.build_encoder(train_lib.encoder_config(c), weights=False)
+    tx, lr = optim.make_optimizer(c.optim, c.train.total_steps, train_state.encoder_params(enc))
+    g, rest, state, sh = train_state.abstract_train_state(enc, tx, mesh, rules=mesh_lib.rules_from_config(c))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    step = train_lib.make_train_step(g, rest, tx, lr, cfg.from_config(c, mesh), sh, mesh)
+    step = train_step.make_train_step(g, rest, tx, lr, cfg.from_config(c, mesh), sh, mesh)
     t0 = time.time()
     lowered = step.lower(state, abstract_batch(c, mesh))
     compiled = lowered.compile()
     t_compile = time.time() - t0
     ma = compiled.memory_analysis()
     gib = lambda b: b / 2 ** 30
-    kernel = state.params["query_tower"]["head"]["kernel"]
+    kernel = state.params["query_head"]["kernel"]
     shard = kernel.sharding.shard_shape(kernel.shape)
     res = {"mesh": f"data={data} x model={model}", "D": args.D, "params": n_params,
            "head_kernel_shard": list(shard), "compile_s": round(t_compile, 1),
@@ -102,8 +102,8 @@ def main():
            "device": jax.devices()[0].device_kind}
     print(json.dumps(res), flush=True)
     if args.run:
-      enc, _ = sparse_encoder.build_encoder(train_lib._encoder_config(c))  # pylint: disable=protected-access
-      g, rest, live, sh = train_lib.create_train_state(enc, tx, mesh)
+      enc, _ = sparse_encoder.build_encoder(train_lib.encoder_config(c))
+      g, rest, live, sh = train_state.create_train_state(enc, tx, mesh, rules=mesh_lib.rules_from_config(c))
       rng = np.random.default_rng(0)
       batch = {k: jax.device_put(rng.integers(1, 30000, v.shape).astype(v.dtype) if "ids" in k else
                                  (np.ones(v.shape, v.dtype) if "mask" in k else

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from laspar_jax.models import heads
+
 D_MODEL = 384
 CONFIGS = (  # B, L, D, tile (None = untiled), backward
     (8, 128, 2**16, None, "remat"),
@@ -49,7 +51,6 @@ CONFIGS = (  # B, L, D, tile (None = untiled), backward
 
 
 def run_one(B: int, L: int, D: int, tile: int | None, backward: str, steps: int) -> dict:
-  from laspar_jax.models import heads
   head = heads.LatentMaxHead(D_MODEL, D, tile=tile, backward=backward, rngs=nnx.Rngs(0))
   gdef, state = nnx.split(head)
   rng = np.random.default_rng(0)

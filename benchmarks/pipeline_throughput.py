@@ -31,7 +31,8 @@ from flax import nnx
 from laspar_jax.data import training
 from laspar_jax.data.pipeline import TrainPipeline
 from laspar_jax.data.sources import load_collection
-from laspar_jax.models import bert, hf_weights
+from laspar_jax.models import hf_weights
+from laspar_jax.models.heads import pooling
 
 
 def _make_step(model):
@@ -39,9 +40,9 @@ def _make_step(model):
 
   def loss_fn(params, rest, batch):
     m = nnx.merge(graphdef, params, rest)
-    e_q = bert.mean_pool(m(batch["q_input_ids"], batch["q_attention_mask"]), batch["q_attention_mask"])
-    e_d = bert.mean_pool(m(batch["d_input_ids"], batch["d_attention_mask"]), batch["d_attention_mask"])
-    s_qd = bert.l2_normalize(e_q) @ bert.l2_normalize(e_d).T * 20.0
+    e_q = pooling.mean_pool(m(batch["q_input_ids"], batch["q_attention_mask"]), batch["q_attention_mask"])
+    e_d = pooling.mean_pool(m(batch["d_input_ids"], batch["d_attention_mask"]), batch["d_attention_mask"])
+    s_qd = pooling.l2_normalize(e_q) @ pooling.l2_normalize(e_d).T * 20.0
     return optax.softmax_cross_entropy_with_integer_labels(s_qd, jnp.arange(s_qd.shape[0])).mean()
 
   grad_fn = jax.jit(jax.value_and_grad(loss_fn))

@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from laspar_jax.index import Index, build_index  # noqa: E402
+from laspar_jax.index.backends import PisaBackend, SeismicBackend  # noqa: E402
 from laspar_jax.index.synthetic import SyntheticCollection, SyntheticSpec  # noqa: E402
 
 
@@ -83,7 +84,6 @@ def run_dim(args, dim: int) -> list[dict]:
       print(out[-1], flush=True)
   if "pisa" in args.engines:
     try:
-      from laspar_jax.index.backends import PisaBackend
       ppath = work / f"pisa_{tag}"
       t = time.time()
       if not (ppath / "pt_meta.json").exists():
@@ -107,7 +107,6 @@ def run_dim(args, dim: int) -> list[dict]:
             "(--seismic_lv tries SeismicIndexLV)", flush=True)
     else:
       try:
-        from laspar_jax.index.backends import SeismicBackend
         t = time.time()
         sei = SeismicBackend.build(col.doc_batches(20_000), large_vocab=dim > 65_536,
                                    num_threads=args.seismic_threads)

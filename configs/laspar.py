@@ -11,8 +11,9 @@ Arguments (comma-separated, `configs/laspar.py:ARG`):
   variant=latent_attention|latent_sum|latent_max|mlm   the head
   reg=flops|l1          the sparsity regularizer (queries and documents)
   equipartition=True    equipartition on documents (False: off)
-  D=4194304             latent dimensions
-  data=msmarco|scifact|PATH   training collection (BEIR/TSV dir or ir_datasets id)
+  D=4194304             latent dimensions (default: 2^22; 2^17 with scifact, 2^14 with runlocal)
+  data=msmarco|scifact|PATH   training collection (BEIR/TSV dir or ir_datasets id;
+                        default msmarco, scifact with scifact/runlocal)
   scifact               the SciFact recipe (all-MiniLM-L6-v2, D = 2^17, ~25 min on 2 CPU cores)
   runlocal              shrink everything for a laptop / CI
 
@@ -31,6 +32,12 @@ Commands (from the repository root; `--config.a.b=value` overrides any field):
   python launch/train.py --config configs/laspar.py:scifact --workdir /tmp/laspar_scifact
   python launch/train.py --config configs/laspar.py:scifact --workdir /tmp/sf3 --config.train.total_steps=3
 
+  # Index and evaluate a trained encoder with the config's collection and top-k:
+  python launch/index.py --config configs/laspar.py:scifact --encoder /tmp/laspar_scifact/encoder \
+      --index /tmp/laspar_scifact_index
+  python launch/evaluate.py --config configs/laspar.py:scifact --encoder /tmp/laspar_scifact/encoder \
+      --index /tmp/laspar_scifact_index --run /tmp/laspar_scifact.run
+
 Measured (2 shared CPU cores, load 4-5): the 3-step SciFact run takes 11 min
 wall (data + dense-teacher cache 98 s, compile + 3 steps 80 s at 16.6 s/step,
 final index + search 500 s) and scores nDCG@10 0.603 (R@100 0.890) with
@@ -40,16 +47,19 @@ from __future__ import annotations
 
 import ml_collections
 
-from laspar_jax import config_lib
+from configs import common
 
 MSMARCO = "msmarco-passage/train/judged"
-SCIFACT = "../shared/data/scifact"
+MINILM_L6 = "sentence-transformers/all-MiniLM-L6-v2"
+
+# The accepted config args and their defaults (0 / "" = not given: the recipe decides).
+ARGS = dict(variant="latent_attention", reg="flops", equipartition=True, D=0, data="",
+            scifact=False, runlocal=False)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The LASPAR training config (see the module docstring for `arg`)."""
-  a = config_lib.parse_arg(arg, variant="latent_attention", reg="flops", equipartition=True,
-                           D=2 ** 22, data="msmarco", scifact=False, runlocal=False)
+  a = common.parse_arg(arg, **ARGS)
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -57,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "microsoft/MiniLM-L12-H384-uncased"
   c.model.head = a.variant
-  c.model.latent_dim = a.D
+  c.model.latent_dim = 2 ** 22
   c.model.head_kwargs = ml_collections.ConfigDict()
   if a.variant == "latent_max":
     c.model.head_kwargs.tile = 4096
@@ -71,16 +81,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- training data
   c.data = ml_collections.ConfigDict()
-  c.data.collection = {"msmarco": MSMARCO, "scifact": SCIFACT}.get(a.data, a.data)
+  c.data.collection = MSMARCO
   c.data.split = "train"
   c.data.negatives = "none"  # "none" (in-batch only), "bm25", or a TREC run file
   c.data.n_neg = 0  # hard negatives per query in a batch
   c.data.neg_pool = 8  # negatives sampled per example (the pipeline draws n_neg per epoch)
   c.data.neg_depth = 100  # candidates considered per query
   c.data.teacher = "dense"  # "dense" (embeddings of teacher_model), "scores" (file), "none"
-  c.data.teacher_model = "sentence-transformers/all-MiniLM-L6-v2"
+  c.data.teacher_model = MINILM_L6
   c.data.teacher_scores = ""  # cross-encoder score file for teacher="scores"
   c.data.teacher_cache = ""  # default: WORKDIR/teacher
+  c.data.batching = "random"  # or "clustered": batches from balanced teacher clusters (teacher="dense")
   c.data.prefetch = 2
 
   # ---- loss (names: losses.RANKING_LOSSES, DISTILL_LOSSES, REGULARIZERS)
@@ -93,66 +104,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.distill = "dense_kl"  # "" for none; "margin_mse"/"kl" with teacher="scores"
   c.loss.distill_weight = 1.0
   c.loss.teacher_temperature = 0.05  # cosines / 0.05
-  # "name:side:lambda,...": each lambda warmed up quadratically over reg_warmup_steps.
-  regs = [f"{a.reg}:q:5e-3", f"{a.reg}:d:5e-3"]
+  # Named terms {name, side, weight}; each weight warmed up quadratically over reg_warmup_steps.
+  c.loss.regularizers = ml_collections.ConfigDict({
+      f"q_{a.reg}": common.regularizer(a.reg, "q", 5e-3),
+      f"d_{a.reg}": common.regularizer(a.reg, "d", 5e-3)})
   if a.equipartition:
-    regs.append("equipartition:d:5e-3")
-  c.loss.regularizers = ",".join(regs)
+    c.loss.regularizers.d_equipartition = common.regularizer("equipartition", "d", 5e-3)
   c.loss.reg_warmup_steps = 10_000
   c.loss.flops_per_shard = False  # FLOPS per data shard (as per-GPU PyTorch code) instead of global
 
-  # ---- optimizer
-  c.optim = ml_collections.ConfigDict()
-  c.optim.batch_size = 32  # queries per micro-batch (global)
-  c.optim.accum_steps = 8
-  c.optim.lr = 1e-4
-  c.optim.warmup_steps = 4_000
-  c.optim.schedule = "linear"  # warm-up then "linear" decay to end_lr, or "constant"
-  c.optim.end_lr = 0.0
-  c.optim.weight_decay = 0.01
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.grad_clip = 1.0
-  c.optim.head_lr_mult = 1.0  # learning rate of the sparse head / of the backbone
-
-  # ---- loop
-  c.train = ml_collections.ConfigDict()
-  c.train.total_steps = 100_000  # optimizer steps
-  c.train.log_every = 50
-  c.train.checkpoint_every = 1_000
-  c.train.keep_checkpoints = 3
-  c.train.eval_every = 10_000  # 0: only at the end
-  c.train.final_eval = True
-  c.train.dropout = True
-  c.train.rng_impl = "threefry2x32"  # dropout PRNG; "rbg" compiles and runs faster (bits depend on sharding)
-  c.train.q_topk = 128  # training-time top-k masking (0: off)
-  c.train.d_topk = 512
-  c.train.topk_mode = "gather"
-
-  # ---- evaluation (full corpus through the index)
-  c.eval = ml_collections.ConfigDict()
-  c.eval.collection = "msmarco-passage/dev/small"
-  c.eval.split = ""
-  c.eval.q_topk = 128
-  c.eval.d_topk = 512
-  c.eval.batch_size = 64
-  c.eval.measures = "nDCG@10,RR@10,R@100,R@1000"
-  c.eval.max_queries = 0  # 0: all judged queries
-  c.eval.max_docs = 0  # 0: the full corpus
-  c.eval.search_threads = 0  # 0: all cores
-
-  # ---- device mesh (sizes; -1 takes the remaining devices)
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.model = 1
+  c.optim = common.optim()
+  c.train = common.train()
+  c.eval = common.evaluation("msmarco-passage/dev/small")
+  c.mesh = common.mesh(data=-1, model=1)
+  c.sharding_rules = common.sharding_rules()
 
   if a.scifact:
     scifact(c)
   if a.runlocal:
-    config_lib.runlocal(c)
-    if "D=" in (arg or ""):  # an explicit D wins over the shrink
-      c.model.latent_dim = a.D
+    runlocal(c)
+  if a.D:  # an explicit D wins over the recipes
+    c.model.latent_dim = a.D
+  if a.data:
+    c.data.collection = {"msmarco": MSMARCO, "scifact": common.data_path("scifact")}.get(a.data, a.data)
   return c
 
 
@@ -163,14 +137,14 @@ def scifact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   documents truncated to 192 tokens. Evaluated over the full 5,183-document
   corpus on the 300 test queries.
   """
-  c.model.backbone = "sentence-transformers/all-MiniLM-L6-v2"
+  c.model.backbone = MINILM_L6
   c.model.latent_dim = 2 ** 17
   c.model.query_max_len = 64
   c.model.doc_max_len = 192
   # MiniLM's mean-pooled states have RMS 0.12 (norm 2.35): std 1 makes x U_j ~ N(0, 2.35^2),
   # comparable to the bias 3, so the representation depends on the input from the start.
   c.model.head_kwargs.kernel_std = 1.0
-  c.data.collection = SCIFACT
+  c.data.collection = common.data_path("scifact")
   c.data.negatives = "none"
   c.data.n_neg = 0
   c.optim.batch_size = 32
@@ -186,7 +160,36 @@ def scifact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 40
   c.train.eval_every = 0
   c.loss.reg_warmup_steps = 50
-  c.eval.collection = SCIFACT
+  c.eval.collection = common.data_path("scifact")
   c.eval.split = "test"
   c.eval.measures = "nDCG@10,RR@10,R@100"
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A laptop / CI-sized run: all-MiniLM-L6-v2, D = 2^14, short texts, SciFact, 10 steps."""
+  c.model.backbone = MINILM_L6
+  c.model.latent_dim = 2 ** 14
+  c.model.query_max_len = 32
+  c.model.doc_max_len = 64
+  c.model.remat = False
+  c.data.collection = common.data_path("scifact")
+  c.data.split = "train"
+  c.data.negatives = "none"
+  c.data.n_neg = 0
+  c.optim.batch_size = 8
+  c.optim.accum_steps = 1
+  c.optim.warmup_steps = 2
+  c.train.total_steps = 10
+  c.train.log_every = 2
+  c.train.checkpoint_every = 5
+  c.train.eval_every = 0
+  c.loss.reg_warmup_steps = 5
+  # Even the smoke run evaluates on the full corpus and every judged query
+  # (a corpus subset flatters); short documents keep it to a few minutes.
+  c.eval.collection = common.data_path("scifact")
+  c.eval.max_queries = 0
+  c.eval.max_docs = 0
+  c.mesh.data = -1
+  c.mesh.model = 1
   return c

@@ -17,27 +17,24 @@ Commands:
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import laspar  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common, laspar
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The SPLADE baseline config."""
+  """The SPLADE baseline config (the LASPAR config with a vocabulary head)."""
+  a = common.parse_arg(arg, **laspar.ARGS)
   c = laspar.get_config(arg)
-  runlocal = "runlocal" in (arg or "").split(",")
   c.model.head = "mlm"
   c.model.latent_dim = 0  # unused: D is the vocabulary
   c.model.head_kwargs = ml_collections.ConfigDict({"pooling": "max"})
-  if not runlocal and "scifact" not in (arg or "").split(","):
+  if not a.runlocal and not a.scifact:
     c.model.backbone = "distilbert-base-uncased"
-  reg = [r.split(":")[0] for r in c.loss.regularizers.split(",")][0]
-  c.loss.regularizers = f"{reg}:q:3e-4,{reg}:d:1e-4"
-  if not runlocal:
+  c.loss.regularizers = ml_collections.ConfigDict({
+      f"q_{a.reg}": common.regularizer(a.reg, "q", 3e-4),
+      f"d_{a.reg}": common.regularizer(a.reg, "d", 1e-4)})
+  if not a.runlocal:
     c.loss.reg_warmup_steps = 50_000
   c.train.q_topk = 0  # no training-time top-k: FLOPS makes it sparse
   c.train.d_topk = 0

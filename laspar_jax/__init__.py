@@ -1,34 +1,45 @@
 """laspar_jax: learned sparse retrieval in JAX/Flax NNX.
 
-The short public API (everything else lives in the submodules):
-  load_encoder(path_or_hub_id, **overrides) -> (encoder, tokenizer)
-  encode_sparse(encoder, tokenizer, texts, kind="query"|"doc", k=...) -> iterator of (idx_bk, val_bk)
-    (functions keep their own names: `encode` and `evaluate` are submodules)
-  build_index(encoder, tokenizer, collection, path, ...) -> index path
-  search(index_or_path, q_idx_bk, q_val_bk, k=1000, mode="exact"|"approx") -> (rows_bk, scores_bk)
-  evaluate_encoder(encoder, tokenizer, collection, index, ...) -> metrics and efficiency report
+The short public API (imported on first use; everything else lives in the
+submodules):
+
+  encoder, tokenizer = laspar_jax.load_encoder(path_or_hub_id, **overrides)
+  for idx_bk, val_bk in laspar_jax.encode_sparse(encoder, tokenizer, texts, kind="query", k=128): ...
+  path = laspar_jax.build_index(encoder, tokenizer, collection, "/tmp/index", k_doc=512)
+  rows_bk, scores_bk = laspar_jax.search(path_or_index, q_idx_bk, q_val_bk, k=1000)
+  report = laspar_jax.evaluate_encoder(encoder, tokenizer, collection, path, run_path="run.trec")
+
+The functions keep their own names: `laspar_jax.encode` and
+`laspar_jax.evaluate` are the submodules that hold them.
 """
 from __future__ import annotations
 
-import os
+import importlib
 from typing import Any
 
-import numpy as np
+# public name -> (module, attribute)
+_API = {
+    "EncoderConfig": ("laspar_jax.models.sparse_encoder", "EncoderConfig"),
+    "load_encoder": ("laspar_jax.models.sparse_encoder", "load_encoder"),
+    "save_encoder": ("laspar_jax.models.sparse_encoder", "save_encoder"),
+    "encode_sparse": ("laspar_jax.encode", "encode_sparse"),
+    "build_index": ("laspar_jax.encode", "index_collection"),
+    "Index": ("laspar_jax.index.search", "Index"),
+    "search": ("laspar_jax.index.search", "search"),
+    "evaluate_encoder": ("laspar_jax.evaluate", "evaluate_encoder"),
+}
 
-from laspar_jax.encode import encode_sparse
-from laspar_jax.evaluate import evaluate_encoder
-from laspar_jax.index import Index
-from laspar_jax.index import build_index_from_encoder as build_index
-from laspar_jax.models.sparse_encoder import EncoderConfig, load_encoder, save_encoder
-
-
-def search(index: Index | str | os.PathLike, q_idx_bk: Any, q_val_bk: Any, k: int = 1000,
-           **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-  """Top-k documents for sparse queries (an `Index` or its directory); see `Index.search`."""
-  if not isinstance(index, Index):
-    index = Index.load(index)
-  return index.search(q_idx_bk, q_val_bk, k, **kwargs)
+__all__ = sorted(_API)
 
 
-__all__ = ["EncoderConfig", "Index", "build_index", "encode_sparse", "evaluate_encoder", "load_encoder",
-           "save_encoder", "search"]
+def __getattr__(name: str) -> Any:
+  if name not in _API:
+    raise AttributeError(f"module 'laspar_jax' has no attribute {name!r}")
+  module, attr = _API[name]
+  value = getattr(importlib.import_module(module), attr)
+  globals()[name] = value  # cache: later lookups skip __getattr__
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_API))

@@ -7,7 +7,8 @@ directory and renames it when complete, so a run killed at any moment leaves
 only whole checkpoints; the last `keep` are kept.
 
 Restoring takes an abstract target (jax.ShapeDtypeStruct leaves with
-shardings), so arrays come back directly on their devices.
+shardings), so arrays come back directly on their devices. The directory may
+be local (made absolute) or gs:// (orbax writes object stores itself).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from laspar_jax import io_utils
 
 
 def abstract_like(tree: Any) -> Any:
@@ -34,18 +37,19 @@ class Checkpointer:
     directory: the checkpoint root (one sub-directory per step).
   """
 
-  def __init__(self, directory: str | os.PathLike, *, every: int, keep: int = 3,
+  def __init__(self, directory: io_utils.PathLike, *, every: int, keep: int = 3,
                async_save: bool = False):
     """Opens (or creates) a checkpoint directory.
 
     Args:
-      directory: root directory.
+      directory: root directory (local or gs://).
       every: save interval in steps (`should_save`); <= 0 saves only when forced.
       keep: checkpoints kept (older ones are deleted); <= 0 keeps all.
       async_save: write in a background thread (the arrays are copied to host
         before `save` returns).
     """
-    self.directory = os.path.abspath(os.fspath(directory))
+    directory = os.fspath(directory)
+    self.directory = os.path.abspath(directory) if io_utils.is_local(directory) else directory
     self.every = every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, create=True,

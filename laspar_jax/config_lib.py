@@ -1,4 +1,4 @@
-"""Config helpers: big_vision-style argument strings and the `runlocal` shrink.
+"""Config helpers: big_vision-style argument strings, dotted updates, plain dicts.
 
 A config file `configs/NAME.py` defines `get_config(arg=None)`; `arg` is the
 text after the colon in `--config configs/NAME.py:ARG`, a comma-separated list
@@ -8,8 +8,11 @@ of `key=value` pairs and bare flags:
 
 `parse_arg(arg, **defaults)` turns it into a ConfigDict whose values take the
 type of their defaults (bare flags are booleans set to True); unknown keys are
-errors. `--config.key=value` flags (ml_collections `config_flags`) then
-override any field of the returned config.
+errors; a default of 0 or None reads as "not given", so a config can tell an
+explicit value from its default. `--config.key=value` flags (ml_collections
+`config_flags`) then override any field of the returned config. Shared config
+sections (data root, mesh, sharding rules) live in `configs/common.py`; each
+config shrinks itself under `:runlocal`.
 """
 from __future__ import annotations
 
@@ -103,54 +106,32 @@ def update(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> m
   return config
 
 
-# Fields changed by `runlocal` (a laptop / CI-sized run of any config).
-RUNLOCAL = {
-    "model.backbone": "sentence-transformers/all-MiniLM-L6-v2",
-    "model.latent_dim": 2 ** 14,
-    "model.query_max_len": 32,
-    "model.doc_max_len": 64,
-    "model.remat": False,
-    "data.collection": "../shared/data/scifact",
-    "data.split": "train",
-    "data.negatives": "none",
-    "data.n_neg": 0,
-    "optim.batch_size": 8,
-    "optim.accum_steps": 1,
-    "optim.warmup_steps": 2,
-    "train.total_steps": 10,
-    "train.log_every": 2,
-    "train.checkpoint_every": 5,
-    "train.eval_every": 0,
-    "loss.reg_warmup_steps": 5,
-    "eval.collection": "../shared/data/scifact",
-    # Even the smoke run evaluates on the full corpus and every judged query
-    # (a corpus subset flatters); short documents keep it to a few minutes.
-    "eval.max_queries": 0,
-    "eval.max_docs": 0,
-    "mesh.data": -1,
-    "mesh.model": 1,
-}
-
-
-def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks a config for a laptop: small backbone and D, scifact, few steps (in place).
-
-  Keys of RUNLOCAL the config lacks are skipped (so a family config without
-  e.g. `model.latent_dim` still shrinks the rest).
-
-  Returns:
-    `config`.
-  """
-  for dotted, value in RUNLOCAL.items():
-    try:
-      update(config, {dotted: value})
-    except KeyError:
-      continue
-  return config
-
-
 def to_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
   """A plain nested dict (for JSON dumps and EncoderConfig)."""
   if isinstance(config, ml_collections.ConfigDict):
     config = config.to_dict()
   return {k: to_dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+
+
+def encoder_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """EncoderConfig fields of a training config: `config.model` plus `config.seed`."""
+  return {**to_dict(config.model), "seed": int(config.get("seed", 0))}
+
+
+def setting(flag_value: Any, config: ml_collections.ConfigDict | None, dotted: str, default: Any) -> Any:
+  """An explicit flag value (not None), else the config field `dotted` (if set), else `default`.
+
+  Args:
+    flag_value: the flag's value; None means the flag was not given.
+    config: the loaded config, or None.
+    dotted: the config field, e.g. "eval.d_topk".
+    default: used when neither gives a value (an empty config string counts as unset).
+  """
+  if flag_value is not None:
+    return flag_value
+  node: Any = config
+  for part in dotted.split("."):
+    if node is None or part not in node:
+      return default
+    node = node[part]
+  return default if node in ("", None) else node

@@ -1,19 +1,37 @@
-"""Effectiveness (ir-measures) and efficiency of a sparse encoder + index.
+"""THE evaluation: effectiveness (ir-measures) and efficiency of a sparse encoder + index.
 
-Runs are `dict[qid, dict[doc_id, score]]`. Measures are ir-measures strings
-("RR@10", "nDCG@10", "R@100", "R@1000", "AP", ...). Every judged query counts:
-a judged query missing from the run scores 0, and the index always holds the
-full corpus.
+Used by training (`evaluate_config`, periodic and final evaluation) and by
+`launch/evaluate.py` (`evaluate_encoder`). Runs are
+`dict[qid, dict[doc_id, score]]`; measures are ir-measures strings ("RR@10",
+"nDCG@10", "R@100", "AP", ...).
+
+Which queries count (one convention everywhere, as `trec_eval -c`): the
+evaluated queries are the collection's judged queries (those with qrels and a
+text), in sorted id order, the first `max_queries` of them when given. Each
+measure is the mean over ALL of them; a query that retrieves no document (and
+so has no line in the run file) scores 0. Qrels of queries without a text are
+not evaluated. A corpus cut to its first `max_docs` documents (runlocal
+evaluation) keeps every relevance judgement, so documents left out count as
+relevant but not retrieved.
 """
 from __future__ import annotations
 
+import itertools
+import json
 import os
-import pathlib
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import ir_measures
+import ml_collections
 import numpy as np
+
+from laspar_jax import encode as encode_lib
+from laspar_jax import io_utils
+from laspar_jax.data import formats
+from laspar_jax.data import sources
+from laspar_jax.index import Index
 
 DEFAULT_MEASURES = ("RR@10", "nDCG@10", "R@100", "R@1000")
 Run = dict[str, dict[str, float]]
@@ -27,15 +45,15 @@ def parse_measures(measures: Iterable[str | Any]) -> list[Any]:
 def evaluate_run(run: Mapping[str, Mapping[str, float]],
                  qrels: Mapping[str, Mapping[str, int]],
                  measures: Sequence[str | Any] = DEFAULT_MEASURES) -> dict[str, float]:
-  """Mean of each measure over every judged query (missing queries score 0).
+  """Mean of each measure over every query of `qrels` (a query missing from the run scores 0).
 
   Args:
     run: qid -> doc_id -> score.
-    qrels: qid -> doc_id -> relevance.
+    qrels: qid -> doc_id -> relevance (exactly the evaluated queries).
     measures: ir-measures strings or objects.
 
   Returns:
-    measure name -> mean over the queries of `qrels`.
+    measure name (str of the ir-measures object) -> mean over the queries of `qrels`.
   """
   ms = parse_measures(measures)
   per_q: dict[str, dict[str, float]] = {str(m): {} for m in ms}
@@ -47,30 +65,9 @@ def evaluate_run(run: Mapping[str, Mapping[str, float]],
   return {name: sum(vals.get(q, 0.0) for q in qrels) / n for name, vals in per_q.items()}
 
 
-def write_trec_run(run: Mapping[str, Mapping[str, float]], path: str | os.PathLike,
-                   tag: str = "laspar") -> pathlib.Path:
-  """Writes a TREC run file (qid Q0 docid rank score tag), best first per query."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "w") as f:
-    for qid in sorted(run):
-      ranked = sorted(run[qid].items(), key=lambda x: (-x[1], x[0]))
-      for rank, (doc, score) in enumerate(ranked, 1):
-        f.write(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n")
-  return path
-
-
-def read_trec_run(path: str | os.PathLike) -> Run:
-  """Reads a TREC run file into qid -> doc_id -> score."""
-  run: Run = {}
-  for sd in ir_measures.read_trec_run(str(path)):
-    run.setdefault(sd.query_id, {})[sd.doc_id] = float(sd.score)
-  return run
-
-
 def results_to_run(index: Any, qids: Sequence[str], rows_bk: np.ndarray,
                    scores_bk: np.ndarray) -> Run:
-  """Search output (doc rows, scores) -> run dict with doc id strings."""
+  """Search output (doc rows, scores) -> run dict with doc id strings (rows < 0 dropped)."""
   ids_bk = index.lookup(rows_bk)
   run: Run = {}
   for i, qid in enumerate(qids):
@@ -137,8 +134,7 @@ def efficiency_report(index: Any, q_idx_bk: np.ndarray, q_val_bk: np.ndarray, *,
 def encode_queries(encoder: Any, tokenizer: Any, queries: Mapping[str, str], *, k_query: int = 128,
                    batch_size: int = 64, max_length: int | None = None
                    ) -> tuple[list[str], np.ndarray, np.ndarray, float]:
-  """Encodes queries -> (qids, idx_bk, val_bk, seconds)."""
-  from laspar_jax import encode as encode_lib
+  """Encodes queries (in the mapping's order) -> (qids, idx_bk, val_bk, seconds)."""
   qids = list(queries)
   t = time.perf_counter()
   parts = list(encode_lib.encode_sparse(encoder, tokenizer, [queries[q] for q in qids],
@@ -164,43 +160,99 @@ def format_report(metrics: Mapping[str, float], efficiency: Mapping[str, float])
 def evaluate_encoder(encoder: Any, tokenizer: Any, collection: Any, index: Any, *,
                      k: int = 1000, k_query: int = 128,
                      measures: Sequence[str] = DEFAULT_MEASURES,
-                     run_path: str | os.PathLike | None = None, tag: str = "laspar",
+                     run_path: io_utils.PathLike | None = None, tag: str = "laspar",
                      batch_size: int = 64, threads: int | None = None,
-                     verbose: bool = True, **search_kwargs) -> dict[str, Any]:
-  """Encodes every judged query, searches the full index, scores the run.
+                     verbose: bool = True, max_queries: int | None = None,
+                     efficiency: bool = True, **search_kwargs) -> dict[str, Any]:
+  """Encodes the judged queries, searches the index, scores the run (see the module docstring).
 
   Args:
     encoder, tokenizer: the sparse encoder (see `load_encoder`).
     collection: `laspar_jax.data.sources.Collection` (queries + qrels).
-    index: an `Index` or the path of one (built over the whole corpus).
-    k: documents retrieved per query.
+    index: an `Index` or the path of one.
+    k: documents retrieved per query (at most the index's documents).
     k_query: dims kept per query.
     measures: ir-measures strings.
-    run_path: where to write the TREC run (optional).
+    run_path: where to write the TREC run (optional; local or gs://).
     tag: run tag.
     batch_size: query encoding batch size.
     threads: search threads for the run (None = all cores).
     verbose: print the report.
+    max_queries: evaluate the first `max_queries` judged queries by id (None/0: all).
+    efficiency: time the searches (`efficiency_report`; training skips it).
     **search_kwargs: passed to `index.search` (mode="approx", budget, ...).
 
   Returns:
-    {"metrics": {...}, "efficiency": {...}, "run_path": str | None, "n_queries": int}.
+    {"metrics": {measure: mean}, "efficiency": {...} (empty when not timed),
+     "run_path": str | None, "n_queries": int, "active_q": mean dims per
+     query, "active_d": mean postings per document}.
   """
-  from laspar_jax.index import Index
   if not isinstance(index, Index):
     index = Index.load(index)
-  queries = collection.judged_queries
-  if not queries:
+  judged = collection.judged_queries
+  if not judged:
     raise ValueError(f"{collection!r} has no judged queries")
-  qids, q_idx, q_val, enc_s = encode_queries(encoder, tokenizer, queries, k_query=k_query,
-                                             batch_size=batch_size)
+  qids = sorted(judged)[:max_queries or None]
+  qids, q_idx, q_val, enc_s = encode_queries(encoder, tokenizer, {q: judged[q] for q in qids},
+                                             k_query=k_query, batch_size=batch_size)
+  k = min(k, index.n_docs)
   rows, scores = index.search(q_idx, q_val, k=k, threads=threads, **search_kwargs)
   run = results_to_run(index, qids, rows, scores)
-  metrics = evaluate_run(run, collection.qrels, measures)
-  eff = efficiency_report(index, q_idx, q_val, k=k, query_encode_seconds=enc_s,
-                          **search_kwargs)
+  metrics = evaluate_run(run, {q: collection.qrels[q] for q in qids}, measures)
+  eff = (efficiency_report(index, q_idx, q_val, k=k, query_encode_seconds=enc_s, **search_kwargs)
+         if efficiency else {})
   if run_path is not None:
-    run_path = str(write_trec_run(run, run_path, tag))
+    run_path = formats.write_trec_run(run, run_path, tag)  # queries without results: no lines
   if verbose:
     print(format_report(metrics, eff))
-  return {"metrics": metrics, "efficiency": eff, "run_path": run_path, "n_queries": len(qids)}
+  return {"metrics": metrics, "efficiency": eff, "run_path": run_path, "n_queries": len(qids),
+          "active_q": float(np.mean(np.sum(q_val > 0, axis=1))) if len(qids) else 0.0,
+          "active_d": float(index.n_postings / max(index.n_docs, 1))}
+
+
+class _FirstDocs:
+  """The first `n` documents of a collection (a cut corpus for quick evaluation)."""
+
+  def __init__(self, collection: Any, n: int):
+    self._coll = collection
+    self.num_docs = min(n, collection.num_docs)
+    self.name = f"{collection.name}[:{n}]"
+
+  def docs(self) -> Iterator[sources.Doc]:
+    return itertools.islice(self._coll.docs(), self.num_docs)
+
+
+def evaluate_config(encoder: Any, tokenizer: Any, ev: ml_collections.ConfigDict,
+                    out_dir: io_utils.PathLike, *, progress: bool = True) -> dict[str, float]:
+  """Training-time evaluation from `config.eval`: index the corpus, then `evaluate_encoder`.
+
+  Writes OUT_DIR/index, OUT_DIR/run.trec and OUT_DIR/metrics.json.
+
+  Args:
+    encoder, tokenizer: the sparse encoder.
+    ev: config.eval (collection, split, q_topk, d_topk, batch_size, measures,
+      max_queries, max_docs, search_threads).
+    out_dir: where the index, the run and the metrics go (local or gs://).
+    progress: tqdm bar while indexing.
+
+  Returns:
+    {measure: value} plus active_q, active_d (mean dims per query / postings
+    per document), index_seconds and eval_seconds (both from the start of indexing).
+  """
+  coll = sources.load_collection(ev.collection, split=ev.split or None)
+  docs = _FirstDocs(coll, ev.max_docs) if ev.max_docs else coll
+  out_dir = io_utils.as_path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  t0 = time.time()
+  path = encode_lib.index_collection(encoder, tokenizer, docs, os.fspath(out_dir / "index"),
+                                     k_doc=ev.d_topk, batch_size=ev.batch_size,
+                                     dim=encoder.output_dim, progress=progress, overwrite=True)
+  t_index = time.time() - t0
+  out = evaluate_encoder(encoder, tokenizer, coll, path, k=1000, k_query=ev.q_topk,
+                         measures=ev.measures.split(","), run_path=out_dir / "run.trec",
+                         batch_size=ev.batch_size, threads=ev.search_threads or None, verbose=False,
+                         max_queries=ev.max_queries or None, efficiency=False)
+  res = dict(out["metrics"], active_q=out["active_q"], active_d=out["active_d"], index_seconds=t_index,
+             eval_seconds=time.time() - t0)
+  io_utils.write_text_atomic(out_dir / "metrics.json", json.dumps(res, indent=1))
+  return res

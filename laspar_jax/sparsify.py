@@ -4,8 +4,9 @@
 rep_bv sharded over D on a mesh axis, `sharded_topk` runs a per-shard top-k and
 then a top-k over the B x (k * n_shards) candidates; that equals the global
 top-k because every global top-k element is in its own shard's top-k.
-`quantize` / `dequantize` map non-negative weights to uint8/uint16 impacts with
-a stored scale (the form PISA and Anserini expect).
+`quantize` / `dequantize` (re-exported from `laspar_jax.index.quantize`, where
+the numpy index keeps them) map non-negative weights to uint8/uint16 impacts
+with a stored scale (the form PISA and Anserini expect).
 """
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from laspar_jax.index.quantize import dequantize, quantize, quantize_scale
+
+__all__ = ["dequantize", "quantize", "quantize_scale", "sharded_topk", "topk"]
 
 
 def _apply_threshold(idx_bk: jax.Array, val_bk: jax.Array,
@@ -92,41 +96,3 @@ def sharded_topk(rep_bv: jax.Array, k: int, mesh: Mesh, axis: str = "model", *,
     return _apply_threshold(idx_bk, val_bk, min_weight)
 
   return _run(rep_bv)
-
-
-def quantize_scale(val_max: float, bits: int) -> float:
-  """Scale such that `val_max` maps to the largest integer of `bits` bits."""
-  top = float(2 ** bits - 1)
-  return float(val_max) / top if val_max > 0 else 1.0
-
-
-def quantize(val: np.ndarray | jax.Array, bits: int = 8, scale: float | None = None
-             ) -> tuple[np.ndarray, float]:
-  """Maps non-negative weights to integer impacts: q = round(val / scale).
-
-  Positive weights never map to 0 (they are clipped to at least 1), so a
-  posting survives quantization. Values above 2**bits-1 saturate.
-
-  Args:
-    val: weights (any shape), non-negative.
-    bits: 8 (uint8) or 16 (uint16).
-    scale: weight per integer step; default max(val) / (2**bits - 1).
-
-  Returns:
-    (q, scale): q of dtype uint8/uint16, and the scale (val ~= q * scale).
-  """
-  if bits not in (8, 16):
-    raise ValueError(f"bits must be 8 or 16, got {bits}")
-  val = np.asarray(val, dtype=np.float32)
-  if scale is None:
-    scale = quantize_scale(float(val.max()) if val.size else 0.0, bits)
-  top = 2 ** bits - 1
-  q = np.rint(val / np.float32(scale))
-  q = np.where(val > 0, np.maximum(q, 1), 0)
-  q = np.clip(q, 0, top).astype(np.uint8 if bits == 8 else np.uint16)
-  return q, float(scale)
-
-
-def dequantize(q: np.ndarray, scale: float) -> np.ndarray:
-  """Inverse of `quantize`: float32 q * scale."""
-  return q.astype(np.float32) * np.float32(scale)

@@ -16,8 +16,12 @@ not loaded unless needed). A cache whose fingerprint differs in anything is
 stale: with on_stale="recompute" (default) it is rebuilt, with "error"
 `StaleCacheError` is raised; it is never used silently. A cache directory
 without a readable fingerprint, or whose arrays do not match it, counts as
-stale too. Writing goes to a temporary sibling directory renamed into place,
-so a killed run leaves either the old cache or the new one.
+stale too. Writing goes to a temporary sibling directory renamed into place
+(`io_utils.atomic_directory`), so a killed run leaves either the old cache or
+the new one. The cache is memory-mapped, so it must be a local directory.
+
+`balanced_clusters` groups training examples by their teacher query
+embedding (`data.batching = "clustered"` in `data.assemble`).
 
 Cross-encoder teacher *scores* are read by `laspar_jax.data.training.read_teacher_scores`.
 """
@@ -27,13 +31,18 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tqdm
+from flax import nnx
+
+from laspar_jax import io_utils
+from laspar_jax import platform
+from laspar_jax.data.sources import doc_text
+from laspar_jax.models import hf_weights
+from laspar_jax.models.heads import pooling
 
 FORMAT_VERSION = 1
 
@@ -112,25 +121,21 @@ def encode_dense(loaded, texts: Sequence[str], *, batch_size: int = 64, max_leng
   Yields:
     e_bd float32 arrays, in text order.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from laspar_jax import xla_options  # pylint: disable=g-import-not-at-top
-  from laspar_jax.models import bert  # pylint: disable=g-import-not-at-top
-
   graphdef, state = nnx.split(loaded.model)
 
-  def embed_fn(state, ids_bl, mask_bl, tt_bl):
+  def embed_fn(state, ids_bl, mask_bl):
     model = nnx.merge(graphdef, state)
-    h_btd = model(ids_bl, mask_bl, tt_bl, deterministic=True)
-    return bert.l2_normalize(bert.mean_pool(h_btd, mask_bl))
+    h_btd = model(ids_bl, mask_bl, deterministic=True)
+    return pooling.l2_normalize(pooling.mean_pool(h_btd, mask_bl))
 
-  embed = xla_options.jit(embed_fn, compute_dtype=loaded.model.dtype)
+  embed = platform.jit(embed_fn, compute_dtype=loaded.model.dtype)
 
   for i in range(0, len(texts), batch_size):
     chunk = list(texts[i:i + batch_size])
     n = len(chunk)
     chunk += [""] * (batch_size - n)  # one shape per bucket: pad the last batch
     tok = loaded.tokenizer(chunk, max_length=max_length, prefix=prefix)
-    e_bd = embed(state, tok["input_ids"], tok["attention_mask"], tok["token_type_ids"])
+    e_bd = embed(state, tok["input_ids"], tok["attention_mask"])
     yield np.asarray(e_bd[:n], np.float32)
 
 
@@ -176,9 +181,10 @@ def dense_embeddings(cache_dir: str | os.PathLike, model, items: Callable[[], It
   Raises:
     StaleCacheError: the cache does not match and on_stale == "error".
   """
-  from laspar_jax.models import hf_weights  # pylint: disable=g-import-not-at-top
   if on_stale not in ("recompute", "error"):
     raise ValueError(f"on_stale must be 'recompute' or 'error', got {on_stale!r}")
+  if not io_utils.is_local(cache_dir):
+    raise ValueError(f"{cache_dir}: the dense-teacher cache is memory-mapped and must be a local directory")
   get_items = items if callable(items) else (lambda: items)
   cache_dir = os.fspath(cache_dir)
   loaded = None if isinstance(model, (str, os.PathLike)) else model
@@ -203,10 +209,8 @@ def dense_embeddings(cache_dir: str | os.PathLike, model, items: Callable[[], It
   for doc_id, text in get_items():
     ids.append(doc_id)
     texts.append(text)
-  parent = os.path.dirname(os.path.abspath(cache_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(cache_dir) + ".tmp-", dir=parent)
-  try:
+  with io_utils.atomic_directory(os.path.abspath(cache_dir)) as tmp_path:
+    tmp = os.fspath(tmp_path)
     emb = None
     row = 0
     bar = tqdm.tqdm(total=count, desc=f"dense teacher -> {os.path.basename(cache_dir)}",
@@ -228,14 +232,6 @@ def dense_embeddings(cache_dir: str | os.PathLike, model, items: Callable[[], It
     np.save(os.path.join(tmp, "ids.npy"), np.array(ids, dtype=str))
     with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
       json.dump({**want, "dim": dim}, f, indent=1)
-    if os.path.exists(cache_dir):
-      old = tempfile.mkdtemp(prefix=os.path.basename(cache_dir) + ".old-", dir=parent)
-      os.replace(cache_dir, os.path.join(old, "x"))
-      shutil.rmtree(old)
-    os.replace(tmp, cache_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   out = _read_cache(cache_dir)
   assert out is not None
   return out
@@ -263,9 +259,7 @@ def teacher_embeddings(cache_root: str | os.PathLike, model, collection, example
   Returns:
     TeacherEmbeddings for TrainPipeline(teacher=...).
   """
-  from laspar_jax.data.sources import doc_text  # pylint: disable=g-import-not-at-top
   if isinstance(model, (str, os.PathLike)):
-    from laspar_jax.models import hf_weights  # pylint: disable=g-import-not-at-top
     model = hf_weights.resolve(model)
   qids = sorted({e.qid for e in examples})
   dids = sorted({d for e in examples for d in (e.pos_id, *e.neg_ids)})

@@ -9,11 +9,13 @@ exits with status 143. See configs/laspar.py for the commands of each recipe.
 import os
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from laspar_jax import train_lib  # noqa: E402  (importing it initialises no JAX backend)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, tb, encoder, eval)")
@@ -23,10 +25,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from laspar_jax import train_lib  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
   result = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(f"step {result['step']}  eval {result['eval']}  encoder {result['encoder']}", flush=True)

@@ -7,8 +7,12 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+# The repository root, so that `from configs import laspar` works under plain `pytest` too.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

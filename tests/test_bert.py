@@ -11,6 +11,7 @@ from flax import nnx
 
 from laspar_jax import mesh as mesh_lib
 from laspar_jax.models import bert, hf_weights
+from laspar_jax.models.heads import pooling
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "minilm_reference.npz"
 
@@ -28,7 +29,7 @@ def ref():
 @nnx.jit
 def _embed(model, ids, mask):
   h = model(ids, mask)
-  return h, bert.l2_normalize(bert.mean_pool(h, mask))
+  return h, pooling.l2_normalize(pooling.mean_pool(h, mask))
 
 
 def test_hub_id_resolves_offline_to_package(minilm_path):
@@ -149,9 +150,23 @@ def test_mlm_head_loaded_when_present(minilm_path, tmp_path):
   tensors["cls.predictions.bias"] = np.arange(30522, dtype=np.float32)
   tensors["cls.predictions.transform.dense.weight"] = np.eye(384, dtype=np.float32)
   save_file(tensors, dst / "model.safetensors")
-  loaded = hf_weights.load(dst)
-  assert loaded.mlm_head_params["cls.predictions.bias"][5] == 5.0
-  assert "cls.predictions.transform.dense.weight" in loaded.mlm_head_params
+  with pytest.raises(hf_weights.CheckpointError, match=r"missing tensors.*transform\.LayerNorm"):
+    hf_weights.load(dst, lm_head=True)  # a partial MLM head is an error
+  tensors["cls.predictions.transform.dense.bias"] = np.full((384,), 0.5, np.float32)
+  tensors["cls.predictions.transform.LayerNorm.gamma"] = np.full((384,), 2.0, np.float32)
+  tensors["cls.predictions.transform.LayerNorm.beta"] = np.full((384,), 3.0, np.float32)
+  tensors["cls.predictions.decoder.weight"] = np.zeros((30522, 384), np.float32)  # tied: ignored
+  save_file(tensors, dst / "model.safetensors")
+  loaded = hf_weights.load(dst, lm_head=True)
+  head = loaded.model.vocab_projection()
+  assert float(head.bias_v()[5]) == 5.0
+  np.testing.assert_array_equal(np.asarray(head.dense.kernel[...]), np.eye(384))
+  assert float(head.dense.bias[0]) == 0.5
+  assert float(head.layer_norm.scale[0]) == 2.0 and float(head.layer_norm.bias[0]) == 3.0
+  assert head.tied is loaded.model.embeddings.word_embeddings
+  np.testing.assert_array_equal(np.asarray(head.kernel_dv()),
+                                np.asarray(loaded.model.embeddings.word_embeddings.embedding[...]).T)
+  assert hf_weights.load(dst).model.lm_head is None  # not requested: cls.predictions.* ignored
 
 
 def test_distilbert_names_map(tmp_path):
@@ -183,7 +198,7 @@ def test_distilbert_names_map(tmp_path):
 
 
 def test_gelu_erf_equals_exact_gelu():
-  from laspar_jax.models.bert import gelu_erf
+  gelu_erf = bert.gelu_erf
   x = jnp.linspace(-12.0, 12.0, 20001)
   np.testing.assert_allclose(np.asarray(gelu_erf(x)), np.asarray(jax.nn.gelu(x, approximate=False)),
                              atol=2e-6, rtol=1e-6)

@@ -1,15 +1,22 @@
-"""Config args (big_vision style), the configs' defaults, runlocal, command-line overrides."""
+"""Config args (big_vision style), the configs package, runlocal/scifact recipes, command-line overrides."""
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
 
-from laspar_jax import config_lib
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from configs import common, laspar, splade  # noqa: E402
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-sys.path.insert(0, str(CONFIGS))
-import laspar  # noqa: E402
-import splade  # noqa: E402
+from laspar_jax import config_lib, mesh as mesh_lib, train_lib, train_step  # noqa: E402
+
+SCIFACT = os.path.normpath(REPO.parent / "shared" / "data" / "scifact")
+
+
+def _reg(name, side, weight):
+  return {"name": name, "side": side, "weight": weight}
 
 
 def test_parse_arg_types_flags_and_errors():
@@ -26,6 +33,7 @@ def test_parse_arg_types_flags_and_errors():
     config_lib.parse_arg("D=abc", D=4)
   with pytest.raises(ValueError, match="needs a value"):
     config_lib.parse_arg("D", D=4)
+  assert not hasattr(config_lib, "RUNLOCAL") and not hasattr(config_lib, "runlocal")
 
 
 def test_laspar_paper_defaults():
@@ -33,48 +41,100 @@ def test_laspar_paper_defaults():
   assert c.model.backbone == "microsoft/MiniLM-L12-H384-uncased"
   assert (c.model.head, c.model.latent_dim, c.model.doc_max_len) == ("latent_attention", 4_194_304, 256)
   assert (c.optim.batch_size, c.optim.accum_steps, c.optim.lr, c.optim.warmup_steps) == (32, 8, 1e-4, 4000)
-  assert c.loss.regularizers == "flops:q:5e-3,flops:d:5e-3,equipartition:d:5e-3"
+  assert (c.optim.head_lr_mult, c.optim.freeze) == (1.0, ())
+  assert c.loss.regularizers.to_dict() == {
+      "q_flops": _reg("flops", "q", 5e-3), "d_flops": _reg("flops", "d", 5e-3),
+      "d_equipartition": _reg("equipartition", "d", 5e-3)}
   assert c.loss.reg_warmup_steps == 10_000
-  assert (c.data.teacher, c.loss.distill) == ("dense", "dense_kl")
+  assert (c.data.collection, c.data.teacher, c.loss.distill) == ("msmarco-passage/train/judged", "dense", "dense_kl")
   assert (c.train.q_topk, c.train.d_topk, c.eval.q_topk, c.eval.d_topk) == (128, 512, 128, 512)
+  assert (c.train.total_steps, c.eval.collection) == (100_000, "msmarco-passage/dev/small")
+  assert "topk_mode" not in c.train
+  assert (c.mesh.data, c.mesh.model, c.data.batching) == (-1, 1, "random")
+  assert mesh_lib.rules_from_config(c) == mesh_lib.DEFAULT_RULES
 
 
-def test_variants_runlocal_and_scifact():
-  c = laspar.get_config("variant=latent_max,reg=l1,equipartition=False,D=65536")
-  assert (c.model.head, c.model.latent_dim, c.loss.regularizers) == ("latent_max", 65536, "l1:q:5e-3,l1:d:5e-3")
+def test_runlocal_key_values():
   r = laspar.get_config("runlocal")
   assert r.model.backbone == "sentence-transformers/all-MiniLM-L6-v2"
-  assert r.model.latent_dim == 2 ** 14 and r.train.total_steps <= 20 and r.optim.accum_steps == 1
-  assert r.data.collection == "../shared/data/scifact"
-  assert laspar.get_config("runlocal,D=4096").model.latent_dim == 4096
+  assert (r.model.latent_dim, r.model.query_max_len, r.model.doc_max_len) == (2 ** 14, 32, 64)
+  assert (r.optim.batch_size, r.optim.accum_steps, r.optim.lr, r.optim.warmup_steps) == (8, 1, 1e-4, 2)
+  assert r.optim.head_lr_mult == 1.0
+  assert (r.train.total_steps, r.train.log_every, r.train.checkpoint_every, r.train.eval_every) == (10, 2, 5, 0)
+  assert r.loss.reg_warmup_steps == 5 and set(r.loss.regularizers) == {"q_flops", "d_flops", "d_equipartition"}
+  assert r.data.collection == r.eval.collection == SCIFACT
+  assert (r.data.split, r.eval.split, r.eval.max_docs, r.eval.max_queries) == ("train", "", 0, 0)
+  assert laspar.get_config("runlocal,D=4096").model.latent_dim == 4096  # an explicit D wins
+  assert laspar.get_config("runlocal,data=/x/y").data.collection == "/x/y"
+
+
+def test_scifact_key_values():
   s = laspar.get_config("scifact")
-  assert (s.model.latent_dim, s.model.head, s.eval.split, s.data.teacher) == (2 ** 17, "latent_attention", "test", "dense")
-  sp = splade.get_config("runlocal")
-  assert sp.model.head == "mlm" and sp.loss.regularizers.startswith("flops:q:")
+  assert (s.model.backbone, s.model.head) == ("sentence-transformers/all-MiniLM-L6-v2", "latent_attention")
+  assert (s.model.latent_dim, s.model.doc_max_len, s.model.head_kwargs.kernel_std) == (2 ** 17, 192, 1.0)
+  assert (s.optim.lr, s.optim.head_lr_mult, s.optim.warmup_steps, s.optim.accum_steps) == (5e-5, 20.0, 10, 1)
+  assert (s.train.total_steps, s.train.checkpoint_every, s.loss.reg_warmup_steps) == (80, 40, 50)
+  assert s.loss.regularizers.q_flops.weight == 5e-3 and s.loss.regularizers.d_equipartition.weight == 5e-3
+  assert (s.data.collection, s.eval.collection, s.eval.split) == (SCIFACT, SCIFACT, "test")
+  assert (s.eval.measures, s.data.teacher) == ("nDCG@10,RR@10,R@100", "dense")
+  both = laspar.get_config("scifact,runlocal")  # runlocal shrinks the recipe
+  assert (both.model.latent_dim, both.optim.lr, both.optim.head_lr_mult, both.train.total_steps) == (
+      2 ** 14, 5e-5, 20.0, 10)
 
 
-def test_regularizer_spec_and_config_check():
-  from laspar_jax import train_lib
-  assert train_lib.parse_regularizers("flops:q:5e-3,equipartition:d:1") == (
-      ("flops", "q", 5e-3), ("equipartition", "d", 1.0))
-  with pytest.raises(ValueError, match="bad regularizer"):
-    train_lib.parse_regularizers("flops:x:1")
+def test_variants():
+  c = laspar.get_config("variant=latent_max,reg=l1,equipartition=False,D=65536")
+  assert (c.model.head, c.model.latent_dim, c.model.head_kwargs.tile) == ("latent_max", 65536, 4096)
+  assert c.loss.regularizers.to_dict() == {"q_l1": _reg("l1", "q", 5e-3), "d_l1": _reg("l1", "d", 5e-3)}
+  assert laspar.get_config("data=scifact").data.collection == SCIFACT
+
+
+def test_splade_key_values():
+  p = splade.get_config()
+  assert (p.model.backbone, p.model.head, p.model.latent_dim) == ("distilbert-base-uncased", "mlm", 0)
+  assert p.model.head_kwargs.to_dict() == {"pooling": "max"}
+  assert p.loss.regularizers.to_dict() == {"q_flops": _reg("flops", "q", 3e-4), "d_flops": _reg("flops", "d", 1e-4)}
+  assert (p.loss.reg_warmup_steps, p.optim.lr, p.train.total_steps) == (50_000, 1e-4, 100_000)
+  assert (p.train.q_topk, p.train.d_topk, p.eval.q_topk, p.eval.d_topk) == (0, 0, 256, 1024)
+  r = splade.get_config("runlocal")
+  assert (r.model.backbone, r.model.head, r.loss.reg_warmup_steps) == ("sentence-transformers/all-MiniLM-L6-v2", "mlm", 5)
+  assert (r.optim.batch_size, r.train.total_steps, r.data.collection) == (8, 10, SCIFACT)
+  s = splade.get_config("scifact")
+  assert (s.model.backbone, s.loss.reg_warmup_steps, s.optim.head_lr_mult) == (
+      "sentence-transformers/all-MiniLM-L6-v2", 50_000, 20.0)
+  assert set(splade.get_config("reg=l1").loss.regularizers) == {"q_l1", "d_l1"}
+
+
+def test_data_root_env_override(monkeypatch):
+  monkeypatch.setenv(common.DATA_ENV, "/data/elsewhere")
+  assert laspar.get_config("runlocal").data.collection == "/data/elsewhere/scifact"
+  monkeypatch.delenv(common.DATA_ENV)
+  assert common.data_path("scifact") == SCIFACT
+
+
+def test_regularizers_and_config_check():
   c = laspar.get_config("runlocal")
+  assert train_step.regularizers_from_config(c.loss.regularizers) == (
+      ("flops", "q", 5e-3), ("flops", "d", 5e-3), ("equipartition", "d", 5e-3))
   train_lib.check_config(c)
   c.data.teacher = "none"
   with pytest.raises(ValueError, match="needs data.teacher='dense'"):
     train_lib.check_config(c)
 
 
-def test_command_line_overrides():
-  """`--config FILE:ARG --config.a.b=v` as launch/train.py parses it (absl + ml_collections)."""
-  import subprocess
-  code = ("from absl import flags; from ml_collections import config_flags; import sys\n"
+def test_command_line_overrides_from_any_directory(tmp_path):
+  """`--config FILE:ARG --config.a.b=v` as the launchers parse it, run outside the repository."""
+  code = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+          "from absl import flags; from ml_collections import config_flags\n"
           "config_flags.DEFINE_config_file('config', None, '')\n"
           "flags.FLAGS(sys.argv)\n"
           "c = flags.FLAGS.config\n"
-          "print(c.model.head, c.train.total_steps, c.model.latent_dim, repr(c.loss.distill))\n")
-  out = subprocess.run([sys.executable, "-c", code, f"--config={CONFIGS / 'laspar.py'}:runlocal,variant=latent_sum",
-                        "--config.train.total_steps=3", "--config.model.latent_dim=1024", "--config.loss.distill="],
-                       capture_output=True, text=True, check=True, cwd=CONFIGS.parent).stdout
-  assert out.split() == ["latent_sum", "3", "1024", "''"]
+          "print(c.model.head, c.train.total_steps, c.model.latent_dim, repr(c.loss.distill), c.data.collection,\n"
+          "      *c.optim.freeze)\n")
+  for name in ("laspar.py", "splade.py"):
+    out = subprocess.run([sys.executable, "-c", code, f"--config={REPO / 'configs' / name}:runlocal,variant=latent_sum",
+                          "--config.train.total_steps=3", "--config.model.latent_dim=1024", "--config.loss.distill=",
+                          "--config.optim.freeze=('backbone/.*',)"],
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    head = "latent_sum" if name == "laspar.py" else "mlm"
+    assert out.split() == [head, "3", "1024", "''", SCIFACT, "backbone/.*"]

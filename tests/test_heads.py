@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from laspar_jax import mesh as mesh_lib
-from laspar_jax.models import heads
+from laspar_jax.models import bert, heads, layers
 
 B, L, DM, D = 3, 9, 16, 256
 
@@ -161,27 +161,51 @@ def test_topk_mask():
   np.testing.assert_allclose(g, [[0, 1, 0, 0], [0, 0, 1, 0]])
 
 
-def test_mlm_head_matches_numpy_tied_and_loaded():
+def _projection(V, *, tied=None, seed=0):
+  """BERT's MLM head (the backbone's vocabulary projection) at width DM."""
+  cfg = bert.BertConfig(vocab_size=V, hidden_size=DM, num_attention_heads=2)
+  return bert.BertLMHead(cfg, rngs=nnx.Rngs(params=seed), tied=tied)
+
+
+def _set_projection(proj, t):
+  proj.dense.kernel.set_value(jnp.asarray(t["transform.dense.weight"].T))
+  proj.dense.bias.set_value(jnp.asarray(t["transform.dense.bias"]))
+  proj.layer_norm.scale.set_value(jnp.asarray(t["transform.LayerNorm.weight"]))
+  proj.layer_norm.bias.set_value(jnp.asarray(t["transform.LayerNorm.bias"]))
+  proj.bias.set_value(jnp.asarray(t["bias"]))
+
+
+def _np_transform(h, t):
+  from scipy.special import erf
+  y = h @ t["transform.dense.weight"].T + t["transform.dense.bias"]
+  y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
+  y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-12)
+  return y * t["transform.LayerNorm.weight"] + t["transform.LayerNorm.bias"]
+
+
+def _mlm_tensors(rng, V):
+  return {
+      "transform.dense.weight": rng.normal(size=(DM, DM)).astype(np.float32) * 0.3,
+      "transform.dense.bias": rng.normal(size=(DM,)).astype(np.float32),
+      "transform.LayerNorm.weight": rng.normal(size=(DM,)).astype(np.float32),
+      "transform.LayerNorm.bias": rng.normal(size=(DM,)).astype(np.float32),
+      "bias": rng.normal(size=(V,)).astype(np.float32),
+  }
+
+
+def test_vocab_head_matches_numpy_tied():
   rng = np.random.default_rng(7)
   V = 70
   h, m = _inputs()
-  emb = nnx.Param(jnp.asarray(rng.normal(size=(V, DM)), jnp.float32))
+  emb = layers.Embed(V, DM, rngs=nnx.Rngs(0))
+  emb.embedding.set_value(jnp.asarray(rng.normal(size=(V, DM)), jnp.float32))
   special = np.array([0, 3, 69])
-  head = heads.MLMHead(DM, V, tied_embedding=emb, special_ids=special, tile=16, rngs=nnx.Rngs(8))
-  t = {
-      "cls.predictions.transform.dense.weight": rng.normal(size=(DM, DM)).astype(np.float32) * 0.3,
-      "cls.predictions.transform.dense.bias": rng.normal(size=(DM,)).astype(np.float32),
-      "cls.predictions.transform.LayerNorm.weight": rng.normal(size=(DM,)).astype(np.float32),
-      "cls.predictions.transform.LayerNorm.bias": rng.normal(size=(DM,)).astype(np.float32),
-      "cls.predictions.bias": rng.normal(size=(V,)).astype(np.float32),
-  }
-  head.load_hf(t)
-  from scipy.special import erf
-  y = h @ t["cls.predictions.transform.dense.weight"].T + t["cls.predictions.transform.dense.bias"]
-  y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
-  y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-12)
-  y = y * t["cls.predictions.transform.LayerNorm.weight"] + t["cls.predictions.transform.LayerNorm.bias"]
-  act = np.log1p(np.maximum(y @ np.asarray(emb[...]).T + t["cls.predictions.bias"], 0)) * m[..., None]
+  proj = _projection(V, tied=emb, seed=8)
+  head = heads.VocabHead(proj, vocab=V, special_ids=special, tile=16)
+  t = _mlm_tensors(rng, V)
+  _set_projection(proj, t)
+  y = _np_transform(h, t)
+  act = np.log1p(np.maximum(y @ np.asarray(emb.embedding[...]).T + t["bias"], 0)) * m[..., None]
   for pooling, ref in (("max", act.max(1)), ("sum", act.sum(1))):
     head.pooling = pooling
     ref = ref.copy()
@@ -206,17 +230,24 @@ def test_mlm_head_matches_numpy_tied_and_loaded():
   assert len(g_emb) == 1 and float(jnp.abs(g_emb[0]).sum()) > 0
 
 
-def test_mlm_head_own_decoder_load():
+def test_vocab_head_own_decoder():
   rng = np.random.default_rng(9)
   V = 40
-  head = heads.MLMHead(DM, V, rngs=nnx.Rngs(0), tile=None)
+  h, m = _inputs()
+  proj = _projection(V)  # untied: the projection's own decoder
+  head = heads.VocabHead(proj, vocab=V, tile=None)
   dec = rng.normal(size=(V, DM)).astype(np.float32)
-  head.load_hf({"transform.dense.weight": np.eye(DM, dtype=np.float32),
-                "transform.dense.bias": np.zeros(DM, np.float32),
-                "transform.LayerNorm.gamma": np.ones(DM, np.float32),
-                "transform.LayerNorm.beta": np.zeros(DM, np.float32),
-                "bias": np.zeros(V, np.float32), "decoder.weight": dec})
-  np.testing.assert_array_equal(head.decoder[...], dec.T)
+  t = {"transform.dense.weight": np.eye(DM, dtype=np.float32),
+       "transform.dense.bias": np.zeros(DM, np.float32),
+       "transform.LayerNorm.weight": np.ones(DM, np.float32),
+       "transform.LayerNorm.bias": np.zeros(DM, np.float32), "bias": np.zeros(V, np.float32)}
+  _set_projection(proj, t)
+  proj.decoder.set_value(jnp.asarray(dec.T))
+  np.testing.assert_array_equal(head.projection.kernel_dv(), dec.T)
+  ref = (np.log1p(np.maximum(_np_transform(h, t) @ dec.T, 0)) * m[..., None]).max(1)
+  np.testing.assert_allclose(head(jnp.asarray(h), jnp.asarray(m)), ref, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="vocab"):
+    heads.VocabHead(proj, vocab=V + 1)(jnp.asarray(h), jnp.asarray(m))
 
 
 def test_init_projection_scale_and_determinism():
@@ -231,15 +262,25 @@ def test_init_projection_scale_and_determinism():
 def test_make_head_and_partition_specs():
   h, m = _inputs()
   for name in heads.HEADS:
-    head = heads.make_head(name, d=DM, D=D, vocab=64, rngs=nnx.Rngs(0))
-    out = head(jnp.asarray(h), jnp.asarray(m))
+    head = heads.make_head(name, d=DM, D=D, vocab=64, rngs=nnx.Rngs(0), projection=_projection(64))
+    out = head(jnp.asarray(h), jnp.asarray(m), jnp.zeros((B, L), jnp.int32))
     assert out.shape == (B, heads.output_dim(head)) and out.dtype == jnp.float32
+    assert heads.output_dim(head) == {"mlm": 64, "dense": DM}.get(name, D)
+    assert heads.uses_vocab(name) == (name == "mlm")
   head = heads.make_head("latent_attention", d=DM, D=D, rngs=nnx.Rngs(0))
   spec = nnx.get_partition_spec(nnx.state(head))
   assert tuple(spec["kernel"].get_value()) == ("embed", "sparse")
   assert tuple(spec["bias"].get_value()) == ("sparse",)
   with pytest.raises(ValueError):
     heads.make_head("nope", d=DM, D=D, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="needs D"):
+    heads.make_head("latent_max", d=DM, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="needs projection"):
+    heads.make_head("mlm", d=DM, vocab=64)
+  head = heads.make_head("mlm", vocab=64, projection=_projection(64), special_ids=[1, 2])
+  assert head.special_ids == (1, 2)
+  head = heads.make_head("mlm", vocab=64, projection=_projection(64), **{"pooling": "sum"})
+  assert head.special_ids == () and head.pooling == "sum"
 
 
 @pytest.mark.parametrize("name", ["latent_attention", "latent_max"])

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from laspar_jax import mesh as mesh_lib
 from laspar_jax import teacher as teacher_lib
 from laspar_jax.data import pipeline as pl
 from laspar_jax.data import training
 from laspar_jax.data.sources import doc_text, load_collection
-from laspar_jax.data.tokenize import Tokenizer
+from laspar_jax.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +108,10 @@ def test_host_shares_make_the_global_batch(setup):
     _pipe(setup, process_index=0, process_count=3)
 
 
-def test_to_global_on_mesh(setup):
+def test_put_batch_on_mesh(setup):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1), ("data", "model"))
   b = next(_pipe(setup, prefetch=0))
-  g = pl.to_global(b, mesh)
+  g = mesh_lib.put_batch(b, mesh)
   for k, v in b.items():
     assert g[k].shape == v.shape and g[k].sharding.spec[0] == "data"
     assert len(g[k].addressable_shards) == 8

@@ -1,5 +1,9 @@
 """The short public API of the package."""
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 
 import laspar_jax
 from laspar_jax.index import build_index
@@ -30,3 +34,18 @@ def test_submodules_not_shadowed():
   assert callable(laspar_jax.encode.encode_sparse) and laspar_jax.encode_sparse is laspar_jax.encode.encode_sparse
   import laspar_jax.evaluate
   assert laspar_jax.evaluate_encoder is laspar_jax.evaluate.evaluate_encoder
+
+
+def test_import_is_lazy_and_names_resolve():
+  code = ("import sys, laspar_jax; heavy = [m for m in ('jax', 'flax', 'numba', 'laspar_jax.index') "
+          "if m in sys.modules]; print(heavy)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+  from laspar_jax import encode, evaluate, index, models
+  assert laspar_jax.build_index is encode.index_collection
+  assert laspar_jax.load_encoder is models.sparse_encoder.load_encoder
+  assert laspar_jax.search is index.search.search and laspar_jax.Index is index.Index
+  assert laspar_jax.evaluate_encoder is evaluate.evaluate_encoder
+  assert set(laspar_jax.__all__) <= set(dir(laspar_jax))
+  with pytest.raises(AttributeError):
+    laspar_jax.not_a_name  # noqa: B018

@@ -1,10 +1,11 @@
 """Train step (sharded == unsharded, accumulation), non-finite stop, end-to-end train + eval."""
-import os
+import json
 import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,7 +15,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
 import laspar  # noqa: E402
 import tiny_bert  # noqa: E402
 
-from laspar_jax import checkpointing, mesh as mesh_lib, schedules, train_lib  # noqa: E402
+from laspar_jax import checkpointing, mesh as mesh_lib, optim, schedules, train_lib  # noqa: E402
+from laspar_jax import train_state, train_step  # noqa: E402
+from laspar_jax.data import assemble  # noqa: E402
 from laspar_jax.models import sparse_encoder  # noqa: E402
 
 
@@ -73,29 +76,37 @@ def _batch(rng, B, n, Lq, Ld, E=8, accum=0):
 
 
 def _run_steps(config, mesh, batches):
-  enc, _ = sparse_encoder.build_encoder(train_lib._encoder_config(config))
-  tx, lr = train_lib.make_optimizer(config.optim, config.train.total_steps)
-  graphdef, rest, state, sh = train_lib.create_train_state(enc, tx, mesh, seed=config.seed)
-  step = train_lib.make_train_step(graphdef, rest, tx, lr, train_lib.StepConfig.from_config(config, mesh),
-                                   sh, mesh)
+  enc, _ = sparse_encoder.build_encoder(train_lib.encoder_config(config))
+  params = train_state.encoder_params(enc)
+  tx, lr = optim.make_optimizer(config.optim, config.train.total_steps, params)
+  graphdef, rest, state, sh = train_state.create_train_state(enc, tx, mesh, seed=config.seed,
+                                                             rules=mesh_lib.rules_from_config(config))
+  trainable = optim.trainable_mask(params, config.optim)
+  step = train_step.make_train_step(graphdef, rest, tx, lr, train_step.StepConfig.from_config(config, mesh),
+                                    sh, mesh, trainable=None if all(jax.tree.leaves(trainable)) else trainable)
   metrics = []
   for b in batches:
-    state, m = step(state, train_lib.put_batch(b, mesh, config.optim.accum_steps > 1))
+    state, m = step(state, mesh_lib.put_batch(b, mesh, config.optim.accum_steps > 1))
     metrics.append(jax.device_get(m))
   return jax.device_get(state), metrics, state
+
+
+def _regularizers(*terms):
+  return ml_collections.ConfigDict({f"{side}_{name}": {"name": name, "side": side, "weight": w}
+                                    for name, side, w in terms})
 
 
 def test_sharded_step_equals_unsharded(tiny_path, shared_data):
   """2 steps x 2 accumulated micro-batches: mesh data=2 x model=4 equals one device."""
   c = tiny_config(tiny_path, shared_data, **{
-      "optim.accum_steps": 2, "data.n_neg": 1, "loss.reg_warmup_steps": 4, "loss.distill": "dense_kl",
-      "loss.regularizers": "flops:q:1e-2,l1:d:1e-3,equipartition:d:1e-2"})
+      "optim.accum_steps": 2, "data.n_neg": 1, "loss.reg_warmup_steps": 4, "loss.distill": "dense_kl"})
+  c.loss.regularizers = _regularizers(("flops", "q", 1e-2), ("l1", "d", 1e-3), ("equipartition", "d", 1e-2))
   rng = np.random.default_rng(0)
   batches = [_batch(rng, 8, 1, 16, 32, accum=2) for _ in range(2)]
   s1, m1, _ = _run_steps(c, mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1]), batches)
   s8, m8, live = _run_steps(c, mesh_lib.make_mesh(2, 4), batches)
   # The D-sized head is really sharded on 'model', the batch on 'data'.
-  kernel = live.params["query_tower"]["head"]["kernel"]
+  kernel = live.params["query_head"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
   assert int(s8.step) == 2 and int(s8.bad_step) == -1
   for a, b in zip(m1, m8):
@@ -117,9 +128,9 @@ def test_sharded_step_equals_unsharded(tiny_path, shared_data):
   np.testing.assert_allclose(m1[1]["reg/q_flops_weight"], 1e-2 * (1 / 4) ** 2, rtol=1e-6)
   assert 0 < m1[1]["active_q"] <= 64 and 0 < m1[1]["active_d"] <= 128
   # and the parameters moved
-  enc, _ = sparse_encoder.build_encoder(train_lib._encoder_config(c))
+  enc, _ = sparse_encoder.build_encoder(train_lib.encoder_config(c))
   init = nnx.to_pure_dict(nnx.state(enc, nnx.Param))
-  assert not np.allclose(init["query_tower"]["head"]["kernel"], s1.params["query_tower"]["head"]["kernel"])
+  assert not np.allclose(init["query_head"]["kernel"], s1.params["query_head"]["kernel"])
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_path, shared_data, tmp_path, monkeypatch):
@@ -148,6 +159,11 @@ def test_train_and_evaluate_end_to_end(tiny_path, shared_data, tmp_path):
   enc, tok = sparse_encoder.load_encoder(res["encoder"])
   assert enc.output_dim == 512
   assert (tmp_path / "tb").is_dir() and (tmp_path / "teacher" / "docs").is_dir()
+  assert (tmp_path / "config.json").is_file() and (tmp_path / "eval" / "2" / "run.trec").is_file()
+  rows = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [2, 2] and "train/loss" in rows[0]
+  assert rows[1]["eval/nDCG@10"] == res["eval"]["nDCG@10"]
+  assert json.loads((tmp_path / "eval" / "2" / "metrics.json").read_text()) == res["eval"]
 
 
 def test_bf16_compute_keeps_fp32_params_and_mlm_head_trains(tiny_path, shared_data):
@@ -159,17 +175,39 @@ def test_bf16_compute_keeps_fp32_params_and_mlm_head_trains(tiny_path, shared_da
   s, ms, _ = _run_steps(c, mesh, [_batch(np.random.default_rng(2), 8, 0, 16, 32) for _ in range(2)])
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(s.params))
   assert np.isfinite(ms[1]["loss"]) and ms[1]["grad_norm"] > 0
-  assert "decoder" not in s.params["query_tower"]["head"]  # tied to the word embeddings
+  assert "decoder" not in s.params["query_backbone"]["lm_head"]  # tied to the word embeddings
   assert ms[1]["active_d"] > 0
 
 
-def test_head_learning_rate_multiplier():
-  c = laspar.get_config("runlocal")
-  c.optim.head_lr_mult, c.optim.warmup_steps, c.optim.weight_decay = 20.0, 1, 0.0
-  tx, _ = train_lib.make_optimizer(c.optim, 10)
-  params = {"query_tower": {"head": {"kernel": jnp.ones((2, 3))}, "backbone": {"w": jnp.ones((2, 3))}}}
-  st = tx.init(params)
-  g = jax.tree.map(jnp.ones_like, params)
-  for _ in range(2):
-    u, st = tx.update(g, st, params)
-  np.testing.assert_allclose(u["query_tower"]["head"]["kernel"], 20 * u["query_tower"]["backbone"]["w"], rtol=1e-6)
+def test_frozen_backbone_gets_no_update_and_no_optimizer_moments(tiny_path, shared_data):
+  """optim.freeze: frozen parameters stay bitwise, and only the trainable head carries Adam moments."""
+  c = tiny_config(tiny_path, shared_data)
+  c.optim.freeze = ("backbone",)
+  mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
+  init = train_state.encoder_params(sparse_encoder.build_encoder(train_lib.encoder_config(c))[0])
+  s, ms, _ = _run_steps(c, mesh, [_batch(np.random.default_rng(3), 8, 0, 16, 32) for _ in range(2)])
+  nbytes = lambda xs: sum(x.size * x.dtype.itemsize for x in xs)
+  moments = [x for x in jax.tree.leaves(s.opt_state) if x.ndim > 0]
+  assert nbytes(moments) == 2 * nbytes(jax.tree.leaves(init["query_head"]))  # mu + nu of the head only
+  assert nbytes(jax.tree.leaves(s.opt_state)) - nbytes(moments) <= 16  # a few step counts
+  jax.tree.map(np.testing.assert_array_equal, s.params["query_backbone"], init["query_backbone"])
+  assert not np.allclose(s.params["query_head"]["kernel"], init["query_head"]["kernel"])
+  assert np.isfinite(ms[1]["loss"]) and ms[1]["grad_norm"] > 0
+
+
+def test_clustered_batching_draws_batches_from_teacher_clusters(tiny_path, shared_data, tmp_path):
+  c = tiny_config(tiny_path, shared_data, **{"data.teacher": "dense"})
+  c.data.batching = "clustered"
+  tok = sparse_encoder.build_encoder(train_lib.encoder_config(c))[1]
+  pipe, info = assemble.build_pipeline(c, tok, tmp_path, progress=False)
+  try:
+    assert info["batching"] == "clustered" and pipe.groups is not None
+    assert info["steps_per_epoch"] == len(pipe.groups) >= info["examples"] // 8 - 1
+    batch = next(assemble.micro_batches(pipe, 1))
+    idx = sorted(pipe.example_indices(0, 0).tolist())
+    assert any(idx == g.tolist() for g in pipe.groups) and batch["teacher_q"].shape == (8, 32)
+  finally:
+    pipe.close()
+  c.data.teacher = "none"
+  with pytest.raises(ValueError, match="clustered"):
+    assemble.build_pipeline(c, tok, tmp_path, progress=False)

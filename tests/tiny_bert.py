@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 from safetensors.numpy import save_file
 
-from laspar_jax.models import bert, hf_weights
+from laspar_jax.models import backbone, bert, bert_params, hf_weights
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -33,12 +33,12 @@ def write_tiny_bert(path: str | os.PathLike, minilm_path: str | os.PathLike, *, 
     if (pathlib.Path(minilm_path) / name).exists():
       shutil.copy(pathlib.Path(minilm_path) / name, path / name)
   bcfg = bert.BertConfig.from_hf_dict(cfg)
-  model, *_ = hf_weights.load_bert(str(path), weights=False)
+  model = hf_weights.load(path, weights=False).model
   rng = np.random.default_rng(seed)
   tensors = {}
-  for name, (ours, fn) in hf_weights._bert_name_map(bcfg).items():  # pylint: disable=protected-access
+  for name, (ours, fn) in bert_params.checkpoint_names(bcfg).params.items():
     shape = tuple(hf_weights._get_var(model, ours).get_value().shape)  # pylint: disable=protected-access
-    if fn is hf_weights._T:  # pylint: disable=protected-access
+    if fn is backbone.transpose:
       shape = shape[::-1]
     if "LayerNorm.weight" in name:
       arr = np.ones(shape, np.float32)

@@ -2,7 +2,8 @@
 
 Formats: JSON lines (BEIR corpus/queries), TSV (MS MARCO collection/queries),
 SMART records (`.I`/`.T`/`.A`/`.B`/`.W`, Cranfield-style) and qrels (BEIR TSV
-with or without header, TREC 4-column, Cranfield 3-column with grades).
+with or without header, TREC 4-column, Cranfield 3-column with grades), and
+TREC run files (`read_trec_run`, `write_trec_run`: the one reader and writer).
 
 Every anomaly is either handled by the rule below (strict=False, the default;
 the anomaly is counted in `Problems.counts` and the first few are logged) or,
@@ -39,8 +40,10 @@ import collections
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
+
+from laspar_jax import io_utils
 
 _LOG = logging.getLogger(__name__)
 _MAX_LOGGED = 5
@@ -295,3 +298,77 @@ def iter_qrels(path, problems: Problems, *, kind: str = "auto") -> Iterator[tupl
       problems.report(path, lineno, "malformed", f"bad relevance {g!r}")
       continue
     yield lineno, qid, did, rel
+
+
+# ----------------------------------------------------------------------------- TREC runs
+
+
+def read_trec_run(path: io_utils.PathLike, *, depth: int | None = None) -> dict[str, dict[str, float]]:
+  """Reads a TREC run file (`qid Q0 docid rank score tag`) into {qid: {docid: score}}.
+
+  The rank column is ignored: documents are ordered by score (ties keep their
+  file order), and each query's dict iterates best first.
+
+  Args:
+    path: the run file (local or gs://).
+    depth: keep only the top `depth` documents per query (None: all).
+
+  Returns:
+    {qid: {docid: score}}, best first per query.
+
+  Raises:
+    DataFormatError: a non-blank line without 6 columns, a non-numeric score,
+      or a document listed twice for one query.
+  """
+  scored: dict[str, dict[str, tuple[float, int]]] = {}
+  with io_utils.as_path(path).open("rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      cols = raw.decode("utf-8", errors="replace").split()
+      if not cols:
+        continue
+      if len(cols) != 6:
+        raise DataFormatError(path, lineno, f"run line has {len(cols)} columns, expected 6 "
+                              "(qid Q0 docid rank score tag)")
+      try:
+        score = float(cols[4])
+      except ValueError:
+        raise DataFormatError(path, lineno, f"bad score {cols[4]!r}") from None
+      docs = scored.setdefault(cols[0], {})
+      if cols[2] in docs:
+        raise DataFormatError(path, lineno, f"document {cols[2]!r} listed twice for query {cols[0]!r}")
+      docs[cols[2]] = (score, lineno)
+  out = {}
+  for qid, docs in scored.items():
+    ranked = sorted(docs.items(), key=lambda x: (-x[1][0], x[1][1]))[:depth]
+    out[qid] = {d: s for d, (s, _) in ranked}
+  return out
+
+
+def write_trec_run(run: Mapping[str, Mapping[str, float]], path: io_utils.PathLike,
+                   tag: str = "laspar") -> str:
+  """Writes a TREC run file atomically (a temporary sibling, then a rename).
+
+  Queries in sorted order; per query, documents by score descending (ties by
+  doc id), ranks from 1: `qid Q0 docid rank score tag` with 6-decimal scores.
+
+  Args:
+    run: {qid: {docid: score}}.
+    path: the file to write (local or gs://); parent directories are created.
+    tag: the run tag (last column).
+
+  Returns:
+    The path written, as a string.
+  """
+  final = io_utils.as_path(path)
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
+  with tmp.open("w") as f:
+    for qid in sorted(run):
+      ranked = sorted(run[qid].items(), key=lambda x: (-x[1], x[0]))
+      f.writelines(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n"
+                   for rank, (doc, score) in enumerate(ranked, 1))
+  if io_utils.is_local(final):
+    os.replace(os.fspath(tmp), os.fspath(final))
+  else:
+    tmp.rename(final)
+  return os.fspath(final)

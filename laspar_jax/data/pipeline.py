@@ -10,8 +10,8 @@ function of (seed, e, i), and the iterator state is the JSON-able
 
 Hosts. `batch_size` is global. Host p of P (jax.process_index/process_count
 by default) builds rows [p*B/P, (p+1)*B/P) of every global batch, and only
-reads those documents; `to_global(batch, mesh)` assembles the hosts' shares
-into global jax.Arrays sharded on 'data'.
+reads those documents; `laspar_jax.mesh.put_batch(batch, mesh)` assembles the
+hosts' shares into global jax.Arrays sharded on 'data'.
 
 Shapes. Queries are padded to q_len and documents to d_len (fixed, so all
 hosts agree and the step compiles once); texts longer than that are
@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from laspar_jax.data.sources import doc_text
@@ -75,7 +76,7 @@ class TrainPipeline:
       examples: TrainExamples (each with >= n_neg negatives in its pool).
       docs: a Collection (`.doc(id)`; its `.queries` serve as queries), a
         {doc_id: text} mapping, or a callable doc_id -> text.
-      tokenizer: `laspar_jax.data.tokenize.Tokenizer`.
+      tokenizer: `laspar_jax.tokenizer.Tokenizer`.
       batch_size: global batch size (queries); divisible by process_count.
       n_neg: negatives per query.
       q_len, d_len: padded query / document lengths.
@@ -90,7 +91,6 @@ class TrainPipeline:
       process_index, process_count: this host's share (default: jax's).
     """
     if process_index is None or process_count is None:
-      import jax  # pylint: disable=g-import-not-at-top
       process_index, process_count = jax.process_index(), jax.process_count()
     if batch_size % process_count:
       raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} hosts")
@@ -261,20 +261,3 @@ class TrainPipeline:
       self._stop_worker()
     except Exception:  # pylint: disable=broad-except
       pass
-
-
-def to_global(batch: Batch, mesh, axis: str = "data") -> dict[str, Any]:
-  """Assembles each host's rows into global jax.Arrays sharded on `axis` (leading dim).
-
-  Args:
-    batch: this host's numpy batch (from TrainPipeline).
-    mesh: jax.sharding.Mesh with an `axis` axis.
-    axis: the mesh axis of the batch.
-
-  Returns:
-    {key: jax.Array} with global leading dims (sum over hosts).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  sharding = NamedSharding(mesh, PartitionSpec(axis))
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -32,7 +32,6 @@ duplicate ids, qrels naming unknown documents or queries) is the table in
 """
 from __future__ import annotations
 
-import abc
 import glob
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -41,49 +40,11 @@ from typing import Any
 import numpy as np
 
 from laspar_jax.data import formats
+from laspar_jax.data.collection import Collection, doc_text
 from laspar_jax.data.formats import DataFormatError, Doc, Problems
+from laspar_jax.data.ir_datasets_source import IrDatasetsCollection, irds_id
 
-__all__ = ["Collection", "DataFormatError", "Doc", "doc_text", "load_collection"]
-
-
-def doc_text(doc: Doc) -> str:
-  """Title + " " + text (title omitted when empty)."""
-  return f"{doc.title} {doc.text}" if doc.title else doc.text
-
-
-class Collection(abc.ABC):
-  """A corpus (streamed), queries and qrels."""
-
-  name: str
-  queries: dict[str, str]
-  qrels: dict[str, dict[str, int]]
-  problems: Problems
-
-  @abc.abstractmethod
-  def docs(self) -> Iterator[Doc]:
-    """Streams the documents in corpus order."""
-
-  @abc.abstractmethod
-  def doc(self, doc_id: str) -> Doc:
-    """One document by id. Raises KeyError for an unknown id."""
-
-  @property
-  @abc.abstractmethod
-  def num_docs(self) -> int:
-    """Number of documents."""
-
-  def docs_text(self, doc_ids: Iterable[str]) -> list[str]:
-    """doc_text() of each id."""
-    return [doc_text(self.doc(d)) for d in doc_ids]
-
-  @property
-  def judged_queries(self) -> dict[str, str]:
-    """The queries that have qrels."""
-    return {q: t for q, t in self.queries.items() if q in self.qrels}
-
-  def __repr__(self) -> str:
-    return (f"{type(self).__name__}({self.name!r}, docs={self.num_docs}, queries={len(self.queries)}, "
-            f"judged={len(self.qrels)}, qrels={sum(map(len, self.qrels.values()))})")
+__all__ = ["Collection", "DataFormatError", "Doc", "IrDatasetsCollection", "doc_text", "load_collection"]
 
 
 # ----------------------------------------------------------------------------- local files
@@ -348,74 +309,6 @@ def _load_smart_dir(path: str, files, problems: Problems) -> LocalCollection:
   return LocalCollection(path, index, queries, qrels, problems)
 
 
-# ----------------------------------------------------------------------------- ir_datasets
-
-
-class IrDatasetsCollection(Collection):
-  """An ir_datasets dataset; documents streamed from ir_datasets, looked up in its docstore."""
-
-  def __init__(self, dataset_id: str, problems: Problems):
-    import ir_datasets  # pylint: disable=g-import-not-at-top
-    self.name, self.problems = dataset_id, problems
-    self._ds = ir_datasets.load(dataset_id)
-    self._store = None
-    self.queries = {}
-    if self._ds.has_queries():
-      where = f"ir_datasets:{dataset_id}/queries"
-      for i, q in enumerate(self._ds.queries_iter(), 1):
-        text = (getattr(q, "text", None) or q.default_text() or "").strip()
-        if q.query_id in self.queries:
-          problems.report(where, i, "duplicate_id", f"duplicate query id {q.query_id!r}")
-          continue
-        if not text:
-          problems.report(where, i, "empty_query", f"query {q.query_id!r} has no text")
-          continue
-        self.queries[q.query_id] = text
-    self.qrels = {}
-    if self._ds.has_qrels():
-      where = f"ir_datasets:{dataset_id}/qrels"
-      for i, qr in enumerate(self._ds.qrels_iter(), 1):
-        if qr.query_id not in self.queries:
-          problems.report(where, i, "unknown_query", f"qrels name unknown query {qr.query_id!r}")
-          continue
-        per_q = self.qrels.setdefault(qr.query_id, {})
-        if qr.doc_id in per_q:
-          problems.report(where, i, "duplicate_qrel", f"duplicate qrels pair ({qr.query_id}, {qr.doc_id})")
-          continue
-        per_q[qr.doc_id] = int(qr.relevance)
-
-  @staticmethod
-  def _to_doc(d) -> Doc:
-    title = getattr(d, "title", "") or ""
-    text = getattr(d, "text", None)
-    if text is None:
-      text = d.default_text()
-    return Doc(d.doc_id, title.strip(), text.strip())
-
-  def docs(self) -> Iterator[Doc]:
-    return (self._to_doc(d) for d in self._ds.docs_iter())
-
-  def doc(self, doc_id: str) -> Doc:
-    if self._store is None:
-      self._store = self._ds.docs_store()
-    return self._to_doc(self._store.get(doc_id))
-
-  @property
-  def num_docs(self) -> int:
-    n = self._ds.docs_count()
-    if n is None:  # some stores count only once built
-      n = sum(1 for _ in self._ds.docs_iter())
-    return n
-
-
-def _irds_id(spec: str, split: str | None) -> str:
-  import ir_datasets  # pylint: disable=g-import-not-at-top
-  full = f"{spec}/{split}" if split else spec
-  if full not in ir_datasets.registry:
-    raise ValueError(f"{spec!r}: not a path, and {full!r} is not an ir_datasets id")
-  return full
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -452,4 +345,4 @@ def load_collection(spec: str | os.PathLike, *, split: str | None = None,
         f"or a SMART *.all file starting with .I)")
   if os.path.exists(spec):
     raise FileNotFoundError(f"{spec}: expected a directory")
-  return IrDatasetsCollection(_irds_id(spec, split), problems)
+  return IrDatasetsCollection(irds_id(spec, split), problems)

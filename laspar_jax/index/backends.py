@@ -59,7 +59,7 @@ class PisaBackend:
   """PISA (via pyterrier-pisa) over integer impacts = round(weight * scale)."""
 
   def __init__(self, path: str | os.PathLike, scale: float = 100.0):
-    from pyterrier_pisa import PisaIndex
+    from pyterrier_pisa import PisaIndex  # pylint: disable=g-import-not-at-top  (optional engine)
     self.path = pathlib.Path(path)
     self.scale = scale
     self.index = PisaIndex(str(self.path), stemmer="none", threads=1)
@@ -68,7 +68,7 @@ class PisaBackend:
   def build(cls, batches: Iterable[Batch], path: str | os.PathLike, *, scale: float = 100.0,
             overwrite: bool = True) -> "PisaBackend":
     """Indexes the batches (docno = row number) into `path`."""
-    from pyterrier_pisa import PisaIndex
+    from pyterrier_pisa import PisaIndex  # pylint: disable=g-import-not-at-top  (optional engine)
     path = pathlib.Path(path)
     if path.exists() and overwrite:
       shutil.rmtree(path)
@@ -85,7 +85,7 @@ class PisaBackend:
              query_algorithm: str = "maxscore", threads: int = 1
              ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows and scores (scores in the engine's integer scale / scale**2)."""
-    import pandas as pd
+    import pandas as pd  # pylint: disable=g-import-not-at-top  (optional: with pyterrier-pisa)
     retr = self.index.quantized(num_results=k, query_algorithm=query_algorithm,
                                 threads=threads, toks_scale=self.scale)
     q_ptr, q_dims, q_w = queries_to_csr(q_idx_bk, q_val_bk, 1 << 62)
@@ -113,7 +113,7 @@ class SeismicBackend:
             centroid_fraction: float = 0.1, summary_energy: float = 0.4,
             num_threads: int = 1, large_vocab: bool = False) -> "SeismicBackend":
     """Builds an in-memory Seismic index (`large_vocab`: SeismicIndexLV for D > 65,536)."""
-    import seismic
+    import seismic  # pylint: disable=g-import-not-at-top  (optional engine)
     stype = seismic.get_seismic_string()
     dataset = seismic.SeismicDatasetLV() if large_vocab else seismic.SeismicDataset()
     for row, dims, vals in _rows_of(batches):
@@ -128,7 +128,7 @@ class SeismicBackend:
   def search(self, q_idx_bk: Any, q_val_bk: Any, k: int = 1000, *, query_cut: int = 20,
              heap_factor: float = 0.7, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows and scores (approximate)."""
-    import seismic
+    import seismic  # pylint: disable=g-import-not-at-top  (optional engine)
     stype = seismic.get_seismic_string()
     q_ptr, q_dims, q_w = queries_to_csr(q_idx_bk, q_val_bk, 1 << 62)
     n = q_ptr.size - 1

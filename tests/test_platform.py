@@ -1,21 +1,21 @@
-"""xla_options: CPU fp32 computations get Eigen dots, bf16 ones YNNPACK dots; results do not change."""
+"""platform: compiler options by backend and dtype (results do not change), attention implementation choice."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from laspar_jax import xla_options
+from laspar_jax import platform
 
 
 def test_options_by_backend():
-  assert xla_options.compiler_options("cpu") == xla_options.CPU_OPTIONS
-  assert xla_options.compiler_options() == xla_options.CPU_OPTIONS  # tests run on CPU
-  assert xla_options.compiler_options("gpu") is None
-  assert xla_options.compiler_options("tpu") is None
-  assert xla_options.compiler_options("cpu", jnp.bfloat16) == xla_options.CPU_BF16_OPTIONS
-  assert xla_options.compiler_options("cpu", "bfloat16") == xla_options.CPU_BF16_OPTIONS
-  assert xla_options.compiler_options("cpu", "float32") == xla_options.CPU_OPTIONS
-  assert xla_options.compiler_options("gpu", jnp.bfloat16) is None
+  assert platform.compiler_options("cpu") == platform.CPU_OPTIONS
+  assert platform.compiler_options() == platform.CPU_OPTIONS  # tests run on CPU
+  assert platform.compiler_options("gpu") is None
+  assert platform.compiler_options("tpu") is None
+  assert platform.compiler_options("cpu", jnp.bfloat16) == platform.CPU_BF16_OPTIONS
+  assert platform.compiler_options("cpu", "bfloat16") == platform.CPU_BF16_OPTIONS
+  assert platform.compiler_options("cpu", "float32") == platform.CPU_OPTIONS
+  assert platform.compiler_options("gpu", jnp.bfloat16) is None
 
 
 def _mlp(w1, w2, x):
@@ -25,8 +25,8 @@ def _mlp(w1, w2, x):
 def test_tuned_jit_equals_plain_jit():
   rng = np.random.default_rng(0)
   w1, w2, x = (rng.standard_normal(s).astype(np.float32) for s in [(64, 256), (256, 64), (96, 64)])
-  tuned = xla_options.jit(_mlp)
-  assert tuned.options == xla_options.CPU_OPTIONS
+  tuned = platform.jit(_mlp)
+  assert tuned.options == platform.CPU_OPTIONS
   np.testing.assert_allclose(np.asarray(tuned(w1, w2, x)), np.asarray(jax.jit(_mlp)(w1, w2, x)),
                              rtol=1e-5, atol=1e-4)
   # The option reached XLA: the compiled module has no YNNPACK fusion left.
@@ -35,8 +35,8 @@ def test_tuned_jit_equals_plain_jit():
 
 
 def test_rejected_option_falls_back_with_warning(monkeypatch):
-  monkeypatch.setattr(xla_options, "CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "bogus"})
-  fn = xla_options.jit(lambda x: x * 2.0)
+  monkeypatch.setattr(platform, "CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "bogus"})
+  fn = platform.jit(lambda x: x * 2.0)
   with pytest.warns(RuntimeWarning, match="rejected"):
     out = fn(jnp.ones(3))
   np.testing.assert_array_equal(np.asarray(out), 2.0)
@@ -50,11 +50,29 @@ def test_bf16_dense_stays_bf16_in_a_library_dot():
   from laspar_jax.models.layers import Dense  # pylint: disable=g-import-not-at-top
   layer = Dense(64, 96, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((128, 64)), jnp.bfloat16)
-  fn = xla_options.jit(lambda x: layer(x), compute_dtype=jnp.bfloat16)
+  fn = platform.jit(lambda x: layer(x), compute_dtype=jnp.bfloat16)
   hlo = fn.lower(x).compile().as_text()
   assert "__ynn_fusion" in hlo
   assert "f32[128,64]" not in hlo  # x is never upcast for an fp32 dot...
-  fp32_opts = xla_options.jit(lambda x: layer(x)).lower(x).compile().as_text()
+  fp32_opts = platform.jit(lambda x: layer(x)).lower(x).compile().as_text()
   assert "f32[128,64]" in fp32_opts  # ...as it is with the fp32 (Eigen) options
   ref = np.asarray(x, np.float32) @ np.asarray(layer.kernel[...].astype(jnp.bfloat16), np.float32)
   np.testing.assert_allclose(np.asarray(fn(x), np.float32), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_attention_impl_choice():
+  assert platform.attention_impl() == "cpu"  # tests run on CPU
+  assert platform.attention_impl("auto", backend="gpu") == "xla"
+  assert platform.attention_impl("auto", backend="tpu") == "xla"
+  assert platform.attention_impl("xla") == "xla" and platform.attention_impl("cpu", backend="gpu") == "cpu"
+  with pytest.raises(ValueError, match="flash"):
+    platform.attention_impl("flash")
+
+
+def test_default_backend_only_in_platform():
+  """Backend choices live at the boundary: no other module asks for the backend."""
+  import pathlib
+  root = pathlib.Path(platform.__file__).parent
+  users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if "default_backend(" in p.read_text())
+  assert users == ["platform.py"]

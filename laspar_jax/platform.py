@@ -1,4 +1,11 @@
-"""Per-computation XLA compiler options (XLA:CPU library choices).
+"""The one place that looks at the backend: compiler options and attention choice.
+
+`attention_impl("auto")` picks the attention implementation a model is built
+with: the CPU-tuned kernel ("cpu") on the CPU backend, `jax.nn.dot_product_attention`
+("xla": cuDNN / flash on GPU, XLA on TPU) elsewhere. Model code receives the
+resolved string and never asks for the backend itself.
+
+Per-computation XLA compiler options (XLA:CPU library choices):
 
 XLA:CPU (jaxlib 0.10) hands dots, reductions and elementwise ops to YNNPACK
 by default. What serves a transformer encoder depends on the compute dtype:
@@ -31,6 +38,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("xla", "cpu")
 
 # Empty list: no YNNPACK library fusions (dots and reductions go to Eigen / XLA codegen).
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -75,3 +84,24 @@ class _Jitted:
 def jit(fn: Callable, *, compute_dtype: Any = jnp.float32, **jit_kwargs) -> Callable:
   """`jax.jit(fn, **jit_kwargs)` with `compiler_options(compute_dtype=...)` on CPU."""
   return _Jitted(fn, compiler_options(compute_dtype=compute_dtype), jit_kwargs)
+
+
+def attention_impl(requested: str = "auto", backend: str | None = None) -> str:
+  """Resolves an attention implementation name for `models.attention.attention`.
+
+  Args:
+    requested: "auto", "xla" or "cpu"; explicit names pass through.
+    backend: the backend "auto" decides for (default: `jax.default_backend()`).
+
+  Returns:
+    "cpu" for "auto" on the CPU backend, "xla" for "auto" elsewhere, else `requested`.
+
+  Raises:
+    ValueError: an unknown name.
+  """
+  if requested in ATTENTION_IMPLS:
+    return requested
+  if requested != "auto":
+    raise ValueError(f"unknown attention implementation {requested!r}; known: auto, "
+                     f"{', '.join(ATTENTION_IMPLS)}")
+  return "cpu" if (backend or jax.default_backend()) == "cpu" else "xla"

@@ -1,0 +1,117 @@
+"""Shared pieces of the configs: argument parsing, the data root, mesh, sharding rules, sections.
+
+Every `configs/NAME.py` defines `get_config(arg=None)` and builds its
+ConfigDict from these sections; `:runlocal` shrinks are decided inside each
+config (there is no global shrink table).
+
+The shared collections live in `../shared/data` next to the repository
+(resolved from this file, not from the working directory); set
+`$LASPAR_DATA` to use another folder.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from laspar_jax import config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA_ENV = "LASPAR_DATA"
+
+# Logical axis -> mesh axis (None: replicated); read by `laspar_jax.mesh.rules_from_config`.
+SHARDING_RULES = (
+    ("batch", "data"),
+    ("embed", None),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("vocab", "model"),
+    ("sparse", "model"),
+    ("length", None),
+)
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """"key=value,flag,..." against typed defaults (see `laspar_jax.config_lib.parse_arg`)."""
+  return config_lib.parse_arg(arg, **defaults)
+
+
+def data_root() -> str:
+  """The folder of the shared collections: `$LASPAR_DATA`, else `<repo>/../shared/data`."""
+  return os.environ.get(DATA_ENV) or os.path.normpath(REPO.parent / "shared" / "data")
+
+
+def data_path(name: str) -> str:
+  """A collection under the data root (e.g. "scifact")."""
+  return os.path.join(data_root(), name)
+
+
+def sharding_rules() -> list[tuple[str, str | None]]:
+  """The default logical-axis rules (a fresh list: configs may edit it)."""
+  return [tuple(r) for r in SHARDING_RULES]
+
+
+def mesh(data: int = -1, model: int = 1) -> ml_collections.ConfigDict:
+  """Device mesh sizes; -1 takes the remaining devices."""
+  return ml_collections.ConfigDict({"data": data, "model": model})
+
+
+def regularizer(name: str, side: str, weight: float) -> dict[str, Any]:
+  """One regularizer term of `config.loss.regularizers` (e.g. flops on queries)."""
+  return {"name": name, "side": side, "weight": weight}
+
+
+def optim(**overrides: Any) -> ml_collections.ConfigDict:
+  """AdamW with warm-up and linear decay (paper defaults), then `overrides`."""
+  c = ml_collections.ConfigDict()
+  c.batch_size = 32  # queries per micro-batch (global)
+  c.accum_steps = 8
+  c.lr = 1e-4
+  c.warmup_steps = 4_000
+  c.schedule = "linear"  # warm-up then "linear" decay to end_lr, or "constant"
+  c.end_lr = 0.0
+  c.weight_decay = 0.01
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.grad_clip = 1.0
+  c.head_lr_mult = 1.0  # learning rate of the sparse heads / of the backbone
+  c.freeze = ()  # regexes over "/"-joined parameter paths: no update and no optimizer state
+  c.update(overrides)
+  return c
+
+
+def train(**overrides: Any) -> ml_collections.ConfigDict:
+  """The training loop: steps, logging, checkpoints, periodic evaluation, then `overrides`."""
+  c = ml_collections.ConfigDict()
+  c.total_steps = 100_000  # optimizer steps
+  c.log_every = 50
+  c.checkpoint_every = 1_000
+  c.keep_checkpoints = 3
+  c.eval_every = 10_000  # 0: only at the end
+  c.final_eval = True
+  c.dropout = True
+  c.rng_impl = "threefry2x32"  # dropout PRNG; "rbg" compiles and runs faster (bits depend on sharding)
+  c.q_topk = 128  # training-time top-k masking (0: off)
+  c.d_topk = 512
+  c.update(overrides)
+  return c
+
+
+def evaluation(collection: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """Full-corpus evaluation through the index (`config.eval`), then `overrides`."""
+  c = ml_collections.ConfigDict()
+  c.collection = collection
+  c.split = ""
+  c.q_topk = 128
+  c.d_topk = 512
+  c.batch_size = 64
+  c.measures = "nDCG@10,RR@10,R@100,R@1000"
+  c.max_queries = 0  # 0: all judged queries
+  c.max_docs = 0  # 0: the full corpus
+  c.search_threads = 0  # 0: all cores
+  c.update(overrides)
+  return c
