@@ -1,0 +1,56 @@
+"""Flags shared by launch/index.py and launch/evaluate.py: the config, the encoder, the collection.
+
+Imported by the launchers as a sibling module (Python puts a script's folder
+on sys.path). With --config, the collection and split default to the config's
+`eval` section and a missing --encoder builds the config's `model` (a fresh
+head); explicit flags always win.
+"""
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from laspar_jax import config_lib
+from laspar_jax.data.sources import load_collection
+from laspar_jax.models.sparse_encoder import load_encoder
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG] (optional)", lock_config=True)
+ENCODER = flags.DEFINE_string("encoder", None, "saved encoder dir, backbone dir or hub id "
+                              "(default: config.model.backbone with a fresh head)")
+HEAD = flags.DEFINE_string("head", None, "head of a fresh encoder (mlm, latent_attention, ...)")
+LATENT_DIM = flags.DEFINE_integer("latent_dim", None, "D of a fresh latent head")
+COLLECTION = flags.DEFINE_string("collection", None, "collection (dir or ir_datasets id; default config.eval)")
+SPLIT = flags.DEFINE_string("split", None, "qrels split (default config.eval.split)")
+INDEX = flags.DEFINE_string("index", None, "index directory")
+DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "jax.distributed.initialize() (multi-host)")
+flags.mark_flags_as_required(["index"])
+
+
+def setup():
+  """Initialises multi-host JAX when asked; returns the loaded config (or None)."""
+  if DISTRIBUTED.value:
+    jax.distributed.initialize()
+  if ENCODER.value is None and CONFIG.value is None:
+    raise app.UsageError("give --encoder or --config")
+  return CONFIG.value
+
+
+def encoder_and_tokenizer(config):
+  """The encoder named by --encoder (or the config's model), with --head/--latent_dim applied."""
+  fields = {"backbone": ENCODER.value} if ENCODER.value is not None else config_lib.encoder_fields(config)
+  fields.update({k: v for k, v in (("head", HEAD.value), ("latent_dim", LATENT_DIM.value)) if v is not None})
+  return load_encoder(fields.pop("backbone"), **fields)
+
+
+def collection(config, default_split=None):
+  """The collection of --collection/--split, else of config.eval."""
+  name = config_lib.setting(COLLECTION.value, config, "eval.collection", None)
+  if name is None:
+    raise app.UsageError("give --collection or --config")
+  split = config_lib.setting(SPLIT.value, config, "eval.split", None) if config is not None else (
+      SPLIT.value or default_split)
+  return load_collection(name, split=split)
+
+
+def setting(flag, config, dotted, default):
+  """An explicit flag's value, else the config field `dotted`, else `default`."""
+  return config_lib.setting(flag.value, config, dotted, default)
