@@ -19,6 +19,8 @@ setup(
         "scipy>=1.11",
         "safetensors>=0.4",
         "tokenizers>=0.20",
+        "gguf>=0.10",
+        "jinja2>=3.1.6",
         "ir-measures>=0.3.1",
         "ir_datasets>=0.5.6",
         "tqdm>=4.66",

@@ -1,6 +1,7 @@
 """Backbone contract and family registry: dispatch by model_type, the vocabulary head, attention choice."""
 import dataclasses
 import json
+import re
 import pathlib
 import sys
 
@@ -33,8 +34,10 @@ def test_unknown_model_type_names_config_and_known_types(tiny, tmp_path):
   for f in tiny.iterdir():
     (tmp_path / f.name).write_bytes(f.read_bytes())
   cfg = json.loads((tmp_path / "config.json").read_text())
-  (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="t5")))
-  with pytest.raises(hf_weights.CheckpointError, match=r"config\.json.*'t5'.*\['bert', 'distilbert'\]"):
+  (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="no_such_family")))
+  known = ", ".join(repr(t) for t in sorted(backbone.FAMILIES))
+  assert "'bert'" in known and "'llama'" in known
+  with pytest.raises(hf_weights.CheckpointError, match=rf"config\.json.*'no_such_family'.*\[{re.escape(known)}\]"):
     hf_weights.load(tmp_path)
 
 

