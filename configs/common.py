@@ -80,6 +80,7 @@ def optim(**overrides: Any) -> ml_collections.ConfigDict:
   c.grad_clip = 1.0
   c.head_lr_mult = 1.0  # learning rate of the sparse heads / of the backbone
   c.freeze = ()  # regexes over "/"-joined parameter paths: no update and no optimizer state
+  c.lora_trainable = ()  # with model.lora: regexes of backbone parameters that still train
   c.update(overrides)
   return c
 

@@ -78,6 +78,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.doc_max_len = 256
   c.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 master weights
   c.model.remat = False
+  c.model.doc_head = ""  # "" = the query head; else a head name for documents (heads per side)
+  c.model.doc_head_kwargs = ml_collections.ConfigDict()
+  c.model.attention_impl = "auto"  # "auto" (platform.attention_impl), "xla" or "cpu"
+  # LoRA adapters on the backbone ({} = full fine-tune); e.g. {"rank": 16, "alpha": 32,
+  # "dropout": 0.0, "targets": "default"}; the base then gets no update and no optimizer state.
+  c.model.lora = ml_collections.ConfigDict()
 
   # ---- training data
   c.data = ml_collections.ConfigDict()

@@ -10,10 +10,14 @@ Every parameter gets one label from its "/"-joined path (e.g.
            head pools: SPLADE's MLM transform and bias; a tied decoder stays
            with the word embeddings): AdamW, its update scaled by
            `optim.head_lr_mult`
+  lora     a LoRA adapter (`lora_a` / `lora_b`, `models/lora.py`): AdamW
   base     everything else (the backbone): AdamW
 
-The first rule of `LABEL_RULES` that holds names a parameter; a new label
-(e.g. LoRA adapters) is one more rule plus one entry of `TRANSFORMS`.
+The first rule of `LABEL_RULES` that holds names a parameter; a new label is
+one more rule plus one entry of `TRANSFORMS`. When the parameters hold LoRA
+adapters, the backbone is frozen: every "base" parameter, and the backbone's
+`lm_head`, becomes "frozen" unless it matches a regex of
+`optim.lora_trainable` (e.g. "lm_head"); the sparse heads keep training.
 Gradients are clipped by their global norm before the labels split them;
 weight decay applies to matrices only (ndim > 1).
 """
@@ -30,6 +34,8 @@ import optax
 from laspar_jax import schedules
 
 HEAD_NODES = ("query_head", "doc_head", "lm_head")
+SPARSE_HEAD_NODES = ("query_head", "doc_head")
+LORA_NODES = ("lora_a", "lora_b")  # = models.lora.LORA_NAMES
 DEFAULT_LABEL = "base"
 
 
@@ -55,11 +61,24 @@ def _is_head(path: str, optim: ml_collections.ConfigDict) -> bool:
   return any(name in HEAD_NODES for name in path.split("/"))
 
 
+def _is_lora(path: str, optim: ml_collections.ConfigDict) -> bool:
+  del optim
+  return any(name in LORA_NODES for name in path.split("/"))
+
+
 # (label, rule(path, optim) -> bool), in priority order; no rule holds: DEFAULT_LABEL.
 LABEL_RULES: tuple[tuple[str, Callable[[str, ml_collections.ConfigDict], bool]], ...] = (
     ("frozen", _is_frozen),
+    ("lora", _is_lora),
     ("head", _is_head),
 )
+
+
+def _frozen_by_lora(path: str, label: str, optim: ml_collections.ConfigDict) -> bool:
+  """With LoRA on: backbone parameters (not adapters, not sparse heads) are frozen."""
+  if label not in ("base", "head") or any(n in SPARSE_HEAD_NODES for n in path.split("/")):
+    return False
+  return not any(re.search(pattern, path) for pattern in (optim.get("lora_trainable", None) or ()))
 
 
 def _decay_mask(params: Any) -> Any:
@@ -83,6 +102,7 @@ TRANSFORMS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule],
                                optax.GradientTransformation]] = {
     "frozen": lambda optim, lr: optax.set_to_zero(),
     "head": _head,
+    "lora": _adamw,
     "base": _adamw,
 }
 
@@ -92,7 +112,8 @@ def param_labels(params: Any, optim: ml_collections.ConfigDict) -> Any:
 
   Args:
     params: parameters (arrays or ShapeDtypeStructs; only the paths are read).
-    optim: config.optim (`freeze`: regexes searched in the "/"-joined paths).
+    optim: config.optim (`freeze`: regexes searched in the "/"-joined paths;
+      `lora_trainable`: regexes of backbone parameters that train beside LoRA adapters).
 
   Returns:
     The labels, e.g. {"query_head": {"kernel": "head"}, ...}.
@@ -100,7 +121,11 @@ def param_labels(params: Any, optim: ml_collections.ConfigDict) -> Any:
   def label(path, _):
     name = param_path(path)
     return next((lab for lab, rule in LABEL_RULES if rule(name, optim)), DEFAULT_LABEL)
-  return jax.tree_util.tree_map_with_path(label, params)
+  labels = jax.tree_util.tree_map_with_path(label, params)
+  if "lora" not in jax.tree.leaves(labels):
+    return labels
+  return jax.tree_util.tree_map_with_path(
+      lambda path, lab: "frozen" if _frozen_by_lora(param_path(path), lab, optim) else lab, labels)
 
 
 def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

@@ -13,9 +13,12 @@ one head): NNX lists a shared module at its first path in sorted order, and
 `doc_head` sorts before `query_backbone`.
 
 `EncoderConfig` says how to build it; `build_encoder` loads the backbone's
-real weights; `save_encoder`/`load_encoder` write and read a self-contained
-folder (`encoder_config.json` + `params.safetensors` + tokenizer files),
-written to a temporary name and renamed when complete (local or gs://).
+real weights (then wraps its projections in LoRA adapters when
+`EncoderConfig.lora` is set, see `lora.py`); `save_encoder`/`load_encoder`
+write and read a self-contained folder (`encoder_config.json` +
+`params.safetensors` + tokenizer files), written to a temporary name and
+renamed when complete (local or gs://). `save_encoder(..., merge_lora=True)`
+folds the adapters in and writes a plain encoder (`lora` {}).
 """
 from __future__ import annotations
 
@@ -35,8 +38,10 @@ from flax import nnx
 from safetensors import safe_open
 
 from laspar_jax import io_utils
+from laspar_jax.models import backbone as backbone_lib
 from laspar_jax.models import heads as heads_lib
 from laspar_jax.models import hf_weights
+from laspar_jax.models import lora as lora_lib
 from laspar_jax.tokenizer import Tokenizer
 
 CONFIG_NAME = "encoder_config.json"
@@ -65,6 +70,9 @@ class EncoderConfig:
     doc_head_kwargs: constructor arguments of the document head; used when
       `doc_head` or this is set (else the document side copies the query side).
     attention_impl: attention implementation of the backbone ("auto", "xla", "cpu").
+    lora: LoRA adapters on the backbone(s) ({} = none): {"rank": 16, "alpha": 32,
+      "dropout": 0.0, "targets": "default" or a list of attribute names}; the
+      optimizer then freezes the rest of the backbone.
   """
   backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
   head: str = "latent_attention"
@@ -81,6 +89,7 @@ class EncoderConfig:
   doc_head: str = ""
   doc_head_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   attention_impl: str = "auto"
+  lora: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -113,7 +122,8 @@ class EncoderConfig:
     return query, (self.doc_head or self.head, dict(self.doc_head_kwargs))
 
 
-_NEW_FIELDS = {"doc_head": "", "doc_head_kwargs": {}, "attention_impl": "auto"}
+_NEW_FIELDS = {"doc_head": "", "doc_head_kwargs": {}, "attention_impl": "auto", "lora": {}}
+_LORA_KEYS = {"rank", "alpha", "dropout", "targets"}
 
 
 class SparseEncoder(nnx.Module):
@@ -164,7 +174,8 @@ class SparseEncoder(nnx.Module):
       float32 [B, D].
     """
     backbone, head = self.backbone(kind), self.head(kind)
-    h_btd = backbone(input_ids_bl, attention_mask_bl, deterministic=deterministic, rngs=rngs)
+    with lora_lib.lora_dropout(backbone, None if deterministic else rngs):
+      h_btd = backbone(input_ids_bl, attention_mask_bl, deterministic=deterministic, rngs=rngs)
     return head(h_btd, attention_mask_bl, input_ids_bl, topk=topk)
 
 
@@ -199,6 +210,21 @@ def _make_head(spec: tuple[str, dict[str, Any]], loaded: hf_weights.Loaded, cfg:
                              special_ids=special_ids, **kwargs)
 
 
+def _apply_lora(cfg: EncoderConfig, loaded: hf_weights.Loaded, seed: int) -> None:
+  """Wraps the backbone's target projections in LoRA adapters (cfg.lora), drawing A from `seed`."""
+  spec = dict(cfg.lora)
+  unknown = sorted(set(spec) - _LORA_KEYS)
+  if unknown or "rank" not in spec:
+    raise ValueError(f"EncoderConfig.lora = {spec}: expected the keys {sorted(_LORA_KEYS)} (rank required)")
+  targets = spec.get("targets", "default")
+  if targets == "default":
+    model_type = loaded.hf_config.get("model_type", "bert")
+    targets = lora_lib.default_targets(backbone_lib.FAMILIES[model_type].name)
+  rank = int(spec["rank"])
+  lora_lib.apply_lora(loaded.model, targets=targets, rank=rank, alpha=float(spec.get("alpha", rank)),
+                      dropout=float(spec.get("dropout", 0.0)), rngs=nnx.Rngs(params=seed))
+
+
 def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
   if cfg.towers not in ("shared", "separate"):
     raise ValueError(f"towers must be 'shared' or 'separate', got {cfg.towers!r}")
@@ -222,6 +248,10 @@ def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
     query, doc = load(q_vocab, cfg.seed), load(d_vocab, cfg.seed + 1)
   else:
     query = doc = load(q_vocab or d_vocab, cfg.seed if q_vocab else cfg.seed + 1)
+  if cfg.lora:  # adapters draw from seed + 2 (query / shared backbone) and seed + 3 (document)
+    _apply_lora(cfg, query, cfg.seed + 2)
+    if separate:
+      _apply_lora(cfg, doc, cfg.seed + 3)
   query_head = _make_head(q_spec, query, cfg, cfg.seed)
   doc_head = None if not separate and d_spec == q_spec else _make_head(d_spec, doc, cfg, cfg.seed + 1)
   if doc_head is not None and heads_lib.output_dim(doc_head) != heads_lib.output_dim(query_head):
@@ -239,21 +269,29 @@ def _flat_params(encoder: SparseEncoder) -> dict[str, np.ndarray]:
   return out
 
 
-def save_encoder(encoder: SparseEncoder, tokenizer: Tokenizer, path: str | os.PathLike) -> str:
+def save_encoder(encoder: SparseEncoder, tokenizer: Tokenizer, path: str | os.PathLike, *,
+                 merge_lora: bool = False) -> str:
   """Writes a self-contained encoder folder atomically (tmp folder + rename; local or gs://).
 
   Args:
     encoder: the encoder.
     tokenizer: its tokenizer (the backbone's tokenizer files are copied).
     path: the folder to write (replaced if it exists).
+    merge_lora: fold LoRA adapters into the base kernels and write a plain
+      encoder (its config has `lora` {}); the encoder itself is not changed.
 
   Returns:
     The folder path.
   """
   del tokenizer  # its files are the backbone's, copied below
+  params, config = _flat_params(encoder), encoder.config
+  if merge_lora and config.lora:
+    params = {k: np.asarray(v) for k, v in
+              lora_lib.merged_flat_params(params, lora_lib.scales_by_path(encoder)).items()}
+    config = dataclasses.replace(config, lora={})
   with io_utils.atomic_directory(path) as tmp:
-    (tmp / PARAMS_NAME).write_bytes(safetensors.numpy.save(_flat_params(encoder)))
-    (tmp / CONFIG_NAME).write_text(json.dumps(encoder.config.to_dict(), indent=2))
+    (tmp / PARAMS_NAME).write_bytes(safetensors.numpy.save(params))
+    (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
     backbone_dir = epath.Path(hf_weights.resolve(encoder.config.backbone))
     for name in BACKBONE_FILES:
       if (backbone_dir / name).exists():
