@@ -6,19 +6,36 @@ position and anything else JSON-able). orbax writes each step to a temporary
 directory and renames it when complete, so a run killed at any moment leaves
 only whole checkpoints; the last `keep` are kept.
 
+Integrity (`checkpoint_integrity`): once orbax has committed a step (at once
+for synchronous saves; for asynchronous ones at the next save, `wait` or
+`close`), every file of it is hashed into `<step>/checksums.json`. Restoring
+the latest step verifies it first; a damaged step (changed bytes, a truncated
+or missing file, unreadable JSON metadata) is renamed to
+`<step>.corrupt-<time>`, a warning names the file and the problem, and the
+next older step is tried. Restoring an explicit step raises
+`CheckpointCorruptError` instead.
+
 Restoring takes an abstract target (jax.ShapeDtypeStruct leaves with
 shardings), so arrays come back directly on their devices. The directory may
 be local (made absolute) or gs:// (orbax writes object stores itself).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from laspar_jax import io_utils
+from laspar_jax.checkpoint_integrity import CheckpointCorruptError
+from laspar_jax import checkpoint_integrity as integrity
+
+_LOG = logging.getLogger(__name__)
+__all__ = ["Checkpointer", "CheckpointCorruptError", "abstract_like"]
 
 
 def abstract_like(tree: Any) -> Any:
@@ -55,6 +72,8 @@ class Checkpointer:
         max_to_keep=keep if keep > 0 else None, create=True,
         enable_async_checkpointing=async_save)
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
+    self._async = async_save
+    self._unhashed: list[int] = []  # committed (or committing) steps without checksums yet
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
@@ -78,8 +97,26 @@ class Checkpointer:
     """
     if step in self._mgr.all_steps():
       return
+    self._finalize()
     self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    self._unhashed.append(step)
+    if not self._async:
+      self._finalize()
+
+  def step_dir(self, step: int) -> Any:
+    """The folder of checkpoint `step`."""
+    return io_utils.as_path(self.directory) / str(step)
+
+  def _finalize(self) -> None:
+    """Waits for pending saves, then writes the checksums of the steps committed since the last call."""
+    if not self._unhashed:
+      return
+    self._mgr.wait_until_finished()
+    for step in self._unhashed:
+      if jax.process_index() == 0 and self.step_dir(step).exists():
+        integrity.write_checksums(self.step_dir(step))
+    self._unhashed = []
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
     """Restores a checkpoint into the structure and shardings of `target`.
@@ -92,20 +129,76 @@ class Checkpointer:
       (state, meta, step).
 
     Raises:
-      FileNotFoundError: no checkpoint.
+      FileNotFoundError: no (intact) checkpoint.
+      CheckpointCorruptError: the explicitly asked `step` is damaged.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    out = self._mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
+    self._finalize()
+    if step is not None:
+      problem = integrity.verify(self.step_dir(step))
+      if problem:
+        raise CheckpointCorruptError(f"checkpoint {step} is damaged: {problem}")
+      return self._restore(target, step)
+    for step in sorted(self._mgr.all_steps(), reverse=True):
+      problem = integrity.verify(self.step_dir(step))
+      if not problem:
+        try:
+          return self._restore(target, step)
+        except CheckpointCorruptError as e:
+          problem = str(e)
+      self._set_aside(step, problem)
+    raise FileNotFoundError(f"no intact checkpoint in {self.directory}")
+
+  def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any], int] | None:
+    """`restore(target)` of the newest intact checkpoint, or None when there is none."""
+    if not self._mgr.all_steps():
+      return None
+    try:
+      return self.restore(target)
+    except FileNotFoundError:
+      return None
+
+  def _restore(self, target: Any, step: int) -> tuple[Any, dict[str, Any], int]:
+    checked = integrity.has_checksums(self.step_dir(step))
+    try:
+      with _quiet_asyncio():
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      if checked:  # the bytes are the ones written: a real error (e.g. another model), not damage
+        raise
+      raise CheckpointCorruptError(f"{self.step_dir(step)}: cannot be restored and has no "
+                                   f"{integrity.CHECKSUMS}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     return out.state, dict(out.meta), step
 
+  def _set_aside(self, step: int, problem: str) -> None:
+    """Logs why `step` is bad and renames it aside (lead host), so the next older step is used."""
+    if jax.process_index() == 0:
+      dst = integrity.move_aside(self.step_dir(step))
+      _LOG.warning("checkpoint %d is damaged (%s); moved it to %s and falling back to an older "
+                   "checkpoint", step, problem, dst)
+    self._mgr.reload()
+
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
+    """Blocks until pending asynchronous saves are on disk (with their checksums)."""
     self._mgr.wait_until_finished()
+    self._finalize()
 
   def close(self) -> None:
     """Finishes pending saves and releases the manager."""
     self._mgr.wait_until_finished()
+    self._finalize()
     self._mgr.close()
+
+
+@contextlib.contextmanager
+def _quiet_asyncio() -> Iterator[None]:
+  """Silences asyncio's log while restoring: when one read fails, orbax's event loop closes with the
+  other reads pending and asyncio logs a traceback for each ("Event loop is closed"); the one
+  error raised is what matters."""
+  log = logging.getLogger("asyncio")
+  level = log.level
+  log.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    log.setLevel(level)

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -122,6 +123,26 @@ def encoder_fingerprint(encoder: Any, **extra: Any) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def params_digest(encoder: Any) -> str | None:
+  """blake2b (16 hex) of an NNX encoder's parameter values (None: not NNX, or not all on this host).
+
+  Two encoders of one config (e.g. before and after training) share
+  `encoder_fingerprint` but not this; `index_collection` stores it in the
+  manifest metadata ("encoder_params") and evaluation compares it.
+  """
+  if not isinstance(encoder, nnx.Module):
+    return None
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(encoder, nnx.Param))[0]
+  h = hashlib.blake2b(digest_size=8)
+  for path, leaf in leaves:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return None
+    arr = np.asarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}:{arr.dtype}:{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).data)
+  return h.hexdigest()
+
+
 def encoder_dim(encoder: Any, tokenizer: Any = None) -> int:
   """D of an encoder's output, from the usual attribute names."""
   for obj in (encoder, getattr(encoder, "head", None), getattr(encoder, "doc_head", None)):
@@ -182,13 +203,25 @@ def index_collection(encoder: SparseEncoder, tokenizer: Tokenizer, docs: Any, pa
       metadata).
 
   Returns:
-    The index path. Encode throughput (docs/s) is stored in the manifest metadata.
+    The index path. Encode throughput (docs/s) and the encoder's
+    `params_digest` ("encoder_params") are stored in the manifest metadata.
+
+  Raises:
+    ValueError: the corpus has no document (nothing is written).
   """
   dim = dim or encoder_dim(encoder, tokenizer)
   writer_kwargs.setdefault("encoder_hash", encoder_fingerprint(encoder))
   meta = dict(writer_kwargs.pop("metadata", None) or {})
   meta.update(collection=getattr(docs, "name", None), k_doc=k_doc)
+  if (digest := params_digest(encoder)) is not None:
+    meta["encoder_params"] = digest
   stream = docs.docs() if hasattr(docs, "docs") else iter(docs)
+  try:
+    first = next(stream)
+  except StopIteration:
+    raise ValueError(f"the corpus {getattr(docs, 'name', '')!r} has no documents: no index written "
+                     f"at {os.fspath(path)}") from None
+  stream = itertools.chain([first], stream)
   batches = _doc_batches(encoder, tokenizer, stream, k=k_doc, batch_size=batch_size,
                          max_length=max_length, min_weight=min_weight, mesh=mesh)
   bar = tqdm(total=getattr(docs, "num_docs", None), unit="doc", desc="index", disable=not progress)

@@ -157,13 +157,44 @@ def format_report(metrics: Mapping[str, float], efficiency: Mapping[str, float])
   return "\n".join(lines)
 
 
+class EncoderMismatchError(ValueError):
+  """The index was built by another encoder than the one encoding the queries."""
+
+
+def check_encoder_matches(encoder: Any, index: Any, *, allow: bool = False) -> None:
+  """Raises EncoderMismatchError when the index manifest's encoder fingerprint is not the encoder's.
+
+  Args:
+    encoder: the encoder that will encode the queries.
+    index: the loaded Index: its manifest's "encoder_hash" (config fingerprint) and
+      metadata "encoder_params" (`encode.params_digest`) are compared; a field
+      the index lacks is not checked.
+    allow: only warn (for those who mean to mix encoders).
+  """
+  meta = index.manifest.get("metadata") or {}
+  want = (index.manifest.get("encoder_hash") or "", meta.get("encoder_params") or "")
+  have = (encode_lib.encoder_fingerprint(encoder), encode_lib.params_digest(encoder) or "")
+  if all(not w or not h or w == h for w, h in zip(want, have)):
+    return
+  what = "config" if want[0] and want[0] != have[0] else "parameters"
+  msg = (f"the index {getattr(index, 'path', '')} was built by another encoder (its {what} differ: "
+         f"index {'/'.join(w for w in want if w)}, this encoder {'/'.join(h for h in have if h)}); "
+         "scores from two encoders are meaningless. Rebuild "
+         "the index with this encoder, or pass allow_encoder_mismatch=True "
+         "(--allow_encoder_mismatch) if you mean it")
+  if not allow:
+    raise EncoderMismatchError(msg)
+  print(f"warning: {msg}")
+
+
 def evaluate_encoder(encoder: Any, tokenizer: Any, collection: Any, index: Any, *,
                      k: int = 1000, k_query: int = 128,
                      measures: Sequence[str] = DEFAULT_MEASURES,
                      run_path: io_utils.PathLike | None = None, tag: str = "laspar",
                      batch_size: int = 64, threads: int | None = None,
                      verbose: bool = True, max_queries: int | None = None,
-                     efficiency: bool = True, **search_kwargs) -> dict[str, Any]:
+                     efficiency: bool = True, allow_encoder_mismatch: bool = False,
+                     verify: str = "auto", **search_kwargs) -> dict[str, Any]:
   """Encodes the judged queries, searches the index, scores the run (see the module docstring).
 
   Args:
@@ -180,6 +211,10 @@ def evaluate_encoder(encoder: Any, tokenizer: Any, collection: Any, index: Any, 
     verbose: print the report.
     max_queries: evaluate the first `max_queries` judged queries by id (None/0: all).
     efficiency: time the searches (`efficiency_report`; training skips it).
+    allow_encoder_mismatch: evaluate even when the index was built by another
+      encoder (its manifest's fingerprint differs); else EncoderMismatchError.
+    verify: checks of the index files when `index` is a path ("auto", "size",
+      "full": re-hash every file, "none"; see `Index.load`).
     **search_kwargs: passed to `index.search` (mode="approx", budget, ...).
 
   Returns:
@@ -188,7 +223,8 @@ def evaluate_encoder(encoder: Any, tokenizer: Any, collection: Any, index: Any, 
      query, "active_d": mean postings per document}.
   """
   if not isinstance(index, Index):
-    index = Index.load(index)
+    index = Index.load(index, verify=verify)
+  check_encoder_matches(encoder, index, allow=allow_encoder_mismatch)
   judged = collection.judged_queries
   if not judged:
     raise ValueError(f"{collection!r} has no judged queries")
@@ -231,7 +267,7 @@ def evaluate_config(encoder: Any, tokenizer: Any, ev: ml_collections.ConfigDict,
   Args:
     encoder, tokenizer: the sparse encoder.
     ev: config.eval (collection, split, q_topk, d_topk, batch_size, measures,
-      max_queries, max_docs, search_threads).
+      max_queries, max_docs, search_threads; optional strict).
     out_dir: where the index, the run and the metrics go (local or gs://).
     progress: tqdm bar while indexing.
 
@@ -239,7 +275,7 @@ def evaluate_config(encoder: Any, tokenizer: Any, ev: ml_collections.ConfigDict,
     {measure: value} plus active_q, active_d (mean dims per query / postings
     per document), index_seconds and eval_seconds (both from the start of indexing).
   """
-  coll = sources.load_collection(ev.collection, split=ev.split or None)
+  coll = sources.load_collection(ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False)))
   docs = _FirstDocs(coll, ev.max_docs) if ev.max_docs else coll
   out_dir = io_utils.as_path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)

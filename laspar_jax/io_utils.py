@@ -7,11 +7,20 @@ failure, so a half-written encoder, cache or evaluation output is never read
 as valid. On object stores (gs://), where a directory rename is a copy, the
 temporary directory is copied and then removed (still never visible under the
 final name before it is complete).
+
+Temporary siblings left by killed processes (`<name>.tmp-<pid>`,
+`<name>.old-<pid>` whose pid is no longer alive on this host) are removed by
+the next `atomic_directory` of the same name, and `remove_stale_tmp(folder)`
+clears every such entry of a folder. On commit, local files and folders get
+the permissions of the umask (0644/0755 under the usual 022), whatever mode
+the writer used (some writers create 0600 temporary files).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 from collections.abc import Iterator
 
 from etils import epath
@@ -44,6 +53,7 @@ def atomic_directory(path: PathLike, *, overwrite: bool = True) -> Iterator[epat
   if final.exists() and not overwrite:
     raise FileExistsError(f"{final} exists (pass overwrite=True to replace it)")
   final.parent.mkdir(parents=True, exist_ok=True)
+  remove_stale_tmp(final.parent, final.name)
   tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
   if tmp.exists():
     tmp.rmtree()
@@ -54,6 +64,8 @@ def atomic_directory(path: PathLike, *, overwrite: bool = True) -> Iterator[epat
     if tmp.exists():
       tmp.rmtree()
     raise
+  if is_local(tmp):
+    _umask_permissions(os.fspath(tmp))
   old = final.parent / f"{final.name}.old-{os.getpid()}"
   if final.exists():
     final.rename(old)
@@ -64,6 +76,65 @@ def atomic_directory(path: PathLike, *, overwrite: bool = True) -> Iterator[epat
     tmp.rmtree()
   if old.exists():
     old.rmtree()
+
+
+def _umask_permissions(root: str) -> None:
+  """Gives a local tree the default modes of the umask (files 0666 & ~umask, folders 0777 & ~umask)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(root, 0o777 & ~umask)
+  for folder, dirs, files in os.walk(root):
+    for d in dirs:
+      os.chmod(os.path.join(folder, d), 0o777 & ~umask)
+    for f in files:
+      path = os.path.join(folder, f)
+      if not os.path.islink(path):
+        os.chmod(path, (0o777 if os.access(path, os.X_OK) else 0o666) & ~umask)
+
+
+def pid_alive(pid: int) -> bool:
+  """True when a process `pid` exists on this host (or cannot be signalled: another user's)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+_TMP_RE = re.compile(r"^(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+def remove_stale_tmp(folder: PathLike, name: str | None = None) -> list[str]:
+  """Removes `<name>.tmp-<pid>` / `<name>.old-<pid>` entries of `folder` whose process is dead.
+
+  Args:
+    folder: the folder to clean (local only; object stores are left alone).
+    name: only entries of this final name (None: every name).
+
+  Returns:
+    The removed paths.
+  """
+  folder = os.fspath(folder)
+  if not is_local(folder) or not os.path.isdir(folder):
+    return []
+  removed = []
+  for entry in os.listdir(folder):
+    m = _TMP_RE.match(entry)
+    if m is None or (name is not None and m["name"] != name):
+      continue
+    pid = int(m["pid"])
+    if pid == os.getpid() or pid_alive(pid):
+      continue
+    path = os.path.join(folder, entry)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      with contextlib.suppress(OSError):
+        os.remove(path)
+    removed.append(path)
+  return removed
 
 
 def _copy_tree(src: epath.Path, dst: epath.Path) -> None:

@@ -244,7 +244,8 @@ def teacher_embeddings(cache_root: str | os.PathLike, model, collection, example
 
   Only the documents named by the examples (positives and negative pools) are
   encoded, not the whole corpus. Caches live in <cache_root>/queries and
-  <cache_root>/docs (see dense_embeddings).
+  <cache_root>/docs (see dense_embeddings); temporary folders of killed runs
+  there are removed first.
 
   Args:
     cache_root: directory for the two caches.
@@ -261,6 +262,7 @@ def teacher_embeddings(cache_root: str | os.PathLike, model, collection, example
   """
   if isinstance(model, (str, os.PathLike)):
     model = hf_weights.resolve(model)
+  io_utils.remove_stale_tmp(cache_root)  # `queries.tmp-<pid>` / `docs.tmp-<pid>` of killed runs
   qids = sorted({e.qid for e in examples})
   dids = sorted({d for e in examples for d in (e.pos_id, *e.neg_ids)})
   kw = dict(batch_size=batch_size, on_stale=on_stale, progress=progress)

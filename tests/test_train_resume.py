@@ -1,4 +1,5 @@
 """A run killed with SIGKILL (or stopped by SIGTERM) resumes to the same parameters as an uninterrupted run."""
+import json
 import os
 import pathlib
 import signal
@@ -87,3 +88,91 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, minilm_path, shared_data
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# A wrapper around launch/train.py that SIGKILLs itself at a chosen point: "write:<step>" while orbax
+# writes checkpoint <step> (its files are in the temporary folder, not yet renamed into place), or
+# "saved:<step>" right after checkpoint <step> and its checksums are complete.
+_KILLER = r"""
+import os, runpy, signal, sys
+where, step = os.environ["KILL_AT"].split(":")
+from laspar_jax import checkpoint_integrity
+from orbax.checkpoint._src.path import atomicity
+if where == "write":
+  orig_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+  async def finalize(self, *a, **k):
+    if os.path.basename(str(self._final_path)) == step:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return await orig_finalize(self, *a, **k)
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
+else:
+  orig_write = checkpoint_integrity.write_checksums
+  def write_checksums(step_dir):
+    out = orig_write(step_dir)
+    if os.path.basename(str(step_dir)) == step:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return out
+  checkpoint_integrity.write_checksums = write_checksums
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as `python launch/train.py` does
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _killed_at(cmd, env, where):
+  r = subprocess.run([sys.executable, "-c", _KILLER] + cmd[1:], env=dict(env, KILL_AT=where), cwd=REPO,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == -signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
+  return r
+
+
+def _array_file(step_dir):
+  return max((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
+             key=lambda p: p.stat().st_size)
+
+
+def test_kill_points_and_corrupt_checkpoints_resume_equals_uninterrupted(tmp_path, minilm_path, shared_data):
+  tiny = tiny_bert.write_tiny_bert(tmp_path / "tiny", minilm_path)
+  env = _env(tmp_path / "jax_cache")
+  full, run = tmp_path / "full", tmp_path / "run"
+  r = subprocess.run(_cmd(tiny, shared_data, full), env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  cmd = _cmd(tiny, shared_data, run)
+
+  # 1. kill -9 during the first step (the data is ready, no checkpoint yet).
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if "[train] data:" in line:
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait(timeout=300)
+  assert proc.returncode == -signal.SIGKILL and _steps(run) == []
+  # 2. kill -9 while checkpoint 4 is being written: 2 stays the latest.
+  _killed_at(cmd, env, "write:4")
+  assert _steps(run) == [2]
+  # 3. kill -9 between checkpoints (just after 6 and its checksums), then flip bits in 6's array data.
+  _killed_at(cmd, env, "saved:6")
+  assert _steps(run) == [2, 4, 6]
+  data = _array_file(run / "checkpoints" / "6")
+  b = bytearray(data.read_bytes())
+  for at in (17, len(b) // 2, len(b) - 5):
+    b[at] ^= 0x04
+  data.write_bytes(bytes(b))
+  # 4. the rerun sets 6 aside, resumes from 4; kill it after the new 6, then truncate 6's metadata.
+  r = _killed_at(cmd, env, "saved:6")
+  assert "checkpoint 6 is damaged" in r.stderr and data.name in r.stderr, r.stderr[-3000:]
+  assert "resumed from checkpoint 4" in r.stdout
+  meta = run / "checkpoints" / "6" / "meta" / "metadata"
+  meta.write_bytes(meta.read_bytes()[:4])
+  # 5. the last rerun falls back to 4 again and finishes.
+  r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert "resumed from checkpoint 4" in r.stdout and "meta/metadata" in r.stderr, r.stderr[-3000:]
+  assert len([p for p in (run / "checkpoints").iterdir() if ".corrupt-" in p.name]) == 2
+  a, b = _params(full), _params(run)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  rows = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+  steps = [r_["step"] for r_ in rows if "train/loss" in r_]
+  assert steps == sorted(set(steps)) and steps[-1] == TOTAL  # kept across kills, no duplicates

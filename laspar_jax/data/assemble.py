@@ -64,7 +64,7 @@ def build_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, workdir: i
     raise ValueError(f"data.batching must be one of {BATCHING}, got {batching!r}")
   if batching == "clustered" and d.teacher != "dense":
     raise ValueError("data.batching='clustered' needs data.teacher='dense' (it clusters teacher embeddings)")
-  coll = sources.load_collection(d.collection, split=d.split or None)
+  coll = sources.load_collection(d.collection, split=d.split or None, strict=bool(d.get("strict", False)))
   candidates, scores = None, None
   if d.negatives == "bm25":
     docs = list(coll.docs())

@@ -1,8 +1,9 @@
 """Readers for the on-disk formats of retrieval collections, with one rule per anomaly.
 
 Formats: JSON lines (BEIR corpus/queries), TSV (MS MARCO collection/queries),
-SMART records (`.I`/`.T`/`.A`/`.B`/`.W`, Cranfield-style) and qrels (BEIR TSV
-with or without header, TREC 4-column, Cranfield 3-column with grades), and
+qrels (BEIR TSV with or without header, TREC 4-column, SMART 4-column,
+Cranfield 3-column with grades; SMART records and the choice of the qrels
+layout are in `laspar_jax.data.smart`), and
 TREC run files (`read_trec_run`, `write_trec_run`: the one reader and writer).
 
 Every anomaly is either handled by the rule below (strict=False, the default;
@@ -22,6 +23,9 @@ with strict=True, raised as `DataFormatError(path, line, msg)`:
 | qrels line malformed / non-integer grade  | line skipped (`malformed`)                   |
 | duplicate qrels pair (`duplicate_qrel`)   | first grade kept                             |
 | qrels naming an unknown query or document | pair dropped (`unknown_query`/`unknown_doc`) |
+| qrels file giving no judged query, or     | always an error (`DataFormatError` naming the |
+|   losing > 5% (and >= 3) lines to unknown |   file and the qrels layout it assumed)       |
+|   ids                                     |                                               |
 
 A truncated last line of a JSON file is malformed JSON and follows that rule; a
 truncated TSV line that still has the right columns cannot be told from a short
@@ -30,9 +34,7 @@ text and is read as it is.
 Cranfield grades (cranqrel: 1 = complete answer .. 4 = minimum interest, 5 = no
 interest, -1 = judged not relevant) become ir-measures relevance as
 `rel = 5 - grade` for 1..4 (so 1 -> 4 best, 4 -> 1) and 0 for 5 and -1.
-SMART query ids are the 1-based position of the query in the query file: the
-Cranfield qrels number queries 1..225 that way, while the `.I` numbers in
-cran.qry are not consecutive (001, 002, 004, 008, ...).
+Cranfield query ids are positions (see `laspar_jax.data.smart`).
 """
 from __future__ import annotations
 
@@ -177,78 +179,6 @@ def parse_tsv_query(line: str) -> tuple[str, str] | str:
   return cols[0].strip(), cols[1].strip()
 
 
-# ----------------------------------------------------------------------------- SMART
-
-
-def iter_smart_records(path, problems: Problems | None) -> Iterator[tuple[Span, dict[str, str]]]:
-  """Yields (span, fields) per `.I` record; fields maps "T"/"A"/"B"/"W" to text.
-
-  A field marker that repeats inside a record (cran.all.1400 has a few) appends
-  its text to that field.
-  """
-  cur_id, start, first_line, end = None, 0, 0, 0
-  fields: dict[str, list[str]] = {}
-  field = None
-
-  def flush():
-    return (Span(cur_id, start, end, first_line),
-            {k: " ".join(" ".join(v).split()) for k, v in fields.items()})
-
-  for lineno, s, e, text in iter_lines(path, problems):
-    if text.startswith(".I"):
-      if cur_id is not None:
-        yield flush()
-      parts = text.split()
-      cur_id = parts[1] if len(parts) == 2 else None
-      if cur_id is None:
-        if problems is not None:
-          problems.report(path, lineno, "malformed", f"bad record header {text!r}")
-        cur_id = ""  # keeps the span; the caller drops records with an empty id
-      start, first_line, fields, field = s, lineno, {}, None
-    elif len(text) == 2 and text[0] == "." and text[1].isalpha():
-      field = text[1]
-      fields.setdefault(field, [])
-    elif cur_id is None:
-      if problems is not None:
-        problems.report(path, lineno, "malformed", "text before the first .I record")
-    elif field is None:
-      if problems is not None:
-        problems.report(path, lineno, "malformed", "text outside a field")
-    else:
-      fields[field].append(text)
-    end = e
-  if cur_id is not None:
-    yield flush()
-
-
-def smart_doc(record_id: str, fields: dict[str, str]) -> Doc:
-  """SMART fields -> Doc: title = .T, text = .W (authors .A and source .B dropped).
-
-  In Cranfield the .W abstract begins with the title again; that repetition is
-  removed so that doc_text() does not hold the title twice.
-  """
-  title, text = fields.get("T", ""), fields.get("W", "")
-  if title and text.startswith(title):
-    text = text[len(title):].strip()
-  return Doc(record_id, title, text)
-
-
-def parse_smart_span(raw: str, record_id: str) -> Doc:
-  """Re-parses one SMART record from its text (for random access)."""
-  fields: dict[str, list[str]] = {}
-  field = None
-  for line in raw.splitlines():
-    line = line.rstrip("\r")
-    if line.startswith(".I") or not line.strip():
-      continue
-    if len(line) == 2 and line[0] == "." and line[1].isalpha():
-      field = line[1]
-      fields.setdefault(field, [])
-    elif field is not None:
-      fields[field].append(line)
-  return smart_doc(record_id, {k: " ".join(" ".join(v).split()) for k, v in fields.items()})
-
-
 # ----------------------------------------------------------------------------- qrels
 
 
@@ -267,13 +197,17 @@ def iter_qrels(path, problems: Problems, *, kind: str = "auto") -> Iterator[tupl
   Args:
     path: the file.
     problems: anomaly collector (malformed lines).
-    kind: "auto" (4 columns = TREC `qid iter docid rel`, 3 = `qid docid rel`),
-      or "cranfield" (3 columns with Cranfield grades, mapped by
-      `cranfield_relevance`).
+    kind: the layout (see `laspar_jax.data.smart`): "trec" (`qid iter docid
+      rel`), "smart" (`qid docid 0 0.000000`, every pair relevant: rel 1),
+      "cranfield" (`qid docid grade`, mapped by `cranfield_relevance`),
+      "plain" (`qid docid rel`), or "auto" (4 columns = trec, 3 = plain).
 
   Yields:
     (line number, query id, document id, integer relevance).
   """
+  if kind not in ("auto", "trec", "smart", "cranfield", "plain"):
+    raise ValueError(f"qrels layout {kind!r}; known: auto, trec, smart, cranfield, plain")
+  want = {"trec": 4, "smart": 4, "cranfield": 3, "plain": 3}.get(kind)
   first = True
   for lineno, _, _, text in iter_lines(path, problems):
     cols = text.split()
@@ -281,7 +215,14 @@ def iter_qrels(path, problems: Problems, *, kind: str = "auto") -> Iterator[tupl
       first = False
       if len(cols) == 3 and cols[2].lower() in ("score", "relevance", "rel", "grade"):
         continue  # BEIR header `query-id corpus-id score`
-    if len(cols) == 4 and kind == "auto":
+    if want is not None and len(cols) != want:
+      problems.report(path, lineno, "malformed", f"qrels line has {len(cols)} columns, "
+                      f"the {kind} layout has {want}")
+      continue
+    if kind == "smart":
+      yield lineno, cols[0], cols[1], 1
+      continue
+    if len(cols) == 4:
       qid, _, did, g = cols
     elif len(cols) == 3:
       qid, did, g = cols

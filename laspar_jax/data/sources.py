@@ -6,9 +6,10 @@
   - MS MARCO-style TSV directory: collection.tsv (`pid<TAB>text` or
     `pid<TAB>title<TAB>text`), queries.<split>.tsv (or queries.tsv), qrels in
     TREC format (`qid 0 pid rel`) as qrels.<split>.tsv|.txt or qrels/<split>.tsv;
-  - SMART directory (Cranfield style): a `*.all*` document file with
-    `.I/.T/.A/.B/.W` records, a `*.qry` query file and a `*qrel*`/`*.rel` qrels
-    file (3 columns with Cranfield grades, or TREC 4 columns);
+  - SMART directory (Cranfield, CISI, CACM, ...): a `*.all*` document file
+    with `.I/.T/.W/...` records, a `*.qry` query file and a `*qrel*`/`*.rel`
+    qrels file (Cranfield grades, TREC or SMART 4 columns; fields, layouts and
+    the Cranfield-only rules are in `laspar_jax.data.smart`);
 or an ir_datasets id (`msmarco-passage/train/judged`, `msmarco-passage/dev/small`,
 `msmarco-passage/trec-dl-2019/judged`, `beir/scifact/test`, ...; `split` is
 appended as `<spec>/<split>` when given). ir_datasets downloads into
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from laspar_jax.data import formats
+from laspar_jax.data import smart
 from laspar_jax.data.collection import Collection, doc_text
 from laspar_jax.data.formats import DataFormatError, Doc, Problems
 from laspar_jax.data.ir_datasets_source import IrDatasetsCollection, irds_id
@@ -135,11 +137,11 @@ def _scan_lines(path: str, problems: Problems, parse: Callable[[str], Any]) -> I
     yield formats.Span(doc.doc_id, start, end, lineno)
 
 
-def _scan_smart(path: str, problems: Problems) -> Iterator[formats.Span]:
-  for span, fields in formats.iter_smart_records(path, problems):
+def _scan_smart(path: str, problems: Problems, **doc_kw: bool) -> Iterator[formats.Span]:
+  for span, fields in smart.iter_records(path, problems):
     if not span.record_id:
       continue
-    doc = formats.smart_doc(span.record_id, fields)
+    doc = smart.make_doc(span.record_id, fields, **doc_kw)
     if not doc.title and not doc.text:
       problems.report(path, span.line, "empty_doc", f"document {doc.doc_id!r} has no text",
                       fatal=False)
@@ -174,27 +176,33 @@ def _read_queries_lines(path: str, problems: Problems, parse) -> dict[str, str]:
   return queries
 
 
-def _read_smart_queries(path: str, problems: Problems) -> dict[str, str]:
-  queries = {}
-  n = 0
-  for span, fields in formats.iter_smart_records(path, problems):
-    n += 1  # the position, not the .I number, is the query id (see formats)
-    text = fields.get("W", "")
-    if not text:
-      problems.report(path, span.line, "empty_query", f"query {n} (.I {span.record_id}) has no text")
-      continue
-    queries[str(n)] = text
-  return queries
+# A qrels file losing more than this share of its lines (and at least _MAX_LOST_LINES) to
+# unknown ids was most likely read with the wrong layout: an error, not warnings.
+_MAX_LOST_SHARE = 0.05
+_MAX_LOST_LINES = 3
 
 
 def _read_qrels(path: str, problems: Problems, queries: dict[str, str], has_doc: Callable[[str], bool],
-                kind: str = "auto") -> dict[str, dict[str, int]]:
+                layout: str = "auto", *, three_columns: str = "plain",
+                smart_ids: bool = False) -> dict[str, dict[str, int]]:
+  """Reads a qrels file; `layout` "auto" is detected (`smart.detect_qrels_layout`)."""
+  if layout == "auto":
+    layout = smart.detect_qrels_layout(path, has_doc, three_columns=three_columns)
+  if layout not in smart.QRELS_LAYOUTS:
+    raise ValueError(f"qrels layout {layout!r}; known: auto, {', '.join(smart.QRELS_LAYOUTS)}")
+  rows = formats.iter_qrels(path, problems, kind=layout)
+  if smart_ids:
+    rows = smart.iter_smart_qrels(rows, smart.doc_lookup(has_doc))
   qrels: dict[str, dict[str, int]] = {}
-  for lineno, qid, did, rel in formats.iter_qrels(path, problems, kind=kind):
+  n_lines = n_lost = 0
+  for lineno, qid, did, rel in rows:
+    n_lines += 1
     if qid not in queries:
+      n_lost += 1
       problems.report(path, lineno, "unknown_query", f"qrels name unknown query {qid!r}")
       continue
     if not has_doc(did):
+      n_lost += 1
       problems.report(path, lineno, "unknown_doc", f"qrels name unknown document {did!r}")
       continue
     per_q = qrels.setdefault(qid, {})
@@ -202,6 +210,13 @@ def _read_qrels(path: str, problems: Problems, queries: dict[str, str], has_doc:
       problems.report(path, lineno, "duplicate_qrel", f"duplicate qrels pair ({qid}, {did})")
       continue
     per_q[did] = rel
+  how = f"read with the {layout!r} qrels layout (force another with qrels_layout=)"
+  if n_lost > _MAX_LOST_SHARE * n_lines and n_lost >= _MAX_LOST_LINES:
+    raise DataFormatError(path, None, f"{n_lost} of {n_lines} qrels lines name unknown queries or "
+                          f"documents; {how}")
+  if not any(q in queries for q in qrels):
+    raise DataFormatError(path, None, f"no judged queries ({n_lines} qrels lines, {n_lost} with "
+                          f"unknown ids); {how}")
   return qrels
 
 
@@ -245,7 +260,7 @@ def _pick_qrels(candidates: dict[str, str], split: str | None, where: str) -> st
   raise ValueError(f"{where}: several qrels splits {sorted(candidates)}; pass split=")
 
 
-def _load_beir_dir(path: str, split: str | None, problems: Problems) -> LocalCollection:
+def _load_beir_dir(path: str, split: str | None, problems: Problems, layout: str) -> LocalCollection:
   corpus = os.path.join(path, "corpus.jsonl")
   index = _DocIndex(corpus, _scan_lines(corpus, problems, formats.parse_jsonl_doc), problems,
                     _line_parser(formats.parse_jsonl_doc))
@@ -253,11 +268,11 @@ def _load_beir_dir(path: str, split: str | None, problems: Problems) -> LocalCol
   cands = {os.path.splitext(os.path.basename(p))[0]: p
            for p in glob.glob(os.path.join(path, "qrels", "*.tsv"))}
   qpath = _pick_qrels(cands, split, path)
-  qrels = _read_qrels(qpath, problems, queries, index.__contains__) if qpath else {}
+  qrels = _read_qrels(qpath, problems, queries, index.__contains__, layout) if qpath else {}
   return LocalCollection(path, index, queries, qrels, problems)
 
 
-def _load_tsv_dir(path: str, split: str | None, problems: Problems) -> LocalCollection:
+def _load_tsv_dir(path: str, split: str | None, problems: Problems, layout: str) -> LocalCollection:
   corpus = os.path.join(path, "collection.tsv")
   index = _DocIndex(corpus, _scan_lines(corpus, problems, formats.parse_tsv_doc), problems,
                     _line_parser(formats.parse_tsv_doc))
@@ -276,7 +291,7 @@ def _load_tsv_dir(path: str, split: str | None, problems: Problems) -> LocalColl
   qrels = {}
   for cand in (f"qrels{suffix}.tsv", f"qrels{suffix}.txt", os.path.join("qrels", f"{split or 'test'}.tsv")):
     if os.path.exists(os.path.join(path, cand)):
-      qrels = _read_qrels(os.path.join(path, cand), problems, queries, index.__contains__)
+      qrels = _read_qrels(os.path.join(path, cand), problems, queries, index.__contains__, layout)
       break
   return LocalCollection(path, index, queries, qrels, problems)
 
@@ -296,24 +311,24 @@ def _find_smart_files(path: str) -> tuple[str, str | None, str | None] | None:
   return os.path.join(path, docs[0]), j(qry), j(rel)
 
 
-def _load_smart_dir(path: str, files, problems: Problems) -> LocalCollection:
+def _load_smart_dir(path: str, files, problems: Problems, layout: str, keywords: bool) -> LocalCollection:
   docs_path, qry_path, rel_path = files
-  index = _DocIndex(docs_path, _scan_smart(docs_path, problems), problems, formats.parse_smart_span)
-  queries = _read_smart_queries(qry_path, problems) if qry_path else {}
+  cranfield = os.path.basename(docs_path).lower().startswith("cran")  # Cranfield-only rules (see smart)
+  doc_kw = {"keywords": keywords, "cranfield": cranfield}
+  index = _DocIndex(docs_path, _scan_smart(docs_path, problems, **doc_kw), problems, smart.doc_parser(**doc_kw))
+  queries = smart.read_queries(qry_path, problems, cranfield=cranfield) if qry_path else {}
   qrels = {}
   if rel_path:
-    with open(rel_path, "rb") as f:
-      ncols = next((len(l.split()) for l in f if l.strip()), 0)
-    kind = "cranfield" if ncols == 3 else "auto"
-    qrels = _read_qrels(rel_path, problems, queries, index.__contains__, kind=kind)
+    qrels = _read_qrels(rel_path, problems, queries, index.__contains__, layout,
+                        three_columns="cranfield", smart_ids=not cranfield)
   return LocalCollection(path, index, queries, qrels, problems)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def load_collection(spec: str | os.PathLike, *, split: str | None = None,
-                    strict: bool = False) -> Collection:
+def load_collection(spec: str | os.PathLike, *, split: str | None = None, strict: bool = False,
+                    qrels_layout: str = "auto", keywords: bool = False) -> Collection:
   """Loads a collection named by a path (layout detected) or an ir_datasets id.
 
   Args:
@@ -322,24 +337,29 @@ def load_collection(spec: str | os.PathLike, *, split: str | None = None,
       ir_datasets `<spec>/<split>`); None picks `test` or the only one.
     strict: raise DataFormatError on any anomaly instead of applying the
       documented rule (see laspar_jax.data.formats).
+    qrels_layout: "auto" (detected from the content) or one of
+      `smart.QRELS_LAYOUTS` ("trec", "smart", "cranfield", "plain") to force it.
+    keywords: SMART collections: append the `.K` keywords to the document text.
 
   Returns:
     A Collection.
 
   Raises:
-    DataFormatError: strict and the files break their format.
+    DataFormatError: strict and the files break their format; or (always) a
+      qrels file that yields no judged query or loses more than a small share
+      of its lines to unknown ids.
     FileNotFoundError / ValueError: unknown layout, id or split.
   """
   problems = Problems(strict)
   spec = os.fspath(spec)
   if os.path.isdir(spec):
     if os.path.exists(os.path.join(spec, "corpus.jsonl")):
-      return _load_beir_dir(spec, split, problems)
+      return _load_beir_dir(spec, split, problems, qrels_layout)
     if os.path.exists(os.path.join(spec, "collection.tsv")):
-      return _load_tsv_dir(spec, split, problems)
-    smart = _find_smart_files(spec)
-    if smart is not None:
-      return _load_smart_dir(spec, smart, problems)
+      return _load_tsv_dir(spec, split, problems, qrels_layout)
+    smart_files = _find_smart_files(spec)
+    if smart_files is not None:
+      return _load_smart_dir(spec, smart_files, problems, qrels_layout, keywords)
     raise FileNotFoundError(
         f"{spec}: unknown layout (expected corpus.jsonl [BEIR], collection.tsv [MS MARCO] "
         f"or a SMART *.all file starting with .I)")

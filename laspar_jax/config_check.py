@@ -1,0 +1,105 @@
+"""Up-front validation of a training config: sizes, ranges, names and combinations.
+
+`check_config(config)` runs before a run writes anything (config.json,
+checkpoints); every error names the field and its value, e.g.
+`config.model.latent_dim=-5: must be >= 1`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from laspar_jax import losses
+from laspar_jax import train_step
+from laspar_jax.models import heads
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# (field, test, what it must be); a field missing from the config is skipped.
+_Rule = tuple[str, Callable[[Any], bool], str]
+_RULES: tuple[_Rule, ...] = (
+    ("model.latent_dim", lambda v: v >= 1, ">= 1"),
+    ("model.query_max_len", lambda v: v >= 1, ">= 1"),
+    ("model.doc_max_len", lambda v: v >= 1, ">= 1"),
+    ("model.head", lambda v: v in heads.HEADS, f"one of {sorted(heads.HEADS)}"),
+    ("model.doc_head", lambda v: not v or v in heads.HEADS, f"empty or one of {sorted(heads.HEADS)}"),
+    ("model.dtype", lambda v: v in _DTYPES, f"one of {list(_DTYPES)}"),
+    ("model.towers", lambda v: v in ("shared", "separate"), "'shared' or 'separate'"),
+    ("optim.batch_size", lambda v: v >= 1, ">= 1"),
+    ("optim.accum_steps", lambda v: v >= 1, ">= 1"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.schedule", lambda v: v in ("linear", "constant"), "'linear' or 'constant'"),
+    ("optim.end_lr", lambda v: v >= 0, ">= 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.eps", lambda v: v > 0, "> 0"),
+    ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("optim.head_lr_mult", lambda v: v > 0, "> 0"),
+    ("train.total_steps", lambda v: v >= 1, ">= 1"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.checkpoint_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("train.keep_checkpoints", lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("train.eval_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("train.q_topk", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("train.d_topk", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("train.rng_impl", lambda v: v in ("threefry2x32", "rbg", "unsafe_rbg"),
+     "'threefry2x32', 'rbg' or 'unsafe_rbg'"),
+    ("data.n_neg", lambda v: v >= 0, ">= 0"),
+    ("data.neg_depth", lambda v: v >= 1, ">= 1"),
+    ("data.teacher", lambda v: v in ("none", "dense", "scores", ""), "'none', 'dense' or 'scores'"),
+    ("eval.q_topk", lambda v: v >= 1, ">= 1"),
+    ("eval.d_topk", lambda v: v >= 1, ">= 1"),
+    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.max_queries", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("eval.max_docs", lambda v: v >= 0, ">= 0 (0: all)"),
+    ("eval.search_threads", lambda v: v >= 0, ">= 0 (0: all cores)"),
+)
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> tuple[bool, Any]:
+  node: Any = config
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return False, None
+    node = node[part]
+  return True, node
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field whose value is out of range or of the wrong kind."""
+  for dotted, ok, what in _RULES:
+    present, value = _get(config, dotted)
+    if not present or value is None:
+      continue
+    try:
+      good = bool(ok(value))
+    except TypeError:
+      good = False
+    if not good:
+      raise ValueError(f"config.{dotted}={value!r}: must be {what}")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError for a bad value or settings that cannot work together (before anything is built).
+
+  Args:
+    config: a training config (configs/*.py).
+  """
+  check_ranges(config)
+  distill, teacher = config.loss.distill or None, config.data.teacher
+  need = losses.DISTILL_INPUTS.get(distill, ()) if distill else ()
+  if distill and distill not in losses.DISTILL_LOSSES:
+    raise ValueError(f"loss.distill={distill!r}; known: {sorted(losses.DISTILL_LOSSES)}")
+  if "teacher_q_be" in need and teacher != "dense":
+    raise ValueError(f"loss.distill={distill!r} needs data.teacher='dense' (got {teacher!r})")
+  if "teacher_scores_bn" in need and teacher != "scores":
+    raise ValueError(f"loss.distill={distill!r} needs data.teacher='scores' with data.teacher_scores")
+  if distill in ("margin_mse",) and config.data.n_neg < 1:
+    raise ValueError("loss.distill='margin_mse' needs hard negatives (data.n_neg >= 1)")
+  if config.data.n_neg > 0 and config.data.negatives in ("none", ""):
+    raise ValueError("data.n_neg > 0 needs data.negatives ('bm25' or a run file)")
+  train_step.regularizers_from_config(config.loss.regularizers)
