@@ -10,6 +10,8 @@ Where the model, the optimizer, the mesh and the data meet:
              history.jsonl (`metric_writers`), orbax checkpoints (state + data
              position), periodic evaluation (`evaluate.evaluate_config`)
   end        the encoder saved to WORKDIR/encoder, evaluated over the corpus.
+  guards     `config_check` before anything is written; `workdir_lock` (one
+             run per workdir); damaged checkpoints set aside (`checkpointing`).
 
 Every output goes through `etils.epath`, so WORKDIR may be gs://. A
 non-finite loss or gradient norm is recorded in `state.bad_step` by the step;
@@ -32,17 +34,21 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from laspar_jax import checkpointing
+from laspar_jax import config_check
 from laspar_jax import config_lib
 from laspar_jax import evaluate
 from laspar_jax import io_utils
-from laspar_jax import losses
 from laspar_jax import mesh as mesh_lib
 from laspar_jax import metric_writers
 from laspar_jax import optim
 from laspar_jax import train_state
 from laspar_jax import train_step
+from laspar_jax import workdir_lock
 from laspar_jax.data import assemble
 from laspar_jax.models import sparse_encoder
+
+
+check_config = config_check.check_config  # the name tests and callers know
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,25 +58,6 @@ class NonFiniteLossError(RuntimeError):
 def encoder_config(config: ml_collections.ConfigDict) -> sparse_encoder.EncoderConfig:
   """The EncoderConfig of a training config (config.model + config.seed)."""
   return sparse_encoder.EncoderConfig.from_dict({**config_lib.to_dict(config.model), "seed": int(config.seed)})
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for settings that cannot work together (before anything is built)."""
-  distill, teacher = config.loss.distill or None, config.data.teacher
-  need = losses.DISTILL_INPUTS.get(distill, ()) if distill else ()
-  if distill and distill not in losses.DISTILL_LOSSES:
-    raise ValueError(f"loss.distill={distill!r}; known: {sorted(losses.DISTILL_LOSSES)}")
-  if "teacher_q_be" in need and teacher != "dense":
-    raise ValueError(f"loss.distill={distill!r} needs data.teacher='dense' (got {teacher!r})")
-  if "teacher_scores_bn" in need and teacher != "scores":
-    raise ValueError(f"loss.distill={distill!r} needs data.teacher='scores' with data.teacher_scores")
-  if distill in ("margin_mse",) and config.data.n_neg < 1:
-    raise ValueError("loss.distill='margin_mse' needs hard negatives (data.n_neg >= 1)")
-  if config.data.n_neg > 0 and config.data.negatives in ("none", ""):
-    raise ValueError("data.n_neg > 0 needs data.negatives ('bm25' or a run file)")
-  train_step.regularizers_from_config(config.loss.regularizers)
-  if config.train.total_steps < 1:
-    raise ValueError("train.total_steps must be >= 1")
 
 
 def _say(lead: bool, msg: str) -> None:
@@ -109,6 +96,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: io_utils.Path
      "preempted": bool, "encoder": path or None}.
 
   Raises:
+    ValueError: a bad config value (`config_check`), before anything is written.
+    WorkdirLockedError: another live run holds WORKDIR (`workdir_lock`).
     NonFiniteLossError: a non-finite loss/gradient (the last good checkpoint is kept).
   """
   t_start = time.time()
@@ -116,6 +105,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: io_utils.Path
   workdir = _workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0
+  with workdir_lock.workdir_lock(workdir, enabled=lead):
+    if lead:
+      io_utils.remove_stale_tmp(workdir)  # e.g. encoder.tmp-<pid> of a killed run
+    return _train(config, workdir, lead, t_start)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start: float) -> dict[str, Any]:
+  """The body of `train_and_evaluate`, run under the workdir lock."""
   if lead:
     io_utils.write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
   total, accum = int(config.train.total_steps), int(config.optim.accum_steps)
@@ -136,15 +133,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: io_utils.Path
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", every=config.train.checkpoint_every,
                                     keep=config.train.keep_checkpoints)
   start, data_state = 0, None
-  if ckpt.latest_step() is not None:
-    tree, meta, start = ckpt.restore(state.to_tree())
+  restored = ckpt.restore_latest(state.to_tree())  # damaged steps are set aside (checkpointing)
+  if restored is not None:
+    tree, meta, start = restored
     state, data_state = train_state.TrainState.from_tree(tree), meta["data"]
     _say(lead, f"resumed from checkpoint {start} ({ckpt.directory})")
-  last_ckpt = ckpt.latest_step()
+  last_ckpt = start if restored is not None else None
 
   result: dict[str, Any] = {"step": start, "train": {}, "eval": None, "preempted": False, "encoder": None}
   pipe, old_handler, stop = None, None, {"sigterm": False}
-  writer = metric_writers.MetricWriter(workdir, enabled=lead)
+  writer = metric_writers.MetricWriter(workdir, enabled=lead, resume_step=start)
+  writer.write_hparams(config_lib.to_dict(config))
   bar = tqdm.tqdm(total=total, initial=start, desc="train", unit="step", disable=not lead, dynamic_ncols=True)
   try:
     if start < total:

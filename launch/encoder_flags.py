@@ -5,10 +5,10 @@ on sys.path). With --config, the collection and split default to the config's
 `eval` section and a missing --encoder builds the config's `model` (a fresh
 head); explicit flags always win.
 """
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+import distributed_flags  # launch/distributed_flags.py: --jax_distributed and its flags
 from laspar_jax import config_lib
 from laspar_jax.data.sources import load_collection
 from laspar_jax.models.sparse_encoder import load_encoder
@@ -21,14 +21,17 @@ LATENT_DIM = flags.DEFINE_integer("latent_dim", None, "D of a fresh latent head"
 COLLECTION = flags.DEFINE_string("collection", None, "collection (dir or ir_datasets id; default config.eval)")
 SPLIT = flags.DEFINE_string("split", None, "qrels split (default config.eval.split)")
 INDEX = flags.DEFINE_string("index", None, "index directory")
-DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "jax.distributed.initialize() (multi-host)")
+STRICT = flags.DEFINE_bool("strict", False, "a collection file breaking its format is an error naming the file "
+                           "and line (default: the documented rule per anomaly, with warnings)")
+QRELS_LAYOUT = flags.DEFINE_enum("qrels_layout", "auto", ["auto", "trec", "smart", "cranfield", "plain"],
+                                 "qrels layout (default: detected from the content)")
+KEYWORDS = flags.DEFINE_bool("keywords", False, "SMART collections: add the .K keywords to the document text")
 flags.mark_flags_as_required(["index"])
 
 
 def setup():
   """Initialises multi-host JAX when asked; returns the loaded config (or None)."""
-  if DISTRIBUTED.value:
-    jax.distributed.initialize()
+  distributed_flags.initialize()
   if ENCODER.value is None and CONFIG.value is None:
     raise app.UsageError("give --encoder or --config")
   return CONFIG.value
@@ -48,7 +51,8 @@ def collection(config, default_split=None):
     raise app.UsageError("give --collection or --config")
   split = config_lib.setting(SPLIT.value, config, "eval.split", None) if config is not None else (
       SPLIT.value or default_split)
-  return load_collection(name, split=split)
+  return load_collection(name, split=split, strict=STRICT.value, qrels_layout=QRELS_LAYOUT.value,
+                         keywords=KEYWORDS.value)
 
 
 def setting(flag, config, dotted, default):

@@ -11,6 +11,11 @@ r"""Encodes a corpus with a sparse encoder into an on-disk inverted index.
 With --config, --collection/--split/--k_doc/--batch_size default to the
 config's `eval` section and a missing --encoder builds the config's `model`
 (a fresh head); explicit flags win. `--config.a.b=value` overrides any field.
+
+Multi-host (`--jax_distributed`, see launch/distributed_flags.py): each
+process encodes its share of the corpus into `<index>.parts/part-<p>`, and
+process 0 alone merges them into `<index>` (laspar_jax/distributed_index.py);
+the index path must be on a filesystem every host sees.
 """
 import os
 import sys
@@ -20,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 import encoder_flags as ef  # noqa: E402  (launch/encoder_flags.py)
-from laspar_jax import encode  # noqa: E402
+from laspar_jax import distributed, distributed_index  # noqa: E402
 
 _K_DOC = flags.DEFINE_integer("k_doc", None, "dims kept per document (default config.eval.d_topk, else 512)")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "documents per encoder call (default config.eval, else 32)")
@@ -35,12 +40,13 @@ def main(argv):
   del argv
   c = ef.setup()
   encoder, tokenizer = ef.encoder_and_tokenizer(c)
-  path = encode.index_collection(
+  path = distributed_index.index_collection(  # one process: encode.index_collection
       encoder, tokenizer, ef.collection(c), ef.INDEX.value, k_doc=ef.setting(_K_DOC, c, "eval.d_topk", 512),
       batch_size=ef.setting(_BATCH_SIZE, c, "eval.batch_size", 32),
       value_dtype=_VALUE_DTYPE.value, approx=_APPROX.value, ram_budget_bytes=int(_RAM_BUDGET_GB.value * 2**30),
       overwrite=_OVERWRITE.value)
-  print(f"index written to {path}")
+  if distributed.is_lead():
+    print(f"index written to {path}")
 
 
 if __name__ == "__main__":

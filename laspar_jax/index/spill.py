@@ -84,6 +84,7 @@ class Run:
   counts: np.ndarray  # int32 [D]
   n: int
   consumed: int = 0   # postings of dims below the merge position (at the file end)
+  row_offset: int = 0  # added to the stored rows when merged (a part of a multi-host build)
 
 
 def write_run(prefix: pathlib.Path, dims: np.ndarray, rows: np.ndarray, vals: np.ndarray,
@@ -158,6 +159,8 @@ def merge_runs(runs: list[Run], offsets: np.ndarray, out_dir: pathlib.Path, *, r
       start = r.n - r.consumed - m
       b_rows = np.fromfile(r.rows_path, np.uint32, count=m, offset=4 * start)
       b_vals = np.fromfile(r.vals_path, run_dtype, count=m, offset=isz * start)
+      if r.row_offset:
+        b_rows += np.uint32(r.row_offset)
       merge_block(out_rows, bits_view(out_vals), cursor, b_rows, bits_view(b_vals), counts_chunk)
       r.consumed += m
       os.truncate(r.rows_path, 4 * start)
