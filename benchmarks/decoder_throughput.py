@@ -2,7 +2,7 @@
 
   python benchmarks/decoder_throughput.py                      # SmolLM2-135M, batch 16, L=256, fp32 + bf16
   python benchmarks/decoder_throughput.py --repeats 5 --lengths 128 256
-  python benchmarks/decoder_throughput.py --torch_python /work/toolsenv/bin/python
+  python benchmarks/decoder_throughput.py --torch_python ~/torch-venv/bin/python   # a venv with torch + transformers
   python benchmarks/decoder_throughput.py --gpu                # LoRA train steps (GPU machines)
   python benchmarks/decoder_throughput.py --gpu --scale tiny   # the same code on tiny configs (CPU smoke)
 
@@ -15,7 +15,7 @@ threads. Both compute the final hidden states (no LM head) of the same real
 SciFact texts, truncated / padded to the length with every token real.
 torch is not a dependency of laspar_jax: the reference runs in a worker
 process of `--torch_python` (default: this interpreter if it imports torch,
-else /work/toolsenv/bin/python when present) and answers one timed call per
+else $LASPAR_TORCH_PYTHON when set) and answers one timed call per
 request, so JAX and torch calls alternate in interleaved rounds (one call of
 each per round, after a warm-up; each figure is the best round) and share the
 machine's drift. The fp32 outputs of both are compared (max abs difference).
@@ -49,7 +49,7 @@ from laspar_jax import optim, platform, train_state, train_step
 from laspar_jax.models import backbone, heads, hf_weights, lora, sparse_encoder
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-TOOLSENV_PYTHON = "/work/toolsenv/bin/python"
+TOOLSENV_PYTHON = os.environ.get("LASPAR_TORCH_PYTHON", "")  # a python with torch + transformers
 
 # The torch side: loads the GGUF file once, then times one forward per request line ("fp32" / "bf16");
 # "dump PATH" saves the fp32 hidden states of the batch.
@@ -87,7 +87,7 @@ def _torch_python(requested: str | None) -> str | None:
     return requested
   if importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None:
     return sys.executable
-  return TOOLSENV_PYTHON if os.path.exists(TOOLSENV_PYTHON) else None
+  return TOOLSENV_PYTHON if TOOLSENV_PYTHON and os.path.exists(TOOLSENV_PYTHON) else None
 
 
 class TorchWorker:

@@ -13,7 +13,7 @@ tokenizer.json (so `hf_weights.load` can read the folder) + reference.npz:
 
 Run (needs torch CPU + transformers, never a package dependency):
 
-  /work/toolsenv/bin/python tools/make_decoder_fixtures.py [--out tests/fixtures]
+  TORCH_VENV/bin/python tools/make_decoder_fixtures.py [--out tests/fixtures]
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Writes (small .npz fixtures, committed):
     tokenizer's ids.
 
 Run with the tools venv (torch 2.13 CPU, transformers, gguf), never imported by the package:
-  /work/toolsenv/bin/python tools/make_real_weight_references.py
+  TORCH_VENV/bin/python tools/make_real_weight_references.py
 """
 from __future__ import annotations
 

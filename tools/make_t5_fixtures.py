@@ -2,7 +2,7 @@
 
 Run with the tools environment (transformers + CPU torch; never a package dependency):
 
-  /work/toolsenv/bin/python tools/make_t5_fixtures.py [--out tests/fixtures]
+  TORCH_VENV/bin/python tools/make_t5_fixtures.py [--out tests/fixtures]
 
 Each fixture folder (`t5_v10/`, `t5_flan/`) holds config.json,
 model.safetensors, a tiny WordLevel tokenizer.json (+ tokenizer_config.json)
