@@ -68,6 +68,26 @@ class Backbone(Protocol):
     """The vocabulary head; ValueError when the backbone was built without one."""
 
 
+class ConfigBacked:
+  """Mixin for family models: the contract's `vocab_size`, `pad_id` and `vocab_projection`
+  read from `self.config` (HF field names) and the optional `self.lm_head`."""
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def pad_id(self) -> int:
+    return self.config.pad_token_id
+
+  def vocab_projection(self):
+    """The vocabulary (MLM / LM) head; ValueError when the model was built without one."""
+    if self.lm_head is None:
+      raise ValueError(f"this {type(self).__name__} has no vocabulary head; load it with "
+                       "hf_weights.load(..., lm_head=True)")
+    return self.lm_head
+
+
 def transpose(a: np.ndarray) -> np.ndarray:
   """torch Linear weight [out, in] -> our kernel [in, out]."""
   return a.T

@@ -167,7 +167,7 @@ class BertLMHead(nnx.Module):
     return self.bias[...]
 
 
-class BertModel(nnx.Module):
+class BertModel(backbone.ConfigBacked, nnx.Module):
   """BERT encoder: ids -> last hidden states h_btd (no pooler); a `backbone.Backbone`.
 
   `lm_head` is None unless a vocabulary head was attached (`make_lm_head`,
@@ -187,21 +187,6 @@ class BertModel(nnx.Module):
   @property
   def hidden_size(self) -> int:
     return self.config.hidden_size
-
-  @property
-  def vocab_size(self) -> int:
-    return self.config.vocab_size
-
-  @property
-  def pad_id(self) -> int:
-    return self.config.pad_token_id
-
-  def vocab_projection(self) -> BertLMHead:
-    """The MLM head; ValueError when the model was built without one."""
-    if self.lm_head is None:
-      raise ValueError("this BertModel has no vocabulary head; load it with "
-                       "hf_weights.load(..., lm_head=True)")
-    return self.lm_head
 
   def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array,
                token_type_ids_bl: jax.Array | None = None, *, deterministic: bool = True,

@@ -146,7 +146,7 @@ class LlamaDecoderLayer(nnx.Module):
     return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
 
 
-class LlamaModel(nnx.Module):
+class LlamaModel(backbone.ConfigBacked, nnx.Module):
   """Llama-family decoder: ids -> h_btd after the final RMSNorm; a `backbone.Backbone`."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
@@ -173,20 +173,6 @@ class LlamaModel(nnx.Module):
   @property
   def hidden_size(self) -> int:
     return self.config.hidden_size
-
-  @property
-  def vocab_size(self) -> int:
-    return self.config.vocab_size
-
-  @property
-  def pad_id(self) -> int:
-    return self.config.pad_token_id
-
-  def vocab_projection(self) -> layers.LMHead:
-    """The LM head; ValueError when the model was built without one."""
-    if self.lm_head is None:
-      raise ValueError("this LlamaModel has no LM head; load it with hf_weights.load(..., lm_head=True)")
-    return self.lm_head
 
   def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
                deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -111,7 +111,7 @@ class OPTDecoderLayer(nnx.Module):
     return x_btd if self.pre_ln else self.final_layer_norm(x_btd)
 
 
-class OPTModel(nnx.Module):
+class OPTModel(backbone.ConfigBacked, nnx.Module):
   """OPT decoder: ids -> last hidden states h_btd [B, T, word_embed_proj_dim]; a `backbone.Backbone`."""
 
   def __init__(self, cfg: OPTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
@@ -137,20 +137,6 @@ class OPTModel(nnx.Module):
   @property
   def hidden_size(self) -> int:
     return self.config.word_embed_proj_dim
-
-  @property
-  def vocab_size(self) -> int:
-    return self.config.vocab_size
-
-  @property
-  def pad_id(self) -> int:
-    return self.config.pad_token_id
-
-  def vocab_projection(self) -> layers.LMHead:
-    """The LM head; ValueError when the model was built without one."""
-    if self.lm_head is None:
-      raise ValueError("this OPTModel has no LM head; load it with hf_weights.load(..., lm_head=True)")
-    return self.lm_head
 
   def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
                deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -281,7 +281,7 @@ def shift_right(ids_bl: jax.Array, start_id: int = 0, pad_id: int = 0) -> jax.Ar
   return jnp.where(out_bl == -100, jnp.asarray(pad_id, ids_bl.dtype), out_bl)
 
 
-class T5Model(nnx.Module):
+class T5Model(backbone.ConfigBacked, nnx.Module):
   """T5 encoder-decoder: a `backbone.Backbone` whose `__call__` runs `self.mode` (see the module docstring).
 
   Attributes:
@@ -306,20 +306,6 @@ class T5Model(nnx.Module):
   @property
   def hidden_size(self) -> int:
     return self.config.d_model
-
-  @property
-  def vocab_size(self) -> int:
-    return self.config.vocab_size
-
-  @property
-  def pad_id(self) -> int:
-    return self.config.pad_token_id
-
-  def vocab_projection(self) -> T5LMHead:
-    """The LM head (applies to decoder states); ValueError when the model was built without one."""
-    if self.lm_head is None:
-      raise ValueError("this T5Model has no LM head; load it with hf_weights.load(..., lm_head=True)")
-    return self.lm_head
 
   def shift_right(self, ids_bl: jax.Array) -> jax.Array:
     """`shift_right` with this model's decoder start token (= pad) and pad id."""
