@@ -22,12 +22,10 @@ on its own devices.
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import pathlib
 import time
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -36,7 +34,6 @@ from tqdm.auto import tqdm
 
 from laspar_jax import distributed
 from laspar_jax import encode
-from laspar_jax.data import sources
 from laspar_jax.index import merge as merge_lib
 
 WINDOW = 16  # batches per length-sorted window: `encode.encode_sparse`'s default, used by index_collection
@@ -47,20 +44,6 @@ def _count(docs: Any) -> int:
   if isinstance(n, (int, np.integer)):
     return int(n)
   return sum(1 for _ in docs.docs())
-
-
-def _encoded(encoder: Any, tokenizer: Any, docs: Iterable[sources.Doc], **kwargs: Any
-             ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
-  """(doc ids, idx_bk, val_bk) batches of a doc stream, in stream order."""
-  pending: collections.deque[str] = collections.deque()
-
-  def texts():
-    for doc in docs:
-      pending.append(doc.doc_id)
-      yield sources.doc_text(doc)
-
-  for idx_bk, val_bk in encode.encode_sparse(encoder, tokenizer, texts(), kind="doc", window=WINDOW, **kwargs):
-    yield [pending.popleft() for _ in range(idx_bk.shape[0])], np.asarray(idx_bk), np.asarray(val_bk)
 
 
 def parts_root(path: str | os.PathLike) -> pathlib.Path:
@@ -112,8 +95,9 @@ def index_collection(encoder: Any, tokenizer: Any, docs: Any, path: str | os.Pat
   with merge_lib.PartWriter(part, dim, value_dtype=value_dtype, approx=approx,
                             ram_budget_bytes=ram_budget_bytes, metadata=meta, **writer_kwargs) as w:
     if hi > lo:
-      for ids, idx_bk, val_bk in _encoded(encoder, tokenizer, itertools.islice(docs.docs(), lo, hi), k=k_doc,
-                                          batch_size=batch_size, max_length=max_length, min_weight=min_weight):
+      for ids, idx_bk, val_bk in encode.doc_batches(
+          encoder, tokenizer, itertools.islice(docs.docs(), lo, hi), k=k_doc, batch_size=batch_size,
+          max_length=max_length, min_weight=min_weight, window=WINDOW):
         w.add(ids, idx_bk, val_bk)
         bar.update(len(ids))
     w.metadata["encode_seconds"] = time.time() - t0

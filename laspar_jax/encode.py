@@ -155,10 +155,14 @@ def encoder_dim(encoder: Any, tokenizer: Any = None) -> int:
   raise ValueError("cannot tell the encoder's output dim; pass dim=")
 
 
-def _doc_batches(encoder: Any, tokenizer: Any, docs: Iterable[sources.Doc], *, k: int,
-                 batch_size: int, max_length: int | None, min_weight: float, mesh: Mesh | None
-                 ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
-  """Encodes a doc stream once, pairing each encoded batch with its doc ids."""
+def doc_batches(encoder: Any, tokenizer: Any, docs: Iterable[sources.Doc], *, k: int,
+                batch_size: int = 32, max_length: int | None = None, min_weight: float = 0.0,
+                mesh: Mesh | None = None, window: int = 16
+                ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+  """Encodes a doc stream once: (doc ids, idx_bk, val_bk) per batch, in stream order.
+
+  Args are those of `encode_sparse` (kind="doc"); `window` batches are length-sorted together.
+  """
   pending: collections.deque[str] = collections.deque()
 
   def texts():
@@ -168,7 +172,7 @@ def _doc_batches(encoder: Any, tokenizer: Any, docs: Iterable[sources.Doc], *, k
 
   for idx_bk, val_bk in encode_sparse(encoder, tokenizer, texts(), kind="doc", k=k,
                                       batch_size=batch_size, max_length=max_length,
-                                      min_weight=min_weight, mesh=mesh):
+                                      min_weight=min_weight, mesh=mesh, window=window):
     ids = [pending.popleft() for _ in range(idx_bk.shape[0])]
     yield ids, np.asarray(idx_bk), np.asarray(val_bk)
 
@@ -222,7 +226,7 @@ def index_collection(encoder: SparseEncoder, tokenizer: Tokenizer, docs: Any, pa
     raise ValueError(f"the corpus {getattr(docs, 'name', '')!r} has no documents: no index written "
                      f"at {os.fspath(path)}") from None
   stream = itertools.chain([first], stream)
-  batches = _doc_batches(encoder, tokenizer, stream, k=k_doc, batch_size=batch_size,
+  batches = doc_batches(encoder, tokenizer, stream, k=k_doc, batch_size=batch_size,
                          max_length=max_length, min_weight=min_weight, mesh=mesh)
   bar = tqdm(total=getattr(docs, "num_docs", None), unit="doc", desc="index", disable=not progress)
   t0 = time.time()
