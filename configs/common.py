@@ -17,21 +17,14 @@ from typing import Any
 import ml_collections
 
 from laspar_jax import config_lib
+from laspar_jax import mesh
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA_ENV = "LASPAR_DATA"
 
-# Logical axis -> mesh axis (None: replicated); read by `laspar_jax.mesh.rules_from_config`.
-SHARDING_RULES = (
-    ("batch", "data"),
-    ("embed", None),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("kv", None),
-    ("vocab", "model"),
-    ("sparse", "model"),
-    ("length", None),
-)
+# Logical axis -> mesh axis (None: replicated), read by `laspar_jax.mesh.rules_from_config`; a config
+# copies the library's defaults and may change any of them (e.g. ("kv", "model"), or an 'fsdp' axis).
+SHARDING_RULES = tuple(mesh.DEFAULT_RULES)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

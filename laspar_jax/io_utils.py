@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 from etils import epath
 
+from laspar_jax.index.format import pid_alive  # the one liveness check (index/ is pure: it cannot import us)
+
 PathLike = str | os.PathLike | epath.Path
 
 
@@ -90,17 +92,6 @@ def _umask_permissions(root: str) -> None:
       path = os.path.join(folder, f)
       if not os.path.islink(path):
         os.chmod(path, (0o777 if os.access(path, os.X_OK) else 0o666) & ~umask)
-
-
-def pid_alive(pid: int) -> bool:
-  """True when a process `pid` exists on this host (or cannot be signalled: another user's)."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 _TMP_RE = re.compile(r"^(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")

@@ -233,7 +233,8 @@ def load_array(directory: str | os.PathLike, name: str, entry: dict[str, Any]) -
   return arr
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """True when a process `pid` exists on this host (or cannot be signalled: another user's)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -252,7 +253,7 @@ def remove_stale_tmp_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
       pid = int(cand.name.rsplit("-", 1)[1])
     except ValueError:
       continue
-    if pid != os.getpid() and not _pid_alive(pid):
+    if pid != os.getpid() and not pid_alive(pid):
       shutil.rmtree(cand, ignore_errors=True)
       removed.append(cand)
   return removed
