@@ -7,6 +7,7 @@ setup(
     description="Learned sparse retrieval (LASPAR, SPLADE, decoder LSR) in JAX/Flax NNX",
     python_requires=">=3.11",
     packages=find_packages(include=["laspar_jax", "laspar_jax.*"]),
+    package_data={"laspar_jax.data": ["stopwords_en.txt"]},  # laspar_jax.data.stopwords
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12,<0.14",

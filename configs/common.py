@@ -57,6 +57,31 @@ def regularizer(name: str, side: str, weight: float) -> dict[str, Any]:
   return {"name": name, "side": side, "weight": weight}
 
 
+# Fields of the `data` and `loss` sections added after the first configs, with defaults that keep the
+# old behaviour; `with_defaults(c)` adds those a config does not set.
+DATA_DEFAULTS: dict[str, Any] = {
+    # Affine calibration of data.teacher_scores onto a reference teacher's scale (teacher="scores"):
+    # "none", "global" or "per_query" mean/std (laspar_jax.data.training.calibrate_scores).
+    "teacher_calibration": "none",
+    "teacher_calibration_reference": "",  # the score file whose scale to match
+}
+LOSS_DEFAULTS: dict[str, Any] = {
+    # () : document regularizers over all documents; (pos, neg): pos * reg(positives) +
+    # neg * reg(hard negatives), needs data.n_neg >= 1 (the decoder study: (0.5, 0.5); its reference (0.25, 0.75)).
+    "doc_reg_weights": (),
+}
+
+
+def with_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the fields of DATA_DEFAULTS / LOSS_DEFAULTS missing from `c.data` / `c.loss` (in place)."""
+  for section, defaults in (("data", DATA_DEFAULTS), ("loss", LOSS_DEFAULTS)):
+    if section in c:
+      for key, value in defaults.items():
+        if key not in c[section]:
+          c[section][key] = value
+  return c
+
+
 def optim(**overrides: Any) -> ml_collections.ConfigDict:
   """AdamW with warm-up and linear decay (paper defaults), then `overrides`."""
   c = ml_collections.ConfigDict()
@@ -64,7 +89,7 @@ def optim(**overrides: Any) -> ml_collections.ConfigDict:
   c.accum_steps = 8
   c.lr = 1e-4
   c.warmup_steps = 4_000
-  c.schedule = "linear"  # warm-up then "linear" decay to end_lr, or "constant"
+  c.schedule = "linear"  # warm-up then "linear" or "cosine" decay to end_lr, or "constant"
   c.end_lr = 0.0
   c.weight_decay = 0.01
   c.b1 = 0.9

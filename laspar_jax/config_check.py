@@ -12,7 +12,9 @@ from typing import Any
 import ml_collections
 
 from laspar_jax import losses
+from laspar_jax import optim
 from laspar_jax import train_step
+from laspar_jax.data import training
 from laspar_jax.models import heads
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -31,7 +33,7 @@ _RULES: tuple[_Rule, ...] = (
     ("optim.accum_steps", lambda v: v >= 1, ">= 1"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("optim.schedule", lambda v: v in ("linear", "constant"), "'linear' or 'constant'"),
+    ("optim.schedule", lambda v: v in optim.SCHEDULES, f"one of {list(optim.SCHEDULES)}"),
     ("optim.end_lr", lambda v: v >= 0, ">= 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -51,6 +53,7 @@ _RULES: tuple[_Rule, ...] = (
     ("data.n_neg", lambda v: v >= 0, ">= 0"),
     ("data.neg_depth", lambda v: v >= 1, ">= 1"),
     ("data.teacher", lambda v: v in ("none", "dense", "scores", ""), "'none', 'dense' or 'scores'"),
+    ("data.teacher_calibration", lambda v: v in training.CALIBRATIONS, f"one of {list(training.CALIBRATIONS)}"),
     ("eval.q_topk", lambda v: v >= 1, ">= 1"),
     ("eval.d_topk", lambda v: v >= 1, ">= 1"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
@@ -101,5 +104,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if distill in ("margin_mse",) and config.data.n_neg < 1:
     raise ValueError("loss.distill='margin_mse' needs hard negatives (data.n_neg >= 1)")
   if config.data.n_neg > 0 and config.data.negatives in ("none", ""):
-    raise ValueError("data.n_neg > 0 needs data.negatives ('bm25' or a run file)")
+    raise ValueError("data.n_neg > 0 needs data.negatives ('bm25', 'scores' or a run file)")
+  _check_teacher_scores(config.data)
   train_step.regularizers_from_config(config.loss.regularizers)
+  if train_step.doc_reg_weights_from_config(config.loss.get("doc_reg_weights", ())) and config.data.n_neg < 1:
+    raise ValueError(f"loss.doc_reg_weights={tuple(config.loss.doc_reg_weights)!r} weighs positive and hard-"
+                     "negative documents: it needs data.n_neg >= 1 (in-batch only: set loss.doc_reg_weights=())")
+
+
+def _check_teacher_scores(data: ml_collections.ConfigDict) -> None:
+  """Score-file settings: a file for teacher='scores', and what negatives='scores' and calibration need."""
+  calibration = data.get("teacher_calibration", "none") or "none"
+  if data.teacher == "scores" and not data.get("teacher_scores", ""):
+    raise ValueError("data.teacher='scores' needs data.teacher_scores (a {qid: {pid: score}} file)")
+  if data.negatives == "scores" and data.teacher != "scores":
+    raise ValueError(f"data.negatives='scores' needs data.teacher='scores' (got {data.teacher!r})")
+  if calibration != "none":
+    if data.teacher != "scores":
+      raise ValueError(f"data.teacher_calibration={calibration!r} needs data.teacher='scores' "
+                       f"(got {data.teacher!r})")
+    if not data.get("teacher_calibration_reference", ""):
+      raise ValueError(f"data.teacher_calibration={calibration!r} needs data.teacher_calibration_reference "
+                       "(the score file whose scale to match)")

@@ -315,6 +315,37 @@ def _add(metrics: Metrics, prefix: str, sub: Mapping[str, jax.Array]) -> None:
     metrics[f"{prefix}/{k}"] = v
 
 
+def split_groups(rep_mv: jax.Array, num_queries: int) -> tuple[jax.Array, jax.Array]:
+  """(positives [B, D], hard negatives [B * n, D]) of query-major documents [M = B * (1 + n), D].
+
+  Both parts keep the query order (a batch sharded shard-major stays so). Raises
+  ValueError when M is not a multiple of B = num_queries or n = 0.
+  """
+  M, D = rep_mv.shape
+  if M % num_queries:
+    raise ValueError(f"{M} documents is not a multiple of {num_queries} queries")
+  g = M // num_queries
+  if g < 2:
+    raise ValueError("positive/negative document weights need hard negatives (data.n_neg >= 1)")
+  r = rep_mv.reshape(num_queries, g, D)
+  return r[:, 0], r[:, 1:].reshape(num_queries * (g - 1), D)
+
+
+def _doc_regularizer(name: str, rep_d_mv: jax.Array, num_queries: int, kw: Mapping[str, Any],
+                     doc_reg_weights: Sequence[float] | None) -> tuple[jax.Array, Metrics]:
+  """A document regularizer over all documents, or pos * reg(positives) + neg * reg(negatives)."""
+  if not doc_reg_weights:
+    return REGULARIZERS[name](rep_bv=rep_d_mv, **kw)
+  w_pos, w_neg = doc_reg_weights
+  pos_mv, neg_mv = split_groups(rep_d_mv, num_queries)
+  r_pos, m_pos = REGULARIZERS[name](rep_bv=pos_mv, **kw)
+  r_neg, m_neg = REGULARIZERS[name](rep_bv=neg_mv, **kw)
+  metrics = {"pos": r_pos, "neg": r_neg}
+  metrics.update({f"pos_{k}": v for k, v in m_pos.items()})
+  metrics.update({f"neg_{k}": v for k, v in m_neg.items()})
+  return w_pos * r_pos + w_neg * r_neg, metrics
+
+
 def total_loss(*, rep_q_bv: jax.Array, rep_d_mv: jax.Array,
                teacher_scores_bn: jax.Array | None = None,
                teacher_q_be: jax.Array | None = None,
@@ -324,7 +355,8 @@ def total_loss(*, rep_q_bv: jax.Array, rep_d_mv: jax.Array,
                distill: str | None = None, distill_weight: float | jax.Array = 1.0,
                distill_kwargs: Mapping[str, Any] | None = None,
                regularizers: Sequence[tuple[str, str, float | jax.Array]] = (),
-               flops_num_shards: int = 1) -> LossOut:
+               flops_num_shards: int = 1,
+               doc_reg_weights: Sequence[float] | None = None) -> LossOut:
   """ranking_weight * ranking + distill_weight * distill + sum_r weight_r * reg_r.
 
   Args:
@@ -343,13 +375,20 @@ def total_loss(*, rep_q_bv: jax.Array, rep_d_mv: jax.Array,
       side "q" or "d", weight already scheduled for this step (may be traced),
       e.g. (("flops", "q", lam_q_t), ("flops", "d", lam_d_t)).
     flops_num_shards: `num_shards` for the FLOPS regularizer.
+    doc_reg_weights: None or () (every document regularizer over all M
+      documents), or (pos, neg): each document regularizer is
+      pos * reg(positives [B, D]) + neg * reg(hard negatives [B * n, D])
+      (needs n >= 1; e.g. (0.5, 0.5), or the reference's (0.25, 0.75)).
 
   Returns:
     (loss, metrics): metrics hold "loss", every term unweighted
     ("ranking/<name>", "distill/<name>", "reg/<side>_<name>"), the regularizer
-    weights ("reg/<side>_<name>_weight"), the terms' own metrics, and
+    weights ("reg/<side>_<name>_weight"), the terms' own metrics (with
+    doc_reg_weights: "reg/d_<name>/pos" and "/neg", the unweighted parts), and
     active_q, active_d, flops_est.
   """
+  if doc_reg_weights and len(doc_reg_weights) != 2:
+    raise ValueError(f"doc_reg_weights must be () or (pos, neg), got {doc_reg_weights!r}")
   metrics: Metrics = {}
   loss = jnp.zeros((), jnp.float32)
   if ranking or distill:
@@ -379,9 +418,11 @@ def total_loss(*, rep_q_bv: jax.Array, rep_d_mv: jax.Array,
       raise ValueError(f"unknown regularizer {name!r}; known: {sorted(REGULARIZERS)}")
     if side not in ("q", "d"):
       raise ValueError(f"regularizer side must be 'q' or 'd', got {side!r}")
-    rep = rep_q_bv if side == "q" else rep_d_mv
     kw = {"num_shards": flops_num_shards} if name == "flops" else {}
-    r, m = REGULARIZERS[name](rep_bv=rep, **kw)
+    if side == "q":
+      r, m = REGULARIZERS[name](rep_bv=rep_q_bv, **kw)
+    else:
+      r, m = _doc_regularizer(name, rep_d_mv, rep_q_bv.shape[0], kw, doc_reg_weights)
     loss = loss + weight * r
     metrics[f"reg/{side}_{name}"] = r
     metrics[f"reg/{side}_{name}_weight"] = jnp.asarray(weight, jnp.float32)

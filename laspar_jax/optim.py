@@ -37,6 +37,12 @@ HEAD_NODES = ("query_head", "doc_head", "lm_head")
 SPARSE_HEAD_NODES = ("query_head", "doc_head")
 LORA_NODES = ("lora_a", "lora_b")  # = models.lora.LORA_NAMES
 DEFAULT_LABEL = "base"
+# optim.schedule -> warm-up + decay to end_lr; "constant" is warm-up then lr.
+DECAYS: dict[str, Callable[..., optax.Schedule]] = {
+    "linear": schedules.warmup_linear_decay,
+    "cosine": schedules.warmup_cosine_decay,
+}
+SCHEDULES = (*DECAYS, "constant")
 
 
 def param_path(path: tuple[Any, ...]) -> str:
@@ -129,17 +135,17 @@ def param_labels(params: Any, optim: ml_collections.ConfigDict) -> Any:
 
 
 def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Warm-up then linear decay to `end_lr` ("linear") or constant ("constant")."""
+  """Warm-up then linear ("linear") or cosine ("cosine") decay to `end_lr`, or constant ("constant")."""
   warm = min(int(optim.warmup_steps), total_steps)
-  if optim.schedule == "linear":
-    return schedules.warmup_linear_decay(peak_value=optim.lr, warmup_steps=warm,
-                                         total_steps=total_steps, end_value=optim.end_lr)
+  if optim.schedule in DECAYS:
+    return DECAYS[optim.schedule](peak_value=optim.lr, warmup_steps=warm, total_steps=total_steps,
+                                  end_value=optim.end_lr)
   if optim.schedule == "constant":
     if not warm:
       return optax.constant_schedule(optim.lr)
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, max(warm, 1)),
                                  optax.constant_schedule(optim.lr)], [warm])
-  raise ValueError(f"optim.schedule must be 'linear' or 'constant', got {optim.schedule!r}")
+  raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}")
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, params: Any

@@ -44,3 +44,33 @@ def warmup_linear_decay(*, peak_value: float, warmup_steps: int, total_steps: in
     return decay
   warm = optax.linear_schedule(init_value, peak_value, warmup_steps)
   return optax.join_schedules([warm, decay], [warmup_steps])
+
+
+def warmup_cosine_decay(*, peak_value: float, warmup_steps: int, total_steps: int,
+                        init_value: float = 0.0, end_value: float = 0.0) -> optax.Schedule:
+  """Learning rate: linear warm-up init -> peak over `warmup_steps`, then cosine decay to end.
+
+  lr_t = end + (peak - end) * (1 + cos(pi * (t - W) / (T - W))) / 2 for W <= t <= T.
+
+  Args:
+    peak_value: learning rate reached at `warmup_steps`.
+    warmup_steps: W, the length of the warm-up (0: start at peak).
+    total_steps: T, the step at which `end_value` is reached (constant afterwards).
+    init_value: learning rate at step 0.
+    end_value: learning rate at and after `total_steps`.
+
+  Returns:
+    An optax schedule step -> learning rate.
+  """
+  if total_steps < warmup_steps:
+    raise ValueError(f"total_steps={total_steps} < warmup_steps={warmup_steps}")
+  span = max(total_steps - warmup_steps, 1)
+
+  def decay(step):
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / span, 0.0, 1.0)
+    return end_value + (peak_value - end_value) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+  if warmup_steps <= 0:
+    return decay
+  warm = optax.linear_schedule(init_value, peak_value, warmup_steps)
+  return optax.join_schedules([warm, decay], [warmup_steps])

@@ -58,6 +58,27 @@ def regularizers_from_config(regs: Mapping[str, Any] | None) -> tuple[Regularize
   return tuple(sorted(out, key=lambda r: (order.index(r[0]), _SIDES.index(r[1]))))
 
 
+def doc_reg_weights_from_config(weights: Any) -> tuple[float, ...]:
+  """config.loss.doc_reg_weights -> () or (pos, neg) floats.
+
+  Args:
+    weights: () / None / "" (the document regularizers over all documents), or
+      two weights >= 0 of the positive and the hard-negative documents.
+
+  Raises:
+    ValueError: not empty and not two non-negative numbers.
+  """
+  if not weights:
+    return ()
+  try:
+    out = () if isinstance(weights, str) else tuple(float(w) for w in weights)
+  except (TypeError, ValueError):
+    out = ()
+  if len(out) != 2 or min(out) < 0:
+    raise ValueError(f"loss.doc_reg_weights={weights!r}: expected () or (pos, neg) weights >= 0")
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of the train step (hashable)."""
@@ -70,6 +91,7 @@ class StepConfig:
   regularizers: tuple[Regularizer, ...] = ()
   reg_warmup_steps: int = 0
   flops_num_shards: int = 1
+  doc_reg_weights: tuple[float, ...] = ()  # () or (pos, neg): see losses.total_loss
   accum_steps: int = 1
   dropout: bool = False
   rng_impl: str = "threefry2x32"
@@ -87,6 +109,7 @@ class StepConfig:
                regularizers=regularizers_from_config(loss.regularizers),
                reg_warmup_steps=int(loss.reg_warmup_steps),
                flops_num_shards=mesh.shape["data"] if loss.flops_per_shard else 1,
+               doc_reg_weights=doc_reg_weights_from_config(loss.get("doc_reg_weights", ())),
                accum_steps=int(config.optim.accum_steps), dropout=bool(train.dropout),
                rng_impl=str(train.rng_impl),
                q_topk=int(train.q_topk), d_topk=int(train.d_topk))
@@ -127,7 +150,8 @@ def loss_fn(params: Any, graphdef: nnx.GraphDef, rest: Any, batch: Mapping[str, 
       ranking=cfg.ranking, ranking_weight=cfg.ranking_weight,
       ranking_kwargs={"temperature": cfg.temperature} if cfg.ranking in ("inbatch_ce", "group_ce") else None,
       distill=cfg.distill, distill_weight=cfg.distill_weight, regularizers=regs,
-      distill_kwargs=distill_kwargs, flops_num_shards=cfg.flops_num_shards)
+      distill_kwargs=distill_kwargs, flops_num_shards=cfg.flops_num_shards,
+      doc_reg_weights=cfg.doc_reg_weights or None)
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransformation,

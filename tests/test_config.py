@@ -138,3 +138,71 @@ def test_command_line_overrides_from_any_directory(tmp_path):
                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     head = "latent_sum" if name == "laspar.py" else "mlm"
     assert out.split() == [head, "3", "1024", "''", SCIFACT, "backbone/.*"]
+
+
+def test_new_training_fields_default_off_and_checks():
+  """loss.doc_reg_weights, optim.schedule='cosine', data.teacher_calibration, data.negatives='scores'."""
+  c = common.with_defaults(laspar.get_config("runlocal"))
+  assert c.loss.doc_reg_weights == () and c.data.teacher_calibration == "none"
+  assert c.data.teacher_calibration_reference == ""
+  assert common.with_defaults(c).to_dict() == c.to_dict()  # idempotent, never overrides a set field
+  train_lib.check_config(c)
+  c.optim.schedule = "cosine"
+  train_lib.check_config(c)
+  c.optim.schedule = "cosine_restarts"
+  with pytest.raises(ValueError, match="optim.schedule='cosine_restarts'"):
+    train_lib.check_config(c)
+  c.optim.schedule = "linear"
+  c.loss.doc_reg_weights = (0.25, 0.75)  # in-batch only (n_neg = 0): a clear error, no silent fall-back
+  with pytest.raises(ValueError, match=r"loss.doc_reg_weights=\(0.25, 0.75\).*data.n_neg >= 1"):
+    train_lib.check_config(c)
+  c.data.negatives, c.data.n_neg = "bm25", 1
+  train_lib.check_config(c)
+  c.loss.doc_reg_weights = (0.5,)
+  with pytest.raises(ValueError, match="loss.doc_reg_weights"):
+    train_lib.check_config(c)
+  c.loss.doc_reg_weights = ()
+  # MarginMSE from a score file, negatives from its scored documents, RankLLaMA calibrated to MiniLM.
+  c.loss.distill, c.data.teacher, c.data.negatives = "margin_mse", "scores", "scores"
+  with pytest.raises(ValueError, match="data.teacher='scores' needs data.teacher_scores"):
+    train_lib.check_config(c)
+  c.data.teacher_scores = "/data/rankllama.pkl.gz"
+  train_lib.check_config(c)
+  c.data.teacher_calibration = "per_query"
+  with pytest.raises(ValueError, match="needs data.teacher_calibration_reference"):
+    train_lib.check_config(c)
+  c.data.teacher_calibration_reference = "/data/minilm_ce.pkl.gz"
+  train_lib.check_config(c)
+  c.data.teacher_calibration = "minmax"
+  with pytest.raises(ValueError, match="data.teacher_calibration='minmax'"):
+    train_lib.check_config(c)
+  c.data.teacher_calibration = "global"
+  c.loss.distill, c.data.teacher = "dense_kl", "dense"
+  with pytest.raises(ValueError, match="negatives='scores' needs data.teacher='scores'"):
+    train_lib.check_config(c)
+  c.data.negatives = "bm25"
+  with pytest.raises(ValueError, match="teacher_calibration='global' needs data.teacher='scores'"):
+    train_lib.check_config(c)
+  # Existing configs keep their numbers: with_defaults only adds the new fields.
+  for cfg in (laspar.get_config(), laspar.get_config("scifact"), splade.get_config("runlocal")):
+    before = cfg.to_dict()
+    after = common.with_defaults(cfg).to_dict()
+    assert {k: {f: v for f, v in sec.items() if f in before.get(k, {})} if isinstance(sec, dict) else sec
+            for k, sec in after.items()} == before
+
+
+def test_doc_reg_weights_on_the_command_line(tmp_path):
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+                 "from configs import common, laspar\n"
+                 "def get_config(arg=None):\n  return common.with_defaults(laspar.get_config(arg))\n")
+  code = ("from absl import flags; from ml_collections import config_flags; import sys\n"
+          "config_flags.DEFINE_config_file('config', None, '')\n"
+          "flags.FLAGS(sys.argv)\n"
+          "c = flags.FLAGS.config\n"
+          "print(tuple(c.loss.doc_reg_weights), c.optim.schedule, c.data.teacher_calibration)\n")
+  out = subprocess.run([sys.executable, "-c", code, f"--config={cfg}:runlocal",
+                        "--config.loss.doc_reg_weights=(0.25,0.75)", "--config.optim.schedule=cosine",
+                        "--config.data.teacher_calibration=per_query"],
+                       capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+  assert out.split() == ["(0.25,", "0.75)", "cosine", "per_query"]

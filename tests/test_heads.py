@@ -265,7 +265,7 @@ def test_make_head_and_partition_specs():
     head = heads.make_head(name, d=DM, D=D, vocab=64, rngs=nnx.Rngs(0), projection=_projection(64))
     out = head(jnp.asarray(h), jnp.asarray(m), jnp.zeros((B, L), jnp.int32))
     assert out.shape == (B, heads.output_dim(head)) and out.dtype == jnp.float32
-    assert heads.output_dim(head) == {"mlm": 64, "dense": DM}.get(name, D)
+    assert heads.output_dim(head) == {"mlm": 64, "mlp": 64, "dense": DM}.get(name, D)
     assert heads.uses_vocab(name) == (name == "mlm")
   head = heads.make_head("latent_attention", d=DM, D=D, rngs=nnx.Rngs(0))
   spec = nnx.get_partition_spec(nnx.state(head))

@@ -163,3 +163,42 @@ def test_total_loss_combines_terms():
     losses.total_loss(rep_q_bv=kw["rep_q_bv"], rep_d_mv=kw["rep_d_mv"], distill="margin_mse")
   with pytest.raises(ValueError, match="unknown"):
     losses.total_loss(rep_q_bv=kw["rep_q_bv"], rep_d_mv=kw["rep_d_mv"], ranking="nope")
+
+
+def _np_flops(w):
+  return (np.abs(w).mean(0) ** 2).sum()
+
+
+def test_doc_reg_weights_positive_and_negative_documents():
+  rep_q, rep_d, *_ = _data(4)
+  pos, neg = rep_d[::G], np.delete(rep_d, np.arange(B) * G, axis=0)
+  sp, sn = losses.split_groups(jnp.asarray(rep_d), B)
+  np.testing.assert_array_equal(sp, pos)
+  np.testing.assert_array_equal(sn, neg)
+  regs = (("flops", "q", 0.3), ("flops", "d", 0.2), ("l1", "d", 0.1))
+  kw = dict(rep_q_bv=jnp.asarray(rep_q), rep_d_mv=jnp.asarray(rep_d), ranking=None, regularizers=regs)
+  loss, m = jax.jit(lambda q, d: losses.total_loss(rep_q_bv=q, rep_d_mv=d, ranking=None, regularizers=regs,
+                                                   doc_reg_weights=(0.25, 0.75)))(rep_q, rep_d)
+  d_flops = 0.25 * _np_flops(pos) + 0.75 * _np_flops(neg)
+  d_l1 = 0.25 * np.abs(pos).sum(1).mean() + 0.75 * np.abs(neg).sum(1).mean()
+  np.testing.assert_allclose(loss, 0.3 * _np_flops(rep_q) + 0.2 * d_flops + 0.1 * d_l1, rtol=1e-5)
+  np.testing.assert_allclose(m["reg/d_flops"], d_flops, rtol=1e-5)
+  np.testing.assert_allclose(m["reg/d_flops/pos"], _np_flops(pos), rtol=1e-5)
+  np.testing.assert_allclose(m["reg/d_flops/neg"], _np_flops(neg), rtol=1e-5)
+  # Per-shard FLOPS: each part keeps the shard-major order of the rows (2 shards = 2 query halves).
+  loss2, _ = losses.total_loss(**kw, doc_reg_weights=(0.5, 0.5), flops_num_shards=2)
+  half = lambda w: np.mean([_np_flops(x) for x in np.split(w, 2)])
+  ref = 0.3 * half(rep_q) + 0.2 * (0.5 * half(pos) + 0.5 * half(neg)) + 0.1 * (
+      0.5 * np.abs(pos).sum(1).mean() + 0.5 * np.abs(neg).sum(1).mean())
+  np.testing.assert_allclose(loss2, ref, rtol=1e-5)
+  # () and None: today's behaviour, the regularizer over all M documents.
+  for off in ((), None):
+    loss0, m0 = losses.total_loss(**kw, doc_reg_weights=off)
+    np.testing.assert_allclose(m0["reg/d_flops"], _np_flops(rep_d), rtol=1e-5)
+    assert "reg/d_flops/pos" not in m0
+  np.testing.assert_allclose(loss0, losses.total_loss(**kw)[0])
+  # No hard negatives (in-batch only): a clear error.
+  with pytest.raises(ValueError, match="hard negatives"):
+    losses.total_loss(**dict(kw, rep_d_mv=jnp.asarray(rep_d[:B])), doc_reg_weights=(0.5, 0.5))
+  with pytest.raises(ValueError, match="pos, neg"):
+    losses.total_loss(**kw, doc_reg_weights=(0.5,))

@@ -95,4 +95,21 @@ def test_frozen_parameters_have_no_optimizer_state():
 
 def test_bad_schedule():
   with pytest.raises(ValueError, match="schedule"):
-    optim.make_optimizer(_optim(schedule="cosine"), 10, _params())
+    optim.make_optimizer(_optim(schedule="cosine_restarts"), 10, _params())
+
+
+def test_cosine_schedule():
+  o = _optim(schedule="cosine", lr=1e-3, warmup_steps=10, end_lr=1e-4)
+  _, lr = optim.make_optimizer(o, 110, _params())
+  steps = np.array([0, 5, 10, 35, 60, 85, 110, 150])
+  frac = np.clip((steps - 10) / 100, 0, 1)
+  ref = np.where(steps < 10, 1e-3 * steps / 10, 1e-4 + 0.9e-3 * 0.5 * (1 + np.cos(np.pi * frac)))
+  np.testing.assert_allclose([float(lr(t)) for t in steps], ref, rtol=1e-5, atol=1e-12)
+  # Warm-up longer than the run is cut to the run (as for "linear"); updates are finite.
+  tx, lr = optim.make_optimizer(_optim(schedule="cosine", warmup_steps=50), 20, _params())
+  _, lr_linear = optim.make_optimizer(_optim(schedule="linear", warmup_steps=50), 20, _params())
+  assert [float(lr(t)) for t in (0, 10, 20)] == [float(lr_linear(t)) for t in (0, 10, 20)]
+  assert float(lr(10)) == pytest.approx(5e-4)
+  state = tx.init(_params())
+  upd, _ = tx.update(_grads(_params(), 0), state, _params())
+  assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(upd))

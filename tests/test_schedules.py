@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from laspar_jax import schedules
 
@@ -23,3 +24,15 @@ def test_warmup_linear_decay():
   assert float(jax.jit(s)(jnp.int32(5))) == got[1]
   s0 = schedules.warmup_linear_decay(peak_value=1.0, warmup_steps=0, total_steps=4, end_value=0.5)
   np.testing.assert_allclose([float(s0(t)) for t in (0, 2, 4)], [1.0, 0.75, 0.5])
+
+
+def test_warmup_cosine_decay():
+  s = schedules.warmup_cosine_decay(peak_value=1e-4, warmup_steps=10, total_steps=110, end_value=1e-5)
+  got = [float(s(t)) for t in (0, 5, 10, 35, 60, 110, 200)]
+  mid = 1e-5 + 9e-5 * 0.5 * (1 + np.cos(np.pi / 4))
+  np.testing.assert_allclose(got, [0.0, 5e-5, 1e-4, mid, 5.5e-5, 1e-5, 1e-5], rtol=1e-5)
+  assert float(jax.jit(s)(jnp.int32(35))) == pytest.approx(mid, rel=1e-5)
+  s0 = schedules.warmup_cosine_decay(peak_value=1.0, warmup_steps=0, total_steps=4)
+  np.testing.assert_allclose([float(s0(t)) for t in (0, 2, 4)], [1.0, 0.5, 0.0], atol=1e-6)
+  with pytest.raises(ValueError, match="total_steps"):
+    schedules.warmup_cosine_decay(peak_value=1.0, warmup_steps=5, total_steps=4)

@@ -111,13 +111,27 @@ def test_fingerprint_unchanged_by_new_fields():
   assert EncoderConfig(doc_head="latent_max").fingerprint() != EncoderConfig().fingerprint()
 
 
-def test_head_width_mismatch_and_shared_vocab_doc_head(tiny_path):
+def test_head_width_mismatch_and_shared_vocab_doc_head(tiny_path, tmp_path):
   with pytest.raises(ValueError, match="same width"):
     sparse_encoder.build_encoder(EncoderConfig(backbone=str(tiny_path), head="mlm", latent_dim=64,
                                                doc_head="latent_sum"), weights=False)
-  with pytest.raises(ValueError, match="shared backbone"):
-    sparse_encoder.build_encoder(EncoderConfig(backbone=str(tiny_path), head="mlm",
-                                               doc_head_kwargs={"pooling": "sum"}), weights=False)
+  # A vocabulary document head of its own on a shared backbone (refused before the projection
+  # was handed to the head at call time): one lm_head, under query_backbone.
+  cfg = EncoderConfig(backbone=str(tiny_path), head="mlm", doc_head_kwargs={"pooling": "sum"})
+  enc, tok = sparse_encoder.build_encoder(cfg)
+  params = nnx.to_pure_dict(nnx.state(enc, nnx.Param))
+  assert set(params) == {"query_backbone"} and "lm_head" in params["query_backbone"]
+  assert enc.doc_head.pooling == "sum" and enc.query_head.pooling == "max"
+  ids, mask = _inputs(tok)
+  q, d = np.asarray(enc(ids, mask, kind="query")), np.asarray(enc(ids, mask, kind="doc"))
+  h = enc.query_backbone(ids, mask)
+  proj = enc.query_backbone.lm_head
+  np.testing.assert_allclose(d, np.asarray(heads.VocabHead(proj, vocab=tok.vocab_size, pooling="sum",
+                                                           special_ids=tok.special_ids)(h, mask)),
+                             rtol=1e-6, atol=1e-6)
+  assert (d >= q - 1e-6).all() and not np.allclose(q, d)  # sum >= max of non-negative terms
+  enc2, _ = sparse_encoder.load_encoder(sparse_encoder.save_encoder(enc, tok, tmp_path / "enc"))
+  np.testing.assert_array_equal(np.asarray(enc2(ids, mask, kind="doc")), d)
 
 
 def test_vocab_heads_use_the_backbone_lm_head(tiny_path, tmp_path):
@@ -129,7 +143,7 @@ def test_vocab_heads_use_the_backbone_lm_head(tiny_path, tmp_path):
   for side, seed in (("query", 3), ("doc", 4)):
     lm = params[f"{side}_backbone"]["lm_head"]
     assert set(lm) == {"dense", "layer_norm", "bias"}  # tied decoder: the word embeddings
-    assert enc.head(side).projection is enc.backbone(side).lm_head
+    assert enc.head(side).projection is None  # handed the backbone's lm_head at each call
     # A fresh lm_head draws as the old MLMHead(d, vocab, rngs=nnx.Rngs(params=seed)) did.
     ref = layers.Dense(32, 32, axes=("embed", None), rngs=nnx.Rngs(params=seed))
     np.testing.assert_array_equal(lm["dense"]["kernel"], np.asarray(ref.kernel[...]))

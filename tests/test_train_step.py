@@ -1,8 +1,12 @@
 """train_step: regularizer terms from the config's named dicts, StepConfig."""
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from laspar_jax import losses
 from laspar_jax import mesh as mesh_lib
 from laspar_jax import train_step
 
@@ -44,5 +48,44 @@ def test_step_config_from_config():
   cfg = train_step.StepConfig.from_config(c, mesh)
   assert cfg.distill is None and cfg.regularizers == (("flops", "q", 5e-3),)
   assert cfg.flops_num_shards == 2 and cfg.accum_steps == 2 and cfg.q_topk == 64
+  assert cfg.doc_reg_weights == ()  # a config without the field: today's behaviour
   hash(cfg)  # static argument of the jitted step
+  c.loss.doc_reg_weights = (0.25, 0.75)
+  cfg = train_step.StepConfig.from_config(c, mesh)
+  assert cfg.doc_reg_weights == (0.25, 0.75)
+  hash(cfg)
   assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("weights, want", [((), ()), (None, ()), ("", ()), ([0.5, 0.5], (0.5, 0.5)),
+                                           ((0, 1), (0.0, 1.0))])
+def test_doc_reg_weights_from_config(weights, want):
+  assert train_step.doc_reg_weights_from_config(weights) == want
+
+
+@pytest.mark.parametrize("weights", [(0.5,), (0.2, 0.3, 0.5), (-0.1, 1.0), "05", ("a", "b")])
+def test_bad_doc_reg_weights(weights):
+  with pytest.raises(ValueError, match="loss.doc_reg_weights"):
+    train_step.doc_reg_weights_from_config(weights)
+
+
+def test_doc_reg_weights_under_a_data_sharded_batch():
+  """Positive / negative document regularizers on a batch sharded on 'data' equal the unsharded numbers."""
+  mesh = mesh_lib.make_mesh(8, 1)
+  rng = np.random.default_rng(0)
+  B, G, D = 8, 3, 64
+  rep_q = np.maximum(rng.normal(size=(B, D)), 0).astype(np.float32)
+  rep_d = np.maximum(rng.normal(size=(B * G, D)), 0).astype(np.float32)
+  regs = (("flops", "q", 0.1), ("flops", "d", 0.2))
+
+  def f(q, d):
+    return losses.total_loss(rep_q_bv=q, rep_d_mv=d, regularizers=regs, flops_num_shards=8,
+                             doc_reg_weights=(0.25, 0.75))
+
+  spec = NamedSharding(mesh, P("data"))
+  got, m = jax.jit(f)(jax.device_put(rep_q, spec), jax.device_put(rep_d, spec))
+  want, mw = f(jnp.asarray(rep_q), jnp.asarray(rep_d))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  pos = rep_d[::G]
+  per_shard = np.mean([(np.abs(x).mean(0) ** 2).sum() for x in np.split(pos, 8)])
+  np.testing.assert_allclose(m["reg/d_flops/pos"], per_shard, rtol=1e-5)

@@ -9,6 +9,15 @@ Batching (`data.batching`): "random" (default) shuffles examples every epoch;
 "clustered" draws batches from balanced clusters of the dense teacher's query
 embeddings (`teacher.balanced_clusters`: harder in-batch negatives), and needs
 `data.teacher = "dense"`.
+
+Teacher scores (`data.teacher = "scores"`): `data.teacher_scores` names a
+`{qid: {pid: score}}` file (`training.read_teacher_scores`), optionally
+calibrated onto a reference teacher's scale (`data.teacher_calibration` =
+"none" | "global" | "per_query", `data.teacher_calibration_reference`: see
+`training.calibrate_scores`). `data.negatives = "scores"` draws the hard
+negatives from each query's scored documents, all of them (`data.neg_depth`
+does not apply; relevant documents never), for MarginMSE on a community score
+file (`loss.distill = "margin_mse"`, `data.n_neg >= 1`).
 """
 from __future__ import annotations
 
@@ -45,6 +54,31 @@ def teacher_cache_dir(data: ml_collections.ConfigDict, workdir: io_utils.PathLik
   return os.path.join(tempfile.gettempdir(), "laspar_teacher", tag)
 
 
+def _existing(path: str, field: str) -> str:
+  if not path:
+    raise ValueError(f"{field} is empty: give the path of a {{qid: {{pid: score}}}} score file")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{field}={path!r}: no such file")
+  return path
+
+
+def teacher_scores(data: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
+  """The teacher scores of `data.teacher_scores`, calibrated as `data.teacher_calibration` asks.
+
+  Raises:
+    ValueError / FileNotFoundError: an empty or missing score file (naming the field).
+  """
+  path = _existing(data.teacher_scores, "data.teacher_scores")
+  scores = training.read_teacher_scores(path)
+  mode = data.get("teacher_calibration", "none") or "none"
+  if mode == "none":
+    return scores
+  ref_path = _existing(data.get("teacher_calibration_reference", ""), "data.teacher_calibration_reference")
+  return training.calibrate_scores(scores, training.read_teacher_scores(ref_path), mode,
+                                   src_name=f"data.teacher_scores={path!r}",
+                                   ref_name=f"data.teacher_calibration_reference={ref_path!r}")
+
+
 def build_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, workdir: io_utils.PathLike, *,
                    progress: bool = True) -> tuple[pipeline_lib.TrainPipeline, dict[str, Any]]:
   """The training pipeline of a config.
@@ -66,15 +100,19 @@ def build_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, workdir: i
     raise ValueError("data.batching='clustered' needs data.teacher='dense' (it clusters teacher embeddings)")
   coll = sources.load_collection(d.collection, split=d.split or None, strict=bool(d.get("strict", False)))
   candidates, scores = None, None
+  if d.teacher == "scores":
+    scores = teacher_scores(d)
   if d.negatives == "bm25":
     docs = list(coll.docs())
     candidates = training.bm25_candidates([x.doc_id for x in docs], [sources.doc_text(x) for x in docs],
                                           {q: coll.queries[q] for q in coll.qrels if q in coll.queries},
                                           depth=d.neg_depth)
+  elif d.negatives == "scores":
+    if scores is None:
+      raise ValueError("data.negatives='scores' needs data.teacher='scores' (negatives from the scored documents)")
+    candidates = training.scored_candidates(scores)
   elif d.negatives not in ("none", ""):
     candidates = training.read_run(d.negatives, depth=d.neg_depth)
-  if d.teacher == "scores":
-    scores = training.read_teacher_scores(d.teacher_scores)
   pool = d.neg_pool if candidates is not None else 0
   examples = training.build_examples(coll.qrels, candidates, n_neg=max(pool, d.n_neg) if pool else 0,
                                      seed=config.seed, teacher_scores=scores, queries=coll.queries)

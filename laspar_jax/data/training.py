@@ -14,7 +14,11 @@ of sentence-transformers' msmarco-hard-negatives, RankLLaMA scores; int ids
 become strings) or a TSV/whitespace file `qid pid score`. With teacher scores,
 the candidates of a query are limited to scored documents, and a (query,
 positive) whose positive has no score is skipped: every example then carries
-1 + len(neg_ids) scores for MarginMSE / KL distillation.
+1 + len(neg_ids) scores for MarginMSE / KL distillation. `scored_candidates`
+turns a score file into candidate lists (negatives drawn from the scored
+documents, as the community's MarginMSE recipes do, never a relevant one), and
+`calibrate_scores` maps one teacher's scores onto another's scale (affine,
+global or per query: RankLLaMA scores onto the MiniLM cross-encoder's).
 """
 from __future__ import annotations
 
@@ -169,8 +173,10 @@ def build_examples(qrels: Mapping[str, Mapping[str, int]], candidates: Mapping[s
 
   Args:
     qrels: {qid: {doc_id: grade}}.
-    candidates: {qid: [doc_id, ...]} best first (run file, BM25, index), or
-      None for no hard negatives (in-batch negatives only).
+    candidates: {qid: [doc_id, ...]} best first (run file, BM25, index,
+      `scored_candidates`), or None for no hard negatives (in-batch negatives
+      only). A document the qrels mark relevant (grade > 0), or the positive
+      itself, is never a negative, even when it is a scored candidate.
     n_neg: negatives sampled per example (without replacement; if a query has
       fewer usable candidates, with replacement; with none, the example is
       skipped and counted in the log).
@@ -197,7 +203,7 @@ def build_examples(qrels: Mapping[str, Mapping[str, int]], candidates: Mapping[s
         continue
     neg_ids: tuple[str, ...] = ()
     if candidates is not None and n_neg > 0:
-      relevant = {d for d, g in qrels[qid].items() if g > 0}
+      relevant = {d for d, g in qrels[qid].items() if g > 0} | {pos_id}
       pool = [d for d in candidates.get(qid, ())[:depth] if d not in relevant
               and (scores is None or d in scores)]
       pool = list(dict.fromkeys(pool))
@@ -211,4 +217,82 @@ def build_examples(qrels: Mapping[str, Mapping[str, int]], candidates: Mapping[s
     out.append(TrainExample(qid, pos_id, neg_ids, ts))
   if any(skipped.values()):
     _LOG.warning("build_examples: skipped %s", skipped)
+  return out
+
+
+def scored_candidates(teacher_scores: Mapping[str, Mapping[str, float]]) -> Candidates:
+  """Candidates from a teacher score file: each query's scored documents, best score first.
+
+  Ties keep the file's order. `build_examples` then samples negatives from all
+  of them (no depth cut), leaving out the query's relevant documents.
+  """
+  return {q: [d for d, _ in sorted(docs.items(), key=lambda kv: -kv[1])] for q, docs in teacher_scores.items()}
+
+
+CALIBRATIONS = ("none", "global", "per_query")
+
+
+def _stats(values: np.ndarray) -> tuple[float, float]:
+  return float(np.mean(values)), float(np.std(values))
+
+
+def _all_scores(scores: Mapping[str, Mapping[str, float]], name: str) -> np.ndarray:
+  flat = np.fromiter((s for docs in scores.values() for s in docs.values()), np.float64)
+  if not flat.size:
+    raise ValueError(f"{name}: no teacher scores to calibrate")
+  if not np.all(np.isfinite(flat)):
+    raise ValueError(f"{name}: non-finite teacher scores")
+  return flat
+
+
+def calibrate_scores(src: Mapping[str, Mapping[str, float]], ref: Mapping[str, Mapping[str, float]] | None,
+                     mode: str, *, src_name: str = "data.teacher_scores",
+                     ref_name: str = "data.teacher_calibration_reference") -> dict[str, dict[str, float]]:
+  """Affine calibration of teacher scores onto a reference teacher's scale.
+
+  s' = (s - mean_src) / std_src * std_ref + mean_ref, with (population) means
+  and standard deviations:
+    global     over all scores of each file;
+    per_query  of each query's scores in `src`, mapped to the same query's
+               reference statistics when the reference scores that query with
+               at least two distinct values, else to the reference's global ones.
+  A query (per_query) whose source scores are all equal (e.g. one scored
+  document) has std 0: its scores are only centred, i.e. all become the
+  reference mean. A whole source (global) or reference with std 0 is an error.
+
+  Args:
+    src: {qid: {pid: score}} to calibrate.
+    ref: {qid: {pid: score}} of the reference teacher (ignored for "none").
+    mode: "none" (a copy of src), "global" or "per_query".
+    src_name, ref_name: how errors name the two inputs (file or config field).
+
+  Returns:
+    New {qid: {pid: score}} with the same keys as src.
+
+  Raises:
+    ValueError: an unknown mode, a missing or empty reference, non-finite
+      scores, or constant scores (std 0) over a whole file.
+  """
+  if mode not in CALIBRATIONS:
+    raise ValueError(f"teacher calibration must be one of {CALIBRATIONS}, got {mode!r}")
+  if mode == "none":
+    return {q: dict(docs) for q, docs in src.items()}
+  if ref is None:
+    raise ValueError(f"calibration {mode!r} needs reference scores ({ref_name})")
+  src_mean, src_std = _stats(_all_scores(src, src_name))
+  ref_mean, ref_std = _stats(_all_scores(ref, ref_name))
+  for name, std in ((src_name, src_std), (ref_name, ref_std)):
+    if std == 0:
+      raise ValueError(f"{name}: every score is the same (std 0): nothing to calibrate {mode!r}")
+  out: dict[str, dict[str, float]] = {}
+  for q, docs in src.items():
+    values = np.fromiter(docs.values(), np.float64, count=len(docs))
+    if mode == "global":
+      mean, std, to_mean, to_std = src_mean, src_std, ref_mean, ref_std
+    else:
+      mean, std = _stats(values) if values.size else (0.0, 0.0)
+      ref_q = np.fromiter(ref.get(q, {}).values(), np.float64)
+      to_mean, to_std = _stats(ref_q) if ref_q.size > 1 and np.std(ref_q) > 0 else (ref_mean, ref_std)
+    scale = to_std / std if std > 0 else 0.0  # std 0: centred only
+    out[q] = {d: float((v - mean) * scale + to_mean) for d, v in zip(docs, values)}
   return out

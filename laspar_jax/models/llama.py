@@ -170,6 +170,14 @@ class LlamaModel(backbone.ConfigBacked, nnx.Module):
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
     self.lm_head: layers.LMHead | None = nnx.data(None)  # data: a head may be attached later
 
+  def set_bidirectional(self, on: bool) -> None:
+    """Makes self-attention bidirectional (True) or causal (False), as building with
+    `config.bidirectional = on` does (for a model already loaded)."""
+    self.config = dataclasses.replace(self.config, bidirectional=bool(on))
+    for _, node in nnx.iter_graph(self):
+      if isinstance(node, LlamaAttention):
+        node.causal = not on
+
   @property
   def hidden_size(self) -> int:
     return self.config.hidden_size

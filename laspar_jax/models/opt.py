@@ -134,6 +134,14 @@ class OPTModel(backbone.ConfigBacked, nnx.Module):
     self.final_layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps) if final else None
     self.lm_head: layers.LMHead | None = nnx.data(None)  # data: a head may be attached later
 
+  def set_bidirectional(self, on: bool) -> None:
+    """Makes self-attention bidirectional (True) or causal (False), as building with
+    `config.bidirectional = on` does (for a model already loaded)."""
+    self.config = dataclasses.replace(self.config, bidirectional=bool(on))
+    for _, node in nnx.iter_graph(self):
+      if isinstance(node, OPTAttention):
+        node.causal = not on
+
   @property
   def hidden_size(self) -> int:
     return self.config.word_embed_proj_dim

@@ -5,12 +5,18 @@ One object serves training, indexing and search:
 
 Heads are chosen per side, independently of whether the backbone is shared:
 `EncoderConfig.head` (queries) and `doc_head` ("" = the same head);
-`towers="separate"` gives each side its own backbone. Parameters of the sparse
-heads live under `query_head` / `doc_head`; a vocabulary projection lives in
-its backbone as `lm_head` (the vocabulary head holds a reference to it). On a
-shared backbone a vocabulary head must be the query side's (or both sides'
-one head): NNX lists a shared module at its first path in sorted order, and
-`doc_head` sorts before `query_backbone`.
+`towers="separate"` gives each side its own backbone; any pair of heads works
+on either (e.g. a vocabulary query head with an "mlp" document head, or the
+reverse). Parameters of the sparse heads live under `query_head` /
+`doc_head`; a vocabulary projection lives in its backbone as `lm_head` (under
+`query_backbone` on a shared backbone) and is handed to the vocabulary head at
+each call, so no head holds a module of the backbone.
+
+`EncoderConfig.decoding` picks the read-out (`decoding.MODES`: "plain",
+T5's "multi_token" / "single_token" / "decoder_stack", decoder-only "echo" /
+"last_token"); `bidirectional` drops the causal mask of OPT / Llama-family
+backbones. Decoder-only backbones never pool their BOS position in the
+"plain", "echo" and "last_token" modes.
 
 `EncoderConfig` says how to build it; `build_encoder` loads the backbone's
 real weights (then wraps its projections in LoRA adapters when
@@ -39,9 +45,11 @@ from safetensors import safe_open
 
 from laspar_jax import io_utils
 from laspar_jax.models import backbone as backbone_lib
+from laspar_jax.models import decoding as decoding_lib
 from laspar_jax.models import heads as heads_lib
 from laspar_jax.models import hf_weights
 from laspar_jax.models import lora as lora_lib
+from laspar_jax.models.heads import vocab as vocab_head
 from laspar_jax.tokenizer import Tokenizer
 
 CONFIG_NAME = "encoder_config.json"
@@ -73,6 +81,13 @@ class EncoderConfig:
     lora: LoRA adapters on the backbone(s) ({} = none): {"rank": 16, "alpha": 32,
       "dropout": 0.0, "targets": "default" or a list of attribute names}; the
       optimizer then freezes the rest of the backbone.
+    decoding: the read-out mode, one of `decoding.MODES` ("plain", "multi_token",
+      "single_token", "decoder_stack", "echo", "last_token"); in "single_token"
+      non-vocabulary heads (mlp, latent) get one state per input token.
+    decoding_kwargs: options of the read-out: {"drop_first": True, "mask_eos": False}
+      (multi_token; the defaults are the reference's).
+    bidirectional: bidirectional attention in a decoder-only backbone (OPT, Llama
+      family; an error for the others).
   """
   backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
   head: str = "latent_attention"
@@ -90,6 +105,9 @@ class EncoderConfig:
   doc_head_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   attention_impl: str = "auto"
   lora: dict[str, Any] = dataclasses.field(default_factory=dict)
+  decoding: str = "plain"
+  decoding_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  bidirectional: bool = False
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -122,20 +140,28 @@ class EncoderConfig:
     return query, (self.doc_head or self.head, dict(self.doc_head_kwargs))
 
 
-_NEW_FIELDS = {"doc_head": "", "doc_head_kwargs": {}, "attention_impl": "auto", "lora": {}}
+_NEW_FIELDS = {"doc_head": "", "doc_head_kwargs": {}, "attention_impl": "auto", "lora": {},
+               "decoding": "plain", "decoding_kwargs": {}, "bidirectional": False}
+_DECODING_KEYS = {"drop_first", "mask_eos"}
+_BOS_MODES = ("plain", "echo", "last_token")  # decoder-only read-outs that leave BOS out
 _LORA_KEYS = {"rank", "alpha", "dropout", "targets"}
 
 
 class SparseEncoder(nnx.Module):
-  """Backbone(s) and heads; `doc_backbone` / `doc_head` None means shared with the query side."""
+  """Backbone(s) and heads; `doc_backbone` / `doc_head` None means shared with the query side.
+
+  `skip_ids`: token ids whose positions are never pooled (decoder-only backbones: BOS).
+  """
 
   def __init__(self, config: EncoderConfig, query_backbone: nnx.Module, query_head: nnx.Module, *,
-               doc_backbone: nnx.Module | None = None, doc_head: nnx.Module | None = None):
+               doc_backbone: nnx.Module | None = None, doc_head: nnx.Module | None = None,
+               skip_ids: tuple[int, ...] = ()):
     self.config = config
     self.query_backbone = query_backbone
     self.doc_backbone = doc_backbone
     self.query_head = query_head
     self.doc_head = doc_head
+    self.skip_ids = tuple(int(i) for i in skip_ids)
 
   @property
   def output_dim(self) -> int:
@@ -174,9 +200,14 @@ class SparseEncoder(nnx.Module):
       float32 [B, D].
     """
     backbone, head = self.backbone(kind), self.head(kind)
+    vocab = isinstance(head, heads_lib.VocabHead)
     with lora_lib.lora_dropout(backbone, None if deterministic else rngs):
-      h_btd = backbone(input_ids_bl, attention_mask_bl, deterministic=deterministic, rngs=rngs)
-    return head(h_btd, attention_mask_bl, input_ids_bl, topk=topk)
+      h_btd, mask_bt, ids_bt = decoding_lib.read(
+          backbone, input_ids_bl, attention_mask_bl, mode=self.config.decoding,
+          skip_ids=self.skip_ids, per_token=not vocab, deterministic=deterministic, rngs=rngs,
+          **self.config.decoding_kwargs)
+    extra = {"projection": backbone.vocab_projection()} if vocab else {}
+    return head(h_btd, mask_bt, ids_bt, topk=topk, **extra)
 
 
 def build_encoder(cfg: EncoderConfig, *, weights: bool = True) -> tuple[SparseEncoder, Tokenizer]:
@@ -203,7 +234,10 @@ def _make_head(spec: tuple[str, dict[str, Any]], loaded: hf_weights.Loaded, cfg:
                seed: int) -> nnx.Module:
   name, kwargs = spec[0], dict(spec[1])
   backbone = loaded.model
-  projection = backbone.vocab_projection() if heads_lib.uses_vocab(name) else None
+  projection = None
+  if heads_lib.uses_vocab(name):
+    backbone.vocab_projection()  # raises when the backbone has no vocabulary head
+    projection = vocab_head.AT_CALL  # SparseEncoder hands it the backbone's projection at each call
   special_ids = kwargs.pop("special_ids", loaded.tokenizer.special_ids)  # head_kwargs win
   return heads_lib.make_head(name, d=backbone.hidden_size, D=cfg.latent_dim, vocab=backbone.vocab_size,
                              rngs=nnx.Rngs(params=seed), projection=projection,
@@ -239,15 +273,11 @@ def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
                            rngs=nnx.Rngs(params=seed) if lm_head else None)
 
   separate = cfg.towers == "separate"
-  if not separate and d_vocab and d_spec != q_spec:
-    # NNX lists a shared module at its first path in sorted order: `doc_head` comes before
-    # `query_backbone`, so lm_head (and tied embeddings) would be listed under the document head.
-    raise ValueError(f"on a shared backbone a vocabulary document head ({d_spec[0]!r}) must be the "
-                     "query head (same name and kwargs); use towers='separate' for its own")
   if separate:
     query, doc = load(q_vocab, cfg.seed), load(d_vocab, cfg.seed + 1)
   else:
     query = doc = load(q_vocab or d_vocab, cfg.seed if q_vocab else cfg.seed + 1)
+  skip_ids = _read_out(cfg, query, *((doc,) if separate else ()))
   if cfg.lora:  # adapters draw from seed + 2 (query / shared backbone) and seed + 3 (document)
     _apply_lora(cfg, query, cfg.seed + 2)
     if separate:
@@ -259,7 +289,26 @@ def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
         f"the query head {q_spec[0]!r} gives {heads_lib.output_dim(query_head)} dims and the document "
         f"head {d_spec[0]!r} {heads_lib.output_dim(doc_head)}: scores need the same width")
   return SparseEncoder(cfg, query.model, query_head, doc_backbone=doc.model if separate else None,
-                       doc_head=doc_head)
+                       doc_head=doc_head, skip_ids=skip_ids)
+
+
+def _read_out(cfg: EncoderConfig, *loaded: hf_weights.Loaded) -> tuple[int, ...]:
+  """Checks cfg.decoding against the backbone(s), sets `bidirectional`; returns the skip ids (BOS)."""
+  unknown = sorted(set(cfg.decoding_kwargs) - _DECODING_KEYS)
+  if unknown:
+    raise ValueError(f"EncoderConfig.decoding_kwargs {unknown}: known keys {sorted(_DECODING_KEYS)}")
+  skip: set[int] = set()
+  for ld in loaded:
+    decoding_lib.check_mode(ld.model, cfg.decoding)
+    if cfg.bidirectional:
+      if not hasattr(ld.model, "set_bidirectional"):
+        raise ValueError(f"bidirectional attention is an option of decoder-only backbones (OPT, "
+                         f"Llama family), not the {decoding_lib.family(ld.model)!r} family")
+      ld.model.set_bidirectional(True)
+    if decoding_lib.is_decoder_only(ld.model) and cfg.decoding in _BOS_MODES:
+      bos = ld.hf_config.get("bos_token_id")
+      skip.update(int(i) for i in (bos if isinstance(bos, (list, tuple)) else [bos]) if i is not None)
+  return tuple(sorted(skip))
 
 
 def _flat_params(encoder: SparseEncoder) -> dict[str, np.ndarray]:

@@ -56,6 +56,7 @@ class T5Config:
   tie_word_embeddings: bool = True
   pad_token_id: int = 0
   decoder_start_token_id: int = 0
+  eos_token_id: int = 1  # `</s>` (the multi-token read-out may leave it out of pooling)
   has_decoder: bool = True  # False for T5EncoderModel checkpoints
   mode: str = "encoder"
   model_type: str = "t5"

@@ -6,6 +6,8 @@ Every head is an NNX module called as
 - `latent.py`: `LatentAttentionHead` (LASPAR default), `LatentSumHead`,
   `LatentMaxHead` over a learned latent space of width D;
 - `vocab.py`: `VocabHead` (SPLADE) over the backbone's vocabulary projection;
+- `mlp.py`: `MLPHead`, term weighting without expansion: relu(Linear(h_t))
+  per input token, scattered into the vocabulary at the token's id;
 - `dense.py`: `DenseHead` (ablation);
 - `tiled.py`: the tiled pooling kernels (never B x L x D) and top-k masks;
 - `pooling.py`: mean pooling, L2 normalization, masked softmax, log1p(relu).
@@ -23,6 +25,7 @@ from flax import nnx
 from laspar_jax.models.heads.dense import DenseHead
 from laspar_jax.models.heads.latent import (LatentAttentionHead, LatentMaxHead, LatentSumHead,
                                             init_projection)
+from laspar_jax.models.heads.mlp import MLPHead
 from laspar_jax.models.heads.pooling import l2_normalize, log_relu, masked_softmax, mean_pool
 from laspar_jax.models.heads.tiled import (scatter_rows, token_pool, token_pool_at, topk_indices,
                                            topk_mask)
@@ -30,9 +33,9 @@ from laspar_jax.models.heads.vocab import VocabHead
 
 __all__ = [
     "HEADS", "make_head", "output_dim", "uses_vocab", "DenseHead", "LatentAttentionHead",
-    "LatentMaxHead", "LatentSumHead", "VocabHead", "init_projection", "l2_normalize", "log_relu",
-    "masked_softmax", "mean_pool", "scatter_rows", "token_pool", "token_pool_at", "topk_indices",
-    "topk_mask",
+    "LatentMaxHead", "LatentSumHead", "MLPHead", "VocabHead", "init_projection", "l2_normalize",
+    "log_relu", "masked_softmax", "mean_pool", "scatter_rows", "token_pool", "token_pool_at",
+    "topk_indices", "topk_mask",
 ]
 
 HEADS: dict[str, type[nnx.Module]] = {
@@ -40,6 +43,7 @@ HEADS: dict[str, type[nnx.Module]] = {
     "latent_sum": LatentSumHead,
     "latent_max": LatentMaxHead,
     "mlm": VocabHead,
+    "mlp": MLPHead,
     "dense": DenseHead,
 }
 
@@ -61,13 +65,14 @@ def make_head(name: str, *, d: int | None = None, D: int | None = None, vocab: i
   """Builds a head by name.
 
   Args:
-    name: a key of HEADS ("latent_attention", "latent_sum", "latent_max", "mlm", "dense").
-    d: backbone width (latent and dense heads).
+    name: a key of HEADS ("latent_attention", "latent_sum", "latent_max", "mlm", "mlp",
+      "dense").
+    d: backbone width (latent, mlp and dense heads).
     D: latent width (latent heads).
-    vocab: vocabulary size (mlm).
-    rngs: nnx.Rngs (latent heads).
+    vocab: vocabulary size (mlm, mlp).
+    rngs: nnx.Rngs (latent and mlp heads).
     projection: the backbone's vocabulary projection (mlm).
-    special_ids: token ids whose dims the mlm head zeroes (kwargs may override).
+    special_ids: token ids whose dims the mlm and mlp heads zero (kwargs may override).
     **kwargs: passed to the head's constructor (pooling, tile, clamp, ...).
 
   Returns:

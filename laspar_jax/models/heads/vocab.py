@@ -3,12 +3,15 @@
 w_bv = pool_t log1p(relu(transform(h_t) W + c)) over unmasked tokens, pool =
 max or sum, with W [d, V] and c [V] the backbone's vocabulary projection
 (`backbone.vocab_projection()`: BERT's `cls.predictions`, tied or not to the
-word embeddings; identity transform for plain LM heads). The head holds a
-reference to that projection module (NNX keeps the shared reference through
-split/merge, so its parameters live once, in the backbone, under `lm_head`,
-and gradients reach them and the tied embeddings). The vocabulary is processed
-in strided tiles (`tiled.token_pool`): never B x L x V. Dims of `special_ids`
-are zeroed.
+word embeddings; identity transform for plain LM heads). The projection is
+either held by reference (NNX keeps the shared reference through split/merge)
+or, built with `projection=AT_CALL`, passed to each call
+(`head(h, mask, ids, projection=backbone.vocab_projection())`), as
+`SparseEncoder` does: the head then holds no module of the backbone, so any
+head may sit on either side of a shared backbone. Either way the parameters
+live once, in the backbone, under `lm_head`, and gradients reach them and the
+tied embeddings. The vocabulary is processed in strided tiles
+(`tiled.token_pool`): never B x L x V. Dims of `special_ids` are zeroed.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from flax import nnx
 from laspar_jax.models.backbone import VocabProjection
 from laspar_jax.models.heads import tiled
 
+AT_CALL = "at_call"  # `VocabHead(AT_CALL, ...)`: the projection comes with each call
+
 
 class VocabHead(nnx.Module):
   """SPLADE head on a vocabulary projection: rep_bv = pool_t log1p(relu(logit_tv)).
@@ -31,7 +36,8 @@ class VocabHead(nnx.Module):
   `kernel_dv() -> [d, V]` and `bias_v() -> [V] | None` (`backbone.VocabProjection`).
 
   Args (constructor):
-    projection: the backbone's `vocab_projection()` (held by reference).
+    projection: the backbone's `vocab_projection()` (held by reference), or
+      `AT_CALL` (given to each call instead).
     vocab: V.
     special_ids: token ids whose dims are zeroed.
     pooling: "max" or "sum" over unmasked tokens.
@@ -41,11 +47,15 @@ class VocabHead(nnx.Module):
   needs = ("projection", "vocab")  # what `make_head` must provide
   accepts = ("special_ids",)  # provided by `make_head` when given (kwargs override)
 
-  def __init__(self, projection: VocabProjection, *, vocab: int, special_ids: Sequence[int] = (),
+  def __init__(self, projection: VocabProjection | str, *, vocab: int, special_ids: Sequence[int] = (),
                pooling: str = "max", tile: int | None = 8192, token_chunk: int | None = None,
                backward: str = "argmax", dtype: Any = jnp.float32):
     if pooling not in ("max", "sum"):
       raise ValueError(f"pooling must be 'max' or 'sum', got {pooling!r}")
+    if isinstance(projection, str):
+      if projection != AT_CALL:
+        raise ValueError(f"projection must be a VocabProjection or {AT_CALL!r}, got {projection!r}")
+      projection = None
     self.projection = projection
     self.vocab = vocab
     self.pooling = pooling
@@ -60,7 +70,7 @@ class VocabHead(nnx.Module):
     return self.vocab
 
   def __call__(self, h_btd: jax.Array, mask_bt: jax.Array, ids_bt: jax.Array | None = None, *,
-               topk: int | None = None) -> jax.Array:
+               topk: int | None = None, projection: VocabProjection | None = None) -> jax.Array:
     """rep_bv float32 [B, V].
 
     Args:
@@ -68,17 +78,21 @@ class VocabHead(nnx.Module):
       mask_bt: [B, L] attention mask.
       ids_bt: token ids (unused).
       topk: keep each row's top-k entries (training-time masking); None keeps all.
+      projection: the vocabulary projection (default: the one held).
 
     Returns:
       float32 [B, V]; special ids are 0.
     """
     del ids_bt
-    t_btd = self.projection.transform(h_btd)
-    w_dv = self.projection.kernel_dv()
+    projection = self.projection if projection is None else projection
+    if projection is None:
+      raise ValueError("this VocabHead was built with projection=AT_CALL: pass projection=")
+    t_btd = projection.transform(h_btd)
+    w_dv = projection.kernel_dv()
     if w_dv.shape[1] != self.vocab:
       raise ValueError(f"the vocabulary projection has {w_dv.shape[1]} columns, the head expects "
                        f"vocab={self.vocab}")
-    b_v = self.projection.bias_v()
+    b_v = projection.bias_v()
     if b_v is None:
       b_v = jnp.zeros((self.vocab,), jnp.float32)
     rep = tiled.token_pool(t_btd, mask_bt, w_dv, b_v, reduce=self.pooling, tile=self.tile,

@@ -1,0 +1,201 @@
+"""Zero-shot prompts: presets and their composition with texts at the token level, with a text mask.
+
+A preset wraps each query / passage in a prompt: `prefix + text + suffix`
+(plain presets), or the same instruction as a user message rendered by the
+tokenizer's own chat template (chat presets, `reply` appended after the
+assistant turn's opening). Presets:
+
+  reference   Decoder4LSR's RQ1 prompts, verbatim (`REFERENCE_QUERY_PREFIX`,
+              `REFERENCE_DOC_PREFIX`; no suffix); pooled over the text positions.
+  promptreps  PromptReps: `<s>[INST] Passage: "` + text + `". Use one most
+              important word to represent the passage in retrieval task. Make
+              sure your word is in lowercase. [/INST]The word is: "`; read off
+              at the last token.
+  chat        the reference instruction as a user message through the chat template.
+  promptreps_chat  the PromptReps instruction through the chat template, the
+              assistant reply opened with `The word is: "`; last token.
+  none        the text alone (with the tokenizer's own special tokens, e.g. BERT's
+              [CLS] X [SEP]); pooled over every position (an MLM such as SPLADE).
+
+Composition (`compose`) tokenizes the whole prompted string once (so the
+tokens at the prompt/text boundary are those the model sees for the joined
+string, e.g. "Query: cells" -> ":", "Ġcells") and uses the character offsets
+to tell prompt from text: a token is a text token when its span overlaps the
+text's characters. The text is then cut to `max_text_len` text tokens, the
+suffix kept whole. Special tokens the tokenizer adds itself (its
+post-processor's BOS, [CLS] / [SEP]) are kept; when the prompt already starts
+with that BOS (e.g. "<s>" in a Llama / Mistral vocabulary) the added one is
+dropped, so there is never a second BOS. A "<s>" that is not a token of the
+vocabulary (e.g. SmolLM2's) is ordinary text, as the reference's Hugging Face
+tokenizer treats it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+REFERENCE_INSTRUCTION = ("You are a powerful lexical search engine. You are tasked with generating important terms "
+                         "that can represents the semantic relevance of {kind} in retrieval task. Make sure your "
+                         "word is in lowercase.")
+REFERENCE_QUERY_PREFIX = ("<s>[INST] You are a powerful lexical search engine. You are tasked with generating "
+                          "important terms that can represents the semantic relevance of query in retrieval task. "
+                          "Make sure your word is in lowercase.\n Query: ")
+REFERENCE_DOC_PREFIX = ("<s>[INST] You are a powerful lexical search engine. You are tasked with generating "
+                        "important terms that can represents the semantic relevance of passage in retrieval task. "
+                        "Make sure your word is in lowercase. \n Passage: ")
+PROMPTREPS_INSTRUCTION = ("Use one most important word to represent the {kind} in retrieval task. "
+                          "Make sure your word is in lowercase.")
+PROMPTREPS_REPLY = 'The word is: "'
+_MARK = "\uE000laspar-text\uE000"  # private-use marker locating the text in a rendered chat template
+KINDS = ("query", "doc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """One side's prompt: prefix + text + suffix (chat: the user message; then the reply's opening)."""
+  prefix: str = ""
+  suffix: str = ""
+  reply: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A zero-shot prompt preset.
+
+  Attributes:
+    name: its name.
+    query / doc: the two sides' templates.
+    chat: render the user message through the tokenizer's chat template.
+    decoding: the default read-off ("plain": pool over positions; "last_token").
+    pool: the default positions pooled by "plain": "text" (the text's tokens
+      only) or "all" (every real position, as SPLADE pools).
+  """
+  name: str
+  query: Template
+  doc: Template
+  chat: bool = False
+  decoding: str = "plain"
+  pool: str = "text"
+
+  def template(self, kind: str) -> Template:
+    if kind not in KINDS:
+      raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return self.query if kind == "query" else self.doc
+
+
+def _promptreps(label: str, kind: str, bos: str = "<s>[INST] ") -> Template:
+  return Template(prefix=f'{bos}{label}: "', suffix=f'". {PROMPTREPS_INSTRUCTION.format(kind=kind)} [/INST]'
+                  + PROMPTREPS_REPLY)
+
+
+PRESETS: dict[str, Preset] = {
+    "reference": Preset("reference", Template(REFERENCE_QUERY_PREFIX), Template(REFERENCE_DOC_PREFIX)),
+    "promptreps": Preset("promptreps", _promptreps("Query", "query"), _promptreps("Passage", "passage"),
+                         decoding="last_token"),
+    "chat": Preset("chat", Template(REFERENCE_INSTRUCTION.format(kind="query") + "\n Query: "),
+                   Template(REFERENCE_INSTRUCTION.format(kind="passage") + " \n Passage: "), chat=True),
+    "promptreps_chat": Preset(
+        "promptreps_chat",
+        Template('Query: "', f'". {PROMPTREPS_INSTRUCTION.format(kind="query")}', PROMPTREPS_REPLY),
+        Template('Passage: "', f'". {PROMPTREPS_INSTRUCTION.format(kind="passage")}', PROMPTREPS_REPLY),
+        chat=True, decoding="last_token"),
+    "none": Preset("none", Template(), Template(), pool="all"),
+}
+
+
+def get_preset(name: str) -> Preset:
+  """The preset called `name`.
+
+  Raises:
+    ValueError: an unknown name (lists the known ones).
+  """
+  if name not in PRESETS:
+    raise ValueError(f"unknown prompt preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name]
+
+
+def prompt_strings(tokenizer: Any, preset: Preset, kind: str) -> tuple[str, str]:
+  """(before, after): the strings around the text, chat template rendered.
+
+  Raises:
+    ValueError: a chat preset on a tokenizer without a chat template.
+  """
+  t = preset.template(kind)
+  if not preset.chat:
+    return t.prefix, t.suffix
+  rendered = tokenizer.apply_chat_template([{"role": "user", "content": t.prefix + _MARK + t.suffix}],
+                                           add_generation_prompt=True)
+  before, found, after = rendered.partition(_MARK)
+  if not found:
+    raise ValueError(f"{getattr(tokenizer, 'source', 'tokenizer')}: the chat template drops the user message")
+  return before, after + t.reply
+
+
+def compose(tokenizer: Any, texts: Sequence[str], *, preset: Preset, kind: str,
+            max_text_len: int) -> list[tuple[list[int], list[int]]]:
+  """Tokenizes prompted texts: per text (ids, text flags), unpadded (see the module docstring).
+
+  Args:
+    tokenizer: a `laspar_jax.tokenizer.Tokenizer`.
+    texts: the queries or passages.
+    preset: the prompt preset.
+    kind: "query" or "doc".
+    max_text_len: text tokens kept per text (the prompt is not counted).
+
+  Returns:
+    Per text: the token ids (prompt, text and the tokenizer's special tokens)
+    and flags (1 at the text's tokens, 0 elsewhere), same length.
+  """
+  before, after = prompt_strings(tokenizer, preset, kind)
+  cap = 100 * max(max_text_len, 1)  # chars; a huge text is cut before it is tokenized whole
+  texts = [t[:cap] for t in texts]
+  raw = tokenizer._tok  # pylint: disable=protected-access  (offsets and the special-token mask)
+  encodings = raw.encode_batch([before + t + after for t in texts], add_special_tokens=True)
+  start = len(before)
+  rows = []
+  for text, enc in zip(texts, encodings):
+    end = start + len(text)
+    ids, flags, n_text = [], [], 0
+    for tid, (s, e), special in zip(enc.ids, enc.offsets, enc.special_tokens_mask):
+      is_text = not special and s < end and e > start
+      if is_text:
+        n_text += 1
+        if n_text > max_text_len:
+          continue
+      ids.append(tid)
+      flags.append(int(is_text))
+    if len(ids) > 1 and ids[0] == ids[1] and enc.special_tokens_mask[0] and not flags[1]:
+      ids, flags = ids[1:], flags[1:]  # the prompt writes the BOS the tokenizer adds: keep one
+    rows.append((ids, flags))
+  return rows
+
+
+def bucket_length(n: int, multiple: int = 32) -> int:
+  """n rounded up to a multiple of `multiple` (at least `multiple`)."""
+  return max(-(-n // multiple), 1) * multiple
+
+
+def pad_rows(rows: Sequence[tuple[list[int], list[int]]], *, pad_id: int, length: int | None = None,
+             multiple: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Right-pads composed rows.
+
+  Args:
+    rows: (ids, text flags) per text, as `compose` returns.
+    pad_id: the padding id.
+    length: padded length (default: the longest row rounded up by `bucket_length`).
+    multiple: the rounding of the default length.
+
+  Returns:
+    (ids_bl, mask_bl, text_bl), int32 [B, L].
+  """
+  length = length or bucket_length(max((len(r[0]) for r in rows), default=1), multiple)
+  ids_bl = np.full((len(rows), length), pad_id, np.int32)
+  mask_bl = np.zeros((len(rows), length), np.int32)
+  text_bl = np.zeros((len(rows), length), np.int32)
+  for i, (ids, flags) in enumerate(rows):
+    n = min(len(ids), length)
+    ids_bl[i, :n], mask_bl[i, :n], text_bl[i, :n] = ids[:n], 1, flags[:n]
+  return ids_bl, mask_bl, text_bl

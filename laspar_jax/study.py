@@ -1,0 +1,386 @@
+"""The study runner: every variant of an experiment config through train -> index -> evaluate, one table.
+
+An experiment config (`configs/decoder/*.py`) is a module with `VARIANTS`
+(the names, in table order) and `get_config("variant=NAME[,ARG]")`.
+`run_study(module, arg, W)` runs each variant in its own folder:
+
+  W/<variant>/study.json     the variant's config digest (written first)
+  W/<variant>/               `train_lib`'s workdir: config.json, checkpoints/, tb/, history.jsonl, encoder/
+  W/<variant>/eval/<step>/   index/, run.trec, metrics.json (the layout `laspar_jax/report.py` reads)
+  W/<variant>/result.json    written atomically when the variant ends ("ok" or "failed")
+
+A variant with a non-empty `config.zeroshot.preset` is not trained: the
+zero-shot path (`zeroshot.evaluate_zeroshot`) indexes and evaluates it in
+W/<variant>/eval/0/.
+
+Reruns: a variant whose result.json is "ok" with the digest of its current
+config is skipped. A folder whose study.json holds another digest (the config
+changed), or any folder with `rerun=True`, is moved to
+W/superseded/<variant>-<old digest> and the variant starts afresh; a folder of
+the same digest without an "ok" result (killed or failed) resumes, training
+from its last checkpoint. A failing variant is recorded (status "failed",
+the error) and the next one runs.
+
+Then W/results.md and W/results.csv: one row per variant of VARIANTS that has
+a result, in VARIANTS order: each measure of `config.eval.measures`, FLOPS per
+query (multiply-adds over posting lists, measured on the evaluated queries),
+mean active dims per query and per document, train steps and wall seconds.
+
+Multi-host (`jax.distributed`): every process trains and indexes its share;
+process 0 alone evaluates and writes study files, so W must be on a shared
+filesystem.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import importlib
+import importlib.util
+import io
+import json
+import math
+import os
+import sys
+import time
+import traceback
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import tqdm
+
+from laspar_jax import config_lib
+from laspar_jax import distributed
+from laspar_jax import distributed_index
+from laspar_jax import encode
+from laspar_jax import evaluate
+from laspar_jax import io_utils
+from laspar_jax import report
+from laspar_jax import train_lib
+from laspar_jax import zeroshot
+from laspar_jax.data import sources
+from laspar_jax.models import sparse_encoder
+
+RESULT = "result.json"
+STAMP = "study.json"
+SUPERSEDED = "superseded"
+ModuleSpec = str | os.PathLike | types.ModuleType
+
+
+def _say(msg: str) -> None:
+  if distributed.is_lead():
+    tqdm.tqdm.write(f"[study] {msg}")
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+  """"configs/decoder/rq2_backbones.py:tiny" -> (path, "tiny") (as `--config` of launch/train.py)."""
+  path, _, arg = str(spec).partition(":")
+  return path, arg
+
+
+def load_module(module_or_path: ModuleSpec) -> types.ModuleType:
+  """An experiment config module from a module, a file path (`x/y.py`) or a dotted name.
+
+  Raises:
+    ValueError: the module has no `VARIANTS` or no `get_config`.
+  """
+  if isinstance(module_or_path, types.ModuleType):
+    module = module_or_path
+  else:
+    name = os.fspath(module_or_path)
+    if name.endswith(".py") or os.sep in name:
+      path = os.path.abspath(name)
+      key = "laspar_study_config_" + hashlib.sha256(path.encode()).hexdigest()[:12]
+      spec = importlib.util.spec_from_file_location(key, path)
+      if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"cannot load the config module {path}")
+      module = importlib.util.module_from_spec(spec)
+      sys.modules[key] = module  # dataclasses (and pickling) look their module up there
+      spec.loader.exec_module(module)
+    else:
+      module = importlib.import_module(name)
+  if not isinstance(getattr(module, "VARIANTS", None), (tuple, list)) or not callable(
+      getattr(module, "get_config", None)):
+    raise ValueError(f"{module.__name__} is not an experiment config: it needs VARIANTS and get_config(arg)")
+  return module
+
+
+def variant_config(module: types.ModuleType, variant: str, arg: str = "",
+                   overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """`module.get_config("variant=NAME[,arg]")` with dotted `overrides` applied (`config_lib.update`)."""
+  config = module.get_config(",".join(x for x in (f"variant={variant}", arg) if x))
+  with config.unlocked():
+    config_lib.update(config, dict(overrides or {}))
+  return config
+
+
+def config_digest(config: ml_collections.ConfigDict) -> str:
+  """sha256 (16 hex) of the config's fields: equal configs, equal digests."""
+  blob = json.dumps(config_lib.to_dict(config), sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_json(path: io_utils.PathLike) -> dict[str, Any] | None:
+  """A JSON object file, or None when missing or unreadable."""
+  path = io_utils.as_path(path)
+  try:
+    out = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+  return out if isinstance(out, dict) else None
+
+
+def is_zeroshot(config: ml_collections.ConfigDict) -> bool:
+  """True when the variant is evaluated zero-shot (`config.zeroshot.preset` set)."""
+  zs = config.get("zeroshot")
+  return bool(zs is not None and zs.get("preset"))
+
+
+def run_study(module_or_path: ModuleSpec, arg: str, workdir: io_utils.PathLike, *,
+              variants: Sequence[str] | None = None, progress: bool = True, rerun: bool = False,
+              overrides: Mapping[str, Any] | None = None, plots: bool = False) -> list[dict[str, Any]]:
+  """Runs the variants of an experiment config and writes the results table (see the module docstring).
+
+  Args:
+    module_or_path: the config module, its file path or its dotted name.
+    arg: the config argument added after "variant=NAME" (e.g. "tiny"; "" for none).
+    workdir: W, the study folder (local or gs://).
+    variants: the variants to run (default: all of VARIANTS).
+    progress: progress bars while indexing.
+    rerun: run every selected variant afresh, even those already finished.
+    overrides: {dotted config key: value} applied to every variant's config.
+    plots: also write W/report/ (`report.write_report`: curves, trade-off, postings).
+
+  Returns:
+    One dict per selected variant, in VARIANTS order: its result.json content,
+    with "status" "ok" (run now), "skipped" (finished before), "failed" or
+    "preempted" (SIGTERM during training: the study stopped there).
+
+  Raises:
+    ValueError: an unknown variant name (before anything runs).
+  """
+  module = load_module(module_or_path)
+  names = tuple(module.VARIANTS)
+  chosen = names if not variants else tuple(variants)
+  unknown = [v for v in chosen if v not in names]
+  if unknown:
+    raise ValueError(f"unknown variants {unknown}; {module.__name__} has {list(names)}")
+  chosen = tuple(v for v in names if v in chosen)
+  root = io_utils.as_path(workdir)
+  results = []
+  for v in chosen:
+    res = _run_one(module, v, arg, root / v, rerun=rerun, overrides=overrides, progress=progress)
+    results.append(res)
+    if res["status"] == "preempted":
+      break
+  if distributed.is_lead():
+    rows = table_rows(module, arg, root, overrides)
+    write_tables(root, rows, title=f"{getattr(module, '__file__', module.__name__)} {arg}".strip())
+    if plots and report.find_runs([root]):
+      report.write_report([root], root / "report")
+    _say(f"results: {root / 'results.md'}")
+  return results
+
+
+def _run_one(module: types.ModuleType, variant: str, arg: str, vdir: Any, *, rerun: bool,
+             overrides: Mapping[str, Any] | None, progress: bool) -> dict[str, Any]:
+  """One variant: skip, or (re)start its folder, run it and write result.json."""
+  lead = distributed.is_lead()
+  res: dict[str, Any] = {"variant": variant, "config_arg": arg}
+  t0 = time.time()
+  try:
+    config = variant_config(module, variant, arg, overrides)
+    res["config_digest"] = digest = config_digest(config)
+    done = read_json(vdir / RESULT)
+    if not rerun and done and done.get("status") == "ok" and done.get("config_digest") == digest:
+      _say(f"{variant}: finished before (config {digest}), skipped")
+      return {**done, "status": "skipped"}
+    _prepare(vdir, digest, rerun, lead)
+    res["kind"] = "zeroshot" if is_zeroshot(config) else "trained"
+    _say(f"{variant}: {res['kind']}, config {digest}, in {vdir}")
+    out = (_zeroshot(config, vdir, progress=progress) if res["kind"] == "zeroshot"
+           else _train_index_evaluate(config, vdir, progress=progress))
+    if out.get("preempted"):
+      return {**res, "status": "preempted", "steps": out.get("steps")}
+    res.update(out, status="ok")
+  except Exception as e:  # pylint: disable=broad-except  (one failing variant must not stop the study)
+    res.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    _say(f"{variant}: FAILED: {res['error']}")
+  res["wall_seconds"] = time.time() - t0
+  res["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  if lead:
+    io_utils.write_text_atomic(vdir / RESULT, json.dumps(res, indent=1, default=str))
+  distributed.barrier(f"laspar_study_{variant}")
+  return res
+
+
+def _prepare(vdir: Any, digest: str, rerun: bool, lead: bool) -> None:
+  """Moves a folder of another config (or any, with rerun) aside, then stamps the folder with `digest`."""
+  if lead:
+    stamp = read_json(vdir / STAMP)
+    if vdir.exists() and (rerun or stamp is None or stamp.get("config_digest") != digest):
+      old = (stamp or {}).get("config_digest") or "unknown"
+      dest = vdir.parent / SUPERSEDED / f"{vdir.name}-{old}"
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      if dest.exists():
+        dest.rmtree()
+      vdir.rename(dest)
+      _say(f"{vdir.name}: earlier run (config {old}) moved to {dest}")
+    vdir.mkdir(parents=True, exist_ok=True)
+    io_utils.write_text_atomic(vdir / STAMP, json.dumps({"config_digest": digest}))
+  distributed.barrier(f"laspar_study_prepare_{vdir.name}")
+
+
+def _train_index_evaluate(config: ml_collections.ConfigDict, vdir: Any, *, progress: bool) -> dict[str, Any]:
+  """train_lib in `vdir`, then the saved encoder indexes the corpus and is evaluated (`config.eval`)."""
+  config = config.copy_and_resolve_references()
+  config.train.final_eval = False  # evaluated below, with the efficiency report
+  t0 = time.time()
+  trained = train_lib.train_and_evaluate(config, vdir)
+  if trained["preempted"]:
+    return {"preempted": True, "steps": trained["step"]}
+  distributed.barrier("laspar_study_trained")
+  t_train = time.time() - t0
+  encoder, tokenizer = sparse_encoder.load_encoder(os.fspath(vdir / "encoder"))
+  ev = config.eval
+  coll = sources.load_collection(ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False)))
+  docs = evaluate._FirstDocs(coll, ev.max_docs) if ev.max_docs else coll  # pylint: disable=protected-access
+  out_dir = vdir / "eval" / str(trained["step"])
+  t1 = time.time()
+  index = distributed_index.index_collection(
+      encoder, tokenizer, docs, os.fspath(out_dir / "index"), k_doc=ev.d_topk, batch_size=ev.batch_size,
+      dim=encoder.output_dim, progress=progress and distributed.is_lead(), overwrite=True)
+  t2 = time.time()
+  res = {"steps": int(trained["step"]), "train_seconds": t_train, "index_seconds": t2 - t1,
+         "encoder": os.fspath(vdir / "encoder"), "index": os.fspath(index),
+         "encoder_fingerprint": encode.encoder_fingerprint(encoder),
+         "encoder_params": encode.params_digest(encoder), "train_metrics": trained["train"]}
+  if distributed.is_lead():
+    out = evaluate.evaluate_encoder(
+        encoder, tokenizer, coll, index, k=1000, k_query=ev.q_topk, measures=ev.measures.split(","),
+        run_path=out_dir / "run.trec", batch_size=ev.batch_size, threads=ev.search_threads or None,
+        verbose=False, max_queries=ev.max_queries or None, efficiency=True)
+    res.update(_measures(out), eval_seconds=time.time() - t2)
+    _write_metrics(out_dir, res)
+  return res
+
+
+def _zeroshot(config: ml_collections.ConfigDict, vdir: Any, *, progress: bool) -> dict[str, Any]:
+  """The zero-shot path: `zeroshot.evaluate_zeroshot` indexes and evaluates in vdir/eval/0 (process 0 only)."""
+  if not distributed.is_lead():
+    return {"steps": 0}
+  zcfg = zeroshot.ZeroShotConfig.from_dict(config.zeroshot)
+  ev = config.eval
+  coll = sources.load_collection(ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False)))
+  out_dir = vdir / "eval" / "0"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  t0 = time.time()
+  out = zeroshot.evaluate_zeroshot(zcfg, coll, os.fspath(out_dir / "index"), measures=ev.measures.split(","),
+                                   k=1000, run_path=out_dir / "run.trec", max_queries=ev.max_queries or None,
+                                   progress=progress, threads=ev.search_threads or None)
+  res = {"steps": 0, "eval_seconds": time.time() - t0, "index": os.fspath(out_dir / "index"),
+         "encoder_fingerprint": zcfg.fingerprint(), "fallback_queries": out.get("fallback_queries"),
+         "fallback_docs": out.get("fallback_docs"), **_measures(out)}
+  _write_metrics(out_dir, res)
+  return res
+
+
+def _measures(out: Mapping[str, Any]) -> dict[str, Any]:
+  """Metrics and efficiency of an `evaluate_encoder` / `evaluate_zeroshot` report, flat."""
+  eff = dict(out.get("efficiency") or {})
+
+  def pick(*keys: str) -> float | None:
+    for src in (out, eff):
+      for k in keys:
+        if src.get(k) is not None:
+          return float(src[k])
+    return None
+
+  return {"metrics": {k: float(v) for k, v in out["metrics"].items()},
+          "flops_per_query": pick("flops_per_query"),
+          "mean_active_q": pick("mean_active_q", "mean_active_dims_query", "active_q"),
+          "mean_active_d": pick("mean_active_d", "mean_active_dims_doc", "active_d"),
+          "n_queries": out.get("n_queries"), "run": os.fspath(out["run_path"]) if out.get("run_path") else None,
+          "efficiency": {k: v for k, v in eff.items() if isinstance(v, (int, float))}}
+
+
+def _write_metrics(out_dir: Any, res: Mapping[str, Any]) -> None:
+  """eval/<step>/metrics.json as training writes it (report.py reads measured FLOPS from it)."""
+  flat = dict(res["metrics"], active_q=res["mean_active_q"], active_d=res["mean_active_d"],
+              flops_per_query=res["flops_per_query"])
+  io_utils.write_text_atomic(out_dir / "metrics.json", json.dumps(flat, indent=1))
+
+
+# ----------------------------------------------------------------------------- the results table
+
+
+def table_rows(module: types.ModuleType, arg: str, root: Any,
+               overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+  """The result.json of every variant of VARIANTS that has one, in VARIANTS order.
+
+  A finished result whose digest is not its variant's current config's gets status "stale".
+  """
+  rows = []
+  for v in module.VARIANTS:
+    res = read_json(root / v / RESULT)
+    if res is None:
+      continue
+    try:
+      current = config_digest(variant_config(module, v, arg, overrides))
+    except Exception:  # pylint: disable=broad-except  (a variant whose config no longer builds)
+      current = None
+    if res.get("status") == "ok" and res.get("config_digest") != current:
+      res["status"] = "stale"
+    rows.append(res)
+  return rows
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  measures: dict[str, None] = {}
+  for r in rows:
+    measures.update(dict.fromkeys(r.get("metrics") or {}))
+  return list(measures)
+
+
+def _cell(v: Any, fmt: str) -> str:
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return "" if v is None else str(v)
+  return format(v, fmt) if isinstance(v, (int, float)) else str(v)
+
+
+def _table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+  """(header, cells) shared by the markdown and CSV tables."""
+  measures = _columns(rows)
+  header = ["variant", "status", *measures, "FLOPS/query", "active dims q", "active dims d", "steps",
+            "wall s"]
+  cells = []
+  for r in rows:
+    m = r.get("metrics") or {}
+    cells.append([r["variant"], r.get("status", ""), *(_cell(m.get(k), ".4f") for k in measures),
+                  _cell(r.get("flops_per_query"), ".4g"), _cell(r.get("mean_active_q"), ".1f"),
+                  _cell(r.get("mean_active_d"), ".1f"), _cell(r.get("steps"), "d"),
+                  _cell(r.get("wall_seconds"), ".0f")])
+  return header, cells
+
+
+def write_tables(root: Any, rows: Sequence[Mapping[str, Any]], *, title: str = "") -> None:
+  """W/results.md (a markdown table; failures listed below it) and W/results.csv (same columns + error)."""
+  header, cells = _table(rows)
+  md = [f"# Study results{': ' + title if title else ''}", "",
+        "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+  md += ["| " + " | ".join(c) + " |" for c in cells]
+  md += ["", "FLOPS/query: multiply-adds of term-at-a-time scoring (the sum of the posting-list lengths of "
+         "each query's dims), mean over the evaluated queries; active dims: mean nonzero dims per query / "
+         "per document of the index. stale: finished with an earlier config of the variant.", ""]
+  failed = [r for r in rows if r.get("status") == "failed"]
+  if failed:
+    md += ["## Failed variants", ""] + [f"- {r['variant']}: `{r.get('error', '')}`" for r in failed] + [""]
+  io_utils.write_text_atomic(root / "results.md", "\n".join(md))
+  buf = io.StringIO()
+  writer = csv.writer(buf, lineterminator="\n")
+  writer.writerow([*header, "config digest", "error"])
+  for r, c in zip(rows, cells):
+    writer.writerow([*c, r.get("config_digest", ""), r.get("error", "")])
+  io_utils.write_text_atomic(root / "results.csv", buf.getvalue())
