@@ -49,7 +49,7 @@ import ml_collections
 
 from configs import common
 
-MSMARCO = "msmarco-passage/train/judged"
+MSMARCO = "msmarco-passage"  # ir_datasets id; with data.split "train/judged": msmarco-passage/train/judged
 MINILM_L6 = "sentence-transformers/all-MiniLM-L6-v2"
 
 # The accepted config args and their defaults (0 / "" = not given: the recipe decides).
@@ -88,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- training data
   c.data = ml_collections.ConfigDict()
   c.data.collection = MSMARCO
-  c.data.split = "train"
+  c.data.split = "train/judged"  # appended to an ir_datasets id; a folder's qrels split
   c.data.negatives = "none"  # "none" (in-batch only), "bm25", or a TREC run file
   c.data.n_neg = 0  # hard negatives per query in a batch
   c.data.neg_pool = 8  # negatives sampled per example (the pipeline draws n_neg per epoch)
@@ -133,7 +133,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.latent_dim = a.D
   if a.data:
     c.data.collection = {"msmarco": MSMARCO, "scifact": common.data_path("scifact")}.get(a.data, a.data)
-  return c
+    c.data.split = "train/judged" if c.data.collection == MSMARCO else "train"
+  return common.with_defaults(c)
 
 
 def scifact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -151,6 +152,7 @@ def scifact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # comparable to the bias 3, so the representation depends on the input from the start.
   c.model.head_kwargs.kernel_std = 1.0
   c.data.collection = common.data_path("scifact")
+  c.data.split = "train"
   c.data.negatives = "none"
   c.data.n_neg = 0
   c.optim.batch_size = 32

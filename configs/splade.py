@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.latent_dim = 0  # unused: D is the vocabulary
   c.model.head_kwargs = ml_collections.ConfigDict({"pooling": "max"})
   if not a.runlocal and not a.scifact:
-    c.model.backbone = "distilbert-base-uncased"
+    c.model.backbone = "distilbert/distilbert-base-uncased"
   c.loss.regularizers = ml_collections.ConfigDict({
       f"q_{a.reg}": common.regularizer(a.reg, "q", 3e-4),
       f"d_{a.reg}": common.regularizer(a.reg, "d", 1e-4)})

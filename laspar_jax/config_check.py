@@ -22,7 +22,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # (field, test, what it must be); a field missing from the config is skipped.
 _Rule = tuple[str, Callable[[Any], bool], str]
 _RULES: tuple[_Rule, ...] = (
-    ("model.latent_dim", lambda v: v >= 1, ">= 1"),
+    ("model.latent_dim", lambda v: v >= 0, ">= 0 (latent heads need >= 1)"),
     ("model.query_max_len", lambda v: v >= 1, ">= 1"),
     ("model.doc_max_len", lambda v: v >= 1, ">= 1"),
     ("model.head", lambda v: v in heads.HEADS, f"one of {sorted(heads.HEADS)}"),
@@ -93,6 +93,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     config: a training config (configs/*.py).
   """
   check_ranges(config)
+  latent = [h for h in (config.model.head, config.model.get("doc_head", "")) if h.startswith("latent")]
+  if latent and config.model.latent_dim < 1:
+    raise ValueError(f"config.model.latent_dim={config.model.latent_dim!r}: the {latent[0]!r} head needs >= 1")
   distill, teacher = config.loss.distill or None, config.data.teacher
   need = losses.DISTILL_INPUTS.get(distill, ()) if distill else ()
   if distill and distill not in losses.DISTILL_LOSSES:

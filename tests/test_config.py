@@ -11,6 +11,7 @@ sys.path.insert(0, str(REPO))
 from configs import common, laspar, splade  # noqa: E402
 
 from laspar_jax import config_lib, mesh as mesh_lib, train_lib, train_step  # noqa: E402
+from laspar_jax.data import ir_datasets_source  # noqa: E402
 
 SCIFACT = os.path.normpath(REPO.parent / "shared" / "data" / "scifact")
 
@@ -46,7 +47,9 @@ def test_laspar_paper_defaults():
       "q_flops": _reg("flops", "q", 5e-3), "d_flops": _reg("flops", "d", 5e-3),
       "d_equipartition": _reg("equipartition", "d", 5e-3)}
   assert c.loss.reg_warmup_steps == 10_000
-  assert (c.data.collection, c.data.teacher, c.loss.distill) == ("msmarco-passage/train/judged", "dense", "dense_kl")
+  assert (c.data.teacher, c.loss.distill) == ("dense", "dense_kl")
+  assert ir_datasets_source.irds_id(c.data.collection, c.data.split) == "msmarco-passage/train/judged"
+  assert laspar.get_config("data=scifact").data.split == "train"
   assert (c.train.q_topk, c.train.d_topk, c.eval.q_topk, c.eval.d_topk) == (128, 512, 128, 512)
   assert (c.train.total_steps, c.eval.collection) == (100_000, "msmarco-passage/dev/small")
   assert "topk_mode" not in c.train
@@ -91,7 +94,7 @@ def test_variants():
 
 def test_splade_key_values():
   p = splade.get_config()
-  assert (p.model.backbone, p.model.head, p.model.latent_dim) == ("distilbert-base-uncased", "mlm", 0)
+  assert (p.model.backbone, p.model.head, p.model.latent_dim) == ("distilbert/distilbert-base-uncased", "mlm", 0)
   assert p.model.head_kwargs.to_dict() == {"pooling": "max"}
   assert p.loss.regularizers.to_dict() == {"q_flops": _reg("flops", "q", 3e-4), "d_flops": _reg("flops", "d", 1e-4)}
   assert (p.loss.reg_warmup_steps, p.optim.lr, p.train.total_steps) == (50_000, 1e-4, 100_000)
@@ -206,3 +209,14 @@ def test_doc_reg_weights_on_the_command_line(tmp_path):
                         "--config.data.teacher_calibration=per_query"],
                        capture_output=True, text=True, check=True, cwd=tmp_path).stdout
   assert out.split() == ["(0.25,", "0.75)", "cosine", "per_query"]
+
+
+def test_vocabulary_configs_pass_the_checks_and_latent_heads_need_a_width():
+  """configs/splade.py sets latent_dim 0 (unused by the mlm head): valid; a latent head with 0 is not."""
+  for arg in (None, "scifact", "runlocal"):
+    train_lib.check_config(splade.get_config(arg))
+  c = laspar.get_config("runlocal")
+  c.model.latent_dim = 0
+  with pytest.raises(ValueError, match="latent_dim=0: the 'latent_attention' head needs >= 1"):
+    train_lib.check_config(c)
+  assert "doc_reg_weights" in c.loss and "teacher_calibration" in c.data  # common.with_defaults

