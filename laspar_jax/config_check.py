@@ -2,7 +2,7 @@
 
 `check_config(config)` runs before a run writes anything (config.json,
 checkpoints); every error names the field and its value, e.g.
-`config.model.latent_dim=-5: must be >= 1`.
+`config.model.latent_dim=-5: must be >= 0`.
 """
 from __future__ import annotations
 

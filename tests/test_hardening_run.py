@@ -58,7 +58,7 @@ def test_workdir_lock_refuses_second_holder_and_takes_over_dead_one(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,msg", [
-    ("model.latent_dim", -5, r"config.model.latent_dim=-5: must be >= 1"),
+    ("model.latent_dim", -5, r"config.model.latent_dim=-5: must be >= 0"),
     ("optim.batch_size", 0, r"config.optim.batch_size=0: must be >= 1"),
     ("model.head", "latent_atention", r"config.model.head='latent_atention': must be one of"),
     ("optim.lr", -1e-3, r"config.optim.lr=-0.001: must be > 0"),
