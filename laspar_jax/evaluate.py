@@ -246,7 +246,7 @@ def evaluate_encoder(encoder: Any, tokenizer: Any, collection: Any, index: Any, 
           "active_d": float(index.n_postings / max(index.n_docs, 1))}
 
 
-class _FirstDocs:
+class FirstDocs:
   """The first `n` documents of a collection (a cut corpus for quick evaluation)."""
 
   def __init__(self, collection: Any, n: int):
@@ -276,7 +276,7 @@ def evaluate_config(encoder: Any, tokenizer: Any, ev: ml_collections.ConfigDict,
     per document), index_seconds and eval_seconds (both from the start of indexing).
   """
   coll = sources.load_collection(ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False)))
-  docs = _FirstDocs(coll, ev.max_docs) if ev.max_docs else coll
+  docs = FirstDocs(coll, ev.max_docs) if ev.max_docs else coll
   out_dir = io_utils.as_path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()

@@ -37,9 +37,19 @@ def warmup_linear_decay(*, peak_value: float, warmup_steps: int, total_steps: in
   Returns:
     An optax schedule step -> learning rate.
   """
+  decay = optax.linear_schedule(peak_value, end_value, _decay_steps(warmup_steps, total_steps))
+  return _after_warmup(decay, init_value=init_value, peak_value=peak_value, warmup_steps=warmup_steps)
+
+
+def _decay_steps(warmup_steps: int, total_steps: int) -> int:
   if total_steps < warmup_steps:
     raise ValueError(f"total_steps={total_steps} < warmup_steps={warmup_steps}")
-  decay = optax.linear_schedule(peak_value, end_value, max(total_steps - warmup_steps, 1))
+  return max(total_steps - warmup_steps, 1)
+
+
+def _after_warmup(decay: optax.Schedule, *, init_value: float, peak_value: float,
+                  warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up init -> peak over `warmup_steps`, then `decay` (counted from the warm-up's end)."""
   if warmup_steps <= 0:
     return decay
   warm = optax.linear_schedule(init_value, peak_value, warmup_steps)
@@ -62,15 +72,6 @@ def warmup_cosine_decay(*, peak_value: float, warmup_steps: int, total_steps: in
   Returns:
     An optax schedule step -> learning rate.
   """
-  if total_steps < warmup_steps:
-    raise ValueError(f"total_steps={total_steps} < warmup_steps={warmup_steps}")
-  span = max(total_steps - warmup_steps, 1)
-
-  def decay(step):
-    frac = jnp.clip(jnp.asarray(step, jnp.float32) / span, 0.0, 1.0)
-    return end_value + (peak_value - end_value) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-
-  if warmup_steps <= 0:
-    return decay
-  warm = optax.linear_schedule(init_value, peak_value, warmup_steps)
-  return optax.join_schedules([warm, decay], [warmup_steps])
+  decay = optax.cosine_decay_schedule(peak_value, _decay_steps(warmup_steps, total_steps),
+                                      alpha=end_value / peak_value if peak_value else 0.0)
+  return _after_warmup(decay, init_value=init_value, peak_value=peak_value, warmup_steps=warmup_steps)

@@ -246,7 +246,7 @@ def _train_index_evaluate(config: ml_collections.ConfigDict, vdir: Any, *, progr
   encoder, tokenizer = sparse_encoder.load_encoder(os.fspath(vdir / "encoder"))
   ev = config.eval
   coll = sources.load_collection(ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False)))
-  docs = evaluate._FirstDocs(coll, ev.max_docs) if ev.max_docs else coll  # pylint: disable=protected-access
+  docs = evaluate.FirstDocs(coll, ev.max_docs) if ev.max_docs else coll
   out_dir = vdir / "eval" / str(trained["step"])
   t1 = time.time()
   index = distributed_index.index_collection(
