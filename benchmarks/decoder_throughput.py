@@ -26,6 +26,7 @@ OPT-1.3b- and Llama-3-8B-sized encoders with LoRA adapters on every
 projection (the base frozen, no optimizer state): compile time, step time and
 peak device memory. The 8B model uses scanned layers, remat and bf16 compute.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,8 +99,11 @@ class TorchWorker:
     ids_file = os.path.join(self.dir, "ids.npy")
     np.save(ids_file, ids_bl.astype(np.int64))
     self.proc = subprocess.Popen(
-        [python, "-c", _TORCH_WORKER, os.path.dirname(gguf_path), os.path.basename(gguf_path), ids_file,
-         str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+      [python, "-c", _TORCH_WORKER, os.path.dirname(gguf_path), os.path.basename(gguf_path), ids_file, str(threads)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
     self.version = self._read().split()[1]
 
   def _read(self) -> str:
@@ -141,6 +145,7 @@ def _timed(fn: Callable[[], jax.Array]) -> Callable[[], float]:
     t = time.perf_counter()
     jax.block_until_ready(fn())
     return time.perf_counter() - t
+
   return run
 
 
@@ -161,8 +166,7 @@ def forward_main(args: argparse.Namespace) -> None:
         mask = np.pad(b["attention_mask"], ((0, 0), (0, length - b["attention_mask"].shape[1])))
         ids = np.where(mask == 1, ids, ids[:, -1:] if mask.all() else int(b["input_ids"][0, 1]))
       graphdef, state = nnx.split(loaded.model)
-      fwd = platform.jit(lambda state, ids, mask, g=graphdef: nnx.merge(g, state)(ids, mask),
-                         compute_dtype=dtype)
+      fwd = platform.jit(lambda state, ids, mask, g=graphdef: nnx.merge(g, state)(ids, mask), compute_dtype=dtype)
       ids_j, mask_j = jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)
       fns[f"jax {dtype_name}"] = _timed(lambda f=fwd, s=state, i=ids_j, m=mask_j: f(s, i, m))
       if dtype_name == "fp32":
@@ -179,10 +183,11 @@ def forward_main(args: argparse.Namespace) -> None:
     if worker is not None:
       diff = float(np.abs(worker.hidden() - h_jax).max())
       worker.close()
-    print(f"\nSmolLM2-135M ({os.path.basename(gguf_path)})  device: {jax.devices()[0].device_kind} "
-          f"x{jax.device_count()}  cpus: {cpus}  batch {args.batch}  length {length}  "
-          f"best of {args.repeats} interleaved rounds"
-          + (f"  torch {worker.version}" if worker else ""))
+    print(
+      f"\nSmolLM2-135M ({os.path.basename(gguf_path)})  device: {jax.devices()[0].device_kind} "
+      f"x{jax.device_count()}  cpus: {cpus}  batch {args.batch}  length {length}  "
+      f"best of {args.repeats} interleaved rounds" + (f"  torch {worker.version}" if worker else "")
+    )
     print(f"{'impl':<12}{'seq/s':>10}{'tok/s':>10}{'ms':>10}{'vs torch same dtype':>21}")
     for name, sec in best.items():
       ref = best.get(f"torch {name.split()[1]}")
@@ -194,20 +199,61 @@ def forward_main(args: argparse.Namespace) -> None:
 
 # Random configs (config.json dicts) of the --gpu mode: (full size, tiny size for a CPU smoke run).
 CONFIGS = {
-    "flan_t5_base": (dict(model_type="t5", vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
-                          num_decoder_layers=12, num_heads=12, feed_forward_proj="gated-gelu",
-                          tie_word_embeddings=False, mode="encoder_decoder"),
-                     dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=512)),
-    "opt_1.3b": (dict(model_type="opt", vocab_size=50272, hidden_size=2048, num_hidden_layers=24,
-                      num_attention_heads=32, ffn_dim=8192, word_embed_proj_dim=2048, do_layer_norm_before=True,
-                      activation_function="relu", tie_word_embeddings=True),
-                 dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                      word_embed_proj_dim=64, vocab_size=512)),
-    "llama3_8b": (dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                       tie_word_embeddings=False, scan_layers=True),
-                  dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=512)),
+  "flan_t5_base": (
+    dict(
+      model_type="t5",
+      vocab_size=32128,
+      d_model=768,
+      d_kv=64,
+      d_ff=2048,
+      num_layers=12,
+      num_decoder_layers=12,
+      num_heads=12,
+      feed_forward_proj="gated-gelu",
+      tie_word_embeddings=False,
+      mode="encoder_decoder",
+    ),
+    dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=512),
+  ),
+  "opt_1.3b": (
+    dict(
+      model_type="opt",
+      vocab_size=50272,
+      hidden_size=2048,
+      num_hidden_layers=24,
+      num_attention_heads=32,
+      ffn_dim=8192,
+      word_embed_proj_dim=2048,
+      do_layer_norm_before=True,
+      activation_function="relu",
+      tie_word_embeddings=True,
+    ),
+    dict(
+      hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64, vocab_size=512
+    ),
+  ),
+  "llama3_8b": (
+    dict(
+      model_type="llama",
+      vocab_size=128256,
+      hidden_size=4096,
+      intermediate_size=14336,
+      num_hidden_layers=32,
+      num_attention_heads=32,
+      num_key_value_heads=8,
+      rope_theta=500000.0,
+      tie_word_embeddings=False,
+      scan_layers=True,
+    ),
+    dict(
+      hidden_size=64,
+      intermediate_size=128,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      vocab_size=512,
+    ),
+  ),
 }
 BIG = ("llama3_8b",)  # bf16 compute and remat
 
@@ -216,47 +262,73 @@ def _random_encoder(name: str, hf: dict, lora_spec: dict, dtype, remat: bool):
   """A SparseEncoder of random weights: backbone + LM head + LoRA adapters + the vocabulary head."""
   family = backbone.FAMILIES[hf["model_type"]]
   cfg = family.config_from_hf(hf)
-  model = family.build(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat,
-                       attention_impl=platform.attention_impl("auto"))
+  model = family.build(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, attention_impl=platform.attention_impl("auto"))
   model.lm_head = family.lm_head(model, cfg, rngs=nnx.Rngs(1))
-  lora.apply_lora(model, targets=lora.default_targets(family.name), rank=lora_spec["rank"],
-                  alpha=lora_spec["alpha"], rngs=nnx.Rngs(2))
-  head = heads.make_head("mlm", d=model.hidden_size, vocab=model.vocab_size, projection=model.vocab_projection(),
-                         special_ids=())
-  enc_cfg = sparse_encoder.EncoderConfig(backbone=f"random:{name}", head="mlm", lora=lora_spec,
-                                         dtype="bfloat16" if dtype == jnp.bfloat16 else "float32", remat=remat)
+  lora.apply_lora(
+    model, targets=lora.default_targets(family.name), rank=lora_spec["rank"], alpha=lora_spec["alpha"], rngs=nnx.Rngs(2)
+  )
+  head = heads.make_head(
+    "mlm", d=model.hidden_size, vocab=model.vocab_size, projection=model.vocab_projection(), special_ids=()
+  )
+  enc_cfg = sparse_encoder.EncoderConfig(
+    backbone=f"random:{name}",
+    head="mlm",
+    lora=lora_spec,
+    dtype="bfloat16" if dtype == jnp.bfloat16 else "float32",
+    remat=remat,
+  )
   return sparse_encoder.SparseEncoder(enc_cfg, model, head), lora.lora_param_count(model)
 
 
 def train_main(args: argparse.Namespace) -> None:
   """LoRA train steps of large random encoders: compile s, step s, peak device memory."""
   mesh = mesh_lib.make_mesh(data=-1, model=1)
-  o = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, schedule="constant", end_lr=0.0, weight_decay=0.0,
-                                     b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, head_lr_mult=1.0, freeze=()))
+  o = ml_collections.ConfigDict(
+    dict(
+      lr=1e-4,
+      warmup_steps=0,
+      schedule="constant",
+      end_lr=0.0,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip=1.0,
+      head_lr_mult=1.0,
+      freeze=(),
+    )
+  )
   bq, lq, ld = (32, 32, 256) if args.scale == "full" else (8, 8, 16)
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  batch {bq} queries x {lq} + "
-        f"{bq} docs x {ld} tokens, LoRA r=16 on every projection, vocabulary head")
+  print(
+    f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  batch {bq} queries x {lq} + "
+    f"{bq} docs x {ld} tokens, LoRA r=16 on every projection, vocabulary head"
+  )
   print(f"{'model':<14}{'params':>10}{'lora':>10}{'compile s':>11}{'step s':>9}{'peak GiB':>10}")
   for name in args.models:
     full, tiny = CONFIGS[name]
     hf = full if args.scale == "full" else {**full, **tiny}
     big = name in BIG and args.scale == "full"
-    enc, n_lora = _random_encoder(name, hf, {"rank": 16, "alpha": 32}, jnp.bfloat16 if big else jnp.float32,
-                                  remat=big)
+    enc, n_lora = _random_encoder(name, hf, {"rank": 16, "alpha": 32}, jnp.bfloat16 if big else jnp.float32, remat=big)
     params = train_state.encoder_params(enc)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     tx, lr = optim.make_optimizer(o, 100, params)
     trainable = optim.trainable_mask(params, o)
     graphdef, rest, state, shardings = train_state.create_train_state(enc, tx, mesh)
     del enc, params
-    step = train_step.make_train_step(graphdef, rest, tx, lr, train_step.StepConfig(), shardings, mesh,
-                                      trainable=trainable)
+    step = train_step.make_train_step(
+      graphdef, rest, tx, lr, train_step.StepConfig(), shardings, mesh, trainable=trainable
+    )
     rng = np.random.default_rng(0)
     vocab = hf["vocab_size"]
-    batch = mesh_lib.put_batch({"q_input_ids": rng.integers(3, vocab, (bq, lq)),
-                                "q_attention_mask": np.ones((bq, lq), np.int32),
-                                "d_input_ids": rng.integers(3, vocab, (bq, ld)),
-                                "d_attention_mask": np.ones((bq, ld), np.int32)}, mesh)
+    batch = mesh_lib.put_batch(
+      {
+        "q_input_ids": rng.integers(3, vocab, (bq, lq)),
+        "q_attention_mask": np.ones((bq, lq), np.int32),
+        "d_input_ids": rng.integers(3, vocab, (bq, ld)),
+        "d_attention_mask": np.ones((bq, ld), np.int32),
+      },
+      mesh,
+    )
     t = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(state)
@@ -270,8 +342,10 @@ def train_main(args: argparse.Namespace) -> None:
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     assert np.isfinite(float(metrics["loss"]))
-    print(f"{name:<14}{n_params / 1e6:>9.1f}M{n_lora / 1e6:>9.2f}M{compile_s:>11.1f}{float(np.median(times)):>9.3f}"
-          f"{(f'{peak / 2**30:.1f}' if peak else '-'):>10}")
+    print(
+      f"{name:<14}{n_params / 1e6:>9.1f}M{n_lora / 1e6:>9.2f}M{compile_s:>11.1f}{float(np.median(times)):>9.3f}"
+      f"{(f'{peak / 2**30:.1f}' if peak else '-'):>10}"
+    )
     del state, step
 
 

@@ -13,6 +13,7 @@ Inputs are real SciFact abstracts truncated/padded to the length, all tokens
 real. Implementations are timed in interleaved rounds (one call each per
 round, after a warm-up); each figure is the best round.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,14 +60,14 @@ def main() -> None:
   ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256])
   ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the best of each counts")
   ap.add_argument("--xla_defaults", action="store_true", help="also time with XLA's default options")
-  ap.add_argument("--attention", nargs="+", default=["auto"],
-                  help="attention implementations to time (auto, cpu, xla)")
+  ap.add_argument("--attention", nargs="+", default=["auto"], help="attention implementations to time (auto, cpu, xla)")
   args = ap.parse_args()
 
   texts = _texts(args.data, args.batch)
   fns: dict[tuple[str, int], callable] = {}
-  for (dtype_name, dtype), impl in ((d, a) for d in (("fp32", jnp.float32), ("bf16", jnp.bfloat16))
-                                    for a in args.attention):
+  for (dtype_name, dtype), impl in (
+    (d, a) for d in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)) for a in args.attention
+  ):
     loaded = hf_weights.load(args.model, dtype=dtype, max_length=max(args.lengths), attention_impl=impl)
     graphdef, state = nnx.split(loaded.model)
 
@@ -82,14 +83,16 @@ def main() -> None:
       ids = np.pad(b["input_ids"], ((0, 0), (0, length - b["input_ids"].shape[1])), constant_values=1012)
       ids, mask = jnp.asarray(ids), jnp.asarray(np.ones_like(ids))
       for tag, fn in variants:
-        fns[(f"jax {dtype_name}{tag}", length)] = (
-            lambda fn=fn, state=state, ids=ids, mask=mask: fn(state, ids, mask).block_until_ready())
+        fns[(f"jax {dtype_name}{tag}", length)] = lambda fn=fn, state=state, ids=ids, mask=mask: fn(
+          state, ids, mask
+        ).block_until_ready()
 
   try:
     import copy
 
     import torch
     from transformers import AutoModel
+
     torch.set_num_threads(os.cpu_count() or 1)
     tm = AutoModel.from_pretrained(hf_weights.resolve(args.model)).eval()
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -101,6 +104,7 @@ def main() -> None:
         def run(m=m, ids_t=ids_t):
           with torch.inference_mode():
             m(input_ids=ids_t, attention_mask=torch.ones_like(ids_t))
+
         fns[(f"torch {dtype_name}", length)] = run
   except ImportError as e:
     print(f"(PyTorch reference unavailable: {e})")
@@ -112,14 +116,18 @@ def main() -> None:
       rows.append((name, length, args.batch / sec))
 
   ref = {(name.split()[1], length): r for name, length, r in rows if name.startswith("torch")}
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  cpus: {os.cpu_count()}  "
-        f"batch {args.batch}  best of {args.repeats} interleaved rounds")
+  print(
+    f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  cpus: {os.cpu_count()}  "
+    f"batch {args.batch}  best of {args.repeats} interleaved rounds"
+  )
   print(f"{'impl':<20}{'length':>8}{'seq/s':>10}{'vs torch fp32':>15}{'vs torch same dtype':>21}")
   for name, length, r in rows:
     fp32 = ref.get(("fp32", length))
     same = ref.get((name.split()[1], length))
-    print(f"{name:<20}{length:>8}{r:>10.1f}{f'{r / fp32:.2f}x' if fp32 else '-':>15}"
-          f"{f'{r / same:.2f}x' if same else '-':>21}")
+    print(
+      f"{name:<20}{length:>8}{r:>10.1f}{f'{r / fp32:.2f}x' if fp32 else '-':>15}"
+      f"{f'{r / same:.2f}x' if same else '-':>21}"
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ gradients). Untiled temp = 5 x B*L*D*4 (z, its mask and the activations kept
 for the backward pass); tiled temp is O(B*L*tile + B*D) and does not grow with
 B*L*D: at D = 2^20 it is 0.156 GiB against the 4 GiB of one [B, L, D] tensor.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,10 @@ from laspar_jax.models import heads
 
 D_MODEL = 384
 CONFIGS = (  # B, L, D, tile (None = untiled), backward
-    (8, 128, 2**16, None, "remat"),
-    (8, 128, 2**16, 4096, "remat"),
-    (8, 128, 2**16, 4096, "argmax"),
-    (8, 128, 2**20, 4096, "argmax"),
+  (8, 128, 2**16, None, "remat"),
+  (8, 128, 2**16, 4096, "remat"),
+  (8, 128, 2**16, 4096, "argmax"),
+  (8, 128, 2**20, 4096, "argmax"),
 )
 
 
@@ -72,15 +73,19 @@ def run_one(B: int, L: int, D: int, tile: int | None, backward: str, steps: int)
     jax.block_until_ready(compiled(state, h))
     times.append(time.perf_counter() - t0)
   return {
-      "B": B, "L": L, "D": D, "tile": tile, "backward": backward if tile else "-",
-      "temp_bytes": int(ma.temp_size_in_bytes),
-      "argument_bytes": int(ma.argument_size_in_bytes),
-      "output_bytes": int(ma.output_size_in_bytes),
-      "BLD_f32_bytes": B * L * D * 4,
-      "U_bytes": D_MODEL * D * 4,
-      "compile_s": round(compile_s, 2),
-      "step_s": round(min(times), 3),
-      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "B": B,
+    "L": L,
+    "D": D,
+    "tile": tile,
+    "backward": backward if tile else "-",
+    "temp_bytes": int(ma.temp_size_in_bytes),
+    "argument_bytes": int(ma.argument_size_in_bytes),
+    "output_bytes": int(ma.output_size_in_bytes),
+    "BLD_f32_bytes": B * L * D * 4,
+    "U_bytes": D_MODEL * D * 4,
+    "compile_s": round(compile_s, 2),
+    "step_s": round(min(times), 3),
+    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
   }
 
 
@@ -108,14 +113,20 @@ def main() -> None:
     rows.append(json.loads(out.strip().splitlines()[-1]))
     r = rows[-1]
     print(f"done B={B} L={L} D={D} tile={tile} {backward}: step {r['step_s']} s", file=sys.stderr)
-  print(f"latent_max forward+backward, d={D_MODEL}, jax {jax.__version__}, "
-        f"{jax.devices()[0].platform} x{len(jax.devices())}")
-  print(f"{'B':>3} {'L':>4} {'D':>8} {'tile':>5} {'bwd':>6} | {'B*L*D*4 GiB':>11} {'temp GiB':>8} "
-        f"{'args GiB':>8} {'out GiB':>8} {'U GiB':>7} {'peakRSS GiB':>11} | {'step s':>7} {'compile s':>9}")
+  print(
+    f"latent_max forward+backward, d={D_MODEL}, jax {jax.__version__}, "
+    f"{jax.devices()[0].platform} x{len(jax.devices())}"
+  )
+  print(
+    f"{'B':>3} {'L':>4} {'D':>8} {'tile':>5} {'bwd':>6} | {'B*L*D*4 GiB':>11} {'temp GiB':>8} "
+    f"{'args GiB':>8} {'out GiB':>8} {'U GiB':>7} {'peakRSS GiB':>11} | {'step s':>7} {'compile s':>9}"
+  )
   for r in rows:
-    print(f"{r['B']:>3} {r['L']:>4} {r['D']:>8} {str(r['tile']):>5} {r['backward']:>6} | {_gib(r['BLD_f32_bytes']):>11} "
-          f"{_gib(r['temp_bytes']):>8} {_gib(r['argument_bytes']):>8} {_gib(r['output_bytes']):>8} "
-          f"{_gib(r['U_bytes']):>7} {_gib(r['peak_rss_bytes']):>11} | {r['step_s']:>7} {r['compile_s']:>9}")
+    print(
+      f"{r['B']:>3} {r['L']:>4} {r['D']:>8} {str(r['tile']):>5} {r['backward']:>6} | {_gib(r['BLD_f32_bytes']):>11} "
+      f"{_gib(r['temp_bytes']):>8} {_gib(r['argument_bytes']):>8} {_gib(r['output_bytes']):>8} "
+      f"{_gib(r['U_bytes']):>7} {_gib(r['peak_rss_bytes']):>11} | {r['step_s']:>7} {r['compile_s']:>9}"
+    )
   for r in rows:
     if r["tile"] is not None:
       assert r["temp_bytes"] < r["BLD_f32_bytes"], "tiled head materialized B x L x D"

@@ -8,6 +8,7 @@ index is then loaded and searched.
   python benchmarks/index_build.py                        # 8.8M docs x 512 = 4.5e9 postings
   python benchmarks/index_build.py --n_docs 200000        # quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,7 @@ def main(argv=None):
   pattern = np.sort(rng.choice(a.dim, a.k, replace=False)).astype(np.int32)
   t0 = time.time()
   last = t0
-  with IndexWriter(path, a.dim, value_dtype=a.value_dtype,
-                   ram_budget_bytes=int(a.ram_budget_gb * 2**30)) as w:
+  with IndexWriter(path, a.dim, value_dtype=a.value_dtype, ram_budget_bytes=int(a.ram_budget_gb * 2**30)) as w:
     for b0 in range(0, a.n_docs, a.batch):
       n = min(a.batch, a.n_docs - b0)
       off = rng.integers(0, a.dim, (n, 1), dtype=np.int32)
@@ -66,13 +66,19 @@ def main(argv=None):
   t = time.time()
   rows, _ = ix.search(q_idx, q_val, k=10, threads=1)
   ms = (time.time() - t) * 1e3 / 20
-  print(f"n_docs={a.n_docs} k={a.k} postings={ix.n_postings:.3e} dim={a.dim} "
-        f"value_dtype={a.value_dtype} ram_budget={a.ram_budget_gb} GiB")
-  print(f"add phase {t_add:.0f}s (includes spills), merge {ix.manifest['stats']['merge_seconds']:.0f}s, "
-        f"total {t_total:.0f}s; runs {ix.manifest['stats']['n_runs']}; "
-        f"peak RSS {peak_gib:.2f} GiB; index {ix.size_bytes() / 2**30:.1f} GiB on disk")
-  print(f"search on it: {ms:.1f} ms/query (k=10, 1 thread; first touches of a cold "
-        f"page cache included); top row of query 0: {ix.lookup(rows[:1, :1])[0, 0]}")
+  print(
+    f"n_docs={a.n_docs} k={a.k} postings={ix.n_postings:.3e} dim={a.dim} "
+    f"value_dtype={a.value_dtype} ram_budget={a.ram_budget_gb} GiB"
+  )
+  print(
+    f"add phase {t_add:.0f}s (includes spills), merge {ix.manifest['stats']['merge_seconds']:.0f}s, "
+    f"total {t_total:.0f}s; runs {ix.manifest['stats']['n_runs']}; "
+    f"peak RSS {peak_gib:.2f} GiB; index {ix.size_bytes() / 2**30:.1f} GiB on disk"
+  )
+  print(
+    f"search on it: {ms:.1f} ms/query (k=10, 1 thread; first touches of a cold "
+    f"page cache included); top row of query 0: {ix.lookup(rows[:1, :1])[0, 0]}"
+  )
   if not a.keep:
     shutil.rmtree(path)
 

@@ -9,6 +9,7 @@ checkpoint size.
 
   python benchmarks/load_memory.py [--layers 12] [--hidden 1024]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,19 +54,36 @@ def write_checkpoint(folder: str, layers: int, hidden: int, inter: int, vocab: i
   """Writes config.json, tokenizer-less Llama checkpoint shards and the index; returns tensor bytes."""
   rng = np.random.default_rng(0)
   heads = hidden // 64
-  cfg = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-         "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
-         "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "max_position_embeddings": 512}
+  cfg = {
+    "model_type": "llama",
+    "hidden_size": hidden,
+    "intermediate_size": inter,
+    "num_hidden_layers": layers,
+    "num_attention_heads": heads,
+    "num_key_value_heads": heads,
+    "vocab_size": vocab,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 512,
+  }
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(cfg, f)
   shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
   for i in range(layers):
     p = f"model.layers.{i}."
-    shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-                   p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
-                   p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                   p + "mlp.down_proj.weight": (hidden, inter)})
+    shapes.update(
+      {
+        p + "input_layernorm.weight": (hidden,),
+        p + "post_attention_layernorm.weight": (hidden,),
+        p + "self_attn.q_proj.weight": (hidden, hidden),
+        p + "self_attn.k_proj.weight": (hidden, hidden),
+        p + "self_attn.v_proj.weight": (hidden, hidden),
+        p + "self_attn.o_proj.weight": (hidden, hidden),
+        p + "mlp.gate_proj.weight": (inter, hidden),
+        p + "mlp.up_proj.weight": (inter, hidden),
+        p + "mlp.down_proj.weight": (hidden, inter),
+      }
+    )
   names = list(shapes)
   weight_map, total = {}, 0
   for s in range(shards):
@@ -96,13 +114,18 @@ def main() -> None:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     rows = {}
     for mode in ("streamed", "naive"):
-      out = subprocess.run([sys.executable, "-c", CHILD, folder, mode], env=env, check=True,
-                           capture_output=True, text=True).stdout.strip().splitlines()[-1]
+      out = (
+        subprocess.run([sys.executable, "-c", CHILD, folder, mode], env=env, check=True, capture_output=True, text=True)
+        .stdout.strip()
+        .splitlines()[-1]
+      )
       r = json.loads(out)
       extra = (r["peak_kib"] - r["base_kib"]) * 1024
       rows[mode] = extra
-      print(f"{mode:9s} peak RSS above baseline: {extra / 2**30:.2f} GiB = {extra / size:.2f} x checkpoint "
-            f"(total peak {r['peak_kib'] / 2**20:.2f} GiB)")
+      print(
+        f"{mode:9s} peak RSS above baseline: {extra / 2**30:.2f} GiB = {extra / size:.2f} x checkpoint "
+        f"(total peak {r['peak_kib'] / 2**20:.2f} GiB)"
+      )
     print(f"streamed / naive: {rows['streamed'] / rows['naive']:.2f}")
 
 

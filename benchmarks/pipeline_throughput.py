@@ -16,6 +16,7 @@
 
 Prints the ratio pipeline rate / step rate (must be >= 5).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,11 +65,22 @@ def main() -> None:
   loaded = hf_weights.load(args.model, max_length=max(args.q_len, args.d_len))
   coll = load_collection(args.data, split="train")
   examples = training.build_examples(coll.qrels, None, n_neg=0)
-  mk = lambda prefetch: TrainPipeline(examples, coll, loaded.tokenizer, batch_size=args.batch_size, n_neg=0,
-                                      q_len=args.q_len, d_len=args.d_len, seed=0, prefetch=prefetch)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())}, "
-        f"{os.cpu_count()} cpus; {len(examples)} SciFact train examples; batch {args.batch_size} queries "
-        f"(len {args.q_len}) + {args.batch_size} docs (len {args.d_len})")
+  mk = lambda prefetch: TrainPipeline(
+    examples,
+    coll,
+    loaded.tokenizer,
+    batch_size=args.batch_size,
+    n_neg=0,
+    q_len=args.q_len,
+    d_len=args.d_len,
+    seed=0,
+    prefetch=prefetch,
+  )
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())}, "
+    f"{os.cpu_count()} cpus; {len(examples)} SciFact train examples; batch {args.batch_size} queries "
+    f"(len {args.q_len}) + {args.batch_size} docs (len {args.d_len})"
+  )
 
   pipe = mk(0)
   first = next(pipe)
@@ -88,8 +100,10 @@ def main() -> None:
   for _ in range(args.steps):
     jax.block_until_ready(step(first))
   step_s = (time.perf_counter() - t) / args.steps
-  print(f"train step (fwd+bwd, fp32): {step_s:.2f} s/step = {1 / step_s:.3f} batches/s "
-        f"({2 * args.batch_size / step_s:.1f} seq/s)")
+  print(
+    f"train step (fwd+bwd, fp32): {step_s:.2f} s/step = {1 / step_s:.3f} batches/s "
+    f"({2 * args.batch_size / step_s:.1f} seq/s)"
+  )
   print(f"RATIO pipeline/step = {pipe_rate * step_s:.0f}x (need >= 5x)")
 
   pipe = mk(2)
@@ -102,8 +116,10 @@ def main() -> None:
     jax.block_until_ready(step(batch))
   total = time.perf_counter() - t
   pipe.close()
-  print(f"together (prefetch=2): {total / args.steps:.2f} s/step, waited on input {waited:.3f} s "
-        f"in {args.steps} steps ({100 * waited / total:.2f}%)")
+  print(
+    f"together (prefetch=2): {total / args.steps:.2f} s/step, waited on input {waited:.3f} s "
+    f"in {args.steps} steps ({100 * waited / total:.2f}%)"
+  )
 
 
 if __name__ == "__main__":

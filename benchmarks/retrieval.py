@@ -10,6 +10,7 @@ approximate mode (a few budgets), PISA MaxScore (pyterrier-pisa) and Seismic
 
 Indexes are cached under --workdir by collection spec.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,14 @@ from laspar_jax.index.synthetic import SyntheticCollection, SyntheticSpec  # noq
 
 
 def _recall(ref_rows, rows, k):
-  return float(np.mean([len(set(a[:k][a[:k] >= 0]) & set(b[:k][b[:k] >= 0]))
-                        / max(1, (a[:k] >= 0).sum()) for a, b in zip(ref_rows, rows)]))
+  return float(
+    np.mean(
+      [
+        len(set(a[:k][a[:k] >= 0]) & set(b[:k][b[:k] >= 0])) / max(1, (a[:k] >= 0).sum())
+        for a, b in zip(ref_rows, rows)
+      ]
+    )
+  )
 
 
 def _time_per_query(fn, q_idx, q_val):
@@ -38,7 +45,7 @@ def _time_per_query(fn, q_idx, q_val):
   rows, scores, ms = [], [], []
   for i in range(q_idx.shape[0]):
     t = time.perf_counter()
-    r, s = fn(q_idx[i:i + 1], q_val[i:i + 1])
+    r, s = fn(q_idx[i : i + 1], q_val[i : i + 1])
     ms.append((time.perf_counter() - t) * 1e3)
     rows.append(r[0])
     scores.append(s[0])
@@ -59,9 +66,12 @@ def run_dim(args, dim: int) -> list[dict]:
   ix = Index.load(path, verify="size")
   q_idx, q_val = col.queries()
   st = ix.stats(q_idx, q_val)
-  print(f"[D={dim}] docs {st['n_docs']} postings {st['n_postings']} mean doc len "
-        f"{st['mean_doc_length']:.1f} mean query len {st['mean_query_length']:.1f} "
-        f"postings/query (FLOPS) {st['flops_per_query']:.3g}", flush=True)
+  print(
+    f"[D={dim}] docs {st['n_docs']} postings {st['n_postings']} mean doc len "
+    f"{st['mean_doc_length']:.1f} mean query len {st['mean_query_length']:.1f} "
+    f"postings/query (FLOPS) {st['flops_per_query']:.3g}",
+    flush=True,
+  )
   k = args.k
   out = []
   exact_fn = lambda qi, qv: ix.search(qi, qv, k=k, threads=1)  # noqa: E731
@@ -70,17 +80,31 @@ def run_dim(args, dim: int) -> list[dict]:
   t = time.perf_counter()
   ix.search(q_idx, q_val, k=k, threads=1)
   batch_ms = (time.perf_counter() - t) * 1e3 / q_idx.shape[0]
-  out.append(dict(engine="laspar exact", dim=dim, mean_ms=ms.mean(), p99_ms=np.percentile(ms, 99),
-                  batch_ms=batch_ms, recall=1.0))
+  out.append(
+    dict(engine="laspar exact", dim=dim, mean_ms=ms.mean(), p99_ms=np.percentile(ms, 99), batch_ms=batch_ms, recall=1.0)
+  )
   print(out[-1], flush=True)
   if "approx" in args.engines:
     for budget, n_cand in [(2000, 200), (5000, 300), (5000, 500), (10000, 500)]:
-      fn = lambda qi, qv: ix.search(qi, qv, k=k, mode="approx", budget=budget,  # noqa: E731
-                                    n_cand=n_cand)
+      fn = lambda qi, qv: ix.search(
+        qi,
+        qv,
+        k=k,
+        mode="approx",
+        budget=budget,  # noqa: E731
+        n_cand=n_cand,
+      )
       rows, _, ms = _time_per_query(fn, q_idx, q_val)
-      out.append(dict(engine=f"laspar approx b={budget} c={n_cand}", dim=dim, mean_ms=ms.mean(),
-                      p99_ms=np.percentile(ms, 99), batch_ms=float("nan"),
-                      recall=_recall(ref_rows, rows, k)))
+      out.append(
+        dict(
+          engine=f"laspar approx b={budget} c={n_cand}",
+          dim=dim,
+          mean_ms=ms.mean(),
+          p99_ms=np.percentile(ms, 99),
+          batch_ms=float("nan"),
+          recall=_recall(ref_rows, rows, k),
+        )
+      )
       print(out[-1], flush=True)
   if "pisa" in args.engines:
     try:
@@ -96,28 +120,45 @@ def run_dim(args, dim: int) -> list[dict]:
         t = time.perf_counter()
         rows, _ = pisa.search(q_idx, q_val, k=k, query_algorithm=algo, threads=1)
         ms = (time.perf_counter() - t) * 1e3 / q_idx.shape[0]
-        out.append(dict(engine=f"PISA {algo}", dim=dim, mean_ms=ms, p99_ms=float("nan"),
-                        batch_ms=ms, recall=_recall(ref_rows, rows, k)))
+        out.append(
+          dict(
+            engine=f"PISA {algo}",
+            dim=dim,
+            mean_ms=ms,
+            p99_ms=float("nan"),
+            batch_ms=ms,
+            recall=_recall(ref_rows, rows, k),
+          )
+        )
         print(out[-1], flush=True)
     except Exception as e:  # report, don't hide
       print(f"[D={dim}] PISA failed: {type(e).__name__}: {e}", flush=True)
   if "seismic" in args.engines:
     if dim > 65_536 and not args.seismic_lv:
-      print(f"[D={dim}] Seismic skipped: SeismicIndex takes <= 65,536 components "
-            "(--seismic_lv tries SeismicIndexLV)", flush=True)
+      print(
+        f"[D={dim}] Seismic skipped: SeismicIndex takes <= 65,536 components (--seismic_lv tries SeismicIndexLV)",
+        flush=True,
+      )
     else:
       try:
         t = time.time()
-        sei = SeismicBackend.build(col.doc_batches(20_000), large_vocab=dim > 65_536,
-                                   num_threads=args.seismic_threads)
+        sei = SeismicBackend.build(col.doc_batches(20_000), large_vocab=dim > 65_536, num_threads=args.seismic_threads)
         print(f"[D={dim}] Seismic index built in {time.time() - t:.0f}s", flush=True)
         for qc, hf in [(10, 0.9), (20, 0.7)]:
           sei.search(q_idx[:2], q_val[:2], k=k, query_cut=qc, heap_factor=hf)
           t = time.perf_counter()
           rows, _ = sei.search(q_idx, q_val, k=k, query_cut=qc, heap_factor=hf, threads=1)
           ms = (time.perf_counter() - t) * 1e3 / q_idx.shape[0]
-          out.append(dict(engine=f"Seismic cut={qc} hf={hf}", dim=dim, mean_ms=ms,
-                          p99_ms=float("nan"), batch_ms=ms, recall=_recall(ref_rows, rows, k)))
+          out.append(
+            dict(
+              engine=f"Seismic cut={qc} hf={hf}",
+              dim=dim,
+              mean_ms=ms,
+              p99_ms=float("nan"),
+              batch_ms=ms,
+              recall=_recall(ref_rows, rows, k),
+            )
+          )
           print(out[-1], flush=True)
         del sei
       except Exception as e:
@@ -140,13 +181,15 @@ def main(argv=None):
   rows = []
   for d in [int(x) for x in args.dims.split(",")]:
     rows += run_dim(args, d)
-  print(f"\nn_docs={args.n_docs} n_queries={args.n_queries} k={args.k}; single thread; "
-        "mean/p99 = one query per call, batch = all queries in one call")
-  print(f"{'engine':32s} {'D':>9s} {'mean ms':>8s} {'p99 ms':>8s} {'batch ms':>8s} "
-        f"{'R@' + str(args.k):>6s}")
+  print(
+    f"\nn_docs={args.n_docs} n_queries={args.n_queries} k={args.k}; single thread; "
+    "mean/p99 = one query per call, batch = all queries in one call"
+  )
+  print(f"{'engine':32s} {'D':>9s} {'mean ms':>8s} {'p99 ms':>8s} {'batch ms':>8s} {'R@' + str(args.k):>6s}")
   for r in rows:
-    print(f"{r['engine']:32s} {r['dim']:9d} {r['mean_ms']:8.2f} {r['p99_ms']:8.2f} "
-          f"{r['batch_ms']:8.2f} {r['recall']:6.3f}")
+    print(
+      f"{r['engine']:32s} {r['dim']:9d} {r['mean_ms']:8.2f} {r['p99_ms']:8.2f} {r['batch_ms']:8.2f} {r['recall']:6.3f}"
+    )
 
 
 if __name__ == "__main__":

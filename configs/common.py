@@ -8,6 +8,7 @@ The shared collections live in `../shared/data` next to the repository
 (resolved from this file, not from the working directory); set
 `$LASPAR_DATA` to use another folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ SHARDING_RULES = tuple(mesh.DEFAULT_RULES)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """"key=value,flag,..." against typed defaults (see `laspar_jax.config_lib.parse_arg`)."""
+  """ "key=value,flag,..." against typed defaults (see `laspar_jax.config_lib.parse_arg`)."""
   return config_lib.parse_arg(arg, **defaults)
 
 
@@ -60,15 +61,15 @@ def regularizer(name: str, side: str, weight: float) -> dict[str, Any]:
 # Fields of the `data` and `loss` sections added after the first configs, with defaults that keep the
 # old behaviour; `with_defaults(c)` adds those a config does not set.
 DATA_DEFAULTS: dict[str, Any] = {
-    # Affine calibration of data.teacher_scores onto a reference teacher's scale (teacher="scores"):
-    # "none", "global" or "per_query" mean/std (laspar_jax.data.training.calibrate_scores).
-    "teacher_calibration": "none",
-    "teacher_calibration_reference": "",  # the score file whose scale to match
+  # Affine calibration of data.teacher_scores onto a reference teacher's scale (teacher="scores"):
+  # "none", "global" or "per_query" mean/std (laspar_jax.data.training.calibrate_scores).
+  "teacher_calibration": "none",
+  "teacher_calibration_reference": "",  # the score file whose scale to match
 }
 LOSS_DEFAULTS: dict[str, Any] = {
-    # () : document regularizers over all documents; (pos, neg): pos * reg(positives) +
-    # neg * reg(hard negatives), needs data.n_neg >= 1 (the decoder study: (0.5, 0.5); its reference (0.25, 0.75)).
-    "doc_reg_weights": (),
+  # () : document regularizers over all documents; (pos, neg): pos * reg(positives) +
+  # neg * reg(hard negatives), needs data.n_neg >= 1 (the decoder study: (0.5, 0.5); its reference (0.25, 0.75)).
+  "doc_reg_weights": (),
 }
 
 

@@ -43,6 +43,7 @@ wall (data + dense-teacher cache 98 s, compile + 3 steps 80 s at 16.6 s/step,
 final index + search 500 s) and scores nDCG@10 0.603 (R@100 0.890) with
 128 / 512 active dims per query / document.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -53,8 +54,7 @@ MSMARCO = "msmarco-passage"  # ir_datasets id; with data.split "train/judged": m
 MINILM_L6 = "sentence-transformers/all-MiniLM-L6-v2"
 
 # The accepted config args and their defaults (0 / "" = not given: the recipe decides).
-ARGS = dict(variant="latent_attention", reg="flops", equipartition=True, D=0, data="",
-            scifact=False, runlocal=False)
+ARGS = dict(variant="latent_attention", reg="flops", equipartition=True, D=0, data="", scifact=False, runlocal=False)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.backbone = "microsoft/MiniLM-L12-H384-uncased"
   c.model.head = a.variant
-  c.model.latent_dim = 2 ** 22
+  c.model.latent_dim = 2**22
   c.model.head_kwargs = ml_collections.ConfigDict()
   if a.variant == "latent_max":
     c.model.head_kwargs.tile = 4096
@@ -111,9 +111,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.distill_weight = 1.0
   c.loss.teacher_temperature = 0.05  # cosines / 0.05
   # Named terms {name, side, weight}; each weight warmed up quadratically over reg_warmup_steps.
-  c.loss.regularizers = ml_collections.ConfigDict({
-      f"q_{a.reg}": common.regularizer(a.reg, "q", 5e-3),
-      f"d_{a.reg}": common.regularizer(a.reg, "d", 5e-3)})
+  c.loss.regularizers = ml_collections.ConfigDict(
+    {f"q_{a.reg}": common.regularizer(a.reg, "q", 5e-3), f"d_{a.reg}": common.regularizer(a.reg, "d", 5e-3)}
+  )
   if a.equipartition:
     c.loss.regularizers.d_equipartition = common.regularizer("equipartition", "d", 5e-3)
   c.loss.reg_warmup_steps = 10_000
@@ -145,7 +145,7 @@ def scifact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   corpus on the 300 test queries.
   """
   c.model.backbone = MINILM_L6
-  c.model.latent_dim = 2 ** 17
+  c.model.latent_dim = 2**17
   c.model.query_max_len = 64
   c.model.doc_max_len = 192
   # MiniLM's mean-pooled states have RMS 0.12 (norm 2.35): std 1 makes x U_j ~ N(0, 2.35^2),
@@ -177,7 +177,7 @@ def scifact(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A laptop / CI-sized run: all-MiniLM-L6-v2, D = 2^14, short texts, SciFact, 10 steps."""
   c.model.backbone = MINILM_L6
-  c.model.latent_dim = 2 ** 14
+  c.model.latent_dim = 2**14
   c.model.query_max_len = 32
   c.model.doc_max_len = 64
   c.model.remat = False

@@ -15,6 +15,7 @@ Commands:
   python launch/train.py --config configs/splade.py:runlocal --workdir /tmp/splade_local
   python launch/train.py --config configs/splade.py:scifact --workdir /tmp/splade_scifact
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -31,9 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.head_kwargs = ml_collections.ConfigDict({"pooling": "max"})
   if not a.runlocal and not a.scifact:
     c.model.backbone = "distilbert/distilbert-base-uncased"
-  c.loss.regularizers = ml_collections.ConfigDict({
-      f"q_{a.reg}": common.regularizer(a.reg, "q", 3e-4),
-      f"d_{a.reg}": common.regularizer(a.reg, "d", 1e-4)})
+  c.loss.regularizers = ml_collections.ConfigDict(
+    {f"q_{a.reg}": common.regularizer(a.reg, "q", 3e-4), f"d_{a.reg}": common.regularizer(a.reg, "d", 1e-4)}
+  )
   if not a.runlocal:
     c.loss.reg_warmup_steps = 50_000
   c.train.q_topk = 0  # no training-time top-k: FLOPS makes it sparse

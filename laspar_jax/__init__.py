@@ -12,6 +12,7 @@ submodules):
 The functions keep their own names: `laspar_jax.encode` and
 `laspar_jax.evaluate` are the submodules that hold them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,14 +20,14 @@ from typing import Any
 
 # public name -> (module, attribute)
 _API = {
-    "EncoderConfig": ("laspar_jax.models.sparse_encoder", "EncoderConfig"),
-    "load_encoder": ("laspar_jax.models.sparse_encoder", "load_encoder"),
-    "save_encoder": ("laspar_jax.models.sparse_encoder", "save_encoder"),
-    "encode_sparse": ("laspar_jax.encode", "encode_sparse"),
-    "build_index": ("laspar_jax.encode", "index_collection"),
-    "Index": ("laspar_jax.index.search", "Index"),
-    "search": ("laspar_jax.index.search", "search"),
-    "evaluate_encoder": ("laspar_jax.evaluate", "evaluate_encoder"),
+  "EncoderConfig": ("laspar_jax.models.sparse_encoder", "EncoderConfig"),
+  "load_encoder": ("laspar_jax.models.sparse_encoder", "load_encoder"),
+  "save_encoder": ("laspar_jax.models.sparse_encoder", "save_encoder"),
+  "encode_sparse": ("laspar_jax.encode", "encode_sparse"),
+  "build_index": ("laspar_jax.encode", "index_collection"),
+  "Index": ("laspar_jax.index.search", "Index"),
+  "search": ("laspar_jax.index.search", "search"),
+  "evaluate_encoder": ("laspar_jax.evaluate", "evaluate_encoder"),
 }
 
 __all__ = sorted(_API)

@@ -9,6 +9,7 @@ when the step has no checksum file (written by an older version, or a run
 killed between orbax's commit and the checksums). `move_aside` renames a bad
 step to `<step>.corrupt-<unix time>` (never deleted: a person decides).
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -19,6 +19,7 @@ Restoring takes an abstract target (jax.ShapeDtypeStruct leaves with
 shardings), so arrays come back directly on their devices. The directory may
 be local (made absolute) or gs:// (orbax writes object stores itself).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,10 +41,12 @@ __all__ = ["Checkpointer", "CheckpointCorruptError", "abstract_like"]
 
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStruct leaves (with the arrays' shardings) for a restore target."""
+
   def one(x):
     if isinstance(x, jax.Array):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     return ocp.utils.to_shape_dtype_struct(x)
+
   return jax.tree.map(one, tree)
 
 
@@ -54,8 +57,7 @@ class Checkpointer:
     directory: the checkpoint root (one sub-directory per step).
   """
 
-  def __init__(self, directory: io_utils.PathLike, *, every: int, keep: int = 3,
-               async_save: bool = False):
+  def __init__(self, directory: io_utils.PathLike, *, every: int, keep: int = 3, async_save: bool = False):
     """Opens (or creates) a checkpoint directory.
 
     Args:
@@ -69,8 +71,8 @@ class Checkpointer:
     self.directory = os.path.abspath(directory) if io_utils.is_local(directory) else directory
     self.every = every
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep > 0 else None, create=True,
-        enable_async_checkpointing=async_save)
+      max_to_keep=keep if keep > 0 else None, create=True, enable_async_checkpointing=async_save
+    )
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
     self._async = async_save
     self._unhashed: list[int] = []  # committed (or committing) steps without checksums yet
@@ -98,8 +100,9 @@ class Checkpointer:
     if step in self._mgr.all_steps():
       return
     self._finalize()
-    self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)), force=True)
+    self._mgr.save(
+      step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+    )
     self._unhashed.append(step)
     if not self._async:
       self._finalize()
@@ -161,21 +164,26 @@ class Checkpointer:
     checked = integrity.has_checksums(self.step_dir(step))
     try:
       with _quiet_asyncio():
-        out = self._mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()))
+        out = self._mgr.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target)), meta=ocp.args.JsonRestore()),
+        )
     except Exception as e:  # pylint: disable=broad-except
       if checked:  # the bytes are the ones written: a real error (e.g. another model), not damage
         raise
-      raise CheckpointCorruptError(f"{self.step_dir(step)}: cannot be restored and has no "
-                                   f"{integrity.CHECKSUMS}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+      raise CheckpointCorruptError(
+        f"{self.step_dir(step)}: cannot be restored and has no "
+        f"{integrity.CHECKSUMS}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      ) from None
     return out.state, dict(out.meta), step
 
   def _set_aside(self, step: int, problem: str) -> None:
     """Logs why `step` is bad and renames it aside (lead host), so the next older step is used."""
     if jax.process_index() == 0:
       dst = integrity.move_aside(self.step_dir(step))
-      _LOG.warning("checkpoint %d is damaged (%s); moved it to %s and falling back to an older "
-                   "checkpoint", step, problem, dst)
+      _LOG.warning(
+        "checkpoint %d is damaged (%s); moved it to %s and falling back to an older checkpoint", step, problem, dst
+      )
     self._mgr.reload()
 
   def wait(self) -> None:

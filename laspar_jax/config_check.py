@@ -4,6 +4,7 @@
 checkpoints); every error names the field and its value, e.g.
 `config.model.latent_dim=-5: must be >= 0`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,44 +23,43 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # (field, test, what it must be); a field missing from the config is skipped.
 _Rule = tuple[str, Callable[[Any], bool], str]
 _RULES: tuple[_Rule, ...] = (
-    ("model.latent_dim", lambda v: v >= 0, ">= 0 (latent heads need >= 1)"),
-    ("model.query_max_len", lambda v: v >= 1, ">= 1"),
-    ("model.doc_max_len", lambda v: v >= 1, ">= 1"),
-    ("model.head", lambda v: v in heads.HEADS, f"one of {sorted(heads.HEADS)}"),
-    ("model.doc_head", lambda v: not v or v in heads.HEADS, f"empty or one of {sorted(heads.HEADS)}"),
-    ("model.dtype", lambda v: v in _DTYPES, f"one of {list(_DTYPES)}"),
-    ("model.towers", lambda v: v in ("shared", "separate"), "'shared' or 'separate'"),
-    ("optim.batch_size", lambda v: v >= 1, ">= 1"),
-    ("optim.accum_steps", lambda v: v >= 1, ">= 1"),
-    ("optim.lr", lambda v: v > 0, "> 0"),
-    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("optim.schedule", lambda v: v in optim.SCHEDULES, f"one of {list(optim.SCHEDULES)}"),
-    ("optim.end_lr", lambda v: v >= 0, ">= 0"),
-    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
-    ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optim.eps", lambda v: v > 0, "> 0"),
-    ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0: off)"),
-    ("optim.head_lr_mult", lambda v: v > 0, "> 0"),
-    ("train.total_steps", lambda v: v >= 1, ">= 1"),
-    ("train.log_every", lambda v: v >= 1, ">= 1"),
-    ("train.checkpoint_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
-    ("train.keep_checkpoints", lambda v: v >= 0, ">= 0 (0: keep all)"),
-    ("train.eval_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
-    ("train.q_topk", lambda v: v >= 0, ">= 0 (0: off)"),
-    ("train.d_topk", lambda v: v >= 0, ">= 0 (0: off)"),
-    ("train.rng_impl", lambda v: v in ("threefry2x32", "rbg", "unsafe_rbg"),
-     "'threefry2x32', 'rbg' or 'unsafe_rbg'"),
-    ("data.n_neg", lambda v: v >= 0, ">= 0"),
-    ("data.neg_depth", lambda v: v >= 1, ">= 1"),
-    ("data.teacher", lambda v: v in ("none", "dense", "scores", ""), "'none', 'dense' or 'scores'"),
-    ("data.teacher_calibration", lambda v: v in training.CALIBRATIONS, f"one of {list(training.CALIBRATIONS)}"),
-    ("eval.q_topk", lambda v: v >= 1, ">= 1"),
-    ("eval.d_topk", lambda v: v >= 1, ">= 1"),
-    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
-    ("eval.max_queries", lambda v: v >= 0, ">= 0 (0: all)"),
-    ("eval.max_docs", lambda v: v >= 0, ">= 0 (0: all)"),
-    ("eval.search_threads", lambda v: v >= 0, ">= 0 (0: all cores)"),
+  ("model.latent_dim", lambda v: v >= 0, ">= 0 (latent heads need >= 1)"),
+  ("model.query_max_len", lambda v: v >= 1, ">= 1"),
+  ("model.doc_max_len", lambda v: v >= 1, ">= 1"),
+  ("model.head", lambda v: v in heads.HEADS, f"one of {sorted(heads.HEADS)}"),
+  ("model.doc_head", lambda v: not v or v in heads.HEADS, f"empty or one of {sorted(heads.HEADS)}"),
+  ("model.dtype", lambda v: v in _DTYPES, f"one of {list(_DTYPES)}"),
+  ("model.towers", lambda v: v in ("shared", "separate"), "'shared' or 'separate'"),
+  ("optim.batch_size", lambda v: v >= 1, ">= 1"),
+  ("optim.accum_steps", lambda v: v >= 1, ">= 1"),
+  ("optim.lr", lambda v: v > 0, "> 0"),
+  ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+  ("optim.schedule", lambda v: v in optim.SCHEDULES, f"one of {list(optim.SCHEDULES)}"),
+  ("optim.end_lr", lambda v: v >= 0, ">= 0"),
+  ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+  ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+  ("optim.eps", lambda v: v > 0, "> 0"),
+  ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0: off)"),
+  ("optim.head_lr_mult", lambda v: v > 0, "> 0"),
+  ("train.total_steps", lambda v: v >= 1, ">= 1"),
+  ("train.log_every", lambda v: v >= 1, ">= 1"),
+  ("train.checkpoint_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+  ("train.keep_checkpoints", lambda v: v >= 0, ">= 0 (0: keep all)"),
+  ("train.eval_every", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+  ("train.q_topk", lambda v: v >= 0, ">= 0 (0: off)"),
+  ("train.d_topk", lambda v: v >= 0, ">= 0 (0: off)"),
+  ("train.rng_impl", lambda v: v in ("threefry2x32", "rbg", "unsafe_rbg"), "'threefry2x32', 'rbg' or 'unsafe_rbg'"),
+  ("data.n_neg", lambda v: v >= 0, ">= 0"),
+  ("data.neg_depth", lambda v: v >= 1, ">= 1"),
+  ("data.teacher", lambda v: v in ("none", "dense", "scores", ""), "'none', 'dense' or 'scores'"),
+  ("data.teacher_calibration", lambda v: v in training.CALIBRATIONS, f"one of {list(training.CALIBRATIONS)}"),
+  ("eval.q_topk", lambda v: v >= 1, ">= 1"),
+  ("eval.d_topk", lambda v: v >= 1, ">= 1"),
+  ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+  ("eval.max_queries", lambda v: v >= 0, ">= 0 (0: all)"),
+  ("eval.max_docs", lambda v: v >= 0, ">= 0 (0: all)"),
+  ("eval.search_threads", lambda v: v >= 0, ">= 0 (0: all cores)"),
 )
 
 
@@ -111,8 +111,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_teacher_scores(config.data)
   train_step.regularizers_from_config(config.loss.regularizers)
   if train_step.doc_reg_weights_from_config(config.loss.get("doc_reg_weights", ())) and config.data.n_neg < 1:
-    raise ValueError(f"loss.doc_reg_weights={tuple(config.loss.doc_reg_weights)!r} weighs positive and hard-"
-                     "negative documents: it needs data.n_neg >= 1 (in-batch only: set loss.doc_reg_weights=())")
+    raise ValueError(
+      f"loss.doc_reg_weights={tuple(config.loss.doc_reg_weights)!r} weighs positive and hard-"
+      "negative documents: it needs data.n_neg >= 1 (in-batch only: set loss.doc_reg_weights=())"
+    )
 
 
 def _check_teacher_scores(data: ml_collections.ConfigDict) -> None:
@@ -124,8 +126,9 @@ def _check_teacher_scores(data: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.negatives='scores' needs data.teacher='scores' (got {data.teacher!r})")
   if calibration != "none":
     if data.teacher != "scores":
-      raise ValueError(f"data.teacher_calibration={calibration!r} needs data.teacher='scores' "
-                       f"(got {data.teacher!r})")
+      raise ValueError(f"data.teacher_calibration={calibration!r} needs data.teacher='scores' (got {data.teacher!r})")
     if not data.get("teacher_calibration_reference", ""):
-      raise ValueError(f"data.teacher_calibration={calibration!r} needs data.teacher_calibration_reference "
-                       "(the score file whose scale to match)")
+      raise ValueError(
+        f"data.teacher_calibration={calibration!r} needs data.teacher_calibration_reference "
+        "(the score file whose scale to match)"
+      )

@@ -14,6 +14,7 @@ explicit value from its default. `--config.key=value` flags (ml_collections
 sections (data root, mesh, sharding rules) live in `configs/common.py`; each
 config shrinks itself under `:runlocal`.
 """
+
 from __future__ import annotations
 
 import ast

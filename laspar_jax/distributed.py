@@ -19,6 +19,7 @@ on one host). Indexing: `corpus_share` gives host p a contiguous block of
 documents aligned to the encoder's windows, so every document is encoded in
 the same batch, with the same padding, as on one host (`distributed_index`).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,15 @@ def _env_int(name: str) -> int | None:
   return int(value) if value.strip() else None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, cpu_collectives: str = "gloo",
-               heartbeat_timeout_seconds: int | None = None, **kwargs: Any) -> None:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  cpu_collectives: str = "gloo",
+  heartbeat_timeout_seconds: int | None = None,
+  **kwargs: Any,
+) -> None:
   """`jax.distributed.initialize`, with process count/id also read from the environment.
 
   Must run before any JAX computation. Arguments left None are taken from
@@ -62,8 +69,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
   if heartbeat_timeout_seconds is not None:
     kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout_seconds)
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id, **kwargs)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **kwargs
+  )
 
 
 def is_lead() -> bool:

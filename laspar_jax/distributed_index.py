@@ -20,6 +20,7 @@ must be on a filesystem every host sees (NFS, gcsfuse); on one machine any
 local path works. Encoding needs no collectives: each host runs the encoder
 on its own devices.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -52,12 +53,26 @@ def parts_root(path: str | os.PathLike) -> pathlib.Path:
   return path.parent / f"{path.name}.parts"
 
 
-def index_collection(encoder: Any, tokenizer: Any, docs: Any, path: str | os.PathLike, *,
-                     k_doc: int = 512, batch_size: int = 32, value_dtype: str = "float32",
-                     approx: bool = False, ram_budget_bytes: int = 4 << 30, overwrite: bool = False,
-                     progress: bool = True, max_length: int | None = None, min_weight: float = 0.0,
-                     dim: int | None = None, process_index: int | None = None,
-                     process_count: int | None = None, **writer_kwargs: Any) -> pathlib.Path:
+def index_collection(
+  encoder: Any,
+  tokenizer: Any,
+  docs: Any,
+  path: str | os.PathLike,
+  *,
+  k_doc: int = 512,
+  batch_size: int = 32,
+  value_dtype: str = "float32",
+  approx: bool = False,
+  ram_budget_bytes: int = 4 << 30,
+  overwrite: bool = False,
+  progress: bool = True,
+  max_length: int | None = None,
+  min_weight: float = 0.0,
+  dim: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  **writer_kwargs: Any,
+) -> pathlib.Path:
   """`encode.index_collection` over all processes: one share each, one merge (see the module docstring).
 
   Args:
@@ -72,10 +87,23 @@ def index_collection(encoder: Any, tokenizer: Any, docs: Any, path: str | os.Pat
   p = jax.process_index() if process_index is None else process_index
   n_proc = jax.process_count() if process_count is None else process_count
   if n_proc == 1:
-    return encode.index_collection(encoder, tokenizer, docs, path, k_doc=k_doc, batch_size=batch_size,
-                                   value_dtype=value_dtype, approx=approx, ram_budget_bytes=ram_budget_bytes,
-                                   overwrite=overwrite, progress=progress, max_length=max_length,
-                                   min_weight=min_weight, dim=dim, **writer_kwargs)
+    return encode.index_collection(
+      encoder,
+      tokenizer,
+      docs,
+      path,
+      k_doc=k_doc,
+      batch_size=batch_size,
+      value_dtype=value_dtype,
+      approx=approx,
+      ram_budget_bytes=ram_budget_bytes,
+      overwrite=overwrite,
+      progress=progress,
+      max_length=max_length,
+      min_weight=min_weight,
+      dim=dim,
+      **writer_kwargs,
+    )
   path = pathlib.Path(os.path.abspath(os.fspath(path)))
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
@@ -92,12 +120,20 @@ def index_collection(encoder: Any, tokenizer: Any, docs: Any, path: str | os.Pat
   t0 = time.time()
   part = merge_lib.part_dir(parts_root(path), p)
   bar = tqdm(total=hi - lo, unit="doc", desc=f"index (host {p})", disable=not progress)
-  with merge_lib.PartWriter(part, dim, value_dtype=value_dtype, approx=approx,
-                            ram_budget_bytes=ram_budget_bytes, metadata=meta, **writer_kwargs) as w:
+  with merge_lib.PartWriter(
+    part, dim, value_dtype=value_dtype, approx=approx, ram_budget_bytes=ram_budget_bytes, metadata=meta, **writer_kwargs
+  ) as w:
     if hi > lo:
       for ids, idx_bk, val_bk in encode.doc_batches(
-          encoder, tokenizer, itertools.islice(docs.docs(), lo, hi), k=k_doc, batch_size=batch_size,
-          max_length=max_length, min_weight=min_weight, window=WINDOW):
+        encoder,
+        tokenizer,
+        itertools.islice(docs.docs(), lo, hi),
+        k=k_doc,
+        batch_size=batch_size,
+        max_length=max_length,
+        min_weight=min_weight,
+        window=WINDOW,
+      ):
         w.add(ids, idx_bk, val_bk)
         bar.update(len(ids))
     w.metadata["encode_seconds"] = time.time() - t0

@@ -5,6 +5,7 @@ given back in input order. Used by indexing, search and evaluation.
 `index_collection` streams a collection's documents through `encode_sparse`
 into `laspar_jax.index.IndexWriter` (the index itself knows no encoder).
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,21 +40,32 @@ def _model_shards(mesh: Mesh | None, dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _encode_fn(graphdef, kind: str, k: int, min_weight: float, compute_dtype: str,
-               mesh: Mesh | None = None):
+def _encode_fn(graphdef, kind: str, k: int, min_weight: float, compute_dtype: str, mesh: Mesh | None = None):
   def fn(state, ids_bl, mask_bl):
     encoder = nnx.merge(graphdef, state)
     rep_bv = encoder(ids_bl, mask_bl, kind=kind)
     if mesh is not None:  # D sharded on 'model': per-shard top-k, then top-k of the candidates
       return sparsify.sharded_topk(rep_bv, k, mesh, "model", min_weight=min_weight)
     return sparsify.topk(rep_bv, k, min_weight=min_weight)
+
   return platform.jit(fn, compute_dtype=compute_dtype)
 
 
-def encode_sparse(encoder: SparseEncoder, tokenizer: Tokenizer, texts: Iterable[str], *, kind: str,
-                  k: int, batch_size: int = 64, max_length: int | None = None, min_weight: float = 0.0,
-                  window: int = 16, total: int | None = None, progress: bool = False,
-                  mesh: Mesh | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def encode_sparse(
+  encoder: SparseEncoder,
+  tokenizer: Tokenizer,
+  texts: Iterable[str],
+  *,
+  kind: str,
+  k: int,
+  batch_size: int = 64,
+  max_length: int | None = None,
+  min_weight: float = 0.0,
+  window: int = 16,
+  total: int | None = None,
+  progress: bool = False,
+  mesh: Mesh | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Encodes texts to their top-k sparse rows, in input order.
 
   Args:
@@ -93,7 +105,7 @@ def encode_sparse(encoder: SparseEncoder, tokenizer: Tokenizer, texts: Iterable[
     idx_nk = np.zeros((len(chunk), min(k, encoder.output_dim)), np.int32)
     val_nk = np.zeros(idx_nk.shape, np.float32)
     for s in range(0, len(chunk), batch_size):
-      rows = order[s:s + batch_size]
+      rows = order[s : s + batch_size]
       b = tokenizer([chunk[i] for i in rows], max_length=max_length, prefix=prefix)
       pad = batch_size - len(rows)
       ids, mask = b["input_ids"], b["attention_mask"]
@@ -101,10 +113,10 @@ def encode_sparse(encoder: SparseEncoder, tokenizer: Tokenizer, texts: Iterable[
         ids = np.pad(ids, ((0, pad), (0, 0)), constant_values=tokenizer.pad_id)
         mask = np.pad(mask, ((0, pad), (0, 0)))
       i_bk, v_bk = jax.device_get(fn(state, ids, mask))
-      idx_nk[rows], val_nk[rows] = i_bk[:len(rows)], v_bk[:len(rows)]
+      idx_nk[rows], val_nk[rows] = i_bk[: len(rows)], v_bk[: len(rows)]
       bar.update(len(rows))
     for s in range(0, len(chunk), batch_size):
-      yield idx_nk[s:s + batch_size], val_nk[s:s + batch_size]
+      yield idx_nk[s : s + batch_size], val_nk[s : s + batch_size]
   bar.close()
 
 
@@ -118,8 +130,7 @@ def encoder_fingerprint(encoder: Any, **extra: Any) -> str:
     return str(cfg.fingerprint())
   if dataclasses.is_dataclass(cfg):
     cfg = dataclasses.asdict(cfg)
-  blob = json.dumps({"class": type(encoder).__name__, "config": cfg, "extra": extra},
-                    sort_keys=True, default=str)
+  blob = json.dumps({"class": type(encoder).__name__, "config": cfg, "extra": extra}, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -155,10 +166,18 @@ def encoder_dim(encoder: Any, tokenizer: Any = None) -> int:
   raise ValueError("cannot tell the encoder's output dim; pass dim=")
 
 
-def doc_batches(encoder: Any, tokenizer: Any, docs: Iterable[sources.Doc], *, k: int,
-                batch_size: int = 32, max_length: int | None = None, min_weight: float = 0.0,
-                mesh: Mesh | None = None, window: int = 16
-                ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+def doc_batches(
+  encoder: Any,
+  tokenizer: Any,
+  docs: Iterable[sources.Doc],
+  *,
+  k: int,
+  batch_size: int = 32,
+  max_length: int | None = None,
+  min_weight: float = 0.0,
+  mesh: Mesh | None = None,
+  window: int = 16,
+) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
   """Encodes a doc stream once: (doc ids, idx_bk, val_bk) per batch, in stream order.
 
   Args are those of `encode_sparse` (kind="doc"); `window` batches are length-sorted together.
@@ -170,19 +189,41 @@ def doc_batches(encoder: Any, tokenizer: Any, docs: Iterable[sources.Doc], *, k:
       pending.append(doc.doc_id)
       yield sources.doc_text(doc)
 
-  for idx_bk, val_bk in encode_sparse(encoder, tokenizer, texts(), kind="doc", k=k,
-                                      batch_size=batch_size, max_length=max_length,
-                                      min_weight=min_weight, mesh=mesh, window=window):
+  for idx_bk, val_bk in encode_sparse(
+    encoder,
+    tokenizer,
+    texts(),
+    kind="doc",
+    k=k,
+    batch_size=batch_size,
+    max_length=max_length,
+    min_weight=min_weight,
+    mesh=mesh,
+    window=window,
+  ):
     ids = [pending.popleft() for _ in range(idx_bk.shape[0])]
     yield ids, np.asarray(idx_bk), np.asarray(val_bk)
 
 
-def index_collection(encoder: SparseEncoder, tokenizer: Tokenizer, docs: Any, path: str | os.PathLike, *,
-                     k_doc: int = 512, batch_size: int = 32, value_dtype: str = "float32",
-                     approx: bool = False, ram_budget_bytes: int = 4 << 30, overwrite: bool = False,
-                     progress: bool = True, max_length: int | None = None, min_weight: float = 0.0,
-                     dim: int | None = None, mesh: Mesh | None = None,
-                     **writer_kwargs: Any) -> pathlib.Path:
+def index_collection(
+  encoder: SparseEncoder,
+  tokenizer: Tokenizer,
+  docs: Any,
+  path: str | os.PathLike,
+  *,
+  k_doc: int = 512,
+  batch_size: int = 32,
+  value_dtype: str = "float32",
+  approx: bool = False,
+  ram_budget_bytes: int = 4 << 30,
+  overwrite: bool = False,
+  progress: bool = True,
+  max_length: int | None = None,
+  min_weight: float = 0.0,
+  dim: int | None = None,
+  mesh: Mesh | None = None,
+  **writer_kwargs: Any,
+) -> pathlib.Path:
   """Encodes every document and writes the inverted index at `path`.
 
   Args:
@@ -223,16 +264,25 @@ def index_collection(encoder: SparseEncoder, tokenizer: Tokenizer, docs: Any, pa
   try:
     first = next(stream)
   except StopIteration:
-    raise ValueError(f"the corpus {getattr(docs, 'name', '')!r} has no documents: no index written "
-                     f"at {os.fspath(path)}") from None
+    raise ValueError(
+      f"the corpus {getattr(docs, 'name', '')!r} has no documents: no index written at {os.fspath(path)}"
+    ) from None
   stream = itertools.chain([first], stream)
-  batches = doc_batches(encoder, tokenizer, stream, k=k_doc, batch_size=batch_size,
-                         max_length=max_length, min_weight=min_weight, mesh=mesh)
+  batches = doc_batches(
+    encoder, tokenizer, stream, k=k_doc, batch_size=batch_size, max_length=max_length, min_weight=min_weight, mesh=mesh
+  )
   bar = tqdm(total=getattr(docs, "num_docs", None), unit="doc", desc="index", disable=not progress)
   t0 = time.time()
-  with index_lib.IndexWriter(path, dim, value_dtype=value_dtype, approx=approx,
-                             ram_budget_bytes=ram_budget_bytes, overwrite=overwrite, metadata=meta,
-                             **writer_kwargs) as w:
+  with index_lib.IndexWriter(
+    path,
+    dim,
+    value_dtype=value_dtype,
+    approx=approx,
+    ram_budget_bytes=ram_budget_bytes,
+    overwrite=overwrite,
+    metadata=meta,
+    **writer_kwargs,
+  ) as w:
     for ids, idx_bk, val_bk in batches:
       w.add(ids, idx_bk, val_bk)
       bar.update(len(ids))

@@ -14,6 +14,7 @@ not evaluated. A corpus cut to its first `max_docs` documents (runlocal
 evaluation) keeps every relevance judgement, so documents left out count as
 relevant but not retrieved.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -42,9 +43,11 @@ def parse_measures(measures: Iterable[str | Any]) -> list[Any]:
   return [ir_measures.parse_measure(m) if isinstance(m, str) else m for m in measures]
 
 
-def evaluate_run(run: Mapping[str, Mapping[str, float]],
-                 qrels: Mapping[str, Mapping[str, int]],
-                 measures: Sequence[str | Any] = DEFAULT_MEASURES) -> dict[str, float]:
+def evaluate_run(
+  run: Mapping[str, Mapping[str, float]],
+  qrels: Mapping[str, Mapping[str, int]],
+  measures: Sequence[str | Any] = DEFAULT_MEASURES,
+) -> dict[str, float]:
   """Mean of each measure over every query of `qrels` (a query missing from the run scores 0).
 
   Args:
@@ -65,8 +68,7 @@ def evaluate_run(run: Mapping[str, Mapping[str, float]],
   return {name: sum(vals.get(q, 0.0) for q in qrels) / n for name, vals in per_q.items()}
 
 
-def results_to_run(index: Any, qids: Sequence[str], rows_bk: np.ndarray,
-                   scores_bk: np.ndarray) -> Run:
+def results_to_run(index: Any, qids: Sequence[str], rows_bk: np.ndarray, scores_bk: np.ndarray) -> Run:
   """Search output (doc rows, scores) -> run dict with doc id strings (rows < 0 dropped)."""
   ids_bk = index.lookup(rows_bk)
   run: Run = {}
@@ -76,22 +78,29 @@ def results_to_run(index: Any, qids: Sequence[str], rows_bk: np.ndarray,
   return run
 
 
-def latency_ms(index: Any, q_idx_bk: np.ndarray, q_val_bk: np.ndarray, *, k: int,
-               n: int | None = None, **search_kwargs) -> np.ndarray:
+def latency_ms(
+  index: Any, q_idx_bk: np.ndarray, q_val_bk: np.ndarray, *, k: int, n: int | None = None, **search_kwargs
+) -> np.ndarray:
   """Per-query single-thread latency (one query per call), in ms."""
   n = q_idx_bk.shape[0] if n is None else min(n, q_idx_bk.shape[0])
   index.search(q_idx_bk[:1], q_val_bk[:1], k=k, threads=1, **search_kwargs)  # warm-up
   out = np.empty(n)
   for i in range(n):
     t = time.perf_counter()
-    index.search(q_idx_bk[i:i + 1], q_val_bk[i:i + 1], k=k, threads=1, **search_kwargs)
+    index.search(q_idx_bk[i : i + 1], q_val_bk[i : i + 1], k=k, threads=1, **search_kwargs)
     out[i] = (time.perf_counter() - t) * 1e3
   return out
 
 
-def efficiency_report(index: Any, q_idx_bk: np.ndarray, q_val_bk: np.ndarray, *, k: int = 1000,
-                      query_encode_seconds: float | None = None,
-                      **search_kwargs) -> dict[str, float]:
+def efficiency_report(
+  index: Any,
+  q_idx_bk: np.ndarray,
+  q_val_bk: np.ndarray,
+  *,
+  k: int = 1000,
+  query_encode_seconds: float | None = None,
+  **search_kwargs,
+) -> dict[str, float]:
   """Sparsity, FLOPS, index size, encode throughput, latency and QPS.
 
   Args:
@@ -112,17 +121,17 @@ def efficiency_report(index: Any, q_idx_bk: np.ndarray, q_val_bk: np.ndarray, *,
   meta = index.manifest.get("metadata", {})
   nq = q_idx_bk.shape[0]
   rep = {
-      "mean_active_dims_query": st["mean_query_length"],
-      "mean_active_dims_doc": st["mean_doc_length"],
-      "flops_per_query": st["flops_per_query"],
-      "flops_expected_doc_query": st["flops_expected_doc_query"],
-      "index_bytes": st["index_bytes"],
-      "n_docs": st["n_docs"],
-      "n_postings": st["n_postings"],
-      "latency_mean_ms": float(lat.mean()),
-      "latency_p99_ms": float(np.percentile(lat, 99)),
-      "qps_single_thread": 1e3 / float(lat.mean()),
-      "qps_all_threads": nq / max(batch_s, 1e-9),
+    "mean_active_dims_query": st["mean_query_length"],
+    "mean_active_dims_doc": st["mean_doc_length"],
+    "flops_per_query": st["flops_per_query"],
+    "flops_expected_doc_query": st["flops_expected_doc_query"],
+    "index_bytes": st["index_bytes"],
+    "n_docs": st["n_docs"],
+    "n_postings": st["n_postings"],
+    "latency_mean_ms": float(lat.mean()),
+    "latency_p99_ms": float(np.percentile(lat, 99)),
+    "qps_single_thread": 1e3 / float(lat.mean()),
+    "qps_all_threads": nq / max(batch_s, 1e-9),
   }
   if meta.get("encode_docs_per_second"):
     rep["encode_docs_per_second"] = float(meta["encode_docs_per_second"])
@@ -131,20 +140,33 @@ def efficiency_report(index: Any, q_idx_bk: np.ndarray, q_val_bk: np.ndarray, *,
   return rep
 
 
-def encode_queries(encoder: Any, tokenizer: Any, queries: Mapping[str, str], *, k_query: int = 128,
-                   batch_size: int = 64, max_length: int | None = None
-                   ) -> tuple[list[str], np.ndarray, np.ndarray, float]:
+def encode_queries(
+  encoder: Any,
+  tokenizer: Any,
+  queries: Mapping[str, str],
+  *,
+  k_query: int = 128,
+  batch_size: int = 64,
+  max_length: int | None = None,
+) -> tuple[list[str], np.ndarray, np.ndarray, float]:
   """Encodes queries (in the mapping's order) -> (qids, idx_bk, val_bk, seconds)."""
   qids = list(queries)
   t = time.perf_counter()
-  parts = list(encode_lib.encode_sparse(encoder, tokenizer, [queries[q] for q in qids],
-                                        kind="query", k=k_query, batch_size=batch_size,
-                                        max_length=max_length))
+  parts = list(
+    encode_lib.encode_sparse(
+      encoder,
+      tokenizer,
+      [queries[q] for q in qids],
+      kind="query",
+      k=k_query,
+      batch_size=batch_size,
+      max_length=max_length,
+    )
+  )
   secs = time.perf_counter() - t
   if not parts:
     return qids, np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32), secs
-  return (qids, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-          secs)
+  return (qids, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), secs)
 
 
 def format_report(metrics: Mapping[str, float], efficiency: Mapping[str, float]) -> str:
@@ -177,24 +199,38 @@ def check_encoder_matches(encoder: Any, index: Any, *, allow: bool = False) -> N
   if all(not w or not h or w == h for w, h in zip(want, have)):
     return
   what = "config" if want[0] and want[0] != have[0] else "parameters"
-  msg = (f"the index {getattr(index, 'path', '')} was built by another encoder (its {what} differ: "
-         f"index {'/'.join(w for w in want if w)}, this encoder {'/'.join(h for h in have if h)}); "
-         "scores from two encoders are meaningless. Rebuild "
-         "the index with this encoder, or pass allow_encoder_mismatch=True "
-         "(--allow_encoder_mismatch) if you mean it")
+  msg = (
+    f"the index {getattr(index, 'path', '')} was built by another encoder (its {what} differ: "
+    f"index {'/'.join(w for w in want if w)}, this encoder {'/'.join(h for h in have if h)}); "
+    "scores from two encoders are meaningless. Rebuild "
+    "the index with this encoder, or pass allow_encoder_mismatch=True "
+    "(--allow_encoder_mismatch) if you mean it"
+  )
   if not allow:
     raise EncoderMismatchError(msg)
   print(f"warning: {msg}")
 
 
-def evaluate_encoder(encoder: Any, tokenizer: Any, collection: Any, index: Any, *,
-                     k: int = 1000, k_query: int = 128,
-                     measures: Sequence[str] = DEFAULT_MEASURES,
-                     run_path: io_utils.PathLike | None = None, tag: str = "laspar",
-                     batch_size: int = 64, threads: int | None = None,
-                     verbose: bool = True, max_queries: int | None = None,
-                     efficiency: bool = True, allow_encoder_mismatch: bool = False,
-                     verify: str = "auto", **search_kwargs) -> dict[str, Any]:
+def evaluate_encoder(
+  encoder: Any,
+  tokenizer: Any,
+  collection: Any,
+  index: Any,
+  *,
+  k: int = 1000,
+  k_query: int = 128,
+  measures: Sequence[str] = DEFAULT_MEASURES,
+  run_path: io_utils.PathLike | None = None,
+  tag: str = "laspar",
+  batch_size: int = 64,
+  threads: int | None = None,
+  verbose: bool = True,
+  max_queries: int | None = None,
+  efficiency: bool = True,
+  allow_encoder_mismatch: bool = False,
+  verify: str = "auto",
+  **search_kwargs,
+) -> dict[str, Any]:
   """Encodes the judged queries, searches the index, scores the run (see the module docstring).
 
   Args:
@@ -228,22 +264,27 @@ def evaluate_encoder(encoder: Any, tokenizer: Any, collection: Any, index: Any, 
   judged = collection.judged_queries
   if not judged:
     raise ValueError(f"{collection!r} has no judged queries")
-  qids = sorted(judged)[:max_queries or None]
-  qids, q_idx, q_val, enc_s = encode_queries(encoder, tokenizer, {q: judged[q] for q in qids},
-                                             k_query=k_query, batch_size=batch_size)
+  qids = sorted(judged)[: max_queries or None]
+  qids, q_idx, q_val, enc_s = encode_queries(
+    encoder, tokenizer, {q: judged[q] for q in qids}, k_query=k_query, batch_size=batch_size
+  )
   k = min(k, index.n_docs)
   rows, scores = index.search(q_idx, q_val, k=k, threads=threads, **search_kwargs)
   run = results_to_run(index, qids, rows, scores)
   metrics = evaluate_run(run, {q: collection.qrels[q] for q in qids}, measures)
-  eff = (efficiency_report(index, q_idx, q_val, k=k, query_encode_seconds=enc_s, **search_kwargs)
-         if efficiency else {})
+  eff = efficiency_report(index, q_idx, q_val, k=k, query_encode_seconds=enc_s, **search_kwargs) if efficiency else {}
   if run_path is not None:
     run_path = formats.write_trec_run(run, run_path, tag)  # queries without results: no lines
   if verbose:
     print(format_report(metrics, eff))
-  return {"metrics": metrics, "efficiency": eff, "run_path": run_path, "n_queries": len(qids),
-          "active_q": float(np.mean(np.sum(q_val > 0, axis=1))) if len(qids) else 0.0,
-          "active_d": float(index.n_postings / max(index.n_docs, 1))}
+  return {
+    "metrics": metrics,
+    "efficiency": eff,
+    "run_path": run_path,
+    "n_queries": len(qids),
+    "active_q": float(np.mean(np.sum(q_val > 0, axis=1))) if len(qids) else 0.0,
+    "active_d": float(index.n_postings / max(index.n_docs, 1)),
+  }
 
 
 class FirstDocs:
@@ -258,8 +299,9 @@ class FirstDocs:
     return itertools.islice(self._coll.docs(), self.num_docs)
 
 
-def evaluate_config(encoder: Any, tokenizer: Any, ev: ml_collections.ConfigDict,
-                    out_dir: io_utils.PathLike, *, progress: bool = True) -> dict[str, float]:
+def evaluate_config(
+  encoder: Any, tokenizer: Any, ev: ml_collections.ConfigDict, out_dir: io_utils.PathLike, *, progress: bool = True
+) -> dict[str, float]:
   """Training-time evaluation from `config.eval`: index the corpus, then `evaluate_encoder`.
 
   Writes OUT_DIR/index, OUT_DIR/run.trec and OUT_DIR/metrics.json.
@@ -280,15 +322,39 @@ def evaluate_config(encoder: Any, tokenizer: Any, ev: ml_collections.ConfigDict,
   out_dir = io_utils.as_path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
-  path = encode_lib.index_collection(encoder, tokenizer, docs, os.fspath(out_dir / "index"),
-                                     k_doc=ev.d_topk, batch_size=ev.batch_size,
-                                     dim=encoder.output_dim, progress=progress, overwrite=True)
+  path = encode_lib.index_collection(
+    encoder,
+    tokenizer,
+    docs,
+    os.fspath(out_dir / "index"),
+    k_doc=ev.d_topk,
+    batch_size=ev.batch_size,
+    dim=encoder.output_dim,
+    progress=progress,
+    overwrite=True,
+  )
   t_index = time.time() - t0
-  out = evaluate_encoder(encoder, tokenizer, coll, path, k=1000, k_query=ev.q_topk,
-                         measures=ev.measures.split(","), run_path=out_dir / "run.trec",
-                         batch_size=ev.batch_size, threads=ev.search_threads or None, verbose=False,
-                         max_queries=ev.max_queries or None, efficiency=False)
-  res = dict(out["metrics"], active_q=out["active_q"], active_d=out["active_d"], index_seconds=t_index,
-             eval_seconds=time.time() - t0)
+  out = evaluate_encoder(
+    encoder,
+    tokenizer,
+    coll,
+    path,
+    k=1000,
+    k_query=ev.q_topk,
+    measures=ev.measures.split(","),
+    run_path=out_dir / "run.trec",
+    batch_size=ev.batch_size,
+    threads=ev.search_threads or None,
+    verbose=False,
+    max_queries=ev.max_queries or None,
+    efficiency=False,
+  )
+  res = dict(
+    out["metrics"],
+    active_q=out["active_q"],
+    active_d=out["active_d"],
+    index_seconds=t_index,
+    eval_seconds=time.time() - t0,
+  )
   io_utils.write_text_atomic(out_dir / "metrics.json", json.dumps(res, indent=1))
   return res

@@ -14,6 +14,7 @@ when complete (`io_utils.atomic_directory`; local or gs://).
 Uploading goes through `huggingface_hub` (`pip install 'laspar_jax[hub]'`),
 an optional dependency imported only when pushing.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,24 @@ TAGS = ("sparse-retrieval", "learned-sparse-retrieval", "laspar", "jax", "flax")
 
 # (label, dotted key of the training config) shown in the card's recipe table.
 _RECIPE_KEYS = (
-    ("backbone", "model.backbone"), ("head", "model.head"), ("latent dims D", "model.latent_dim"),
-    ("towers", "model.towers"), ("query / doc max length", ("model.query_max_len", "model.doc_max_len")),
-    ("training data", "data.collection"), ("teacher", "data.teacher"), ("ranking loss", "loss.ranking"),
-    ("distillation", "loss.distill"), ("regularizers", "loss.regularizers"),
-    ("regularizer warm-up steps", "loss.reg_warmup_steps"), ("learning rate", "optim.lr"),
-    ("batch size x accumulation", ("optim.batch_size", "optim.accum_steps")),
-    ("training steps", "train.total_steps"), ("query / doc top-k", ("eval.q_topk", "eval.d_topk")),
-    ("evaluation collection", "eval.collection"), ("evaluation split", "eval.split"))
+  ("backbone", "model.backbone"),
+  ("head", "model.head"),
+  ("latent dims D", "model.latent_dim"),
+  ("towers", "model.towers"),
+  ("query / doc max length", ("model.query_max_len", "model.doc_max_len")),
+  ("training data", "data.collection"),
+  ("teacher", "data.teacher"),
+  ("ranking loss", "loss.ranking"),
+  ("distillation", "loss.distill"),
+  ("regularizers", "loss.regularizers"),
+  ("regularizer warm-up steps", "loss.reg_warmup_steps"),
+  ("learning rate", "optim.lr"),
+  ("batch size x accumulation", ("optim.batch_size", "optim.accum_steps")),
+  ("training steps", "train.total_steps"),
+  ("query / doc top-k", ("eval.q_topk", "eval.d_topk")),
+  ("evaluation collection", "eval.collection"),
+  ("evaluation split", "eval.split"),
+)
 
 
 def _get(d: Mapping[str, Any], dotted: str) -> Any:
@@ -52,8 +63,10 @@ def _get(d: Mapping[str, Any], dotted: str) -> Any:
 
 def _fmt(v: Any) -> str:
   if isinstance(v, Mapping):  # regularizer terms: name(side)=weight
-    parts = [f"{t.get('name', k)}({t.get('side', '')})={t.get('weight', '')}" if isinstance(t, Mapping)
-             else f"{k}={t}" for k, t in v.items()]
+    parts = [
+      f"{t.get('name', k)}({t.get('side', '')})={t.get('weight', '')}" if isinstance(t, Mapping) else f"{k}={t}"
+      for k, t in v.items()
+    ]
     return ", ".join(parts)
   if isinstance(v, float):
     return f"{v:g}"
@@ -61,8 +74,9 @@ def _fmt(v: Any) -> str:
 
 
 def _looks_like_hub_id(name: Any) -> bool:
-  return (isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/", "~"))
-          and not os.path.exists(name))
+  return (
+    isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.exists(name)
+  )
 
 
 def _dataset_name(name: Any) -> str | None:
@@ -94,16 +108,25 @@ def latest_eval(workdir: io_utils.PathLike) -> tuple[int | None, dict[str, float
     (step, metrics), or (None, None) when the run has no evaluation.
   """
   eval_dir = io_utils.as_path(workdir) / "eval"
-  steps = sorted(int(p.name) for p in eval_dir.iterdir() if p.name.isdigit() and (p / METRICS_NAME).exists()
-                 ) if eval_dir.exists() else []
+  steps = (
+    sorted(int(p.name) for p in eval_dir.iterdir() if p.name.isdigit() and (p / METRICS_NAME).exists())
+    if eval_dir.exists()
+    else []
+  )
   if not steps:
     return None, None
   return steps[-1], json.loads((eval_dir / str(steps[-1]) / METRICS_NAME).read_text())
 
 
-def model_card(encoder_config: Mapping[str, Any], *, folder_name: str, metrics: Mapping[str, float] | None = None,
-               recipe: Mapping[str, Any] | None = None, repo_id: str | None = None,
-               eval_step: int | None = None) -> str:
+def model_card(
+  encoder_config: Mapping[str, Any],
+  *,
+  folder_name: str,
+  metrics: Mapping[str, float] | None = None,
+  recipe: Mapping[str, Any] | None = None,
+  repo_id: str | None = None,
+  eval_step: int | None = None,
+) -> str:
   """The model card (README.md text) of an exported encoder.
 
   Args:
@@ -120,8 +143,9 @@ def model_card(encoder_config: Mapping[str, Any], *, folder_name: str, metrics: 
   recipe = recipe or {}
   head, dim = encoder_config.get("head"), encoder_config.get("latent_dim")
   base = _get(recipe, "model.backbone") or encoder_config.get("backbone")
-  datasets = [d for d in (_dataset_name(_get(recipe, "data.collection")),
-                          _dataset_name(_get(recipe, "eval.collection"))) if d]
+  datasets = [
+    d for d in (_dataset_name(_get(recipe, "data.collection")), _dataset_name(_get(recipe, "eval.collection"))) if d
+  ]
   front = ["---", "library_name: laspar_jax", "pipeline_tag: feature-extraction", "tags:"]
   front += [f"- {t}" for t in TAGS + ((head,) if head else ())]
   if _looks_like_hub_id(base):
@@ -135,30 +159,58 @@ def model_card(encoder_config: Mapping[str, Any], *, folder_name: str, metrics: 
 
   title = repo_id.split("/")[-1] if repo_id else folder_name
   width = "vocabulary" if head in ("mlm", "lm") else f"D = {dim:,}" if isinstance(dim, int) else "?"
-  lines = [f"# {title}", "",
-           f"A learned sparse retrieval encoder trained with laspar_jax: a `{head}` head "
-           f"({width} dimensions) on `{_dataset_name(base)}`. Queries and documents become sparse vectors; "
-           "their dot product is the relevance score, served by an inverted index.", "", "## Usage", "", "```python"]
+  lines = [
+    f"# {title}",
+    "",
+    f"A learned sparse retrieval encoder trained with laspar_jax: a `{head}` head "
+    f"({width} dimensions) on `{_dataset_name(base)}`. Queries and documents become sparse vectors; "
+    "their dot product is the relevance score, served by an inverted index.",
+    "",
+    "## Usage",
+    "",
+    "```python",
+  ]
   if repo_id:
     lines += ["from huggingface_hub import snapshot_download"]
-  lines += ["from laspar_jax.encode import encode_sparse",
-            "from laspar_jax.models.sparse_encoder import load_encoder", "",
-            f"path = snapshot_download({json.dumps(repo_id)})" if repo_id else
-            f"path = {json.dumps(folder_name)}  # this folder",
-            "encoder, tokenizer = load_encoder(path)",
-            "k = min(128, encoder.output_dim)  # dims kept per query",
-            'for idx_bk, val_bk in encode_sparse(encoder, tokenizer, ["what causes scurvy?"], kind="query", k=k):',
-            "  print(idx_bk[0][:10], val_bk[0][:10])  # top dimensions and weights", "```", "",
-            "Index and evaluate a collection with it:", "", "```bash",
-            "python launch/index.py --encoder PATH --collection COLLECTION --index /tmp/index",
-            "python launch/evaluate.py --encoder PATH --collection COLLECTION --split test --index /tmp/index", "```"]
+  lines += [
+    "from laspar_jax.encode import encode_sparse",
+    "from laspar_jax.models.sparse_encoder import load_encoder",
+    "",
+    f"path = snapshot_download({json.dumps(repo_id)})"
+    if repo_id
+    else f"path = {json.dumps(folder_name)}  # this folder",
+    "encoder, tokenizer = load_encoder(path)",
+    "k = min(128, encoder.output_dim)  # dims kept per query",
+    'for idx_bk, val_bk in encode_sparse(encoder, tokenizer, ["what causes scurvy?"], kind="query", k=k):',
+    "  print(idx_bk[0][:10], val_bk[0][:10])  # top dimensions and weights",
+    "```",
+    "",
+    "Index and evaluate a collection with it:",
+    "",
+    "```bash",
+    "python launch/index.py --encoder PATH --collection COLLECTION --index /tmp/index",
+    "python launch/evaluate.py --encoder PATH --collection COLLECTION --split test --index /tmp/index",
+    "```",
+  ]
   if metrics:
-    where = " ".join(x for x in (
+    where = " ".join(
+      x
+      for x in (
         f"on `{_dataset_name(_get(recipe, 'eval.collection'))}`" if _get(recipe, "eval.collection") else "",
         f"split `{_get(recipe, 'eval.split')}`" if _get(recipe, "eval.split") else "",
-        f"at training step {eval_step}" if eval_step is not None else "") if x)
-    lines += ["", "## Evaluation", "", f"Measured {where}:" if where else "Measured:", "",
-              "| measure | value |", "| --- | --- |"]
+        f"at training step {eval_step}" if eval_step is not None else "",
+      )
+      if x
+    )
+    lines += [
+      "",
+      "## Evaluation",
+      "",
+      f"Measured {where}:" if where else "Measured:",
+      "",
+      "| measure | value |",
+      "| --- | --- |",
+    ]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
   rows = []
   for label, key in _RECIPE_KEYS:
@@ -170,16 +222,27 @@ def model_card(encoder_config: Mapping[str, Any], *, folder_name: str, metrics: 
   if rows:
     lines += ["", "## Training recipe", "", "| setting | value |", "| --- | --- |"] + rows
     lines += ["", f"The full training config is in `{TRAINING_CONFIG_NAME}`."]
-  lines += ["", "## Files", "",
-            f"`{sparse_encoder.CONFIG_NAME}` (how to build the encoder), `{sparse_encoder.PARAMS_NAME}` "
-            "(all parameters), the backbone's `config.json` and tokenizer files."]
+  lines += [
+    "",
+    "## Files",
+    "",
+    f"`{sparse_encoder.CONFIG_NAME}` (how to build the encoder), `{sparse_encoder.PARAMS_NAME}` "
+    "(all parameters), the backbone's `config.json` and tokenizer files.",
+  ]
   return "\n".join(front + [""] + lines) + "\n"
 
 
-def export_encoder(encoder_dir: io_utils.PathLike, out_dir: io_utils.PathLike, *,
-                   metrics: Mapping[str, float] | None = None, recipe: Mapping[str, Any] | None = None,
-                   repo_id: str | None = None, push_to_hub: bool = False, eval_step: int | None = None,
-                   overwrite: bool = True) -> str:
+def export_encoder(
+  encoder_dir: io_utils.PathLike,
+  out_dir: io_utils.PathLike,
+  *,
+  metrics: Mapping[str, float] | None = None,
+  recipe: Mapping[str, Any] | None = None,
+  repo_id: str | None = None,
+  push_to_hub: bool = False,
+  eval_step: int | None = None,
+  overwrite: bool = True,
+) -> str:
   """Writes a saved encoder folder, its model card and its metadata to `out_dir`; optionally uploads it.
 
   Args:
@@ -211,8 +274,7 @@ def export_encoder(encoder_dir: io_utils.PathLike, out_dir: io_utils.PathLike, *
     raise ValueError(f"push_to_hub uploads a local folder; {out} is not local")
   api = _hf_api() if push_to_hub else None  # fail before writing anything
   enc_cfg = _portable(json.loads((src / sparse_encoder.CONFIG_NAME).read_text()), recipe)
-  card = model_card(enc_cfg, folder_name=out.name, metrics=metrics, recipe=recipe, repo_id=repo_id,
-                    eval_step=eval_step)
+  card = model_card(enc_cfg, folder_name=out.name, metrics=metrics, recipe=recipe, repo_id=repo_id, eval_step=eval_step)
   with io_utils.atomic_directory(out, overwrite=overwrite) as tmp:
     for f in src.iterdir():
       if f.is_file() and f.name not in (CARD_NAME, sparse_encoder.CONFIG_NAME):
@@ -225,8 +287,9 @@ def export_encoder(encoder_dir: io_utils.PathLike, out_dir: io_utils.PathLike, *
       (tmp / METRICS_NAME).write_text(json.dumps(dict(metrics), indent=1))
   if api is not None:
     api.create_repo(repo_id, repo_type="model", exist_ok=True)
-    api.upload_folder(folder_path=os.fspath(out), repo_id=repo_id, repo_type="model",
-                      commit_message="Upload laspar_jax sparse encoder")
+    api.upload_folder(
+      folder_path=os.fspath(out), repo_id=repo_id, repo_type="model", commit_message="Upload laspar_jax sparse encoder"
+    )
   return os.fspath(out)
 
 
@@ -254,6 +317,7 @@ def _hf_api() -> Any:
   try:
     import huggingface_hub  # pylint: disable=import-outside-toplevel  (optional dependency)
   except ImportError as e:
-    raise ImportError("push_to_hub needs huggingface_hub: pip install 'laspar_jax[hub]' "
-                      "(or pip install huggingface_hub)") from e
+    raise ImportError(
+      "push_to_hub needs huggingface_hub: pip install 'laspar_jax[hub]' (or pip install huggingface_hub)"
+    ) from e
   return huggingface_hub.HfApi()

@@ -15,6 +15,7 @@ clears every such entry of a folder. On commit, local files and folders get
 the permissions of the umask (0644/0755 under the usual 022), whatever mode
 the writer used (some writers create 0600 temporary files).
 """
+
 from __future__ import annotations
 
 import contextlib

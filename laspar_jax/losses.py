@@ -13,6 +13,7 @@ regularizers take a representation `rep_bv`. Names map to functions through
 the plain dicts RANKING_LOSSES, DISTILL_LOSSES and REGULARIZERS; `total_loss`
 combines them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -101,8 +102,9 @@ def group_ce(*, scores_bm: jax.Array, temperature: float = 1.0) -> LossOut:
   return jnp.mean(ce), {"acc": jnp.mean(jnp.argmax(g, axis=-1) == 0)}
 
 
-def pairwise(*, scores_bm: jax.Array, kind: str = "hinge", margin: float = 1.0,
-             temperature: float = 1.0, in_batch: bool = False) -> LossOut:
+def pairwise(
+  *, scores_bm: jax.Array, kind: str = "hinge", margin: float = 1.0, temperature: float = 1.0, in_batch: bool = False
+) -> LossOut:
   """Pairwise loss on (positive, negative) score pairs, averaged over pairs.
 
   hinge: relu(margin - (s+ - s-)); logistic: softplus(-(s+ - s-) / temperature).
@@ -142,10 +144,10 @@ def pairwise(*, scores_bm: jax.Array, kind: str = "hinge", margin: float = 1.0,
 
 
 RANKING_LOSSES: dict[str, Callable[..., LossOut]] = {
-    "inbatch_ce": inbatch_ce,
-    "group_ce": group_ce,
-    "pairwise_hinge": functools.partial(pairwise, kind="hinge"),
-    "pairwise_logistic": functools.partial(pairwise, kind="logistic"),
+  "inbatch_ce": inbatch_ce,
+  "group_ce": group_ce,
+  "pairwise_hinge": functools.partial(pairwise, kind="hinge"),
+  "pairwise_logistic": functools.partial(pairwise, kind="logistic"),
 }
 
 
@@ -167,8 +169,9 @@ def margin_mse(*, scores_bm: jax.Array, teacher_scores_bn: jax.Array) -> LossOut
   return jnp.mean(jnp.square(sm - tm)), {"student_margin": jnp.mean(sm), "teacher_margin": jnp.mean(tm)}
 
 
-def kl_distill(*, scores_bm: jax.Array, teacher_scores_bn: jax.Array,
-               temperature: float = 1.0, teacher_temperature: float = 1.0) -> LossOut:
+def kl_distill(
+  *, scores_bm: jax.Array, teacher_scores_bn: jax.Array, temperature: float = 1.0, teacher_temperature: float = 1.0
+) -> LossOut:
   """KL(softmax(t / T_t) || softmax(s / T_s)) over each query's own 1 + n documents.
 
   Args:
@@ -190,8 +193,14 @@ def dense_teacher_scores(*, teacher_q_be: jax.Array, teacher_d_me: jax.Array) ->
   return q @ d.T
 
 
-def dense_kl(*, scores_bm: jax.Array, teacher_q_be: jax.Array, teacher_d_me: jax.Array,
-             temperature: float = 1.0, teacher_temperature: float = 1.0) -> LossOut:
+def dense_kl(
+  *,
+  scores_bm: jax.Array,
+  teacher_q_be: jax.Array,
+  teacher_d_me: jax.Array,
+  temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+) -> LossOut:
   """Dense-teacher KL over the whole in-batch score matrix (each row over all M docs).
 
   Teacher logits: cos(teacher_q_b, teacher_d_m) / T_t; student: scores / T_s.
@@ -209,18 +218,18 @@ def dense_mse(*, scores_bm: jax.Array, teacher_q_be: jax.Array, teacher_d_me: ja
 
 
 DISTILL_LOSSES: dict[str, Callable[..., LossOut]] = {
-    "margin_mse": margin_mse,
-    "kl": kl_distill,
-    "dense_kl": dense_kl,
-    "dense_mse": dense_mse,
+  "margin_mse": margin_mse,
+  "kl": kl_distill,
+  "dense_kl": dense_kl,
+  "dense_mse": dense_mse,
 }
 
 # Teacher arrays each distillation loss reads.
 DISTILL_INPUTS: dict[str, tuple[str, ...]] = {
-    "margin_mse": ("teacher_scores_bn",),
-    "kl": ("teacher_scores_bn",),
-    "dense_kl": ("teacher_q_be", "teacher_d_me"),
-    "dense_mse": ("teacher_q_be", "teacher_d_me"),
+  "margin_mse": ("teacher_scores_bn",),
+  "kl": ("teacher_scores_bn",),
+  "dense_kl": ("teacher_q_be", "teacher_d_me"),
+  "dense_mse": ("teacher_q_be", "teacher_d_me"),
 }
 
 
@@ -283,9 +292,9 @@ def equipartition(*, rep_bv: jax.Array) -> LossOut:
 
 
 REGULARIZERS: dict[str, Callable[..., LossOut]] = {
-    "flops": flops,
-    "l1": l1,
-    "equipartition": equipartition,
+  "flops": flops,
+  "l1": l1,
+  "equipartition": equipartition,
 }
 
 
@@ -304,9 +313,9 @@ def sparsity_metrics(*, rep_q_bv: jax.Array, rep_d_mv: jax.Array) -> Metrics:
   nq = (rep_q_bv != 0).astype(jnp.float32)
   nd = (rep_d_mv != 0).astype(jnp.float32)
   return {
-      "active_q": jnp.mean(jnp.sum(nq, axis=-1)),
-      "active_d": jnp.mean(jnp.sum(nd, axis=-1)),
-      "flops_est": jnp.sum(jnp.mean(nq, axis=0) * jnp.mean(nd, axis=0)),
+    "active_q": jnp.mean(jnp.sum(nq, axis=-1)),
+    "active_d": jnp.mean(jnp.sum(nd, axis=-1)),
+    "flops_est": jnp.sum(jnp.mean(nq, axis=0) * jnp.mean(nd, axis=0)),
   }
 
 
@@ -331,8 +340,9 @@ def split_groups(rep_mv: jax.Array, num_queries: int) -> tuple[jax.Array, jax.Ar
   return r[:, 0], r[:, 1:].reshape(num_queries * (g - 1), D)
 
 
-def _doc_regularizer(name: str, rep_d_mv: jax.Array, num_queries: int, kw: Mapping[str, Any],
-                     doc_reg_weights: Sequence[float] | None) -> tuple[jax.Array, Metrics]:
+def _doc_regularizer(
+  name: str, rep_d_mv: jax.Array, num_queries: int, kw: Mapping[str, Any], doc_reg_weights: Sequence[float] | None
+) -> tuple[jax.Array, Metrics]:
   """A document regularizer over all documents, or pos * reg(positives) + neg * reg(negatives)."""
   if not doc_reg_weights:
     return REGULARIZERS[name](rep_bv=rep_d_mv, **kw)
@@ -346,17 +356,23 @@ def _doc_regularizer(name: str, rep_d_mv: jax.Array, num_queries: int, kw: Mappi
   return w_pos * r_pos + w_neg * r_neg, metrics
 
 
-def total_loss(*, rep_q_bv: jax.Array, rep_d_mv: jax.Array,
-               teacher_scores_bn: jax.Array | None = None,
-               teacher_q_be: jax.Array | None = None,
-               teacher_d_me: jax.Array | None = None,
-               ranking: str | None = "inbatch_ce", ranking_weight: float | jax.Array = 1.0,
-               ranking_kwargs: Mapping[str, Any] | None = None,
-               distill: str | None = None, distill_weight: float | jax.Array = 1.0,
-               distill_kwargs: Mapping[str, Any] | None = None,
-               regularizers: Sequence[tuple[str, str, float | jax.Array]] = (),
-               flops_num_shards: int = 1,
-               doc_reg_weights: Sequence[float] | None = None) -> LossOut:
+def total_loss(
+  *,
+  rep_q_bv: jax.Array,
+  rep_d_mv: jax.Array,
+  teacher_scores_bn: jax.Array | None = None,
+  teacher_q_be: jax.Array | None = None,
+  teacher_d_me: jax.Array | None = None,
+  ranking: str | None = "inbatch_ce",
+  ranking_weight: float | jax.Array = 1.0,
+  ranking_kwargs: Mapping[str, Any] | None = None,
+  distill: str | None = None,
+  distill_weight: float | jax.Array = 1.0,
+  distill_kwargs: Mapping[str, Any] | None = None,
+  regularizers: Sequence[tuple[str, str, float | jax.Array]] = (),
+  flops_num_shards: int = 1,
+  doc_reg_weights: Sequence[float] | None = None,
+) -> LossOut:
   """ranking_weight * ranking + distill_weight * distill + sum_r weight_r * reg_r.
 
   Args:
@@ -403,8 +419,7 @@ def total_loss(*, rep_q_bv: jax.Array, rep_d_mv: jax.Array,
   if distill:
     if distill not in DISTILL_LOSSES:
       raise ValueError(f"unknown distillation loss {distill!r}; known: {sorted(DISTILL_LOSSES)}")
-    given = {"teacher_scores_bn": teacher_scores_bn, "teacher_q_be": teacher_q_be,
-             "teacher_d_me": teacher_d_me}
+    given = {"teacher_scores_bn": teacher_scores_bn, "teacher_q_be": teacher_q_be, "teacher_d_me": teacher_d_me}
     inputs = {k: given[k] for k in DISTILL_INPUTS[distill]}
     missing = [k for k, v in inputs.items() if v is None]
     if missing:

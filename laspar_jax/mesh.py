@@ -9,6 +9,7 @@ come from the config (`config.sharding_rules`, see `configs/common.py`);
 
 This module imports nothing from `laspar_jax.models` (models import it).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -24,14 +25,14 @@ Rules = Sequence[tuple[str, str | None]]
 Axes = tuple[str | None, ...]
 
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", "data"),
-    ("embed", None),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("kv", None),
-    ("vocab", "model"),
-    ("sparse", "model"),
-    ("length", None),
+  ("batch", "data"),
+  ("embed", None),
+  ("mlp", "model"),
+  ("heads", "model"),
+  ("kv", None),
+  ("vocab", "model"),
+  ("sparse", "model"),
+  ("length", None),
 )
 
 
@@ -104,8 +105,7 @@ def logical_to_spec(axes: Sequence[str | None] | None, rules: Rules = DEFAULT_RU
   return P(*out)
 
 
-def logical_to_sharding(mesh: Mesh, axes: Sequence[str | None] | None,
-                        rules: Rules = DEFAULT_RULES) -> NamedSharding:
+def logical_to_sharding(mesh: Mesh, axes: Sequence[str | None] | None, rules: Rules = DEFAULT_RULES) -> NamedSharding:
   """NamedSharding on `mesh` for logical axis names."""
   return NamedSharding(mesh, logical_to_spec(axes, rules))
 

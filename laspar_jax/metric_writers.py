@@ -14,6 +14,7 @@ so a killed run keeps its rows. A resumed run passes `resume_step`: rows after
 that step (written by the killed run after its last checkpoint, and about to
 be written again) are dropped first, so the history has no duplicates.
 """
+
 from __future__ import annotations
 
 import json

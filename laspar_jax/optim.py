@@ -21,6 +21,7 @@ adapters, the backbone is frozen: every "base" parameter, and the backbone's
 Gradients are clipped by their global norm before the labels split them;
 weight decay applies to matrices only (ndim > 1).
 """
+
 from __future__ import annotations
 
 import re
@@ -39,8 +40,8 @@ LORA_NODES = ("lora_a", "lora_b")  # = models.lora.LORA_NAMES
 DEFAULT_LABEL = "base"
 # optim.schedule -> warm-up + decay to end_lr; "constant" is warm-up then lr.
 DECAYS: dict[str, Callable[..., optax.Schedule]] = {
-    "linear": schedules.warmup_linear_decay,
-    "cosine": schedules.warmup_cosine_decay,
+  "linear": schedules.warmup_linear_decay,
+  "cosine": schedules.warmup_cosine_decay,
 }
 SCHEDULES = (*DECAYS, "constant")
 
@@ -74,9 +75,9 @@ def _is_lora(path: str, optim: ml_collections.ConfigDict) -> bool:
 
 # (label, rule(path, optim) -> bool), in priority order; no rule holds: DEFAULT_LABEL.
 LABEL_RULES: tuple[tuple[str, Callable[[str, ml_collections.ConfigDict], bool]], ...] = (
-    ("frozen", _is_frozen),
-    ("lora", _is_lora),
-    ("head", _is_head),
+  ("frozen", _is_frozen),
+  ("lora", _is_lora),
+  ("head", _is_head),
 )
 
 
@@ -92,8 +93,7 @@ def _decay_mask(params: Any) -> Any:
 
 
 def _adamw(optim: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
-  return optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                     mask=_decay_mask)
+  return optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay, mask=_decay_mask)
 
 
 def _head(optim: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
@@ -104,12 +104,11 @@ def _head(optim: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gradien
 
 
 # label -> (config.optim, lr schedule) -> transformation of that label's parameters.
-TRANSFORMS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule],
-                               optax.GradientTransformation]] = {
-    "frozen": lambda optim, lr: optax.set_to_zero(),
-    "head": _head,
-    "lora": _adamw,
-    "base": _adamw,
+TRANSFORMS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule], optax.GradientTransformation]] = {
+  "frozen": lambda optim, lr: optax.set_to_zero(),
+  "head": _head,
+  "lora": _adamw,
+  "base": _adamw,
 }
 
 
@@ -124,32 +123,38 @@ def param_labels(params: Any, optim: ml_collections.ConfigDict) -> Any:
   Returns:
     The labels, e.g. {"query_head": {"kernel": "head"}, ...}.
   """
+
   def label(path, _):
     name = param_path(path)
     return next((lab for lab, rule in LABEL_RULES if rule(name, optim)), DEFAULT_LABEL)
+
   labels = jax.tree_util.tree_map_with_path(label, params)
   if "lora" not in jax.tree.leaves(labels):
     return labels
   return jax.tree_util.tree_map_with_path(
-      lambda path, lab: "frozen" if _frozen_by_lora(param_path(path), lab, optim) else lab, labels)
+    lambda path, lab: "frozen" if _frozen_by_lora(param_path(path), lab, optim) else lab, labels
+  )
 
 
 def learning_rate(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Warm-up then linear ("linear") or cosine ("cosine") decay to `end_lr`, or constant ("constant")."""
   warm = min(int(optim.warmup_steps), total_steps)
   if optim.schedule in DECAYS:
-    return DECAYS[optim.schedule](peak_value=optim.lr, warmup_steps=warm, total_steps=total_steps,
-                                  end_value=optim.end_lr)
+    return DECAYS[optim.schedule](
+      peak_value=optim.lr, warmup_steps=warm, total_steps=total_steps, end_value=optim.end_lr
+    )
   if optim.schedule == "constant":
     if not warm:
       return optax.constant_schedule(optim.lr)
-    return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, max(warm, 1)),
-                                 optax.constant_schedule(optim.lr)], [warm])
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, optim.lr, max(warm, 1)), optax.constant_schedule(optim.lr)], [warm]
+    )
   raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}")
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, params: Any
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  optim: ml_collections.ConfigDict, total_steps: int, params: Any
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Global-norm clipping, then one transformation per parameter label.
 
   Args:

@@ -30,6 +30,7 @@ backend and plain `jax.jit` elsewhere. An XLA that no longer knows an option
 makes the first call fall back to plain `jax.jit` with a warning, never an
 error.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -47,8 +48,7 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 CPU_BF16_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def compiler_options(backend: str | None = None,
-                     compute_dtype: Any = jnp.float32) -> dict[str, Any] | None:
+def compiler_options(backend: str | None = None, compute_dtype: Any = jnp.float32) -> dict[str, Any] | None:
   """Options for an inference computation in `compute_dtype` on `backend` (None: XLA defaults)."""
   backend = backend or jax.default_backend()
   if backend != "cpu":
@@ -72,8 +72,7 @@ class _Jitted:
     except jax.errors.JaxRuntimeError as e:
       if not any(name in str(e) for name in self.options):
         raise
-      warnings.warn(f"XLA rejected compiler options {self.options} ({e}); using defaults",
-                    RuntimeWarning, stacklevel=2)
+      warnings.warn(f"XLA rejected compiler options {self.options} ({e}); using defaults", RuntimeWarning, stacklevel=2)
       self._tuned = None
       return self._plain(*args, **kwargs)
 
@@ -102,6 +101,5 @@ def attention_impl(requested: str = "auto", backend: str | None = None) -> str:
   if requested in ATTENTION_IMPLS:
     return requested
   if requested != "auto":
-    raise ValueError(f"unknown attention implementation {requested!r}; known: auto, "
-                     f"{', '.join(ATTENTION_IMPLS)}")
+    raise ValueError(f"unknown attention implementation {requested!r}; known: auto, {', '.join(ATTENTION_IMPLS)}")
   return "cpu" if (backend or jax.default_backend()) == "cpu" else "xla"

@@ -29,6 +29,7 @@ dropped, so there is never a second BOS. A "<s>" that is not a token of the
 vocabulary (e.g. SmolLM2's) is ordinary text, as the reference's Hugging Face
 tokenizer treats it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,25 +38,33 @@ from typing import Any
 
 import numpy as np
 
-REFERENCE_INSTRUCTION = ("You are a powerful lexical search engine. You are tasked with generating important terms "
-                         "that can represents the semantic relevance of {kind} in retrieval task. Make sure your "
-                         "word is in lowercase.")
-REFERENCE_QUERY_PREFIX = ("<s>[INST] You are a powerful lexical search engine. You are tasked with generating "
-                          "important terms that can represents the semantic relevance of query in retrieval task. "
-                          "Make sure your word is in lowercase.\n Query: ")
-REFERENCE_DOC_PREFIX = ("<s>[INST] You are a powerful lexical search engine. You are tasked with generating "
-                        "important terms that can represents the semantic relevance of passage in retrieval task. "
-                        "Make sure your word is in lowercase. \n Passage: ")
-PROMPTREPS_INSTRUCTION = ("Use one most important word to represent the {kind} in retrieval task. "
-                          "Make sure your word is in lowercase.")
+REFERENCE_INSTRUCTION = (
+  "You are a powerful lexical search engine. You are tasked with generating important terms "
+  "that can represents the semantic relevance of {kind} in retrieval task. Make sure your "
+  "word is in lowercase."
+)
+REFERENCE_QUERY_PREFIX = (
+  "<s>[INST] You are a powerful lexical search engine. You are tasked with generating "
+  "important terms that can represents the semantic relevance of query in retrieval task. "
+  "Make sure your word is in lowercase.\n Query: "
+)
+REFERENCE_DOC_PREFIX = (
+  "<s>[INST] You are a powerful lexical search engine. You are tasked with generating "
+  "important terms that can represents the semantic relevance of passage in retrieval task. "
+  "Make sure your word is in lowercase. \n Passage: "
+)
+PROMPTREPS_INSTRUCTION = (
+  "Use one most important word to represent the {kind} in retrieval task. Make sure your word is in lowercase."
+)
 PROMPTREPS_REPLY = 'The word is: "'
-_MARK = "\uE000laspar-text\uE000"  # private-use marker locating the text in a rendered chat template
+_MARK = "\ue000laspar-text\ue000"  # private-use marker locating the text in a rendered chat template
 KINDS = ("query", "doc")
 
 
 @dataclasses.dataclass(frozen=True)
 class Template:
   """One side's prompt: prefix + text + suffix (chat: the user message; then the reply's opening)."""
+
   prefix: str = ""
   suffix: str = ""
   reply: str = ""
@@ -73,6 +82,7 @@ class Preset:
     pool: the default positions pooled by "plain": "text" (the text's tokens
       only) or "all" (every real position, as SPLADE pools).
   """
+
   name: str
   query: Template
   doc: Template
@@ -87,22 +97,30 @@ class Preset:
 
 
 def _promptreps(label: str, kind: str, bos: str = "<s>[INST] ") -> Template:
-  return Template(prefix=f'{bos}{label}: "', suffix=f'". {PROMPTREPS_INSTRUCTION.format(kind=kind)} [/INST]'
-                  + PROMPTREPS_REPLY)
+  return Template(
+    prefix=f'{bos}{label}: "', suffix=f'". {PROMPTREPS_INSTRUCTION.format(kind=kind)} [/INST]' + PROMPTREPS_REPLY
+  )
 
 
 PRESETS: dict[str, Preset] = {
-    "reference": Preset("reference", Template(REFERENCE_QUERY_PREFIX), Template(REFERENCE_DOC_PREFIX)),
-    "promptreps": Preset("promptreps", _promptreps("Query", "query"), _promptreps("Passage", "passage"),
-                         decoding="last_token"),
-    "chat": Preset("chat", Template(REFERENCE_INSTRUCTION.format(kind="query") + "\n Query: "),
-                   Template(REFERENCE_INSTRUCTION.format(kind="passage") + " \n Passage: "), chat=True),
-    "promptreps_chat": Preset(
-        "promptreps_chat",
-        Template('Query: "', f'". {PROMPTREPS_INSTRUCTION.format(kind="query")}', PROMPTREPS_REPLY),
-        Template('Passage: "', f'". {PROMPTREPS_INSTRUCTION.format(kind="passage")}', PROMPTREPS_REPLY),
-        chat=True, decoding="last_token"),
-    "none": Preset("none", Template(), Template(), pool="all"),
+  "reference": Preset("reference", Template(REFERENCE_QUERY_PREFIX), Template(REFERENCE_DOC_PREFIX)),
+  "promptreps": Preset(
+    "promptreps", _promptreps("Query", "query"), _promptreps("Passage", "passage"), decoding="last_token"
+  ),
+  "chat": Preset(
+    "chat",
+    Template(REFERENCE_INSTRUCTION.format(kind="query") + "\n Query: "),
+    Template(REFERENCE_INSTRUCTION.format(kind="passage") + " \n Passage: "),
+    chat=True,
+  ),
+  "promptreps_chat": Preset(
+    "promptreps_chat",
+    Template('Query: "', f'". {PROMPTREPS_INSTRUCTION.format(kind="query")}', PROMPTREPS_REPLY),
+    Template('Passage: "', f'". {PROMPTREPS_INSTRUCTION.format(kind="passage")}', PROMPTREPS_REPLY),
+    chat=True,
+    decoding="last_token",
+  ),
+  "none": Preset("none", Template(), Template(), pool="all"),
 }
 
 
@@ -126,16 +144,18 @@ def prompt_strings(tokenizer: Any, preset: Preset, kind: str) -> tuple[str, str]
   t = preset.template(kind)
   if not preset.chat:
     return t.prefix, t.suffix
-  rendered = tokenizer.apply_chat_template([{"role": "user", "content": t.prefix + _MARK + t.suffix}],
-                                           add_generation_prompt=True)
+  rendered = tokenizer.apply_chat_template(
+    [{"role": "user", "content": t.prefix + _MARK + t.suffix}], add_generation_prompt=True
+  )
   before, found, after = rendered.partition(_MARK)
   if not found:
     raise ValueError(f"{getattr(tokenizer, 'source', 'tokenizer')}: the chat template drops the user message")
   return before, after + t.reply
 
 
-def compose(tokenizer: Any, texts: Sequence[str], *, preset: Preset, kind: str,
-            max_text_len: int) -> list[tuple[list[int], list[int]]]:
+def compose(
+  tokenizer: Any, texts: Sequence[str], *, preset: Preset, kind: str, max_text_len: int
+) -> list[tuple[list[int], list[int]]]:
   """Tokenizes prompted texts: per text (ids, text flags), unpadded (see the module docstring).
 
   Args:
@@ -178,8 +198,9 @@ def bucket_length(n: int, multiple: int = 32) -> int:
   return max(-(-n // multiple), 1) * multiple
 
 
-def pad_rows(rows: Sequence[tuple[list[int], list[int]]], *, pad_id: int, length: int | None = None,
-             multiple: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pad_rows(
+  rows: Sequence[tuple[list[int], list[int]]], *, pad_id: int, length: int | None = None, multiple: int = 32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Right-pads composed rows.
 
   Args:

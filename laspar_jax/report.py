@@ -25,6 +25,7 @@ The page says which of the two each point is.
 Besides the PNGs, `write_report` writes OUT/report.md (embedding them) and
 OUT/report.json: per plot its file, title and each panel's axis labels.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ LOSS_SKIP = ("_weight", "/acc", "/pos_score", "/teacher_acc", "/effective_dims",
 @dataclasses.dataclass
 class RunData:
   """What a report needs from one run directory."""
+
   name: str
   path: pathlib.Path
   history: list[dict[str, float]]
@@ -116,21 +118,30 @@ def _keys(history: Sequence[Mapping[str, float]]) -> list[str]:
 def curve_groups(history: Sequence[Mapping[str, float]]) -> dict[str, list[str]]:
   """Panel title -> history keys: loss terms, regularizer weights, active dims, FLOPS, eval, lr."""
   keys = _keys(history)
-  loss = [k for k in keys if k == "train/loss" or (
-      k.count("/") == 2 and k.split("/")[1] in ("ranking", "distill", "reg") and not k.endswith(LOSS_SKIP))]
+  loss = [
+    k
+    for k in keys
+    if k == "train/loss"
+    or (k.count("/") == 2 and k.split("/")[1] in ("ranking", "distill", "reg") and not k.endswith(LOSS_SKIP))
+  ]
   return {
-      "loss terms": loss,
-      "regularizer weights": [k for k in keys if k.startswith("train/reg/") and k.endswith("_weight")],
-      "active dims": [k for k in keys if k in ("train/active_q", "train/active_d")],
-      "FLOPS estimate (batch)": [k for k in keys if k == "train/flops_est"],
-      "evaluation": [k for k in keys if k.startswith("eval/") and "@" in k],
-      "learning rate": [k for k in keys if k == "train/lr"],
+    "loss terms": loss,
+    "regularizer weights": [k for k in keys if k.startswith("train/reg/") and k.endswith("_weight")],
+    "active dims": [k for k in keys if k in ("train/active_q", "train/active_d")],
+    "FLOPS estimate (batch)": [k for k in keys if k == "train/flops_est"],
+    "evaluation": [k for k in keys if k.startswith("eval/") and "@" in k],
+    "learning rate": [k for k in keys if k == "train/lr"],
   }
 
 
-_YLABELS = {"loss terms": "loss", "regularizer weights": "weight", "active dims": "nonzero dims",
-            "FLOPS estimate (batch)": "sum_j P(q_j>0) P(d_j>0)", "evaluation": "measure",
-            "learning rate": "learning rate"}
+_YLABELS = {
+  "loss terms": "loss",
+  "regularizer weights": "weight",
+  "active dims": "nonzero dims",
+  "FLOPS estimate (batch)": "sum_j P(q_j>0) P(d_j>0)",
+  "evaluation": "measure",
+  "learning rate": "learning rate",
+}
 
 
 def plot_curves(run: RunData) -> Figure:
@@ -141,8 +152,9 @@ def plot_curves(run: RunData) -> Figure:
   for ax, (title, keys) in zip(axes, groups.items()):
     for i, k in enumerate(keys):  # line styles tell apart curves that coincide (equal reg weights)
       x, y = series(run.history, k)
-      ax.plot(x, y, ls=("-", "--", ":", "-.")[i % 4], marker="o" if len(x) < 3 else None, ms=3,
-              label=k.split("/", 1)[1])
+      ax.plot(
+        x, y, ls=("-", "--", ":", "-.")[i % 4], marker="o" if len(x) < 3 else None, ms=3, label=k.split("/", 1)[1]
+      )
     if title == "loss terms" and keys and all(np.nanmin(series(run.history, k)[1]) > 0 for k in keys):
       ax.set_yscale("log")
     if keys:
@@ -178,7 +190,7 @@ def flops_per_query(metrics: Mapping[str, float], lengths_d: np.ndarray | None) 
   if lengths_d is None or not metrics.get("active_q") or lengths_d.sum() == 0:
     return None, ""
   lengths = lengths_d.astype(np.float64)
-  return float(metrics["active_q"] * (lengths ** 2).sum() / lengths.sum()), "estimated"
+  return float(metrics["active_q"] * (lengths**2).sum() / lengths.sum()), "estimated"
 
 
 def tradeoff_points(runs: Sequence[RunData], measure: str) -> list[dict[str, Any]]:
@@ -217,8 +229,7 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], measure: str) -> Figure:
     x, y = [p["flops"] for p in pts], [p[measure] for p in pts]
     ax.plot(x, y, marker="o", label=run)
     est = "" if pts[-1]["source"] == "measured" else " (est.)"
-    ax.annotate(f"{run} @{pts[-1]['step']}{est}", (x[-1], y[-1]), textcoords="offset points",
-                xytext=(4, 4), fontsize=8)
+    ax.annotate(f"{run} @{pts[-1]['step']}{est}", (x[-1], y[-1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
   if points:
     ax.set_xscale("log")
     ax.legend(fontsize=8)
@@ -255,8 +266,11 @@ def plot_postings(lengths: Mapping[str, np.ndarray]) -> Figure:
   return fig
 
 
-def plot_active_dims(doc_lengths: Mapping[str, np.ndarray], query_lengths: Mapping[str, np.ndarray],
-                     mean_query: Mapping[str, float] | None = None) -> Figure:
+def plot_active_dims(
+  doc_lengths: Mapping[str, np.ndarray],
+  query_lengths: Mapping[str, np.ndarray],
+  mean_query: Mapping[str, float] | None = None,
+) -> Figure:
   """Histograms of active dims per document and per query.
 
   Args:
@@ -270,8 +284,10 @@ def plot_active_dims(doc_lengths: Mapping[str, np.ndarray], query_lengths: Mappi
   """
   fig = Figure(figsize=(12, 4.5), layout="constrained")
   ax_d, ax_q = fig.subplots(1, 2)
-  for ax, data, side, plural in ((ax_d, doc_lengths, "document", "documents"),
-                                 (ax_q, query_lengths, "query", "queries")):
+  for ax, data, side, plural in (
+    (ax_d, doc_lengths, "document", "documents"),
+    (ax_q, query_lengths, "query", "queries"),
+  ):
     for name, n in data.items():
       ax.hist(n, bins=min(50, max(1, len(np.unique(n)))), histtype="step", label=name)
     ax.set_xlabel(f"active dims per {side}")
@@ -291,17 +307,23 @@ def plot_active_dims(doc_lengths: Mapping[str, np.ndarray], query_lengths: Mappi
 def figure_labels(fig: Figure) -> dict[str, Any]:
   """The figure's title and each panel's title and axis labels (for report.json and tests)."""
   title = fig._suptitle.get_text() if fig._suptitle is not None else ""  # pylint: disable=protected-access
-  return {"title": title or (fig.axes[0].get_title() if fig.axes else ""),
-          "axes": [{"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel()}
-                   for ax in fig.axes]}
+  return {
+    "title": title or (fig.axes[0].get_title() if fig.axes else ""),
+    "axes": [{"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel()} for ax in fig.axes],
+  }
 
 
 def _fmt(v: Any) -> str:
   return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_report(workdirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-                 query_lengths: Mapping[str, np.ndarray] | None = None, dpi: int = 110) -> dict[str, Any]:
+def write_report(
+  workdirs: Sequence[str | os.PathLike],
+  out_dir: str | os.PathLike,
+  *,
+  query_lengths: Mapping[str, np.ndarray] | None = None,
+  dpi: int = 110,
+) -> dict[str, Any]:
   """Writes every plot (PNG), OUT/report.md embedding them and OUT/report.json.
 
   Args:
@@ -332,33 +354,42 @@ def write_report(workdirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
   points = tradeoff_points(runs, measure)
   figs["tradeoff.png"] = plot_tradeoff(points, measure)
   figs["postings.png"] = plot_postings(lengths)
-  last_q = {r.name: float(r.evals[max(r.evals)]["active_q"]) for r in runs
-            if r.evals and "active_q" in r.evals[max(r.evals)]}
-  figs["active_dims.png"] = plot_active_dims({n: v[1] for n, v in idx.items()}, dict(query_lengths or {}),
-                                             last_q)
+  last_q = {
+    r.name: float(r.evals[max(r.evals)]["active_q"]) for r in runs if r.evals and "active_q" in r.evals[max(r.evals)]
+  }
+  figs["active_dims.png"] = plot_active_dims({n: v[1] for n, v in idx.items()}, dict(query_lengths or {}), last_q)
   if not query_lengths:
-    notes.append("Query representations are not stored by evaluation: the query panel shows each run's "
-                 "mean active dims (metrics.json active_q) as a dashed line.")
+    notes.append(
+      "Query representations are not stored by evaluation: the query panel shows each run's "
+      "mean active dims (metrics.json active_q) as a dashed line."
+    )
   plots = {}
   for name, fig in figs.items():
     fig.savefig(out / name, dpi=dpi)
     plots[name] = figure_labels(fig)
   page = _page(runs, idx, points, measure, plots, notes)
   (out / "report.md").write_text(page)
-  summary = {"page": str(out / "report.md"), "plots": plots, "notes": notes, "measure": measure,
-             "tradeoff": points}
+  summary = {"page": str(out / "report.md"), "plots": plots, "notes": notes, "measure": measure, "tradeoff": points}
   (out / "report.json").write_text(json.dumps(summary, indent=1))
   return summary
 
 
-def _page(runs: Sequence[RunData], idx: Mapping[str, tuple[np.ndarray, np.ndarray, int]],
-          points: Sequence[Mapping[str, Any]], measure: str, plots: Mapping[str, Any],
-          notes: Sequence[str]) -> str:
+def _page(
+  runs: Sequence[RunData],
+  idx: Mapping[str, tuple[np.ndarray, np.ndarray, int]],
+  points: Sequence[Mapping[str, Any]],
+  measure: str,
+  plots: Mapping[str, Any],
+  notes: Sequence[str],
+) -> str:
   """The markdown page: a table of runs, then the plots."""
   cols = [measure, "RR@10", "R@100", "active_q", "active_d"]
-  lines = ["# laspar_jax report", "", "| run | workdir | last step | eval step | "
-           + " | ".join(cols) + " | FLOPS/query | docs | postings |",
-           "|" + " --- |" * (len(cols) + 7)]
+  lines = [
+    "# laspar_jax report",
+    "",
+    "| run | workdir | last step | eval step | " + " | ".join(cols) + " | FLOPS/query | docs | postings |",
+    "|" + " --- |" * (len(cols) + 7),
+  ]
   flops = {p["run"]: p for p in points}
   for r in runs:
     last_step = max((int(row["step"]) for row in r.history), default=0)
@@ -368,11 +399,18 @@ def _page(runs: Sequence[RunData], idx: Mapping[str, tuple[np.ndarray, np.ndarra
     f = f"{p['flops']:.4g}{'' if p['source'] == 'measured' else ' (est.)'}" if p else ""
     docs = f"{idx[r.name][2]:,}" if r.name in idx else ""
     post = f"{int(idx[r.name][0].sum()):,}" if r.name in idx else ""
-    lines.append(f"| {r.name} | `{r.path}` | {last_step} | {step if step is not None else ''} | "
-                 + " | ".join(_fmt(m.get(c, "")) for c in cols) + f" | {f} | {docs} | {post} |")
-  lines += ["", "FLOPS per query: multiply-adds of term-at-a-time scoring (sum of the posting-list "
-            "lengths of the query's dims). (est.) = active_q x sum_j len_j^2 / sum_j len_j from the "
-            "index, the query representations not being stored (see `laspar_jax/report.py`).", ""]
+    lines.append(
+      f"| {r.name} | `{r.path}` | {last_step} | {step if step is not None else ''} | "
+      + " | ".join(_fmt(m.get(c, "")) for c in cols)
+      + f" | {f} | {docs} | {post} |"
+    )
+  lines += [
+    "",
+    "FLOPS per query: multiply-adds of term-at-a-time scoring (sum of the posting-list "
+    "lengths of the query's dims). (est.) = active_q x sum_j len_j^2 / sum_j len_j from the "
+    "index, the query representations not being stored (see `laspar_jax/report.py`).",
+    "",
+  ]
   for name, lab in plots.items():
     lines += [f"## {lab['title']}", "", f"![{lab['title']}]({name})", ""]
   if notes:

@@ -1,4 +1,5 @@
 """Schedules: regularizer warm-up and learning rate (pure, jnp-compatible)."""
+
 from __future__ import annotations
 
 import jax
@@ -23,8 +24,9 @@ def quadratic_warmup(step: int | jax.Array, *, value: float, warmup_steps: int) 
   return value * jnp.square(frac)
 
 
-def warmup_linear_decay(*, peak_value: float, warmup_steps: int, total_steps: int,
-                        init_value: float = 0.0, end_value: float = 0.0) -> optax.Schedule:
+def warmup_linear_decay(
+  *, peak_value: float, warmup_steps: int, total_steps: int, init_value: float = 0.0, end_value: float = 0.0
+) -> optax.Schedule:
   """Learning rate: linear warm-up init -> peak over `warmup_steps`, then linear decay to end.
 
   Args:
@@ -47,8 +49,7 @@ def _decay_steps(warmup_steps: int, total_steps: int) -> int:
   return max(total_steps - warmup_steps, 1)
 
 
-def _after_warmup(decay: optax.Schedule, *, init_value: float, peak_value: float,
-                  warmup_steps: int) -> optax.Schedule:
+def _after_warmup(decay: optax.Schedule, *, init_value: float, peak_value: float, warmup_steps: int) -> optax.Schedule:
   """Linear warm-up init -> peak over `warmup_steps`, then `decay` (counted from the warm-up's end)."""
   if warmup_steps <= 0:
     return decay
@@ -56,8 +57,9 @@ def _after_warmup(decay: optax.Schedule, *, init_value: float, peak_value: float
   return optax.join_schedules([warm, decay], [warmup_steps])
 
 
-def warmup_cosine_decay(*, peak_value: float, warmup_steps: int, total_steps: int,
-                        init_value: float = 0.0, end_value: float = 0.0) -> optax.Schedule:
+def warmup_cosine_decay(
+  *, peak_value: float, warmup_steps: int, total_steps: int, init_value: float = 0.0, end_value: float = 0.0
+) -> optax.Schedule:
   """Learning rate: linear warm-up init -> peak over `warmup_steps`, then cosine decay to end.
 
   lr_t = end + (peak - end) * (1 + cos(pi * (t - W) / (T - W))) / 2 for W <= t <= T.
@@ -72,6 +74,7 @@ def warmup_cosine_decay(*, peak_value: float, warmup_steps: int, total_steps: in
   Returns:
     An optax schedule step -> learning rate.
   """
-  decay = optax.cosine_decay_schedule(peak_value, _decay_steps(warmup_steps, total_steps),
-                                      alpha=end_value / peak_value if peak_value else 0.0)
+  decay = optax.cosine_decay_schedule(
+    peak_value, _decay_steps(warmup_steps, total_steps), alpha=end_value / peak_value if peak_value else 0.0
+  )
   return _after_warmup(decay, init_value=init_value, peak_value=peak_value, warmup_steps=warmup_steps)

@@ -8,6 +8,7 @@ top-k because every global top-k element is in its own shard's top-k.
 the numpy index keeps them) map non-negative weights to uint8/uint16 impacts
 with a stored scale (the form PISA and Anserini expect).
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,17 +22,16 @@ from laspar_jax.index.quantize import dequantize, quantize, quantize_scale
 __all__ = ["dequantize", "quantize", "quantize_scale", "sharded_topk", "topk"]
 
 
-def _apply_threshold(idx_bk: jax.Array, val_bk: jax.Array,
-                     min_weight: float) -> tuple[jax.Array, jax.Array]:
+def _apply_threshold(idx_bk: jax.Array, val_bk: jax.Array, min_weight: float) -> tuple[jax.Array, jax.Array]:
   """Zeroes weights <= min_weight (consumers drop val <= 0)."""
   keep_bk = val_bk > min_weight
   return idx_bk, jnp.where(keep_bk, val_bk, jnp.zeros_like(val_bk))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "approx", "recall_target"))
-def topk(rep_bv: jax.Array, k: int, *, min_weight: float = 0.0,
-         approx: bool = False, recall_target: float = 0.95
-         ) -> tuple[jax.Array, jax.Array]:
+def topk(
+  rep_bv: jax.Array, k: int, *, min_weight: float = 0.0, approx: bool = False, recall_target: float = 0.95
+) -> tuple[jax.Array, jax.Array]:
   """Top-k dims per row, sorted by weight descending.
 
   Args:
@@ -52,9 +52,9 @@ def topk(rep_bv: jax.Array, k: int, *, min_weight: float = 0.0,
   return _apply_threshold(idx_bk.astype(jnp.int32), val_bk, min_weight)
 
 
-def sharded_topk(rep_bv: jax.Array, k: int, mesh: Mesh, axis: str = "model", *,
-                 batch_axis: str | None = None, min_weight: float = 0.0
-                 ) -> tuple[jax.Array, jax.Array]:
+def sharded_topk(
+  rep_bv: jax.Array, k: int, mesh: Mesh, axis: str = "model", *, batch_axis: str | None = None, min_weight: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
   """Two-stage top-k of a D-sharded rep_bv; equals the global `topk`.
 
   Stage 1 (inside `jax.shard_map`): each shard takes the top-k of its D/n
@@ -88,8 +88,7 @@ def sharded_topk(rep_bv: jax.Array, k: int, mesh: Mesh, axis: str = "model", *,
   @jax.jit
   def _run(rep_bv):
     rep_bv = jax.lax.with_sharding_constraint(rep_bv, NamedSharding(mesh, spec))
-    cand_val, cand_idx = jax.shard_map(
-        _local, mesh=mesh, in_specs=spec, out_specs=(spec, spec))(rep_bv)
+    cand_val, cand_idx = jax.shard_map(_local, mesh=mesh, in_specs=spec, out_specs=(spec, spec))(rep_bv)
     kk = min(k, d)
     val_bk, pos_bk = jax.lax.top_k(cand_val, kk)
     idx_bk = jnp.take_along_axis(cand_idx, pos_bk, axis=-1)

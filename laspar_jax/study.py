@@ -30,6 +30,7 @@ Multi-host (`jax.distributed`): every process trains and indexes its share;
 process 0 alone evaluates and writes study files, so W must be on a shared
 filesystem.
 """
+
 from __future__ import annotations
 
 import csv
@@ -75,7 +76,7 @@ def _say(msg: str) -> None:
 
 
 def split_spec(spec: str) -> tuple[str, str]:
-  """"configs/decoder/rq2_backbones.py:tiny" -> (path, "tiny") (as `--config` of launch/train.py)."""
+  """ "configs/decoder/rq2_backbones.py:tiny" -> (path, "tiny") (as `--config` of launch/train.py)."""
   path, _, arg = str(spec).partition(":")
   return path, arg
 
@@ -102,13 +103,15 @@ def load_module(module_or_path: ModuleSpec) -> types.ModuleType:
     else:
       module = importlib.import_module(name)
   if not isinstance(getattr(module, "VARIANTS", None), (tuple, list)) or not callable(
-      getattr(module, "get_config", None)):
+    getattr(module, "get_config", None)
+  ):
     raise ValueError(f"{module.__name__} is not an experiment config: it needs VARIANTS and get_config(arg)")
   return module
 
 
-def variant_config(module: types.ModuleType, variant: str, arg: str = "",
-                   overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+def variant_config(
+  module: types.ModuleType, variant: str, arg: str = "", overrides: Mapping[str, Any] | None = None
+) -> ml_collections.ConfigDict:
   """`module.get_config("variant=NAME[,arg]")` with dotted `overrides` applied (`config_lib.update`)."""
   config = module.get_config(",".join(x for x in (f"variant={variant}", arg) if x))
   with config.unlocked():
@@ -138,9 +141,17 @@ def is_zeroshot(config: ml_collections.ConfigDict) -> bool:
   return bool(zs is not None and zs.get("preset"))
 
 
-def run_study(module_or_path: ModuleSpec, arg: str, workdir: io_utils.PathLike, *,
-              variants: Sequence[str] | None = None, progress: bool = True, rerun: bool = False,
-              overrides: Mapping[str, Any] | None = None, plots: bool = False) -> list[dict[str, Any]]:
+def run_study(
+  module_or_path: ModuleSpec,
+  arg: str,
+  workdir: io_utils.PathLike,
+  *,
+  variants: Sequence[str] | None = None,
+  progress: bool = True,
+  rerun: bool = False,
+  overrides: Mapping[str, Any] | None = None,
+  plots: bool = False,
+) -> list[dict[str, Any]]:
   """Runs the variants of an experiment config and writes the results table (see the module docstring).
 
   Args:
@@ -184,8 +195,16 @@ def run_study(module_or_path: ModuleSpec, arg: str, workdir: io_utils.PathLike, 
   return results
 
 
-def _run_one(module: types.ModuleType, variant: str, arg: str, vdir: Any, *, rerun: bool,
-             overrides: Mapping[str, Any] | None, progress: bool) -> dict[str, Any]:
+def _run_one(
+  module: types.ModuleType,
+  variant: str,
+  arg: str,
+  vdir: Any,
+  *,
+  rerun: bool,
+  overrides: Mapping[str, Any] | None,
+  progress: bool,
+) -> dict[str, Any]:
   """One variant: skip, or (re)start its folder, run it and write result.json."""
   lead = distributed.is_lead()
   res: dict[str, Any] = {"variant": variant, "config_arg": arg}
@@ -200,8 +219,11 @@ def _run_one(module: types.ModuleType, variant: str, arg: str, vdir: Any, *, rer
     _prepare(vdir, digest, rerun, lead)
     res["kind"] = "zeroshot" if is_zeroshot(config) else "trained"
     _say(f"{variant}: {res['kind']}, config {digest}, in {vdir}")
-    out = (_zeroshot(config, vdir, progress=progress) if res["kind"] == "zeroshot"
-           else _train_index_evaluate(config, vdir, progress=progress))
+    out = (
+      _zeroshot(config, vdir, progress=progress)
+      if res["kind"] == "zeroshot"
+      else _train_index_evaluate(config, vdir, progress=progress)
+    )
     if out.get("preempted"):
       return {**res, "status": "preempted", "steps": out.get("steps")}
     res.update(out, status="ok")
@@ -250,18 +272,43 @@ def _train_index_evaluate(config: ml_collections.ConfigDict, vdir: Any, *, progr
   out_dir = vdir / "eval" / str(trained["step"])
   t1 = time.time()
   index = distributed_index.index_collection(
-      encoder, tokenizer, docs, os.fspath(out_dir / "index"), k_doc=ev.d_topk, batch_size=ev.batch_size,
-      dim=encoder.output_dim, progress=progress and distributed.is_lead(), overwrite=True)
+    encoder,
+    tokenizer,
+    docs,
+    os.fspath(out_dir / "index"),
+    k_doc=ev.d_topk,
+    batch_size=ev.batch_size,
+    dim=encoder.output_dim,
+    progress=progress and distributed.is_lead(),
+    overwrite=True,
+  )
   t2 = time.time()
-  res = {"steps": int(trained["step"]), "train_seconds": t_train, "index_seconds": t2 - t1,
-         "encoder": os.fspath(vdir / "encoder"), "index": os.fspath(index),
-         "encoder_fingerprint": encode.encoder_fingerprint(encoder),
-         "encoder_params": encode.params_digest(encoder), "train_metrics": trained["train"]}
+  res = {
+    "steps": int(trained["step"]),
+    "train_seconds": t_train,
+    "index_seconds": t2 - t1,
+    "encoder": os.fspath(vdir / "encoder"),
+    "index": os.fspath(index),
+    "encoder_fingerprint": encode.encoder_fingerprint(encoder),
+    "encoder_params": encode.params_digest(encoder),
+    "train_metrics": trained["train"],
+  }
   if distributed.is_lead():
     out = evaluate.evaluate_encoder(
-        encoder, tokenizer, coll, index, k=1000, k_query=ev.q_topk, measures=ev.measures.split(","),
-        run_path=out_dir / "run.trec", batch_size=ev.batch_size, threads=ev.search_threads or None,
-        verbose=False, max_queries=ev.max_queries or None, efficiency=True)
+      encoder,
+      tokenizer,
+      coll,
+      index,
+      k=1000,
+      k_query=ev.q_topk,
+      measures=ev.measures.split(","),
+      run_path=out_dir / "run.trec",
+      batch_size=ev.batch_size,
+      threads=ev.search_threads or None,
+      verbose=False,
+      max_queries=ev.max_queries or None,
+      efficiency=True,
+    )
     res.update(_measures(out), eval_seconds=time.time() - t2)
     _write_metrics(out_dir, res)
   return res
@@ -277,12 +324,26 @@ def _zeroshot(config: ml_collections.ConfigDict, vdir: Any, *, progress: bool) -
   out_dir = vdir / "eval" / "0"
   out_dir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
-  out = zeroshot.evaluate_zeroshot(zcfg, coll, os.fspath(out_dir / "index"), measures=ev.measures.split(","),
-                                   k=1000, run_path=out_dir / "run.trec", max_queries=ev.max_queries or None,
-                                   progress=progress, threads=ev.search_threads or None)
-  res = {"steps": 0, "eval_seconds": time.time() - t0, "index": os.fspath(out_dir / "index"),
-         "encoder_fingerprint": zcfg.fingerprint(), "fallback_queries": out.get("fallback_queries"),
-         "fallback_docs": out.get("fallback_docs"), **_measures(out)}
+  out = zeroshot.evaluate_zeroshot(
+    zcfg,
+    coll,
+    os.fspath(out_dir / "index"),
+    measures=ev.measures.split(","),
+    k=1000,
+    run_path=out_dir / "run.trec",
+    max_queries=ev.max_queries or None,
+    progress=progress,
+    threads=ev.search_threads or None,
+  )
+  res = {
+    "steps": 0,
+    "eval_seconds": time.time() - t0,
+    "index": os.fspath(out_dir / "index"),
+    "encoder_fingerprint": zcfg.fingerprint(),
+    "fallback_queries": out.get("fallback_queries"),
+    "fallback_docs": out.get("fallback_docs"),
+    **_measures(out),
+  }
   _write_metrics(out_dir, res)
   return res
 
@@ -298,26 +359,31 @@ def _measures(out: Mapping[str, Any]) -> dict[str, Any]:
           return float(src[k])
     return None
 
-  return {"metrics": {k: float(v) for k, v in out["metrics"].items()},
-          "flops_per_query": pick("flops_per_query"),
-          "mean_active_q": pick("mean_active_q", "mean_active_dims_query", "active_q"),
-          "mean_active_d": pick("mean_active_d", "mean_active_dims_doc", "active_d"),
-          "n_queries": out.get("n_queries"), "run": os.fspath(out["run_path"]) if out.get("run_path") else None,
-          "efficiency": {k: v for k, v in eff.items() if isinstance(v, (int, float))}}
+  return {
+    "metrics": {k: float(v) for k, v in out["metrics"].items()},
+    "flops_per_query": pick("flops_per_query"),
+    "mean_active_q": pick("mean_active_q", "mean_active_dims_query", "active_q"),
+    "mean_active_d": pick("mean_active_d", "mean_active_dims_doc", "active_d"),
+    "n_queries": out.get("n_queries"),
+    "run": os.fspath(out["run_path"]) if out.get("run_path") else None,
+    "efficiency": {k: v for k, v in eff.items() if isinstance(v, (int, float))},
+  }
 
 
 def _write_metrics(out_dir: Any, res: Mapping[str, Any]) -> None:
   """eval/<step>/metrics.json as training writes it (report.py reads measured FLOPS from it)."""
-  flat = dict(res["metrics"], active_q=res["mean_active_q"], active_d=res["mean_active_d"],
-              flops_per_query=res["flops_per_query"])
+  flat = dict(
+    res["metrics"], active_q=res["mean_active_q"], active_d=res["mean_active_d"], flops_per_query=res["flops_per_query"]
+  )
   io_utils.write_text_atomic(out_dir / "metrics.json", json.dumps(flat, indent=1))
 
 
 # ----------------------------------------------------------------------------- the results table
 
 
-def table_rows(module: types.ModuleType, arg: str, root: Any,
-               overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+def table_rows(
+  module: types.ModuleType, arg: str, root: Any, overrides: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
   """The result.json of every variant of VARIANTS that has one, in VARIANTS order.
 
   A finished result whose digest is not its variant's current config's gets status "stale".
@@ -353,27 +419,42 @@ def _cell(v: Any, fmt: str) -> str:
 def _table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
   """(header, cells) shared by the markdown and CSV tables."""
   measures = _columns(rows)
-  header = ["variant", "status", *measures, "FLOPS/query", "active dims q", "active dims d", "steps",
-            "wall s"]
+  header = ["variant", "status", *measures, "FLOPS/query", "active dims q", "active dims d", "steps", "wall s"]
   cells = []
   for r in rows:
     m = r.get("metrics") or {}
-    cells.append([r["variant"], r.get("status", ""), *(_cell(m.get(k), ".4f") for k in measures),
-                  _cell(r.get("flops_per_query"), ".4g"), _cell(r.get("mean_active_q"), ".1f"),
-                  _cell(r.get("mean_active_d"), ".1f"), _cell(r.get("steps"), "d"),
-                  _cell(r.get("wall_seconds"), ".0f")])
+    cells.append(
+      [
+        r["variant"],
+        r.get("status", ""),
+        *(_cell(m.get(k), ".4f") for k in measures),
+        _cell(r.get("flops_per_query"), ".4g"),
+        _cell(r.get("mean_active_q"), ".1f"),
+        _cell(r.get("mean_active_d"), ".1f"),
+        _cell(r.get("steps"), "d"),
+        _cell(r.get("wall_seconds"), ".0f"),
+      ]
+    )
   return header, cells
 
 
 def write_tables(root: Any, rows: Sequence[Mapping[str, Any]], *, title: str = "") -> None:
   """W/results.md (a markdown table; failures listed below it) and W/results.csv (same columns + error)."""
   header, cells = _table(rows)
-  md = [f"# Study results{': ' + title if title else ''}", "",
-        "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+  md = [
+    f"# Study results{': ' + title if title else ''}",
+    "",
+    "| " + " | ".join(header) + " |",
+    "|" + " --- |" * len(header),
+  ]
   md += ["| " + " | ".join(c) + " |" for c in cells]
-  md += ["", "FLOPS/query: multiply-adds of term-at-a-time scoring (the sum of the posting-list lengths of "
-         "each query's dims), mean over the evaluated queries; active dims: mean nonzero dims per query / "
-         "per document of the index. stale: finished with an earlier config of the variant.", ""]
+  md += [
+    "",
+    "FLOPS/query: multiply-adds of term-at-a-time scoring (the sum of the posting-list lengths of "
+    "each query's dims), mean over the evaluated queries; active dims: mean nonzero dims per query / "
+    "per document of the index. stale: finished with an earlier config of the variant.",
+    "",
+  ]
   failed = [r for r in rows if r.get("status") == "failed"]
   if failed:
     md += ["## Failed variants", ""] + [f"- {r['variant']}: `{r.get('error', '')}`" for r in failed] + [""]

@@ -25,6 +25,7 @@ embedding (`data.batching = "clustered"` in `data.assemble`).
 
 Cross-encoder teacher *scores* are read by `laspar_jax.data.training.read_teacher_scores`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,6 +55,7 @@ class StaleCacheError(RuntimeError):
 @dataclasses.dataclass
 class DenseEmbeddings:
   """Embeddings [N, E] (float16, memory-mapped) with their ids."""
+
   ids: np.ndarray
   emb: np.ndarray
   fingerprint: dict[str, Any]
@@ -73,6 +75,7 @@ class DenseEmbeddings:
 @dataclasses.dataclass
 class TeacherEmbeddings:
   """Dense-teacher embeddings of queries and documents (what TrainPipeline takes)."""
+
   queries: DenseEmbeddings
   docs: DenseEmbeddings
 
@@ -107,8 +110,9 @@ def _texts_fingerprint(items: Iterable[tuple[str, str]]) -> tuple[str, int]:
   return h.hexdigest(), n
 
 
-def encode_dense(loaded, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 256,
-                 prefix: str = "") -> Iterator[np.ndarray]:
+def encode_dense(
+  loaded, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 256, prefix: str = ""
+) -> Iterator[np.ndarray]:
   """Mean-pooled, L2-normalised embeddings of texts, float32 [b, E] per batch.
 
   Args:
@@ -131,7 +135,7 @@ def encode_dense(loaded, texts: Sequence[str], *, batch_size: int = 64, max_leng
   embed = platform.jit(embed_fn, compute_dtype=loaded.model.dtype)
 
   for i in range(0, len(texts), batch_size):
-    chunk = list(texts[i:i + batch_size])
+    chunk = list(texts[i : i + batch_size])
     n = len(chunk)
     chunk += [""] * (batch_size - n)  # one shape per bucket: pad the last batch
     tok = loaded.tokenizer(chunk, max_length=max_length, prefix=prefix)
@@ -157,9 +161,17 @@ def _diff(a: dict, b: dict) -> str:
   return ", ".join(f"{k}: cached {a.get(k)!r} != wanted {b.get(k)!r}" for k in keys)
 
 
-def dense_embeddings(cache_dir: str | os.PathLike, model, items: Callable[[], Iterable[tuple[str, str]]]
-                     | Sequence[tuple[str, str]], *, max_length: int = 256, batch_size: int = 64,
-                     prefix: str = "", on_stale: str = "recompute", progress: bool = True) -> DenseEmbeddings:
+def dense_embeddings(
+  cache_dir: str | os.PathLike,
+  model,
+  items: Callable[[], Iterable[tuple[str, str]]] | Sequence[tuple[str, str]],
+  *,
+  max_length: int = 256,
+  batch_size: int = 64,
+  prefix: str = "",
+  on_stale: str = "recompute",
+  progress: bool = True,
+) -> DenseEmbeddings:
   """Loads the cached embeddings of items, or encodes and caches them.
 
   Args:
@@ -190,9 +202,16 @@ def dense_embeddings(cache_dir: str | os.PathLike, model, items: Callable[[], It
   loaded = None if isinstance(model, (str, os.PathLike)) else model
   model_path = hf_weights.resolve(model) if loaded is None else loaded.path
   texts_hash, count = _texts_fingerprint(get_items())
-  want = {"format": FORMAT_VERSION, **model_fingerprint(model_path), "texts_sha256": texts_hash,
-          "count": count, "max_length": max_length, "prefix": prefix, "pooling": "mean+l2",
-          "dtype": "float16"}
+  want = {
+    "format": FORMAT_VERSION,
+    **model_fingerprint(model_path),
+    "texts_sha256": texts_hash,
+    "count": count,
+    "max_length": max_length,
+    "prefix": prefix,
+    "pooling": "mean+l2",
+    "dtype": "float16",
+  }
 
   if os.path.exists(cache_dir):
     cached = _read_cache(cache_dir)
@@ -213,13 +232,15 @@ def dense_embeddings(cache_dir: str | os.PathLike, model, items: Callable[[], It
     tmp = os.fspath(tmp_path)
     emb = None
     row = 0
-    bar = tqdm.tqdm(total=count, desc=f"dense teacher -> {os.path.basename(cache_dir)}",
-                    disable=not progress, unit="text")
+    bar = tqdm.tqdm(
+      total=count, desc=f"dense teacher -> {os.path.basename(cache_dir)}", disable=not progress, unit="text"
+    )
     for e_bd in encode_dense(loaded, texts, batch_size=batch_size, max_length=max_length, prefix=prefix):
       if emb is None:
-        emb = np.lib.format.open_memmap(os.path.join(tmp, "embeddings.npy"), mode="w+",
-                                        dtype=np.float16, shape=(count, e_bd.shape[1]))
-      emb[row:row + len(e_bd)] = e_bd
+        emb = np.lib.format.open_memmap(
+          os.path.join(tmp, "embeddings.npy"), mode="w+", dtype=np.float16, shape=(count, e_bd.shape[1])
+        )
+      emb[row : row + len(e_bd)] = e_bd
       row += len(e_bd)
       bar.update(len(e_bd))
     bar.close()
@@ -237,9 +258,18 @@ def dense_embeddings(cache_dir: str | os.PathLike, model, items: Callable[[], It
   return out
 
 
-def teacher_embeddings(cache_root: str | os.PathLike, model, collection, examples, *, q_len: int = 32,
-                       d_len: int = 256, batch_size: int = 64, on_stale: str = "recompute",
-                       progress: bool = True) -> TeacherEmbeddings:
+def teacher_embeddings(
+  cache_root: str | os.PathLike,
+  model,
+  collection,
+  examples,
+  *,
+  q_len: int = 32,
+  d_len: int = 256,
+  batch_size: int = 64,
+  on_stale: str = "recompute",
+  progress: bool = True,
+) -> TeacherEmbeddings:
   """Dense-teacher embeddings of the queries and documents that training examples use.
 
   Only the documents named by the examples (positives and negative pools) are
@@ -266,10 +296,20 @@ def teacher_embeddings(cache_root: str | os.PathLike, model, collection, example
   qids = sorted({e.qid for e in examples})
   dids = sorted({d for e in examples for d in (e.pos_id, *e.neg_ids)})
   kw = dict(batch_size=batch_size, on_stale=on_stale, progress=progress)
-  q = dense_embeddings(os.path.join(cache_root, "queries"), model,
-                       lambda: ((i, collection.queries[i]) for i in qids), max_length=q_len, **kw)
-  d = dense_embeddings(os.path.join(cache_root, "docs"), model,
-                       lambda: ((i, doc_text(collection.doc(i))) for i in dids), max_length=d_len, **kw)
+  q = dense_embeddings(
+    os.path.join(cache_root, "queries"),
+    model,
+    lambda: ((i, collection.queries[i]) for i in qids),
+    max_length=q_len,
+    **kw,
+  )
+  d = dense_embeddings(
+    os.path.join(cache_root, "docs"),
+    model,
+    lambda: ((i, doc_text(collection.doc(i))) for i in dids),
+    max_length=d_len,
+    **kw,
+  )
   return TeacherEmbeddings(q, d)
 
 

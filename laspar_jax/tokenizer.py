@@ -17,6 +17,7 @@ builds it, so the ids are the same. Chat templates (tokenizer_config.json,
 chat_template.jinja or GGUF metadata) render with jinja2 as transformers
 renders them (`apply_chat_template`).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -55,12 +56,18 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 # tokenizer.ggml.pre -> the split regex of that vocabulary (as transformers' GGUF conversion).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GGUF_SPLITS = {**dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), _LLAMA3_SPLIT),
-                **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT)}
+_LLAMA3_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GGUF_SPLITS = {
+  **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), _LLAMA3_SPLIT),
+  **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
+}
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
 
 
@@ -102,32 +109,46 @@ def gguf_tokenizer(meta: dict[str, Any], source: str = "") -> tokenizers.Tokeniz
     raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
   alphabet = _byte_alphabet()
   spelled = set(alphabet.values())
-  vocab = {(t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))): i
-           for i, t in enumerate(tokens)}
+  vocab = {
+    (t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))): i for i, t in enumerate(tokens)
+  }
   merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
-  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                        end_of_word_suffix="", fuse_unk=False))
+  tok = tokenizers.Tokenizer(
+    models.BPE(
+      vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False
+    )
+  )
   split = _GGUF_SPLITS.get(meta.get("tokenizer.ggml.pre"))
   if split is None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   else:
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [
         pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
   tok.decoder = decoders.ByteLevel()
   types = meta.get("tokenizer.ggml.token_type") or ()
-  tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                          for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= spelled])
-  tok.add_tokens([AddedToken(t, normalized=False, special=False)
-                  for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab])
+  tok.add_special_tokens(
+    [
+      AddedToken(t, normalized=False, special=True)
+      for t, k in zip(tokens, types)
+      if k == _CONTROL and set(t) <= spelled
+    ]
+  )
+  tok.add_tokens(
+    [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab]
+  )
   bos, eos = (_special(meta, k) for k in ("bos_token_id", "eos_token_id"))
   add_bos = bool(meta.get("tokenizer.ggml.add_bos_token")) and bos is not None
   add_eos = bool(meta.get("tokenizer.ggml.add_eos_token")) and eos is not None
   single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
   pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
   specials = {t: vocab[t] for t, on in ((bos, add_bos), (eos, add_eos)) if on}
-  tok.post_processor = processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair),
-                                                     special_tokens=list(specials.items()))
+  tok.post_processor = processors.TemplateProcessing(
+    single=" ".join(single), pair=" ".join(pair), special_tokens=list(specials.items())
+  )
   return tok
 
 
@@ -139,6 +160,7 @@ def _special(meta: dict[str, Any], key: str) -> str | None:
 
 class _GenerationTag(jinja2.ext.Extension):
   """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker) renders its body."""
+
   tags = {"generation"}
 
   def parse(self, parser: Any) -> Any:
@@ -154,15 +176,17 @@ def _raise_exception(message: str) -> None:
   raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+  x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
   return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def compile_chat_template(template: str) -> jinja2.Template:
   """A chat template compiled as transformers compiles it (sandboxed, trim/lstrip blocks, its helpers)."""
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                     extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+  )
   env.filters["tojson"] = _tojson
   env.globals["raise_exception"] = _raise_exception
   env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -196,11 +220,19 @@ class Tokenizer:
     special_tokens: {"bos_token", "eos_token", ...: token string} the chat template may use.
   """
 
-  def __init__(self, tok: tokenizers.Tokenizer, *, max_length: int = 256,
-               buckets: Sequence[int] = DEFAULT_BUCKETS, source: str = "",
-               pad_token: str | None = None, padding_side: str = "right",
-               truncation_side: str = "right", chat_template: str | None = None,
-               special_tokens: dict[str, str] | None = None):
+  def __init__(
+    self,
+    tok: tokenizers.Tokenizer,
+    *,
+    max_length: int = 256,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    source: str = "",
+    pad_token: str | None = None,
+    padding_side: str = "right",
+    truncation_side: str = "right",
+    chat_template: str | None = None,
+    special_tokens: dict[str, str] | None = None,
+  ):
     for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
       if side not in ("right", "left"):
         raise ValueError(f"{source or 'tokenizer'}: {name} must be 'right' or 'left', got {side!r}")
@@ -225,14 +257,18 @@ class Tokenizer:
       pad_token = next((t for t in ("[PAD]", "<pad>") if t in vocab), None)
     self.pad_token = pad_token
     self.pad_id = vocab[pad_token] if pad_token is not None else 0
-    specials = [tid for t, tid in vocab.items()
-                if (t.startswith("[") and t.endswith("]") and t[1:-1].isupper()) or t in ("<s>", "</s>", "<pad>", "<unk>")]
+    specials = [
+      tid
+      for t, tid in vocab.items()
+      if (t.startswith("[") and t.endswith("]") and t[1:-1].isupper()) or t in ("<s>", "</s>", "<pad>", "<unk>")
+    ]
     added = [i for i, t in tok.get_added_tokens_decoder().items() if t.special]
     self.special_ids = np.array(sorted(set(specials) | set(added)), np.int32)
 
   @classmethod
-  def from_dir(cls, path: str | os.PathLike, max_length: int = 256,
-               buckets: Sequence[int] = DEFAULT_BUCKETS) -> "Tokenizer":
+  def from_dir(
+    cls, path: str | os.PathLike, max_length: int = 256, buckets: Sequence[int] = DEFAULT_BUCKETS
+  ) -> "Tokenizer":
     """Loads tokenizer.json (or builds BERT WordPiece from vocab.txt) from a model folder.
 
     tokenizer_config.json (and special_tokens_map.json) give the pad token,
@@ -262,18 +298,31 @@ class Tokenizer:
         return cls.from_gguf(os.path.join(path, ggufs[0]), max_length=max_length, buckets=buckets)
       raise FileNotFoundError(f"{path}: no tokenizer.json, vocab.txt or single .gguf file")
     smap = _read_json(os.path.join(path, "special_tokens_map.json"))
-    specials = {k: _token_str(cfg.get(k)) or _token_str(smap.get(k))
-                for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                          "mask_token")}
-    return cls(tok, max_length=max_length, buckets=buckets, source=src, pad_token=specials["pad_token"],
-               padding_side=cfg.get("padding_side") or "right",
-               truncation_side=cfg.get("truncation_side") or "right",
-               chat_template=_chat_template(path, cfg), special_tokens=specials)
+    specials = {
+      k: _token_str(cfg.get(k)) or _token_str(smap.get(k))
+      for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+    }
+    return cls(
+      tok,
+      max_length=max_length,
+      buckets=buckets,
+      source=src,
+      pad_token=specials["pad_token"],
+      padding_side=cfg.get("padding_side") or "right",
+      truncation_side=cfg.get("truncation_side") or "right",
+      chat_template=_chat_template(path, cfg),
+      special_tokens=specials,
+    )
 
   @classmethod
-  def from_gguf(cls, path: str | os.PathLike, max_length: int = 256,
-                buckets: Sequence[int] = DEFAULT_BUCKETS, *,
-                metadata: dict[str, Any] | None = None) -> "Tokenizer":
+  def from_gguf(
+    cls,
+    path: str | os.PathLike,
+    max_length: int = 256,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    *,
+    metadata: dict[str, Any] | None = None,
+  ) -> "Tokenizer":
     """Builds the tokenizer a GGUF file's metadata describes (see `gguf_tokenizer`).
 
     Args:
@@ -288,14 +337,28 @@ class Tokenizer:
     path = os.fspath(path)
     meta = read_gguf_metadata(path) if metadata is None else metadata
     tok = gguf_tokenizer(meta, source=path)
-    specials = {name: _special(meta, key) for name, key in (
-        ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-        ("pad_token", "padding_token_id"))}
-    return cls(tok, max_length=max_length, buckets=buckets, source=path, pad_token=specials["pad_token"],
-               chat_template=meta.get("tokenizer.chat_template"), special_tokens=specials)
+    specials = {
+      name: _special(meta, key)
+      for name, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+      )
+    }
+    return cls(
+      tok,
+      max_length=max_length,
+      buckets=buckets,
+      source=path,
+      pad_token=specials["pad_token"],
+      chat_template=meta.get("tokenizer.chat_template"),
+      special_tokens=specials,
+    )
 
-  def apply_chat_template(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
-                          **kwargs: Any) -> str:
+  def apply_chat_template(
+    self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True, **kwargs: Any
+  ) -> str:
     """Renders a conversation with the tokenizer's chat template, as transformers renders it.
 
     Args:
@@ -314,8 +377,9 @@ class Tokenizer:
     if self._compiled is None:
       self._compiled = compile_chat_template(self.chat_template)
     variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
-    return self._compiled.render(messages=[dict(m) for m in messages],
-                                 add_generation_prompt=add_generation_prompt, **variables)
+    return self._compiled.render(
+      messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables
+    )
 
   def bucket(self, n: int) -> int:
     """Smallest bucket length >= n (capped at max_length)."""
@@ -329,8 +393,9 @@ class Tokenizer:
     tok = self._truncating.get(max_length)
     if tok is None:
       if max_length <= self.num_special_tokens:
-        raise ValueError(f"max_length {max_length} leaves no room for text after "
-                         f"{self.num_special_tokens} special tokens")
+        raise ValueError(
+          f"max_length {max_length} leaves no room for text after {self.num_special_tokens} special tokens"
+        )
       with self._lock:
         tok = self._truncating.get(max_length)
         if tok is None:
@@ -339,8 +404,7 @@ class Tokenizer:
           self._truncating[max_length] = tok
     return tok
 
-  def __call__(self, texts: Sequence[str], *, max_length: int | None = None,
-               prefix: str = "") -> dict[str, np.ndarray]:
+  def __call__(self, texts: Sequence[str], *, max_length: int | None = None, prefix: str = "") -> dict[str, np.ndarray]:
     """Tokenizes a batch.
 
     Args:
@@ -367,5 +431,4 @@ class Tokenizer:
       span = slice(length - len(r), length) if self.padding_side == "left" else slice(0, len(r))
       ids_bl[i, span] = r
       mask_bl[i, span] = 1
-    return {"input_ids": ids_bl, "attention_mask": mask_bl,
-            "token_type_ids": np.zeros_like(ids_bl)}
+    return {"input_ids": ids_bl, "attention_mask": mask_bl, "token_type_ids": np.zeros_like(ids_bl)}

@@ -18,6 +18,7 @@ non-finite loss or gradient norm is recorded in `state.bad_step` by the step;
 the loop reads it at every log and checkpoint boundary and stops with
 `NonFiniteLossError` without saving, so the last checkpoint stays good.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,9 +71,10 @@ def _check_finite(state: train_state.TrainState, last_ckpt: int | None) -> None:
   bad = int(jax.device_get(state.bad_step))
   if bad >= 0:
     raise NonFiniteLossError(
-        f"the loss or gradient became non-finite at step {bad}: training stopped (the update of "
-        f"that step was not applied). The last good checkpoint is step {last_ckpt}; lower the "
-        f"learning rate or check the data before resuming.")
+      f"the loss or gradient became non-finite at step {bad}: training stopped (the update of "
+      f"that step was not applied). The last good checkpoint is step {last_ckpt}; lower the "
+      f"learning rate or check the data before resuming."
+    )
 
 
 def _workdir(workdir: io_utils.PathLike) -> Any:
@@ -123,15 +125,23 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start:
   tx, lr_schedule = optim.make_optimizer(config.optim, total, params)
   trainable = optim.trainable_mask(params, config.optim)
   graphdef, rest, state, shardings = train_state.create_train_state(
-      encoder, tx, mesh, seed=config.seed, rules=mesh_lib.rules_from_config(config),
-      rng_impl=config.train.rng_impl)
+    encoder, tx, mesh, seed=config.seed, rules=mesh_lib.rules_from_config(config), rng_impl=config.train.rng_impl
+  )
   del encoder, params
   step_fn = train_step.make_train_step(
-      graphdef, rest, tx, lr_schedule, train_step.StepConfig.from_config(config, mesh), shardings, mesh,
-      trainable=None if all(jax.tree.leaves(trainable)) else trainable)
+    graphdef,
+    rest,
+    tx,
+    lr_schedule,
+    train_step.StepConfig.from_config(config, mesh),
+    shardings,
+    mesh,
+    trainable=None if all(jax.tree.leaves(trainable)) else trainable,
+  )
 
-  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", every=config.train.checkpoint_every,
-                                    keep=config.train.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(
+    workdir / "checkpoints", every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
+  )
   start, data_state = 0, None
   restored = ckpt.restore_latest(state.to_tree())  # damaged steps are set aside (checkpointing)
   if restored is not None:
@@ -169,14 +179,19 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start:
         if done % config.train.log_every == 0 or done == total:
           _check_finite(state, last_ckpt)
           if pending:
-            avg = {k: float(np.mean(v)) for k, v in jax.tree.map(
-                lambda *x: np.stack(x), *jax.device_get(pending)).items()}
+            avg = {
+              k: float(np.mean(v)) for k, v in jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()
+            }
             dt = time.time() - t_last
             avg["examples_per_second"] = config.optim.batch_size * accum * (done - n_last) / max(dt, 1e-9)
             avg["seconds_per_step"] = dt / max(done - n_last, 1)
             writer.write_scalars(done, {f"train/{k}": v for k, v in avg.items()})
-            bar.set_postfix(loss=f"{avg['loss']:.4f}", q=f"{avg['active_q']:.0f}",
-                            d=f"{avg['active_d']:.0f}", ex_s=f"{avg['examples_per_second']:.1f}")
+            bar.set_postfix(
+              loss=f"{avg['loss']:.4f}",
+              q=f"{avg['active_q']:.0f}",
+              d=f"{avg['active_d']:.0f}",
+              ex_s=f"{avg['examples_per_second']:.1f}",
+            )
             result["train"] = avg
             pending, t_last, n_last = [], time.time(), done
         if ckpt.should_save(done) or done == total or stop["sigterm"]:
@@ -212,8 +227,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start:
     ckpt.close()
 
 
-def _encoder_from_state(graphdef: nnx.GraphDef, rest: Any, state: train_state.TrainState
-                        ) -> sparse_encoder.SparseEncoder:
+def _encoder_from_state(
+  graphdef: nnx.GraphDef, rest: Any, state: train_state.TrainState
+) -> sparse_encoder.SparseEncoder:
   """The encoder with the state's parameters (gathered to every host when multi-host)."""
   params = state.params
   if jax.process_count() > 1:  # parameters span hosts: every host must take part
@@ -221,8 +237,9 @@ def _encoder_from_state(graphdef: nnx.GraphDef, rest: Any, state: train_state.Tr
   return nnx.merge(graphdef, params, rest)
 
 
-def _save_final(graphdef: nnx.GraphDef, rest: Any, state: train_state.TrainState, tokenizer: Any,
-                workdir: Any, lead: bool) -> str | None:
+def _save_final(
+  graphdef: nnx.GraphDef, rest: Any, state: train_state.TrainState, tokenizer: Any, workdir: Any, lead: bool
+) -> str | None:
   encoder = _encoder_from_state(graphdef, rest, state)
   if not lead:
     return None
@@ -231,8 +248,16 @@ def _save_final(graphdef: nnx.GraphDef, rest: Any, state: train_state.TrainState
   return os.fspath(path)
 
 
-def _evaluate_state(graphdef: nnx.GraphDef, rest: Any, state: train_state.TrainState, tokenizer: Any,
-                    config: ml_collections.ConfigDict, workdir: Any, step: int, lead: bool) -> dict[str, float]:
+def _evaluate_state(
+  graphdef: nnx.GraphDef,
+  rest: Any,
+  state: train_state.TrainState,
+  tokenizer: Any,
+  config: ml_collections.ConfigDict,
+  workdir: Any,
+  step: int,
+  lead: bool,
+) -> dict[str, float]:
   encoder = _encoder_from_state(graphdef, rest, state)
   if not lead:
     return {}

@@ -7,6 +7,7 @@ optimizer-state leaf are the parameter's path, whatever the nesting of
 `multi_transform`/`masked`/`chain` states above it); counts and other
 scalars are replicated.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ class TrainState:
     bad_step: int32 scalar, the first step whose loss or gradient was not
       finite, -1 while none was.
   """
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -64,8 +66,9 @@ def _dict_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
   return tuple(reversed(out))
 
 
-def state_shardings(encoder: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES) -> TrainState:
+def state_shardings(
+  encoder: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES
+) -> TrainState:
   """A TrainState of NamedShardings: params by logical axes, Adam moments like their params.
 
   Args:
@@ -80,9 +83,10 @@ def state_shardings(encoder: nnx.Module, tx: optax.GradientTransformation, mesh:
   sh_all = mesh_lib.state_shardings(encoder, mesh, rules)
   sh_params = nnx.to_pure_dict(nnx.split_state(sh_all, nnx.Param, ...)[0])
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), encoder_params(encoder))
-  by_path = {tuple(k.key for k in path): (sh, shapes_leaf)
-             for (path, sh), shapes_leaf in zip(jax.tree_util.tree_flatten_with_path(sh_params)[0],
-                                                jax.tree.leaves(shapes))}
+  by_path = {
+    tuple(k.key for k in path): (sh, shapes_leaf)
+    for (path, sh), shapes_leaf in zip(jax.tree_util.tree_flatten_with_path(sh_params)[0], jax.tree.leaves(shapes))
+  }
   replicated = NamedSharding(mesh, P())
 
   def opt_sharding(path, leaf):
@@ -92,14 +96,18 @@ def state_shardings(encoder: nnx.Module, tx: optax.GradientTransformation, mesh:
     return replicated
 
   sh_opt = jax.tree_util.tree_map_with_path(opt_sharding, jax.eval_shape(tx.init, shapes))
-  return TrainState(step=replicated, params=sh_params, opt_state=sh_opt, rng=replicated,
-                    bad_step=replicated)
+  return TrainState(step=replicated, params=sh_params, opt_state=sh_opt, rng=replicated, bad_step=replicated)
 
 
-def create_train_state(encoder: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
-                       seed: int = 0, rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES,
-                       rng_impl: str = "threefry2x32"
-                       ) -> tuple[nnx.GraphDef, Any, TrainState, TrainState]:
+def create_train_state(
+  encoder: nnx.Module,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  *,
+  seed: int = 0,
+  rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES,
+  rng_impl: str = "threefry2x32",
+) -> tuple[nnx.GraphDef, Any, TrainState, TrainState]:
   """Places the encoder on the mesh and builds the initial TrainState.
 
   Args:
@@ -123,16 +131,24 @@ def create_train_state(encoder: nnx.Module, tx: optax.GradientTransformation, me
   params = nnx.to_pure_dict(params)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   rep = NamedSharding(mesh, P())
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
-                     opt_state=opt_state,
-                     rng=jax.device_put(jax.random.key_data(jax.random.key(seed, impl=rng_impl)), rep),
-                     bad_step=jax.device_put(jnp.full((), -1, jnp.int32), rep))
+  state = TrainState(
+    step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.device_put(jax.random.key_data(jax.random.key(seed, impl=rng_impl)), rep),
+    bad_step=jax.device_put(jnp.full((), -1, jnp.int32), rep),
+  )
   return graphdef, rest, state, shardings
 
 
-def abstract_train_state(encoder: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
-                         rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES, rng_impl: str = "threefry2x32"
-                         ) -> tuple[nnx.GraphDef, Any, TrainState, TrainState]:
+def abstract_train_state(
+  encoder: nnx.Module,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  *,
+  rules: mesh_lib.Rules = mesh_lib.DEFAULT_RULES,
+  rng_impl: str = "threefry2x32",
+) -> tuple[nnx.GraphDef, Any, TrainState, TrainState]:
   """Like `create_train_state` with ShapeDtypeStruct leaves (nothing allocated).
 
   For an abstract encoder (`build_encoder(cfg, weights=False)`): lowering and
@@ -146,7 +162,11 @@ def abstract_train_state(encoder: nnx.Module, tx: optax.GradientTransformation, 
   params = jax.tree.map(sds, params, shardings.params)
   opt_state = jax.tree.map(sds, jax.eval_shape(tx.init, params), shardings.opt_state)
   key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=rng_impl)))
-  state = TrainState(step=sds(jax.ShapeDtypeStruct((), jnp.int32), shardings.step), params=params,
-                     opt_state=opt_state, rng=sds(key, shardings.rng),
-                     bad_step=sds(jax.ShapeDtypeStruct((), jnp.int32), shardings.bad_step))
+  state = TrainState(
+    step=sds(jax.ShapeDtypeStruct((), jnp.int32), shardings.step),
+    params=params,
+    opt_state=opt_state,
+    rng=sds(key, shardings.rng),
+    bad_step=sds(jax.ShapeDtypeStruct((), jnp.int32), shardings.bad_step),
+  )
   return graphdef, rest, state, shardings

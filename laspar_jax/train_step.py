@@ -7,6 +7,7 @@ parameters and optimizer state unchanged and records the step in
 Frozen parameters (`optim.trainable_mask`) enter the loss through
 `stop_gradient`: no weight gradient is computed for them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,6 +83,7 @@ def doc_reg_weights_from_config(weights: Any) -> tuple[float, ...]:
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of the train step (hashable)."""
+
   ranking: str | None = "inbatch_ce"
   ranking_weight: float = 1.0
   temperature: float = 1.0
@@ -102,21 +104,34 @@ class StepConfig:
   def from_config(cls, config: ml_collections.ConfigDict, mesh: Mesh) -> "StepConfig":
     """The step settings of a training config (loss, optim.accum_steps, train)."""
     loss, train = config.loss, config.train
-    return cls(ranking=loss.ranking or None, ranking_weight=float(loss.ranking_weight),
-               temperature=float(loss.temperature), distill=loss.distill or None,
-               distill_weight=float(loss.distill_weight),
-               teacher_temperature=float(loss.teacher_temperature),
-               regularizers=regularizers_from_config(loss.regularizers),
-               reg_warmup_steps=int(loss.reg_warmup_steps),
-               flops_num_shards=mesh.shape["data"] if loss.flops_per_shard else 1,
-               doc_reg_weights=doc_reg_weights_from_config(loss.get("doc_reg_weights", ())),
-               accum_steps=int(config.optim.accum_steps), dropout=bool(train.dropout),
-               rng_impl=str(train.rng_impl),
-               q_topk=int(train.q_topk), d_topk=int(train.d_topk))
+    return cls(
+      ranking=loss.ranking or None,
+      ranking_weight=float(loss.ranking_weight),
+      temperature=float(loss.temperature),
+      distill=loss.distill or None,
+      distill_weight=float(loss.distill_weight),
+      teacher_temperature=float(loss.teacher_temperature),
+      regularizers=regularizers_from_config(loss.regularizers),
+      reg_warmup_steps=int(loss.reg_warmup_steps),
+      flops_num_shards=mesh.shape["data"] if loss.flops_per_shard else 1,
+      doc_reg_weights=doc_reg_weights_from_config(loss.get("doc_reg_weights", ())),
+      accum_steps=int(config.optim.accum_steps),
+      dropout=bool(train.dropout),
+      rng_impl=str(train.rng_impl),
+      q_topk=int(train.q_topk),
+      d_topk=int(train.d_topk),
+    )
 
 
-def loss_fn(params: Any, graphdef: nnx.GraphDef, rest: Any, batch: Mapping[str, jax.Array],
-            step: jax.Array, key: jax.Array, cfg: StepConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_fn(
+  params: Any,
+  graphdef: nnx.GraphDef,
+  rest: Any,
+  batch: Mapping[str, jax.Array],
+  step: jax.Array,
+  key: jax.Array,
+  cfg: StepConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and metrics of one micro-batch (pure; differentiated w.r.t. params).
 
   Args:
@@ -133,31 +148,58 @@ def loss_fn(params: Any, graphdef: nnx.GraphDef, rest: Any, batch: Mapping[str, 
   """
   encoder = nnx.merge(graphdef, params, rest)
   kq, kd = jax.random.split(key)
-  rep_q_bv = encoder(batch["q_input_ids"], batch["q_attention_mask"], kind="query",
-                     deterministic=not cfg.dropout, rngs=nnx.Rngs(dropout=kq) if cfg.dropout else None,
-                     topk=cfg.q_topk or None)
-  rep_d_mv = encoder(batch["d_input_ids"], batch["d_attention_mask"], kind="doc",
-                     deterministic=not cfg.dropout, rngs=nnx.Rngs(dropout=kd) if cfg.dropout else None,
-                     topk=cfg.d_topk or None)
-  regs = tuple((name, side, schedules.quadratic_warmup(step, value=lam, warmup_steps=cfg.reg_warmup_steps))
-               for name, side, lam in cfg.regularizers)
+  rep_q_bv = encoder(
+    batch["q_input_ids"],
+    batch["q_attention_mask"],
+    kind="query",
+    deterministic=not cfg.dropout,
+    rngs=nnx.Rngs(dropout=kq) if cfg.dropout else None,
+    topk=cfg.q_topk or None,
+  )
+  rep_d_mv = encoder(
+    batch["d_input_ids"],
+    batch["d_attention_mask"],
+    kind="doc",
+    deterministic=not cfg.dropout,
+    rngs=nnx.Rngs(dropout=kd) if cfg.dropout else None,
+    topk=cfg.d_topk or None,
+  )
+  regs = tuple(
+    (name, side, schedules.quadratic_warmup(step, value=lam, warmup_steps=cfg.reg_warmup_steps))
+    for name, side, lam in cfg.regularizers
+  )
   distill_kwargs = None
   if cfg.distill in ("kl", "dense_kl"):
     distill_kwargs = {"temperature": cfg.temperature, "teacher_temperature": cfg.teacher_temperature}
   return losses.total_loss(
-      rep_q_bv=rep_q_bv, rep_d_mv=rep_d_mv, teacher_scores_bn=batch.get("teacher_scores"),
-      teacher_q_be=batch.get("teacher_q"), teacher_d_me=batch.get("teacher_d"),
-      ranking=cfg.ranking, ranking_weight=cfg.ranking_weight,
-      ranking_kwargs={"temperature": cfg.temperature} if cfg.ranking in ("inbatch_ce", "group_ce") else None,
-      distill=cfg.distill, distill_weight=cfg.distill_weight, regularizers=regs,
-      distill_kwargs=distill_kwargs, flops_num_shards=cfg.flops_num_shards,
-      doc_reg_weights=cfg.doc_reg_weights or None)
+    rep_q_bv=rep_q_bv,
+    rep_d_mv=rep_d_mv,
+    teacher_scores_bn=batch.get("teacher_scores"),
+    teacher_q_be=batch.get("teacher_q"),
+    teacher_d_me=batch.get("teacher_d"),
+    ranking=cfg.ranking,
+    ranking_weight=cfg.ranking_weight,
+    ranking_kwargs={"temperature": cfg.temperature} if cfg.ranking in ("inbatch_ce", "group_ce") else None,
+    distill=cfg.distill,
+    distill_weight=cfg.distill_weight,
+    regularizers=regs,
+    distill_kwargs=distill_kwargs,
+    flops_num_shards=cfg.flops_num_shards,
+    doc_reg_weights=cfg.doc_reg_weights or None,
+  )
 
 
-def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, cfg: StepConfig, shardings: TrainState, mesh: Mesh,
-                    *, trainable: Any = None
-                    ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  rest: Any,
+  tx: optax.GradientTransformation,
+  lr_schedule: optax.Schedule,
+  cfg: StepConfig,
+  shardings: TrainState,
+  mesh: Mesh,
+  *,
+  trainable: Any = None,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """The jitted, donated train step `(state, batch) -> (state, metrics)`.
 
   With cfg.accum_steps = A > 1 every batch array has a leading micro-batch
@@ -176,6 +218,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
   Returns:
     The jitted step; the batch keeps the shardings it was put with (`mesh.put_batch`).
   """
+
   def objective(params, batch, step, key):
     if trainable is not None:
       params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
@@ -188,10 +231,12 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
     if cfg.accum_steps == 1:
       (_, metrics), grads = grad_fn(state.params, batch, state.step, key)
     else:
+
       def body(acc, xs):
         mb, i = xs
         (_, m), g = grad_fn(state.params, mb, state.step, jax.random.fold_in(key, i))
         return jax.tree.map(jnp.add, acc, g), m
+
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       grads, ms = jax.lax.scan(body, zeros, (batch, jnp.arange(cfg.accum_steps)))
       grads = jax.tree.map(lambda g: g / cfg.accum_steps, grads)
@@ -201,12 +246,20 @@ def make_train_step(graphdef: nnx.GraphDef, rest: Any, tx: optax.GradientTransfo
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    metrics = dict(metrics, grad_norm=grad_norm, lr=jnp.asarray(lr_schedule(state.step), jnp.float32),
-                   param_norm=optax.tree.norm(state.params))
-    new = state.replace(step=state.step + 1, params=keep(params, state.params),
-                        opt_state=keep(opt_state, state.opt_state),
-                        bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step))
+    metrics = dict(
+      metrics,
+      grad_norm=grad_norm,
+      lr=jnp.asarray(lr_schedule(state.step), jnp.float32),
+      param_norm=optax.tree.norm(state.params),
+    )
+    new = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      bad_step=jnp.where((state.bad_step < 0) & ~ok, state.step, state.bad_step),
+    )
     return new, metrics
 
-  return jax.jit(step_fn, in_shardings=(shardings, None),
-                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+  return jax.jit(
+    step_fn, in_shardings=(shardings, None), out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,)
+  )

@@ -9,6 +9,7 @@ such lock exists, the file itself is the lock (best effort): a holder on this
 host whose pid is gone is taken over, a holder on another host must be
 removed by hand when that run is known to be dead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,10 @@ def _refuse(path: str, holder: str) -> WorkdirLockedError:
     who = f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('since')})"
   except (ValueError, AttributeError):
     who = "another process"
-  return WorkdirLockedError(f"{os.path.dirname(path)} is in use by {who}: another run holds {path}. "
-                            "Use another --workdir, or wait for that run to end")
+  return WorkdirLockedError(
+    f"{os.path.dirname(path)} is in use by {who}: another run holds {path}. "
+    "Use another --workdir, or wait for that run to end"
+  )
 
 
 @contextlib.contextmanager
@@ -98,5 +101,5 @@ def workdir_lock(workdir: io_utils.PathLike, *, enabled: bool = True) -> Iterato
     return
   io_utils.as_path(workdir).mkdir(parents=True, exist_ok=True)
   path = os.fspath(io_utils.as_path(workdir) / LOCK_NAME)
-  with (_local_lock(path) if io_utils.is_local(path) else _remote_lock(path)):
+  with _local_lock(path) if io_utils.is_local(path) else _remote_lock(path):
     yield

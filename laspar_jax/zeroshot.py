@@ -27,6 +27,7 @@ scores with `laspar_jax.evaluate`'s run, metrics and efficiency code; with
 `bm25=True` BM25 (bm25s, as `data.training.bm25_candidates`) runs on the same
 corpus and queries.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,6 +79,7 @@ class ZeroShotConfig:
     length_multiple: padded lengths are multiples of this.
     decoding_kwargs: more `decoding.read` arguments (drop_first, mask_eos).
   """
+
   backbone: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
   preset: str = "reference"
   decoding: str = ""
@@ -109,8 +111,7 @@ class ZeroShotConfig:
 
   def fingerprint(self) -> str:
     """sha256 (16 hex) of what shapes the document vectors (not batch size or query settings)."""
-    d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "query_topk",
-                                                                        "query_max_len")}
+    d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "query_topk", "query_max_len")}
     return hashlib.sha256(json.dumps({"zeroshot": d}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -124,14 +125,13 @@ class _Reader(nnx.Module):
 
 def _norm(token: str) -> str:
   """A token string without its word-start marker (Ġ, ▁, ##), lowercased."""
-  return next((token[len(m):] for m in _MARKERS if token.startswith(m)), token).lower()
+  return next((token[len(m) :] for m in _MARKERS if token.startswith(m)), token).lower()
 
 
 class InTextFilter:
   """Vocabulary ids occurring in a text after stop-word removal (see the module docstring)."""
 
-  def __init__(self, tokenizer: Any, vocab: int, *, match: str = "string",
-               stop: frozenset[str] | None = None):
+  def __init__(self, tokenizer: Any, vocab: int, *, match: str = "string", stop: frozenset[str] | None = None):
     if match not in ("string", "id"):
       raise ValueError(f"filter_match must be 'string' or 'id', got {match!r}")
     self._raw = tokenizer._tok  # pylint: disable=protected-access
@@ -167,8 +167,9 @@ class InTextFilter:
 
 
 @functools.lru_cache(maxsize=16)
-def _read_fn(graphdef: Any, mode: str, pool_text: bool, k: int, filtered: bool, dtype: str,
-             kwargs: tuple[tuple[str, Any], ...]):
+def _read_fn(
+  graphdef: Any, mode: str, pool_text: bool, k: int, filtered: bool, dtype: str, kwargs: tuple[tuple[str, Any], ...]
+):
   """jit: (state, ids, mask, text, allowed) -> (idx_bk, val_bk, fell_back_b)."""
 
   def fn(state, ids_bl, mask_bl, text_bl, allowed_bv):
@@ -216,21 +217,32 @@ class ZeroShotEncoder:
       raise ValueError(f"pool must be 'text' or 'all', got {pool!r}")
     self.pool_text = pool == "text"
     if loaded is None:
-      loaded = hf_weights.load(config.backbone, dtype=_DTYPES[config.dtype], lm_head=True,
-                               max_length=max(config.query_max_len, config.doc_max_len))
+      loaded = hf_weights.load(
+        config.backbone,
+        dtype=_DTYPES[config.dtype],
+        lm_head=True,
+        max_length=max(config.query_max_len, config.doc_max_len),
+      )
     backbone = loaded.model
     decoding_lib.check_mode(backbone, self.mode)
     self.tokenizer = loaded.tokenizer
     self.output_dim = int(backbone.vocab_size)
-    head = VocabHead(backbone.vocab_projection(), vocab=self.output_dim, pooling=config.pooling,
-                     special_ids=self.tokenizer.special_ids, dtype=_DTYPES[config.dtype])
+    head = VocabHead(
+      backbone.vocab_projection(),
+      vocab=self.output_dim,
+      pooling=config.pooling,
+      special_ids=self.tokenizer.special_ids,
+      dtype=_DTYPES[config.dtype],
+    )
     self._graphdef, self._state = nnx.split(_Reader(backbone, head))
-    self.filter = (InTextFilter(self.tokenizer, self.output_dim, match=config.filter_match)
-                   if config.in_text_filter else None)
+    self.filter = (
+      InTextFilter(self.tokenizer, self.output_dim, match=config.filter_match) if config.in_text_filter else None
+    )
     self.fallbacks = 0
 
-  def encode(self, texts: Sequence[str], kind: str, *, k: int | None = None, progress: bool = False,
-             bar: Any = None) -> tuple[np.ndarray, np.ndarray]:
+  def encode(
+    self, texts: Sequence[str], kind: str, *, k: int | None = None, progress: bool = False, bar: Any = None
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Encodes texts (in input order) to (idx_nk int32, val_nk float32).
 
     Args:
@@ -251,8 +263,15 @@ class ZeroShotEncoder:
       raw = self.tokenizer._tok  # pylint: disable=protected-access
       kept = raw.decode_batch([[i for i, f in zip(*r) if f] for r in rows])
       allowed = self.filter.allowed_ids(kept)
-    fn = _read_fn(self._graphdef, self.mode, self.pool_text, int(k), allowed is not None, cfg.dtype,
-                  tuple(sorted(cfg.decoding_kwargs.items())))
+    fn = _read_fn(
+      self._graphdef,
+      self.mode,
+      self.pool_text,
+      int(k),
+      allowed is not None,
+      cfg.dtype,
+      tuple(sorted(cfg.decoding_kwargs.items())),
+    )
     n, bs = len(rows), cfg.batch_size
     idx_nk = np.zeros((n, k), np.int32)
     val_nk = np.zeros((n, k), np.float32)
@@ -261,19 +280,18 @@ class ZeroShotEncoder:
     desc = "zero-shot " + ("queries" if kind == "query" else "docs")
     bar = tqdm(total=n, desc=desc, unit=kind, disable=not progress) if own else bar
     for s in range(0, n, bs):
-      sel = order[s:s + bs]
+      sel = order[s : s + bs]
       batch = [rows[i] for i in sel]
       batch += [batch[-1]] * (bs - len(batch))  # a full batch: one shape per length bucket
-      ids_bl, mask_bl, text_bl = prompts.pad_rows(batch, pad_id=self.tokenizer.pad_id,
-                                                  multiple=cfg.length_multiple)
+      ids_bl, mask_bl, text_bl = prompts.pad_rows(batch, pad_id=self.tokenizer.pad_id, multiple=cfg.length_multiple)
       allowed_bv = None
       if allowed is not None:
         allowed_bv = np.zeros((bs, self.output_dim), bool)
         for j, i in enumerate(sel):
           allowed_bv[j, allowed[i]] = True
       i_bk, v_bk, fb_b = jax.device_get(fn(self._state, ids_bl, mask_bl, text_bl, allowed_bv))
-      idx_nk[sel], val_nk[sel] = i_bk[:len(sel)], v_bk[:len(sel)]
-      self.fallbacks += int(np.sum(fb_b[:len(sel)]))
+      idx_nk[sel], val_nk[sel] = i_bk[: len(sel)], v_bk[: len(sel)]
+      self.fallbacks += int(np.sum(fb_b[: len(sel)]))
       bar.update(len(sel))
     if own:
       bar.close()
@@ -281,8 +299,15 @@ class ZeroShotEncoder:
     return idx_nk, val_nk
 
 
-def build_index(encoder: ZeroShotEncoder, docs: Any, path: str | os.PathLike, *, overwrite: bool = False,
-                progress: bool = True, chunk: int = 8192) -> Index:
+def build_index(
+  encoder: ZeroShotEncoder,
+  docs: Any,
+  path: str | os.PathLike,
+  *,
+  overwrite: bool = False,
+  progress: bool = True,
+  chunk: int = 8192,
+) -> Index:
   """Encodes every document and writes the index (reused when one of the same config is there).
 
   Args:
@@ -305,10 +330,15 @@ def build_index(encoder: ZeroShotEncoder, docs: Any, path: str | os.PathLike, *,
     index = Index.load(path)
     if index.manifest.get("encoder_hash") == fp:
       return index
-    raise FileExistsError(f"{path} holds an index of another encoder ({index.manifest.get('encoder_hash')}, "
-                          f"this zero-shot config: {fp}); pass overwrite=True (--overwrite) to rebuild it")
-  meta = {"collection": getattr(docs, "name", None), "k_doc": encoder.config.topk,
-          "zeroshot": dataclasses.asdict(encoder.config)}
+    raise FileExistsError(
+      f"{path} holds an index of another encoder ({index.manifest.get('encoder_hash')}, "
+      f"this zero-shot config: {fp}); pass overwrite=True (--overwrite) to rebuild it"
+    )
+  meta = {
+    "collection": getattr(docs, "name", None),
+    "k_doc": encoder.config.topk,
+    "zeroshot": dataclasses.asdict(encoder.config),
+  }
   stream = docs.docs() if hasattr(docs, "docs") else iter(docs)
   bar = tqdm(total=getattr(docs, "num_docs", None), unit="doc", desc="index", disable=not progress)
   t0 = time.time()
@@ -320,14 +350,23 @@ def build_index(encoder: ZeroShotEncoder, docs: Any, path: str | os.PathLike, *,
       idx_nk, val_nk = encoder.encode([sources.doc_text(d) for d in part], "doc", bar=bar)
       w.add([d.doc_id for d in part], idx_nk, val_nk)
     secs = time.time() - t0
-    w.metadata.update(encode_seconds=secs, encode_docs_per_second=w.n_docs / max(secs, 1e-9),
-                      fallback_docs=encoder.fallbacks)
+    w.metadata.update(
+      encode_seconds=secs, encode_docs_per_second=w.n_docs / max(secs, 1e-9), fallback_docs=encoder.fallbacks
+    )
   bar.close()
   return Index.load(path)
 
 
-def bm25_report(collection: Any, qids: Sequence[str], *, measures: Sequence[str], k: int = 1000,
-                k1: float = 0.9, b: float = 0.4, run_path: str | os.PathLike | None = None) -> dict[str, Any]:
+def bm25_report(
+  collection: Any,
+  qids: Sequence[str],
+  *,
+  measures: Sequence[str],
+  k: int = 1000,
+  k1: float = 0.9,
+  b: float = 0.4,
+  run_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
   """BM25 (bm25s, English stop words, no stemming; Anserini's k1/b) on the collection's queries `qids`.
 
   Returns:
@@ -335,6 +374,7 @@ def bm25_report(collection: Any, qids: Sequence[str], *, measures: Sequence[str]
     frequencies of their distinct terms), "mean_active_q", "mean_active_d" (distinct terms)}.
   """
   import bm25s  # pylint: disable=g-import-not-at-top  (1.4 s on its own; only with bm25=True)
+
   ids, texts = [], []
   for d in collection.docs():
     ids.append(d.doc_id)
@@ -346,8 +386,9 @@ def bm25_report(collection: Any, qids: Sequence[str], *, measures: Sequence[str]
   doc_terms = [np.unique(np.asarray(t, np.int64)) for t in corpus.ids]
   for t in doc_terms:
     df[t] += 1
-  q_tokens = bm25s.tokenize([collection.queries[q] for q in qids], stopwords="en", return_ids=False,
-                            show_progress=False)
+  q_tokens = bm25s.tokenize(
+    [collection.queries[q] for q in qids], stopwords="en", return_ids=False, show_progress=False
+  )
   terms = [sorted({corpus.vocab[w] for w in q if w in corpus.vocab}) for q in q_tokens]
   kk = min(k, len(ids))
   run: evaluate_lib.Run = {}
@@ -359,18 +400,33 @@ def bm25_report(collection: Any, qids: Sequence[str], *, measures: Sequence[str]
   metrics = evaluate_lib.evaluate_run(run, {q: collection.qrels[q] for q in qids}, measures)
   if run_path is not None:
     run_path = formats.write_trec_run(run, run_path, "bm25")
-  return {"metrics": metrics, "run_path": run_path, "n_queries": len(qids),
-          "flops_per_query": float(np.mean([df[t].sum() for t in terms])) if terms else 0.0,
-          "mean_active_q": float(np.mean([len(t) for t in terms])) if terms else 0.0,
-          "mean_active_d": float(np.mean([t.size for t in doc_terms])) if doc_terms else 0.0}
+  return {
+    "metrics": metrics,
+    "run_path": run_path,
+    "n_queries": len(qids),
+    "flops_per_query": float(np.mean([df[t].sum() for t in terms])) if terms else 0.0,
+    "mean_active_q": float(np.mean([len(t) for t in terms])) if terms else 0.0,
+    "mean_active_d": float(np.mean([t.size for t in doc_terms])) if doc_terms else 0.0,
+  }
 
 
-def evaluate_zeroshot(zcfg: ZeroShotConfig, collection: Any, index_dir: str | os.PathLike, *,
-                      measures: Sequence[str] = evaluate_lib.DEFAULT_MEASURES, k: int = 1000,
-                      run_path: str | os.PathLike | None = None, bm25: bool = False,
-                      max_queries: int | None = None, overwrite: bool = False, progress: bool = True,
-                      verbose: bool = False, threads: int | None = None, efficiency: bool = True,
-                      encoder: ZeroShotEncoder | None = None) -> dict[str, Any]:
+def evaluate_zeroshot(
+  zcfg: ZeroShotConfig,
+  collection: Any,
+  index_dir: str | os.PathLike,
+  *,
+  measures: Sequence[str] = evaluate_lib.DEFAULT_MEASURES,
+  k: int = 1000,
+  run_path: str | os.PathLike | None = None,
+  bm25: bool = False,
+  max_queries: int | None = None,
+  overwrite: bool = False,
+  progress: bool = True,
+  verbose: bool = False,
+  threads: int | None = None,
+  efficiency: bool = True,
+  encoder: ZeroShotEncoder | None = None,
+) -> dict[str, Any]:
   """Zero-shot evaluation: index the corpus, encode the judged queries, search, score.
 
   Args:
@@ -399,7 +455,7 @@ def evaluate_zeroshot(zcfg: ZeroShotConfig, collection: Any, index_dir: str | os
   judged = collection.judged_queries
   if not judged:
     raise ValueError(f"{collection!r} has no judged queries")
-  qids = sorted(judged)[:max_queries or None]
+  qids = sorted(judged)[: max_queries or None]
   index = build_index(encoder, collection, index_dir, overwrite=overwrite, progress=progress)
   encoder.fallbacks = 0
   t = time.perf_counter()
@@ -409,21 +465,30 @@ def evaluate_zeroshot(zcfg: ZeroShotConfig, collection: Any, index_dir: str | os
   rows, scores = index.search(q_idx, q_val, k=kk, threads=threads)
   run = evaluate_lib.results_to_run(index, qids, rows, scores)
   metrics = evaluate_lib.evaluate_run(run, {q: collection.qrels[q] for q in qids}, measures)
-  eff = (evaluate_lib.efficiency_report(index, q_idx, q_val, k=kk, query_encode_seconds=enc_s)
-         if efficiency else {})
+  eff = evaluate_lib.efficiency_report(index, q_idx, q_val, k=kk, query_encode_seconds=enc_s) if efficiency else {}
   if run_path is not None:
     run_path = formats.write_trec_run(run, run_path, f"zeroshot-{zcfg.preset}")
   st = index.stats(q_idx, q_val)
   active_q = float(np.mean(np.sum(q_val > 0, axis=1))) if len(qids) else 0.0
   active_d = float(index.n_postings / max(index.n_docs, 1))
-  out = {"metrics": metrics, "efficiency": eff, "run_path": run_path, "n_queries": len(qids),
-         "active_q": active_q, "active_d": active_d, "flops_per_query": st["flops_per_query"],
-         "mean_active_q": active_q, "mean_active_d": active_d, "fallback_queries": encoder.fallbacks,
-         "fallback_docs": index.manifest.get("metadata", {}).get("fallback_docs"),
-         "zeroshot": dataclasses.asdict(zcfg)}
+  out = {
+    "metrics": metrics,
+    "efficiency": eff,
+    "run_path": run_path,
+    "n_queries": len(qids),
+    "active_q": active_q,
+    "active_d": active_d,
+    "flops_per_query": st["flops_per_query"],
+    "mean_active_q": active_q,
+    "mean_active_d": active_d,
+    "fallback_queries": encoder.fallbacks,
+    "fallback_docs": index.manifest.get("metadata", {}).get("fallback_docs"),
+    "zeroshot": dataclasses.asdict(zcfg),
+  }
   if bm25:
-    out["bm25"] = bm25_report(collection, qids, measures=measures, k=k,
-                              run_path=None if run_path is None else f"{run_path}.bm25")
+    out["bm25"] = bm25_report(
+      collection, qids, measures=measures, k=k, run_path=None if run_path is None else f"{run_path}.bm25"
+    )
   if verbose:
     print(format_table(out))
   return out

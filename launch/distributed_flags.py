@@ -16,23 +16,27 @@ Two processes on one machine (4 CPU devices each, one mesh of 8; tests/test_mult
 
 Imported by the launchers as a sibling module (Python puts a script's folder on sys.path).
 """
+
 from absl import flags
 
 from laspar_jax import distributed
 
 DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "jax.distributed.initialize() first (multi-host)")
-COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
-                                  "(default: $JAX_COORDINATOR_ADDRESS or detected)")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (default: "
-                                     "$JAX_NUM_PROCESSES or detected)")
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (default: $JAX_PROCESS_ID "
-                                  "or detected)")
-HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", None, "stop the other processes when one is "
-                                 "silent this long (default: JAX's)")
+COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS or detected)"
+)
+NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "number of processes (default: $JAX_NUM_PROCESSES or detected)"
+)
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (default: $JAX_PROCESS_ID or detected)")
+HEARTBEAT = flags.DEFINE_integer(
+  "heartbeat_timeout_seconds", None, "stop the other processes when one is silent this long (default: JAX's)"
+)
 
 
 def initialize() -> None:
   """Calls `distributed.initialize` with the flags when --jax_distributed is given."""
   if DISTRIBUTED.value:
-    distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
-                           heartbeat_timeout_seconds=HEARTBEAT.value)
+    distributed.initialize(
+      COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value, heartbeat_timeout_seconds=HEARTBEAT.value
+    )

@@ -5,6 +5,7 @@ on sys.path). With --config, the collection and split default to the config's
 `eval` section and a missing --encoder builds the config's `model` (a fresh
 head); explicit flags always win.
 """
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -14,17 +15,26 @@ from laspar_jax.data.sources import load_collection
 from laspar_jax.models.sparse_encoder import load_encoder
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG] (optional)", lock_config=True)
-ENCODER = flags.DEFINE_string("encoder", None, "saved encoder dir, backbone dir or hub id "
-                              "(default: config.model.backbone with a fresh head)")
+ENCODER = flags.DEFINE_string(
+  "encoder", None, "saved encoder dir, backbone dir or hub id (default: config.model.backbone with a fresh head)"
+)
 HEAD = flags.DEFINE_string("head", None, "head of a fresh encoder (mlm, latent_attention, ...)")
 LATENT_DIM = flags.DEFINE_integer("latent_dim", None, "D of a fresh latent head")
 COLLECTION = flags.DEFINE_string("collection", None, "collection (dir or ir_datasets id; default config.eval)")
 SPLIT = flags.DEFINE_string("split", None, "qrels split (default config.eval.split)")
 INDEX = flags.DEFINE_string("index", None, "index directory")
-STRICT = flags.DEFINE_bool("strict", False, "a collection file breaking its format is an error naming the file "
-                           "and line (default: the documented rule per anomaly, with warnings)")
-QRELS_LAYOUT = flags.DEFINE_enum("qrels_layout", "auto", ["auto", "trec", "smart", "cranfield", "plain"],
-                                 "qrels layout (default: detected from the content)")
+STRICT = flags.DEFINE_bool(
+  "strict",
+  False,
+  "a collection file breaking its format is an error naming the file "
+  "and line (default: the documented rule per anomaly, with warnings)",
+)
+QRELS_LAYOUT = flags.DEFINE_enum(
+  "qrels_layout",
+  "auto",
+  ["auto", "trec", "smart", "cranfield", "plain"],
+  "qrels layout (default: detected from the content)",
+)
 KEYWORDS = flags.DEFINE_bool("keywords", False, "SMART collections: add the .K keywords to the document text")
 flags.mark_flags_as_required(["index"])
 
@@ -49,10 +59,14 @@ def collection(config, default_split=None):
   name = config_lib.setting(COLLECTION.value, config, "eval.collection", None)
   if name is None:
     raise app.UsageError("give --collection or --config")
-  split = config_lib.setting(SPLIT.value, config, "eval.split", None) if config is not None else (
-      SPLIT.value or default_split)
-  return load_collection(name, split=split, strict=STRICT.value, qrels_layout=QRELS_LAYOUT.value,
-                         keywords=KEYWORDS.value)
+  split = (
+    config_lib.setting(SPLIT.value, config, "eval.split", None)
+    if config is not None
+    else (SPLIT.value or default_split)
+  )
+  return load_collection(
+    name, split=split, strict=STRICT.value, qrels_layout=QRELS_LAYOUT.value, keywords=KEYWORDS.value
+  )
 
 
 def setting(flag, config, dotted, default):

@@ -9,6 +9,7 @@ r"""Exports a trained encoder as a self-contained folder to publish (weights, to
 
 The folder loads with `load_encoder(folder)`; its README.md is the model card.
 """
+
 import os
 import sys
 

@@ -17,6 +17,7 @@ process encodes its share of the corpus into `<index>.parts/part-<p>`, and
 process 0 alone merges them into `<index>` (laspar_jax/distributed_index.py);
 the index path must be on a filesystem every host sees.
 """
+
 import os
 import sys
 
@@ -29,8 +30,7 @@ from laspar_jax import distributed, distributed_index  # noqa: E402
 
 _K_DOC = flags.DEFINE_integer("k_doc", None, "dims kept per document (default config.eval.d_topk, else 512)")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "documents per encoder call (default config.eval, else 32)")
-_VALUE_DTYPE = flags.DEFINE_enum("value_dtype", "float32", ["float32", "float16", "uint8", "uint16"],
-                                 "stored weights")
+_VALUE_DTYPE = flags.DEFINE_enum("value_dtype", "float32", ["float32", "float16", "uint8", "uint16"], "stored weights")
 _RAM_BUDGET_GB = flags.DEFINE_float("ram_budget_gb", 4.0, "memory target of the index build")
 _APPROX = flags.DEFINE_bool("approx", False, "also write the approximate-search structures")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing index")
@@ -41,10 +41,17 @@ def main(argv):
   c = ef.setup()
   encoder, tokenizer = ef.encoder_and_tokenizer(c)
   path = distributed_index.index_collection(  # one process: encode.index_collection
-      encoder, tokenizer, ef.collection(c), ef.INDEX.value, k_doc=ef.setting(_K_DOC, c, "eval.d_topk", 512),
-      batch_size=ef.setting(_BATCH_SIZE, c, "eval.batch_size", 32),
-      value_dtype=_VALUE_DTYPE.value, approx=_APPROX.value, ram_budget_bytes=int(_RAM_BUDGET_GB.value * 2**30),
-      overwrite=_OVERWRITE.value)
+    encoder,
+    tokenizer,
+    ef.collection(c),
+    ef.INDEX.value,
+    k_doc=ef.setting(_K_DOC, c, "eval.d_topk", 512),
+    batch_size=ef.setting(_BATCH_SIZE, c, "eval.batch_size", 32),
+    value_dtype=_VALUE_DTYPE.value,
+    approx=_APPROX.value,
+    ram_budget_bytes=int(_RAM_BUDGET_GB.value * 2**30),
+    overwrite=_OVERWRITE.value,
+  )
   if distributed.is_lead():
     print(f"index written to {path}")
 

@@ -10,6 +10,7 @@ Writes OUT/report.md (open it in any markdown viewer), the PNGs it embeds and
 OUT/report.json (plot titles and axis labels, the trade-off points). What each
 plot shows, and how FLOPS per query is obtained: `laspar_jax/report.py`.
 """
+
 import os
 import sys
 

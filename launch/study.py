@@ -23,6 +23,7 @@ a killed variant resumes from its last checkpoint. Exits with status 1 when a
 variant failed (the others still run; the error is in its result.json and
 the tables) and 143 when SIGTERM stopped a training run. See laspar_jax/study.py.
 """
+
 import ast
 import os
 import sys
@@ -62,9 +63,16 @@ def main(argv):
   distributed_flags.initialize()
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
   path, arg = study.split_spec(_CONFIG.value)
-  results = study.run_study(path, arg, _WORKDIR.value, variants=_VARIANTS.value, rerun=_RERUN.value,
-                            overrides=_overrides(_OVERRIDE.value), plots=_PLOTS.value,
-                            progress=_PROGRESS.value)
+  results = study.run_study(
+    path,
+    arg,
+    _WORKDIR.value,
+    variants=_VARIANTS.value,
+    rerun=_RERUN.value,
+    overrides=_overrides(_OVERRIDE.value),
+    plots=_PLOTS.value,
+    progress=_PROGRESS.value,
+  )
   for r in results:
     line = f"{r['variant']}: {r['status']}"
     if r.get("metrics"):

@@ -17,6 +17,7 @@ Then train with MarginMSE on it:
   --config.data.teacher=scores --config.data.teacher_scores=/tmp/scifact_train_minilm.pkl.gz \
   --config.data.negatives=scores --config.data.n_neg=1 --config.loss.distill=margin_mse
 """
+
 import gzip
 import math
 import os
@@ -37,8 +38,9 @@ _COLLECTION = flags.DEFINE_string("collection", None, "collection (BEIR/TSV dir 
 _SPLIT = flags.DEFINE_string("split", "train", "qrels split whose judged queries are scored")
 _OUT = flags.DEFINE_string("out", None, "output file (.pkl.gz)")
 _DEPTH = flags.DEFINE_integer("depth", 100, "BM25 candidates per query")
-_TEACHER = flags.DEFINE_string("teacher", "sentence-transformers/all-MiniLM-L6-v2",
-                               "dense teacher: model folder or hub id")
+_TEACHER = flags.DEFINE_string(
+  "teacher", "sentence-transformers/all-MiniLM-L6-v2", "dense teacher: model folder or hub id"
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "texts per teacher forward pass")
 _QUERY_MAX_LEN = flags.DEFINE_integer("query_max_len", 64, "query truncation (tokens)")
 _DOC_MAX_LEN = flags.DEFINE_integer("doc_max_len", 256, "document truncation (tokens)")
@@ -56,8 +58,9 @@ def _embed(loaded, texts, *, batch_size, max_length, desc):
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def dense_teacher_scores(coll, *, model, depth=100, batch_size=64, query_max_len=64, doc_max_len=256,
-                         scale=1.0, with_qrels=True):
+def dense_teacher_scores(
+  coll, *, model, depth=100, batch_size=64, query_max_len=64, doc_max_len=256, scale=1.0, with_qrels=True
+):
   """{qid: {pid: score}} for the judged queries of a collection: BM25 candidates scored by a dense teacher.
 
   Args:
@@ -74,8 +77,13 @@ def dense_teacher_scores(coll, *, model, depth=100, batch_size=64, query_max_len
   """
   qids = sorted(q for q in coll.qrels if q in coll.queries)
   docs = list(tqdm.tqdm(coll.docs(), total=coll.num_docs, desc="corpus", unit="doc"))
-  candidates = training.bm25_candidates([d.doc_id for d in docs], [sources.doc_text(d) for d in docs],
-                                        {q: coll.queries[q] for q in qids}, depth=depth, show_progress=True)
+  candidates = training.bm25_candidates(
+    [d.doc_id for d in docs],
+    [sources.doc_text(d) for d in docs],
+    {q: coll.queries[q] for q in qids},
+    depth=depth,
+    show_progress=True,
+  )
   text = {d.doc_id: sources.doc_text(d) for d in docs}
   del docs
   pairs = {}
@@ -84,10 +92,10 @@ def dense_teacher_scores(coll, *, model, depth=100, batch_size=64, query_max_len
     pairs[q] = list(dict.fromkeys([*candidates.get(q, ()), *extra]))
   doc_ids = list(dict.fromkeys(d for q in qids for d in pairs[q]))
   loaded = hf_weights.load(model, max_length=max(query_max_len, doc_max_len))
-  q_emb = _embed(loaded, [coll.queries[q] for q in qids], batch_size=batch_size, max_length=query_max_len,
-                 desc="queries")
-  d_emb = _embed(loaded, [text[d] for d in doc_ids], batch_size=batch_size, max_length=doc_max_len,
-                 desc="documents")
+  q_emb = _embed(
+    loaded, [coll.queries[q] for q in qids], batch_size=batch_size, max_length=query_max_len, desc="queries"
+  )
+  d_emb = _embed(loaded, [text[d] for d in doc_ids], batch_size=batch_size, max_length=doc_max_len, desc="documents")
   row = {d: i for i, d in enumerate(doc_ids)}
   out = {}
   for i, q in enumerate(tqdm.tqdm(qids, desc="scores", unit="query")):
@@ -114,9 +122,16 @@ def write_scores(path, scores):
 def main(argv):
   del argv
   coll = sources.load_collection(_COLLECTION.value, split=_SPLIT.value, strict=_STRICT.value)
-  scores = dense_teacher_scores(coll, model=_TEACHER.value, depth=_DEPTH.value, batch_size=_BATCH_SIZE.value,
-                                query_max_len=_QUERY_MAX_LEN.value, doc_max_len=_DOC_MAX_LEN.value,
-                                scale=_SCALE.value, with_qrels=_WITH_QRELS.value)
+  scores = dense_teacher_scores(
+    coll,
+    model=_TEACHER.value,
+    depth=_DEPTH.value,
+    batch_size=_BATCH_SIZE.value,
+    query_max_len=_QUERY_MAX_LEN.value,
+    doc_max_len=_DOC_MAX_LEN.value,
+    scale=_SCALE.value,
+    with_qrels=_WITH_QRELS.value,
+  )
   write_scores(_OUT.value, scores)
   n = sum(len(v) for v in scores.values())
   print(f"wrote {_OUT.value}: {len(scores)} queries, {n} scores", flush=True)

@@ -8,6 +8,7 @@ r"""Trains a sparse encoder: `python launch/train.py --config configs/laspar.py[
 Killed runs resume from the latest intact checkpoint in DIR (damaged ones are set aside); SIGTERM saves one and
 exits with status 143. See configs/laspar.py for the commands of each recipe.
 """
+
 import os
 import sys
 
@@ -21,8 +22,12 @@ import distributed_flags  # noqa: E402  (launch/distributed_flags.py: --jax_dist
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:ARG]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, tb, encoder, eval)")
-_STRICT = flags.DEFINE_bool("strict", False, "a training or evaluation collection file breaking its format "
-                            "is an error naming the file and line (default: documented rules, warnings)")
+_STRICT = flags.DEFINE_bool(
+  "strict",
+  False,
+  "a training or evaluation collection file breaking its format "
+  "is an error naming the file and line (default: documented rules, warnings)",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

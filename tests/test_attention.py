@@ -3,6 +3,7 @@
 Covers padding masks, general [B, T, S] masks, additive biases, causal masks,
 custom scales, grouped-query heads, rows that see no key, and gradients.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,8 +65,11 @@ def test_bound_fallback_really_needed():
   q, k, v, mask = _inputs(20.0)
   d = q.shape[-1]
   logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(d)
-  bound = (np.linalg.norm(q, axis=-1).transpose(0, 2, 1)[..., None] / np.sqrt(d)
-           * np.linalg.norm(k, axis=-1).max(1)[:, :, None, None])
+  bound = (
+    np.linalg.norm(q, axis=-1).transpose(0, 2, 1)[..., None]
+    / np.sqrt(d)
+    * np.linalg.norm(k, axis=-1).max(1)[:, :, None, None]
+  )
   assert (bound - logits.max(-1, keepdims=True)).max() > 117
 
 
@@ -80,6 +84,7 @@ def test_bound_tight_and_huge_logits_do_not_overflow():
 
 def _plain(mask, bias=None, causal=False):
   """Reference attention in jax (for gradients)."""
+
   def fn(q, k, v):
     logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
     if bias is not None:
@@ -89,6 +94,7 @@ def _plain(mask, bias=None, causal=False):
       keep = keep & jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
     logits = jnp.where(keep, logits, -jnp.inf)
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, -1), v)
+
   return fn
 
 
@@ -106,7 +112,7 @@ def test_cpu_kernel_gradients_match(offset, scale):
   ours = _grads(lambda q, k, v: cpu_attention(q, k, v, _keep(mask), offset=offset), q, k, v, w)
   ref = _grads(_plain(mask), q, k, v, w)
   for a, r in zip(ours, ref):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5 * scale ** 2)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5 * scale**2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -142,13 +148,13 @@ def _bias(b, h, t, s, seed=3):
 
 
 CASES = {
-    "mask": dict(),
-    "bias": dict(bias=True),
-    "causal": dict(causal=True),
-    "bias_causal_scale": dict(bias=True, causal=True, scale=0.7),
-    "gqa": dict(kv=1),
-    "gqa_bias_causal": dict(kv=2, h=4, bias=True, causal=True),
-    "mask_bts": dict(mask_bts=True),
+  "mask": dict(),
+  "bias": dict(bias=True),
+  "causal": dict(causal=True),
+  "bias_causal_scale": dict(bias=True, causal=True, scale=0.7),
+  "gqa": dict(kv=1),
+  "gqa_bias_causal": dict(kv=2, h=4, bias=True, causal=True),
+  "mask_bts": dict(mask_bts=True),
 }
 
 
@@ -165,9 +171,9 @@ def test_matches_reference(impl, case):
   bias = _bias(b, h, t, t) if c.get("bias") else None
   kwargs = dict(causal=c.get("causal", False), scale=c.get("scale"))
   out = jax.jit(lambda q, k, v, m, bias: attention(q, k, v, mask_bs=m, bias_bhts=bias, impl=impl, **kwargs))(
-      q, k, v, mask, bias)
-  np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, mask, bias=bias, **kwargs),
-                             rtol=2e-5, atol=2e-5)
+    q, k, v, mask, bias
+  )
+  np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, mask, bias=bias, **kwargs), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -183,8 +189,7 @@ def test_rows_without_visible_keys_are_zero(impl):
     ref = _reference(q, k, v, mask, causal=kwargs.get("causal", False), bias=kwargs.get("bias_bhts"))
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
     assert (out[0] == 0).all() and (out[1, :2] == 0).all() == kwargs.get("causal", False)
-    grads = _grads(lambda q, k, v: attention(q, k, v, mask_bs=mask, impl=impl, **kwargs), q, k, v,
-                   np.ones_like(q))
+    grads = _grads(lambda q, k, v: attention(q, k, v, mask_bs=mask, impl=impl, **kwargs), q, k, v, np.ones_like(q))
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 

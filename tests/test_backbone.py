@@ -1,4 +1,5 @@
 """Backbone contract and family registry: dispatch by model_type, the vocabulary head, attention choice."""
+
 import dataclasses
 import json
 import re
@@ -60,12 +61,14 @@ def test_fresh_lm_head_draw_order(tiny):
   assert head.decoder is None and head.tied is model.embeddings.word_embeddings
   np.testing.assert_array_equal(np.asarray(head.bias_v()), np.zeros(30522))
   # untied: the decoder [d, V] is the second draw
-  untied = bert.make_lm_head(model, dataclasses.replace(model.config, tie_word_embeddings=False),
-                             rngs=nnx.Rngs(params=3))
+  untied = bert.make_lm_head(
+    model, dataclasses.replace(model.config, tie_word_embeddings=False), rngs=nnx.Rngs(params=3)
+  )
   rngs = nnx.Rngs(params=3)
   rngs.params()
-  np.testing.assert_array_equal(np.asarray(untied.kernel_dv()),
-                                np.asarray(layers.normal_init(rngs.params(), (32, 30522), 0.02)))
+  np.testing.assert_array_equal(
+    np.asarray(untied.kernel_dv()), np.asarray(layers.normal_init(rngs.params(), (32, 30522), 0.02))
+  )
 
 
 def test_tied_head_is_one_parameter_and_gets_gradients(tiny):
@@ -97,12 +100,16 @@ def test_untied_checkpoint_loads_its_decoder(tiny, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=False)))
   t = load_file(tmp_path / "model.safetensors")
   rng = np.random.default_rng(0)
-  t.update({"cls.predictions.transform.dense.weight": rng.normal(size=(32, 32)).astype(np.float32),
-            "cls.predictions.transform.dense.bias": np.zeros(32, np.float32),
-            "cls.predictions.transform.LayerNorm.weight": np.ones(32, np.float32),
-            "cls.predictions.transform.LayerNorm.bias": np.zeros(32, np.float32),
-            "cls.predictions.decoder.bias": np.full(30522, 2.0, np.float32),  # the alias of .bias
-            "cls.predictions.decoder.weight": rng.normal(size=(30522, 32)).astype(np.float32)})
+  t.update(
+    {
+      "cls.predictions.transform.dense.weight": rng.normal(size=(32, 32)).astype(np.float32),
+      "cls.predictions.transform.dense.bias": np.zeros(32, np.float32),
+      "cls.predictions.transform.LayerNorm.weight": np.ones(32, np.float32),
+      "cls.predictions.transform.LayerNorm.bias": np.zeros(32, np.float32),
+      "cls.predictions.decoder.bias": np.full(30522, 2.0, np.float32),  # the alias of .bias
+      "cls.predictions.decoder.weight": rng.normal(size=(30522, 32)).astype(np.float32),
+    }
+  )
   save_file(t, tmp_path / "model.safetensors")
   head = hf_weights.load(tmp_path, lm_head=True).model.lm_head
   assert head.tied is None
@@ -115,25 +122,40 @@ def test_untied_checkpoint_loads_its_decoder(tiny, tmp_path):
 
 
 def test_distilbert_vocab_head(tmp_path):
-  cfg = dict(model_type="distilbert", vocab_size=50, dim=32, n_layers=1, n_heads=4, hidden_dim=64,
-             max_position_embeddings=40)
+  cfg = dict(
+    model_type="distilbert", vocab_size=50, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=40
+  )
   rng = np.random.default_rng(0)
-  shapes = {"distilbert.embeddings.word_embeddings.weight": (50, 32),
-            "distilbert.embeddings.position_embeddings.weight": (40, 32),
-            "distilbert.embeddings.LayerNorm.weight": (32,), "distilbert.embeddings.LayerNorm.bias": (32,),
-            "vocab_transform.weight": (32, 32), "vocab_transform.bias": (32,),
-            "vocab_layer_norm.weight": (32,), "vocab_layer_norm.bias": (32,),
-            "vocab_projector.weight": (50, 32), "vocab_projector.bias": (50,)}
-  for n, s in [("attention.q_lin", (32, 32)), ("attention.k_lin", (32, 32)), ("attention.v_lin", (32, 32)),
-               ("attention.out_lin", (32, 32)), ("ffn.lin1", (64, 32)), ("ffn.lin2", (32, 64)),
-               ("sa_layer_norm", (32,)), ("output_layer_norm", (32,))]:
+  shapes = {
+    "distilbert.embeddings.word_embeddings.weight": (50, 32),
+    "distilbert.embeddings.position_embeddings.weight": (40, 32),
+    "distilbert.embeddings.LayerNorm.weight": (32,),
+    "distilbert.embeddings.LayerNorm.bias": (32,),
+    "vocab_transform.weight": (32, 32),
+    "vocab_transform.bias": (32,),
+    "vocab_layer_norm.weight": (32,),
+    "vocab_layer_norm.bias": (32,),
+    "vocab_projector.weight": (50, 32),
+    "vocab_projector.bias": (50,),
+  }
+  for n, s in [
+    ("attention.q_lin", (32, 32)),
+    ("attention.k_lin", (32, 32)),
+    ("attention.v_lin", (32, 32)),
+    ("attention.out_lin", (32, 32)),
+    ("ffn.lin1", (64, 32)),
+    ("ffn.lin2", (32, 64)),
+    ("sa_layer_norm", (32,)),
+    ("output_layer_norm", (32,)),
+  ]:
     shapes[f"distilbert.transformer.layer.0.{n}.weight"] = s
     shapes[f"distilbert.transformer.layer.0.{n}.bias"] = (s[0],)
   t = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
   save_file(t, tmp_path / "model.safetensors")
   (tmp_path / "config.json").write_text(json.dumps(cfg))
-  (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
-                                                [f"w{i}" for i in range(45)]))
+  (tmp_path / "vocab.txt").write_text(
+    "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(45)])
+  )
   head = hf_weights.load(tmp_path, lm_head=True).model.vocab_projection()
   np.testing.assert_array_equal(np.asarray(head.bias_v()), t["vocab_projector.bias"])
   np.testing.assert_array_equal(np.asarray(head.dense.kernel[...]), t["vocab_transform.weight"].T)

@@ -1,4 +1,5 @@
 """External engine backends against exact search, on one synthetic collection."""
+
 import numpy as np
 
 from laspar_jax.index import Index, build_index
@@ -7,8 +8,7 @@ from laspar_jax.index.synthetic import SyntheticCollection, SyntheticSpec
 
 
 def _collection():
-  return SyntheticCollection(SyntheticSpec(n_docs=4000, dim=2000, n_queries=40, doc_len=40,
-                                           query_len=12, seed=3))
+  return SyntheticCollection(SyntheticSpec(n_docs=4000, dim=2000, n_queries=40, doc_len=40, query_len=12, seed=3))
 
 
 def test_seismic_recall_and_query_order(tmp_path):
@@ -30,6 +30,7 @@ def test_seismic_recall_and_query_order(tmp_path):
 def test_anserini_export(tmp_path):
   import gzip
   import json
+
   col = _collection()
   files = export_anserini(col.doc_batches(1000), tmp_path / "ans", docs_per_file=1500)
   assert [f.name for f in files] == [f"part-{i:05d}.jsonl.gz" for i in range(3)]

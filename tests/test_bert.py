@@ -1,4 +1,5 @@
 """BERT backbone: parity with sentence-transformers/PyTorch, sharding, loader errors."""
+
 import json
 import pathlib
 import shutil
@@ -42,7 +43,7 @@ def test_tokenizer_matches_reference_ids(loaded, ref):
   offs = np.concatenate([[0], np.cumsum(ref["ids_lens"])])
   for i in range(len(texts)):
     n = int(ref["ids_lens"][i])
-    np.testing.assert_array_equal(batch["input_ids"][i, :n], ref["ids"][offs[i]:offs[i + 1]])
+    np.testing.assert_array_equal(batch["input_ids"][i, :n], ref["ids"][offs[i] : offs[i + 1]])
     assert batch["attention_mask"][i].sum() == n
   assert batch["input_ids"].shape[1] in loaded.tokenizer.buckets
 
@@ -56,8 +57,7 @@ def test_embeddings_match_sentence_transformers(loaded, ref):
   offs = np.concatenate([[0], np.cumsum(ref["token_lens"])])
   for j, i in enumerate(ref["token_pick"]):
     n = int(ref["token_lens"][j])
-    np.testing.assert_allclose(np.asarray(h[i, :n]), ref["token_states"][offs[j]:offs[j + 1]],
-                               atol=1e-3, rtol=0)
+    np.testing.assert_allclose(np.asarray(h[i, :n]), ref["token_states"][offs[j] : offs[j + 1]], atol=1e-3, rtol=0)
 
 
 def test_padding_bucket_does_not_change_output(loaded):
@@ -97,8 +97,7 @@ def test_bf16_compute_close(minilm_path, ref):
 def test_dropout_active_only_in_training(loaded):
   b = loaded.tokenizer(["dropout check"])
   h_eval = loaded.model(b["input_ids"], b["attention_mask"])
-  h_train = loaded.model(b["input_ids"], b["attention_mask"], deterministic=False,
-                         rngs=nnx.Rngs(dropout=0))
+  h_train = loaded.model(b["input_ids"], b["attention_mask"], deterministic=False, rngs=nnx.Rngs(dropout=0))
   assert float(jnp.abs(h_eval - h_train).max()) > 1e-3
   with pytest.raises(ValueError, match="rngs"):
     loaded.model(b["input_ids"], b["attention_mask"], deterministic=False)
@@ -112,6 +111,7 @@ def _copy_model(minilm_path, tmp_path):
 
 def test_missing_tensor_names_it(minilm_path, tmp_path):
   from safetensors.numpy import load_file, save_file
+
   dst = _copy_model(minilm_path, tmp_path)
   tensors = load_file(dst / "model.safetensors")
   del tensors["encoder.layer.3.output.dense.weight"]
@@ -122,6 +122,7 @@ def test_missing_tensor_names_it(minilm_path, tmp_path):
 
 def test_unexpected_and_misshaped_tensor(minilm_path, tmp_path):
   from safetensors.numpy import load_file, save_file
+
   dst = _copy_model(minilm_path, tmp_path)
   tensors = load_file(dst / "model.safetensors")
   tensors["encoder.layer.0.extra.weight"] = np.zeros((2, 2), np.float32)
@@ -145,6 +146,7 @@ def test_corrupt_file_names_it(minilm_path, tmp_path):
 
 def test_mlm_head_loaded_when_present(minilm_path, tmp_path):
   from safetensors.numpy import load_file, save_file
+
   dst = _copy_model(minilm_path, tmp_path)
   tensors = {"bert." + k: v for k, v in load_file(dst / "model.safetensors").items()}
   tensors["cls.predictions.bias"] = np.arange(30522, dtype=np.float32)
@@ -164,23 +166,42 @@ def test_mlm_head_loaded_when_present(minilm_path, tmp_path):
   assert float(head.dense.bias[0]) == 0.5
   assert float(head.layer_norm.scale[0]) == 2.0 and float(head.layer_norm.bias[0]) == 3.0
   assert head.tied is loaded.model.embeddings.word_embeddings
-  np.testing.assert_array_equal(np.asarray(head.kernel_dv()),
-                                np.asarray(loaded.model.embeddings.word_embeddings.embedding[...]).T)
+  np.testing.assert_array_equal(
+    np.asarray(head.kernel_dv()), np.asarray(loaded.model.embeddings.word_embeddings.embedding[...]).T
+  )
   assert hf_weights.load(dst).model.lm_head is None  # not requested: cls.predictions.* ignored
 
 
 def test_distilbert_names_map(tmp_path):
   """A random DistilBERT checkpoint in HF names loads and runs."""
   from safetensors.numpy import save_file
-  cfg = dict(model_type="distilbert", vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
-             max_position_embeddings=40, activation="gelu")
+
+  cfg = dict(
+    model_type="distilbert",
+    vocab_size=50,
+    dim=32,
+    n_layers=2,
+    n_heads=4,
+    hidden_dim=64,
+    max_position_embeddings=40,
+    activation="gelu",
+  )
   rng = np.random.default_rng(0)
-  t = {"distilbert.embeddings.word_embeddings.weight": (50, 32),
-       "distilbert.embeddings.position_embeddings.weight": (40, 32),
-       "distilbert.embeddings.LayerNorm.weight": (32,), "distilbert.embeddings.LayerNorm.bias": (32,)}
+  t = {
+    "distilbert.embeddings.word_embeddings.weight": (50, 32),
+    "distilbert.embeddings.position_embeddings.weight": (40, 32),
+    "distilbert.embeddings.LayerNorm.weight": (32,),
+    "distilbert.embeddings.LayerNorm.bias": (32,),
+  }
   for i in range(2):
-    for n, s in [("attention.q_lin", (32, 32)), ("attention.k_lin", (32, 32)), ("attention.v_lin", (32, 32)),
-                 ("attention.out_lin", (32, 32)), ("ffn.lin1", (64, 32)), ("ffn.lin2", (32, 64))]:
+    for n, s in [
+      ("attention.q_lin", (32, 32)),
+      ("attention.k_lin", (32, 32)),
+      ("attention.v_lin", (32, 32)),
+      ("attention.out_lin", (32, 32)),
+      ("ffn.lin1", (64, 32)),
+      ("ffn.lin2", (32, 64)),
+    ]:
       t[f"distilbert.transformer.layer.{i}.{n}.weight"] = s
       t[f"distilbert.transformer.layer.{i}.{n}.bias"] = (s[0],)
     for n in ("sa_layer_norm", "output_layer_norm"):
@@ -188,8 +209,9 @@ def test_distilbert_names_map(tmp_path):
       t[f"distilbert.transformer.layer.{i}.{n}.bias"] = (32,)
   save_file({k: rng.normal(size=s).astype(np.float32) for k, s in t.items()}, tmp_path / "model.safetensors")
   (tmp_path / "config.json").write_text(json.dumps(cfg))
-  (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
-                                                [f"w{i}" for i in range(45)]))
+  (tmp_path / "vocab.txt").write_text(
+    "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(45)])
+  )
   loaded = hf_weights.load(tmp_path)
   assert loaded.config.type_vocab_size == 0 and loaded.config.num_hidden_layers == 2
   b = loaded.tokenizer(["w1 w2 w3"])
@@ -200,8 +222,9 @@ def test_distilbert_names_map(tmp_path):
 def test_gelu_erf_equals_exact_gelu():
   gelu_erf = bert.gelu_erf
   x = jnp.linspace(-12.0, 12.0, 20001)
-  np.testing.assert_allclose(np.asarray(gelu_erf(x)), np.asarray(jax.nn.gelu(x, approximate=False)),
-                             atol=2e-6, rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(gelu_erf(x)), np.asarray(jax.nn.gelu(x, approximate=False)), atol=2e-6, rtol=1e-6
+  )
   g = jax.vmap(jax.grad(gelu_erf))(x)
   g_ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=2e-6)
@@ -210,6 +233,7 @@ def test_gelu_erf_equals_exact_gelu():
 def test_remat_with_dropout_equals_plain(minilm_path, tmp_path):
   """remat=True trains with dropout (rngs pass into the remat trace) and gives the plain model's gradients."""
   from tiny_bert import write_tiny_bert  # pylint: disable=g-import-not-at-top
+
   path = write_tiny_bert(tmp_path / "tiny", minilm_path)
   ids = jnp.asarray(np.arange(2 * 12).reshape(2, 12) % 500 + 100, jnp.int32)
   mask = jnp.ones((2, 12), jnp.int32).at[1, 8:].set(0)

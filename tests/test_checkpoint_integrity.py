@@ -1,4 +1,5 @@
 """Checkpoint checksums: bit flips and truncations are caught, the bad step is set aside, restore falls back."""
+
 import json
 import logging
 
@@ -11,8 +12,10 @@ from laspar_jax import checkpoint_integrity, checkpointing
 
 
 def _state(v):
-  return {"params": {"w": jnp.arange(4096.0).reshape(64, 64) * 1.37 + v, "b": jnp.arange(3.0) + v},
-          "step": jnp.int32(v)}
+  return {
+    "params": {"w": jnp.arange(4096.0).reshape(64, 64) * 1.37 + v, "b": jnp.arange(3.0) + v},
+    "step": jnp.int32(v),
+  }
 
 
 def _saved(tmp_path, steps=(1, 2), **kw):
@@ -25,8 +28,7 @@ def _saved(tmp_path, steps=(1, 2), **kw):
 
 def _biggest(step_dir):
   """The largest array data file (orbax OCDBT data files live under `d/` folders)."""
-  return max((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
-             key=lambda p: p.stat().st_size)
+  return max((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
 
 
 def _flip(path, at):
@@ -90,7 +92,7 @@ def test_unverified_step_one_clear_error(tmp_path, capfd):
   for s in ("1", "2"):
     (d / s / "checksums.json").unlink()
   bad = _biggest(d / "2")
-  bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])
+  bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
   ck = checkpointing.Checkpointer(d, every=1, keep=0)
   with pytest.raises(checkpointing.CheckpointCorruptError, match=r"cannot be restored and has no checksums"):
     ck.restore(jax.tree.map(jnp.zeros_like, _state(0)), step=2)

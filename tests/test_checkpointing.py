@@ -1,4 +1,5 @@
 """Checkpointer: sharded save/restore roundtrip with metadata, keep-last-K, intervals."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +10,12 @@ from laspar_jax import checkpointing, mesh as mesh_lib
 
 
 def _state(mesh):
-  w = jax.device_put(jnp.arange(64 * 16, dtype=jnp.float32).reshape(64, 16),
-                     mesh_lib.logical_to_sharding(mesh, (None, "sparse")))
+  w = jax.device_put(
+    jnp.arange(64 * 16, dtype=jnp.float32).reshape(64, 16), mesh_lib.logical_to_sharding(mesh, (None, "sparse"))
+  )
   params = {"layers": {0: {"w": w}}, "b": jnp.ones((3,))}
   tx = optax.adamw(1e-3)
-  return {"params": params, "opt": tx.init(params), "step": jnp.int32(7),
-          "rng": jax.random.key_data(jax.random.key(3))}
+  return {"params": params, "opt": tx.init(params), "step": jnp.int32(7), "rng": jax.random.key_data(jax.random.key(3))}
 
 
 def test_roundtrip_keeps_values_shardings_and_meta(tmp_path):

@@ -1,4 +1,5 @@
 """Config args (big_vision style), the configs package, runlocal/scifact recipes, command-line overrides."""
+
 import os
 import pathlib
 import subprocess
@@ -21,8 +22,14 @@ def _reg(name, side, weight):
 
 
 def test_parse_arg_types_flags_and_errors():
-  a = config_lib.parse_arg("variant=latent_sum,D=131072,runlocal,lr=3e-4,name=x",
-                           variant="latent_attention", D=2 ** 22, runlocal=False, lr=1e-4, name="")
+  a = config_lib.parse_arg(
+    "variant=latent_sum,D=131072,runlocal,lr=3e-4,name=x",
+    variant="latent_attention",
+    D=2**22,
+    runlocal=False,
+    lr=1e-4,
+    name="",
+  )
   assert (a.variant, a.D, a.runlocal, a.lr, a.name) == ("latent_sum", 131072, True, 3e-4, "x")
   assert isinstance(a.D, int) and isinstance(a.lr, float)
   assert config_lib.parse_arg(None, D=4).D == 4
@@ -44,8 +51,10 @@ def test_laspar_paper_defaults():
   assert (c.optim.batch_size, c.optim.accum_steps, c.optim.lr, c.optim.warmup_steps) == (32, 8, 1e-4, 4000)
   assert (c.optim.head_lr_mult, c.optim.freeze) == (1.0, ())
   assert c.loss.regularizers.to_dict() == {
-      "q_flops": _reg("flops", "q", 5e-3), "d_flops": _reg("flops", "d", 5e-3),
-      "d_equipartition": _reg("equipartition", "d", 5e-3)}
+    "q_flops": _reg("flops", "q", 5e-3),
+    "d_flops": _reg("flops", "d", 5e-3),
+    "d_equipartition": _reg("equipartition", "d", 5e-3),
+  }
   assert c.loss.reg_warmup_steps == 10_000
   assert (c.data.teacher, c.loss.distill) == ("dense", "dense_kl")
   assert ir_datasets_source.irds_id(c.data.collection, c.data.split) == "msmarco-passage/train/judged"
@@ -60,7 +69,7 @@ def test_laspar_paper_defaults():
 def test_runlocal_key_values():
   r = laspar.get_config("runlocal")
   assert r.model.backbone == "sentence-transformers/all-MiniLM-L6-v2"
-  assert (r.model.latent_dim, r.model.query_max_len, r.model.doc_max_len) == (2 ** 14, 32, 64)
+  assert (r.model.latent_dim, r.model.query_max_len, r.model.doc_max_len) == (2**14, 32, 64)
   assert (r.optim.batch_size, r.optim.accum_steps, r.optim.lr, r.optim.warmup_steps) == (8, 1, 1e-4, 2)
   assert r.optim.head_lr_mult == 1.0
   assert (r.train.total_steps, r.train.log_every, r.train.checkpoint_every, r.train.eval_every) == (10, 2, 5, 0)
@@ -74,7 +83,7 @@ def test_runlocal_key_values():
 def test_scifact_key_values():
   s = laspar.get_config("scifact")
   assert (s.model.backbone, s.model.head) == ("sentence-transformers/all-MiniLM-L6-v2", "latent_attention")
-  assert (s.model.latent_dim, s.model.doc_max_len, s.model.head_kwargs.kernel_std) == (2 ** 17, 192, 1.0)
+  assert (s.model.latent_dim, s.model.doc_max_len, s.model.head_kwargs.kernel_std) == (2**17, 192, 1.0)
   assert (s.optim.lr, s.optim.head_lr_mult, s.optim.warmup_steps, s.optim.accum_steps) == (5e-5, 20.0, 10, 1)
   assert (s.train.total_steps, s.train.checkpoint_every, s.loss.reg_warmup_steps) == (80, 40, 50)
   assert s.loss.regularizers.q_flops.weight == 5e-3 and s.loss.regularizers.d_equipartition.weight == 5e-3
@@ -82,7 +91,11 @@ def test_scifact_key_values():
   assert (s.eval.measures, s.data.teacher) == ("nDCG@10,RR@10,R@100", "dense")
   both = laspar.get_config("scifact,runlocal")  # runlocal shrinks the recipe
   assert (both.model.latent_dim, both.optim.lr, both.optim.head_lr_mult, both.train.total_steps) == (
-      2 ** 14, 5e-5, 20.0, 10)
+    2**14,
+    5e-5,
+    20.0,
+    10,
+  )
 
 
 def test_variants():
@@ -100,11 +113,18 @@ def test_splade_key_values():
   assert (p.loss.reg_warmup_steps, p.optim.lr, p.train.total_steps) == (50_000, 1e-4, 100_000)
   assert (p.train.q_topk, p.train.d_topk, p.eval.q_topk, p.eval.d_topk) == (0, 0, 256, 1024)
   r = splade.get_config("runlocal")
-  assert (r.model.backbone, r.model.head, r.loss.reg_warmup_steps) == ("sentence-transformers/all-MiniLM-L6-v2", "mlm", 5)
+  assert (r.model.backbone, r.model.head, r.loss.reg_warmup_steps) == (
+    "sentence-transformers/all-MiniLM-L6-v2",
+    "mlm",
+    5,
+  )
   assert (r.optim.batch_size, r.train.total_steps, r.data.collection) == (8, 10, SCIFACT)
   s = splade.get_config("scifact")
   assert (s.model.backbone, s.loss.reg_warmup_steps, s.optim.head_lr_mult) == (
-      "sentence-transformers/all-MiniLM-L6-v2", 50_000, 20.0)
+    "sentence-transformers/all-MiniLM-L6-v2",
+    50_000,
+    20.0,
+  )
   assert set(splade.get_config("reg=l1").loss.regularizers) == {"q_l1", "d_l1"}
 
 
@@ -118,7 +138,10 @@ def test_data_root_env_override(monkeypatch):
 def test_regularizers_and_config_check():
   c = laspar.get_config("runlocal")
   assert train_step.regularizers_from_config(c.loss.regularizers) == (
-      ("flops", "q", 5e-3), ("flops", "d", 5e-3), ("equipartition", "d", 5e-3))
+    ("flops", "q", 5e-3),
+    ("flops", "d", 5e-3),
+    ("equipartition", "d", 5e-3),
+  )
   train_lib.check_config(c)
   c.data.teacher = "none"
   with pytest.raises(ValueError, match="needs data.teacher='dense'"):
@@ -127,18 +150,32 @@ def test_regularizers_and_config_check():
 
 def test_command_line_overrides_from_any_directory(tmp_path):
   """`--config FILE:ARG --config.a.b=v` as the launchers parse it, run outside the repository."""
-  code = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-          "from absl import flags; from ml_collections import config_flags\n"
-          "config_flags.DEFINE_config_file('config', None, '')\n"
-          "flags.FLAGS(sys.argv)\n"
-          "c = flags.FLAGS.config\n"
-          "print(c.model.head, c.train.total_steps, c.model.latent_dim, repr(c.loss.distill), c.data.collection,\n"
-          "      *c.optim.freeze)\n")
+  code = (
+    f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+    "from absl import flags; from ml_collections import config_flags\n"
+    "config_flags.DEFINE_config_file('config', None, '')\n"
+    "flags.FLAGS(sys.argv)\n"
+    "c = flags.FLAGS.config\n"
+    "print(c.model.head, c.train.total_steps, c.model.latent_dim, repr(c.loss.distill), c.data.collection,\n"
+    "      *c.optim.freeze)\n"
+  )
   for name in ("laspar.py", "splade.py"):
-    out = subprocess.run([sys.executable, "-c", code, f"--config={REPO / 'configs' / name}:runlocal,variant=latent_sum",
-                          "--config.train.total_steps=3", "--config.model.latent_dim=1024", "--config.loss.distill=",
-                          "--config.optim.freeze=('backbone/.*',)"],
-                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    out = subprocess.run(
+      [
+        sys.executable,
+        "-c",
+        code,
+        f"--config={REPO / 'configs' / name}:runlocal,variant=latent_sum",
+        "--config.train.total_steps=3",
+        "--config.model.latent_dim=1024",
+        "--config.loss.distill=",
+        "--config.optim.freeze=('backbone/.*',)",
+      ],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=tmp_path,
+    ).stdout
     head = "latent_sum" if name == "laspar.py" else "mlm"
     assert out.split() == [head, "3", "1024", "''", SCIFACT, "backbone/.*"]
 
@@ -190,24 +227,41 @@ def test_new_training_fields_default_off_and_checks():
   for cfg in (laspar.get_config(), laspar.get_config("scifact"), splade.get_config("runlocal")):
     before = cfg.to_dict()
     after = common.with_defaults(cfg).to_dict()
-    assert {k: {f: v for f, v in sec.items() if f in before.get(k, {})} if isinstance(sec, dict) else sec
-            for k, sec in after.items()} == before
+    assert {
+      k: {f: v for f, v in sec.items() if f in before.get(k, {})} if isinstance(sec, dict) else sec
+      for k, sec in after.items()
+    } == before
 
 
 def test_doc_reg_weights_on_the_command_line(tmp_path):
   cfg = tmp_path / "cfg.py"
-  cfg.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-                 "from configs import common, laspar\n"
-                 "def get_config(arg=None):\n  return common.with_defaults(laspar.get_config(arg))\n")
-  code = ("from absl import flags; from ml_collections import config_flags; import sys\n"
-          "config_flags.DEFINE_config_file('config', None, '')\n"
-          "flags.FLAGS(sys.argv)\n"
-          "c = flags.FLAGS.config\n"
-          "print(tuple(c.loss.doc_reg_weights), c.optim.schedule, c.data.teacher_calibration)\n")
-  out = subprocess.run([sys.executable, "-c", code, f"--config={cfg}:runlocal",
-                        "--config.loss.doc_reg_weights=(0.25,0.75)", "--config.optim.schedule=cosine",
-                        "--config.data.teacher_calibration=per_query"],
-                       capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+  cfg.write_text(
+    f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+    "from configs import common, laspar\n"
+    "def get_config(arg=None):\n  return common.with_defaults(laspar.get_config(arg))\n"
+  )
+  code = (
+    "from absl import flags; from ml_collections import config_flags; import sys\n"
+    "config_flags.DEFINE_config_file('config', None, '')\n"
+    "flags.FLAGS(sys.argv)\n"
+    "c = flags.FLAGS.config\n"
+    "print(tuple(c.loss.doc_reg_weights), c.optim.schedule, c.data.teacher_calibration)\n"
+  )
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      code,
+      f"--config={cfg}:runlocal",
+      "--config.loss.doc_reg_weights=(0.25,0.75)",
+      "--config.optim.schedule=cosine",
+      "--config.data.teacher_calibration=per_query",
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=tmp_path,
+  ).stdout
   assert out.split() == ["(0.25,", "0.75)", "cosine", "per_query"]
 
 

@@ -10,6 +10,7 @@
   (`zeroshot.ZeroShotEncoder`).
 Encoders and batches are shared between variants with the same tiny encoder config.
 """
+
 import dataclasses
 import functools
 import importlib
@@ -32,8 +33,10 @@ from laspar_jax.data import assemble, sources
 from laspar_jax.models import gguf as gguf_lib
 from laspar_jax.models import hf_weights, known_configs, sparse_encoder
 
-MODULES = {name: importlib.import_module(f"configs.decoder.{name}")
-           for name in ("rq1_zeroshot", "rq2_backbones", "rq3_heads", "rq4_teachers")}
+MODULES = {
+  name: importlib.import_module(f"configs.decoder.{name}")
+  for name in ("rq1_zeroshot", "rq2_backbones", "rq3_heads", "rq4_teachers")
+}
 TRAINED = [(m, v) for m in MODULES if m != "rq1_zeroshot" for v in MODULES[m].VARIANTS]
 ZEROSHOT = [("rq1_zeroshot", v) for v in MODULES["rq1_zeroshot"].VARIANTS]
 _LAYER_KEYS = ("num_layers", "num_decoder_layers", "num_hidden_layers", "n_layers")
@@ -103,8 +106,10 @@ def test_study_rows_present():
   assert rq1.get_config("variant=smollm2_promptreps").zeroshot.preset == "promptreps"
   assert rq1.get_config("variant=splade_tiny").zeroshot.preset == "none"
   mt = rq2.get_config("variant=flan_t5_multi_token")
-  assert mt.model.decoding == "multi_token" and dict(mt.model.decoding_kwargs) == {"drop_first": True,
-                                                                                  "mask_eos": False}
+  assert mt.model.decoding == "multi_token" and dict(mt.model.decoding_kwargs) == {
+    "drop_first": True,
+    "mask_eos": False,
+  }
   assert (mt.optim.lr, mt.optim.warmup_steps, mt.optim.schedule, mt.optim.batch_size) == (5e-5, 6000, "linear", 16)
   assert {k: r.weight for k, r in mt.loss.regularizers.items()} == {"q_flops": 0.01, "d_flops": 0.01}
   assert mt.loss.reg_warmup_steps == 50_000 and tuple(mt.loss.doc_reg_weights) == (0.5, 0.5)
@@ -131,16 +136,25 @@ def test_study_rows_present():
   assert rl.loss.regularizers.d_flops.weight == 0.009 and rl.data.teacher_calibration == "global"
   assert rl.data.teacher_calibration_reference == dcommon.ce_scores_path()
   # controlled: one budget for every backbone
-  budgets = {(c.optim.lr, c.optim.batch_size, c.train.total_steps, c.optim.schedule)
-             for m, v in TRAINED if v.startswith("controlled_") for c in [_config(m, f"variant={v}")]}
+  budgets = {
+    (c.optim.lr, c.optim.batch_size, c.train.total_steps, c.optim.schedule)
+    for m, v in TRAINED
+    if v.startswith("controlled_")
+    for c in [_config(m, f"variant={v}")]
+  }
   assert len(budgets) == 1
 
 
 # ----------------------------------------------------------------------------- full size (abstract)
 
 
-@pytest.mark.parametrize("backbone", sorted({_config(m, f"variant={v}").model.backbone for m, v in TRAINED} |
-                                            {_config(m, f"variant={v}").zeroshot.backbone for m, v in ZEROSHOT}))
+@pytest.mark.parametrize(
+  "backbone",
+  sorted(
+    {_config(m, f"variant={v}").model.backbone for m, v in TRAINED}
+    | {_config(m, f"variant={v}").zeroshot.backbone for m, v in ZEROSHOT}
+  ),
+)
 def test_backbone_builds_abstractly_at_full_size(backbone):
   n = _full_size_params(backbone)
   expected = dcommon.param_count(backbone)
@@ -186,7 +200,8 @@ def test_trained_variant_builds_abstractly(module, variant, stand_ins):
     adapted = {n.split("/")[-2] for n in names if n.endswith("lora_a")}
     assert adapted == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}, adapted
   assert any(n.startswith(("query_head/linear", "doc_head/linear")) for n in names) == (
-      "mlp" in (cfg.head, cfg.doc_head))
+    "mlp" in (cfg.head, cfg.doc_head)
+  )
 
 
 # ----------------------------------------------------------------------------- tiny forms
@@ -204,15 +219,30 @@ def _cached(key, fn):
 
 def _tiny_batch(c: ml_collections.ConfigDict, tokenizer, workdir: pathlib.Path) -> dict:
   """The first batch of the config's training pipeline (prefixes, lengths, BM25 negatives)."""
+
   def make():
     pipe, _ = assemble.build_pipeline(c, tokenizer, workdir, progress=False)
     try:
       return {k: jnp.asarray(v) for k, v in next(pipe).items()}
     finally:
       pipe.close()
+
   m, d = c.model, c.data
-  return _cached(("batch", m.backbone, m.query_prefix, m.doc_prefix, m.query_max_len, m.doc_max_len,
-                  d.collection, d.negatives, d.n_neg, c.optim.batch_size), make)
+  return _cached(
+    (
+      "batch",
+      m.backbone,
+      m.query_prefix,
+      m.doc_prefix,
+      m.query_max_len,
+      m.doc_max_len,
+      d.collection,
+      d.negatives,
+      d.n_neg,
+      c.optim.batch_size,
+    ),
+    make,
+  )
 
 
 @pytest.mark.parametrize("module,variant", TRAINED, ids=_ids(TRAINED))
@@ -227,9 +257,15 @@ def test_trained_variant_tiny_batch_and_forward(module, variant, tiny_data, tmp_
   B, n, V = c.optim.batch_size, c.data.n_neg, encoder.output_dim
   assert batch["q_input_ids"].shape == (B, c.model.query_max_len)
   assert batch["d_input_ids"].shape == (B * (1 + n), c.model.doc_max_len)
-  shapes = _cached(("shapes", cfg, id(batch)), lambda: [
-      jax.eval_shape(lambda i, m, kind=kind: encoder(i, m, kind=kind), batch[f"{p}_input_ids"],
-                     batch[f"{p}_attention_mask"]).shape for kind, p in (("query", "q"), ("doc", "d"))])
+  shapes = _cached(
+    ("shapes", cfg, id(batch)),
+    lambda: [
+      jax.eval_shape(
+        lambda i, m, kind=kind: encoder(i, m, kind=kind), batch[f"{p}_input_ids"], batch[f"{p}_attention_mask"]
+      ).shape
+      for kind, p in (("query", "q"), ("doc", "d"))
+    ],
+  )
   assert shapes == [(B, V), (B * (1 + n), V)], shapes
   step_cfg = train_step.StepConfig.from_config(c, mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1]))
   # Variants that differ only in regularizer weights share one compiled forward (weights 1.0).
@@ -237,8 +273,12 @@ def test_trained_variant_tiny_batch_and_forward(module, variant, tiny_data, tmp_
 
   def forward():
     graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
-    fn = jax.jit(lambda p, b: train_step.loss_fn(p, graphdef, rest, b, jnp.asarray(c.train.total_steps),
-                                                 jax.random.key(0), step_cfg), compiler_options=_FAST_COMPILE)
+    fn = jax.jit(
+      lambda p, b: train_step.loss_fn(
+        p, graphdef, rest, b, jnp.asarray(c.train.total_steps), jax.random.key(0), step_cfg
+      ),
+      compiler_options=_FAST_COMPILE,
+    )
     return jax.device_get(fn(params, batch))
 
   loss, metrics = _cached(("forward", cfg, step_cfg, id(batch)), forward)
@@ -264,12 +304,13 @@ def test_zeroshot_variant_tiny_encodes(module, variant, tiny_data):
   c = _config(module, f"variant={variant},tiny,data={tiny_data}")
   z = c.zeroshot.to_dict()
   assert z["backbone"] in dcommon.TINY_BACKBONES.values()
-  coll = _cached(("collection", c.eval.collection), lambda: sources.load_collection(c.eval.collection,
-                                                                                     split=c.eval.split))
+  coll = _cached(
+    ("collection", c.eval.collection), lambda: sources.load_collection(c.eval.collection, split=c.eval.split)
+  )
 
   def encode():
     enc = zeroshot.ZeroShotEncoder(zeroshot.ZeroShotConfig(**z))
-    queries = [coll.queries[q] for q in sorted(coll.judged_queries)][:z["batch_size"]]
+    queries = [coll.queries[q] for q in sorted(coll.judged_queries)][: z["batch_size"]]
     docs = [sources.doc_text(d) for d, _ in zip(coll.docs(), range(z["batch_size"]))]
     return enc.encode(queries, "query"), enc.encode(docs, "doc")
 

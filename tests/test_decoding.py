@@ -6,6 +6,7 @@ and redo the read-out in numpy: decoder inputs and positions, pool masks,
 log1p(relu), max / sum pooling, the echo construction, the last index, the
 MLP head's scatter.
 """
+
 import dataclasses
 import pathlib
 import sys
@@ -83,8 +84,9 @@ def _close(got, want):
 def test_multi_token(name, drop_first, mask_eos, tmp_path):
   ref = _ref(name)
   ids, mask = ref["ids_right"], ref["mask_right"]
-  enc, tok = _build(name, head="mlm", decoding="multi_token",
-                    decoding_kwargs={"drop_first": drop_first, "mask_eos": mask_eos})
+  enc, tok = _build(
+    name, head="mlm", decoding="multi_token", decoding_kwargs={"drop_first": drop_first, "mask_eos": mask_eos}
+  )
   dec_ids = np.concatenate([np.zeros_like(ids[:, :1]), ids[:, :-1]], 1)  # start token = pad = 0
   pool = np.concatenate([np.ones_like(mask[:, :1]), mask[:, :-1]], 1)
   np.testing.assert_array_equal(dec_ids, ref["dec_ids_right"])
@@ -100,21 +102,21 @@ def test_multi_token(name, drop_first, mask_eos, tmp_path):
   if name == "t5_flan" and drop_first:  # the decoding fields travel with the saved encoder
     enc2, _ = sparse_encoder.load_encoder(sparse_encoder.save_encoder(enc, tok, tmp_path / "enc"))
     assert enc2.config.decoding == "multi_token" and enc2.config.decoding_kwargs == {
-        "drop_first": True, "mask_eos": False}
+      "drop_first": True,
+      "mask_eos": False,
+    }
     np.testing.assert_array_equal(np.asarray(_rep(enc2, ids, mask)), got)
 
 
 def test_single_token_vocab_and_mlp():
   ref = _ref("t5_flan")
   ids, mask = ref["ids_right"], ref["mask_right"]
-  enc, tok = _build("t5_flan", head="mlm", doc_head="mlp", doc_head_kwargs={"pooling": "max"},
-                    decoding="single_token")
+  enc, tok = _build("t5_flan", head="mlm", doc_head="mlp", doc_head_kwargs={"pooling": "max"}, decoding="single_token")
   model = enc.query_backbone
   start = np.zeros((len(ids), 1), np.int32)
   enc_bld = np.asarray(model.encode(ids, mask))
   dec_b1d = np.asarray(model.decode(start, np.ones_like(start), enc_bld, mask))
-  want_q = _np_pool(_np_logits(model.lm_head, dec_b1d), np.ones((len(ids), 1)),
-                    special=tok.special_ids)
+  want_q = _np_pool(_np_logits(model.lm_head, dec_b1d), np.ones((len(ids), 1)), special=tok.special_ids)
   _close(_rep(enc, ids, mask, "query"), want_q)
   # the MLP head weighs each input token from its encoder state plus the decoder state
   want_d = _np_mlp(enc_bld + dec_b1d, mask, ids, enc.doc_head, tok.vocab_size, "max")
@@ -153,8 +155,7 @@ def test_decoder_only_causal(name):
   np.testing.assert_array_equal(np.asarray(pool), want_pool)
   np.testing.assert_array_equal(np.asarray(pids), ids)
   h = np.asarray(_states(enc.query_backbone, ids, mask))
-  _close(_rep(enc, ids, mask), _np_pool(_np_logits(enc.query_backbone.lm_head, h), want_pool,
-                                               special=tok.special_ids))
+  _close(_rep(enc, ids, mask), _np_pool(_np_logits(enc.query_backbone.lm_head, h), want_pool, special=tok.special_ids))
 
 
 @pytest.mark.parametrize("name,family", [("opt_pre", opt), ("llama3", llama)])
@@ -180,9 +181,9 @@ def _np_echo(ids, mask, pad):
   for i in range(b):
     real = ids[i][mask[i] > 0]
     n = len(real)
-    eids[i, :2 * n] = np.concatenate([real, real])
-    emask[i, :2 * n] = 1
-    pool[i, n:2 * n] = 1
+    eids[i, : 2 * n] = np.concatenate([real, real])
+    emask[i, : 2 * n] = 1
+    pool[i, n : 2 * n] = 1
   return eids, emask, pool
 
 
@@ -223,13 +224,20 @@ def test_mixed_heads(towers, query_head, tmp_path):
   ids, mask = ref["ids_right"], ref["mask_right"]
   doc_head = "mlp" if query_head == "mlm" else "mlm"
   kw = {"mlp": {"pooling": "sum"}, "mlm": {}}
-  enc, tok = _build(name, head=query_head, head_kwargs=kw[query_head], doc_head=doc_head,
-                    doc_head_kwargs={"pooling": "max"}, towers=towers)
+  enc, tok = _build(
+    name,
+    head=query_head,
+    head_kwargs=kw[query_head],
+    doc_head=doc_head,
+    doc_head_kwargs={"pooling": "max"},
+    towers=towers,
+  )
   vocab_side = "query" if query_head == "mlm" else "doc"
   params = nnx.to_pure_dict(nnx.state(enc, nnx.Param))
   mlp_node = "doc_head" if vocab_side == "query" else "query_head"
-  assert set(params) == ({"query_backbone", mlp_node} if towers == "shared" else
-                         {"query_backbone", "doc_backbone", mlp_node})
+  assert set(params) == (
+    {"query_backbone", mlp_node} if towers == "shared" else {"query_backbone", "doc_backbone", mlp_node}
+  )
   lm_owner = "query_backbone" if towers == "shared" else f"{vocab_side}_backbone"
   # OPT ties the LM head to embed_tokens: it holds no parameter of its own, and the vocabulary
   # head none at all; its projection is the backbone's own
@@ -238,8 +246,9 @@ def test_mixed_heads(towers, query_head, tmp_path):
   pool = mask * (ids != BOS[name])
   want = {vocab_side: _np_pool(ref["logits_right"], pool, special=tok.special_ids)}
   mlp_side = "doc" if vocab_side == "query" else "query"
-  want[mlp_side] = _np_mlp(ref["hidden_right"], pool, ids, enc.head(mlp_side), tok.vocab_size,
-                           "max" if mlp_side == "doc" else "sum")
+  want[mlp_side] = _np_mlp(
+    ref["hidden_right"], pool, ids, enc.head(mlp_side), tok.vocab_size, "max" if mlp_side == "doc" else "sum"
+  )
   got = {side: np.asarray(_rep(enc, ids, mask, side)) for side in ("query", "doc")}
   for side in ("query", "doc"):
     _close(got[side], want[side])
@@ -265,8 +274,9 @@ def test_tiled_vocab_head_equals_untiled_on_a_decoder(name, pooling):
     return (head(h, mask, ids, projection=m.lm_head) * coef).sum()
 
   def untiled(m, h):  # plain jnp over B x L x V
-    logits = jnp.einsum("btd,dv->btv", m.lm_head.transform(h), m.lm_head.kernel_dv(),
-                        precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.einsum(
+      "btd,dv->btv", m.lm_head.transform(h), m.lm_head.kernel_dv(), precision=jax.lax.Precision.HIGHEST
+    )
     act = jnp.where(mask[..., None] > 0, jnp.log1p(jax.nn.relu(logits)), 0.0)
     return ((act.max(1) if pooling == "max" else act.sum(1)) * coef).sum()
 
@@ -288,8 +298,8 @@ def tiny_bert_path(tmp_path_factory, minilm_path):
 
 def test_modes_a_family_cannot_do(tiny_bert_path):
   def build(backbone, **kw):
-    return sparse_encoder.build_encoder(EncoderConfig(backbone=str(backbone), head="mlm", **kw),
-                                        weights=False)
+    return sparse_encoder.build_encoder(EncoderConfig(backbone=str(backbone), head="mlm", **kw), weights=False)
+
   with pytest.raises(ValueError, match=r"multi_token.*'opt'"):
     build(FIXTURES / "opt_pre", decoding="multi_token")
   with pytest.raises(ValueError, match=r"decoder_stack.*'llama'"):
@@ -312,6 +322,5 @@ def test_modes_a_family_cannot_do(tiny_bert_path):
 
 def test_fingerprints_and_defaults():
   assert EncoderConfig().fingerprint() == "c2c1d601c3101175"  # configs written before these fields
-  for kw in ({"decoding": "multi_token"}, {"decoding_kwargs": {"mask_eos": True}},
-             {"bidirectional": True}):
+  for kw in ({"decoding": "multi_token"}, {"decoding_kwargs": {"mask_eos": True}}, {"bidirectional": True}):
     assert EncoderConfig(**kw).fingerprint() != EncoderConfig().fingerprint()

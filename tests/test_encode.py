@@ -1,4 +1,5 @@
 """encode.py: sparse encoding (with a D-sharded two-stage top-k) and the encoder -> index glue."""
+
 import pathlib
 import sys
 
@@ -14,15 +15,20 @@ from laspar_jax.index import Index  # noqa: E402
 from laspar_jax.models import sparse_encoder  # noqa: E402
 from laspar_jax.models.sparse_encoder import EncoderConfig  # noqa: E402
 
-TEXTS = ["cells and proteins", "a much longer text about the river bank and its many fish",
-         "zinc", "the effect of vitamin d on bone density in older adults", "", "b cells"]
+TEXTS = [
+  "cells and proteins",
+  "a much longer text about the river bank and its many fish",
+  "zinc",
+  "the effect of vitamin d on bone density in older adults",
+  "",
+  "b cells",
+]
 
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory, minilm_path):
   path = tiny_bert.write_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert", minilm_path)
-  cfg = EncoderConfig(backbone=str(path), head="latent_attention", latent_dim=1024,
-                      query_max_len=16, doc_max_len=24)
+  cfg = EncoderConfig(backbone=str(path), head="latent_attention", latent_dim=1024, query_max_len=16, doc_max_len=24)
   return sparse_encoder.build_encoder(cfg)
 
 
@@ -46,8 +52,7 @@ def test_sharded_topk_path_equals_global(encoder):
 def test_index_collection_holds_the_encoded_postings(encoder, tmp_path):
   enc, tok = encoder
   docs = [Doc(f"d{i}", "", t) for i, t in enumerate(TEXTS)]
-  path = encode.index_collection(enc, tok, docs, tmp_path / "ix", k_doc=32, batch_size=4,
-                                 progress=False)
+  path = encode.index_collection(enc, tok, docs, tmp_path / "ix", k_doc=32, batch_size=4, progress=False)
   ix = Index.load(path)
   assert ix.doc_ids.tolist() == [d.doc_id for d in docs] and ix.dim == enc.output_dim
   assert ix.manifest["encoder_hash"] == encode.encoder_fingerprint(enc)
@@ -66,6 +71,7 @@ def test_index_collection_holds_the_encoded_postings(encoder, tmp_path):
 def test_encoder_dim():
   class _E:
     output_dim = 77
+
   assert encode.encoder_dim(_E()) == 77
   with pytest.raises(ValueError, match="pass dim="):
     encode.encoder_dim(object())

@@ -1,4 +1,5 @@
 """The one evaluation path (laspar_jax.evaluate): queries without results count 0, figures match the written run."""
+
 import dataclasses
 import json
 import zlib
@@ -39,15 +40,15 @@ class _FakeConfig:
 
 class _FakeEncoder:
   """Bag of hashed words, weight = 1 + log(count)."""
+
   config = _FakeConfig()
   output_dim = 4096
 
 
-def _fake_encode_sparse(encoder, tokenizer, texts, *, kind, k, batch_size=64, max_length=None,
-                        min_weight=0.0, **_):
+def _fake_encode_sparse(encoder, tokenizer, texts, *, kind, k, batch_size=64, max_length=None, min_weight=0.0, **_):
   texts = list(texts)
   for s in range(0, len(texts), batch_size):
-    chunk = texts[s:s + batch_size]
+    chunk = texts[s : s + batch_size]
     idx = np.zeros((len(chunk), k), np.int32)
     val = np.zeros((len(chunk), k), np.float32)
     for b, t in enumerate(chunk):
@@ -63,8 +64,13 @@ def _fake_encode_sparse(encoder, tokenizer, texts, *, kind, k, batch_size=64, ma
 
 class _FakeCollection:
   name = "fake"
-  _docs = [Doc("d1", "", "apples and pears"), Doc("d2", "Title", "pears only"),
-           Doc("d3", "", "the river bank"), Doc("d4", "", ""), Doc("d5", "", "bank of apples")]
+  _docs = [
+    Doc("d1", "", "apples and pears"),
+    Doc("d2", "Title", "pears only"),
+    Doc("d3", "", "the river bank"),
+    Doc("d4", "", ""),
+    Doc("d5", "", "bank of apples"),
+  ]
   queries = {"q1": "apples", "q2": "river bank", "q3": "nothing matches zzz", "q4": "unjudged"}
   qrels = {"q1": {"d1": 1}, "q2": {"d3": 1}, "q3": {"d4": 1}}
   num_docs = 5
@@ -89,13 +95,13 @@ def _mean_on_written_run(run_path, qrels, measures):
 def test_build_and_evaluate_with_fake_encoder(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(encode_lib, "encode_sparse", _fake_encode_sparse)
   enc = _FakeEncoder()
-  path = index_collection(enc, None, _FakeCollection(), tmp_path / "ix", k_doc=8,
-                          batch_size=2, progress=False)
+  path = index_collection(enc, None, _FakeCollection(), tmp_path / "ix", k_doc=8, batch_size=2, progress=False)
   ix = Index.load(path)
   assert ix.doc_ids.tolist() == ["d1", "d2", "d3", "d4", "d5"]
   assert ix.manifest["encoder_hash"] == "fake0123" and ix.manifest["stats"]["empty_docs"] == 1
-  out = evaluate.evaluate_encoder(enc, None, _FakeCollection(), path, k=10, k_query=8,
-                                  run_path=tmp_path / "r.run", measures=["RR@10", "R@100"])
+  out = evaluate.evaluate_encoder(
+    enc, None, _FakeCollection(), path, k=10, k_query=8, run_path=tmp_path / "r.run", measures=["RR@10", "R@100"]
+  )
   assert out["n_queries"] == 3
   # q1 -> d1 first (d5 also has "apples" but is longer? equal weight: tie by row -> d1).
   assert out["metrics"]["RR@10"] == pytest.approx((1.0 + 1.0 + 0.0) / 3)
@@ -112,35 +118,65 @@ def test_build_and_evaluate_with_fake_encoder(tmp_path, monkeypatch, capsys):
 
 def _write_beir(root, docs, queries, qrels):
   root.mkdir()
-  (root / "corpus.jsonl").write_text("".join(
-      json.dumps({"_id": d, "title": "", "text": t}) + "\n" for d, t in docs.items()))
+  (root / "corpus.jsonl").write_text(
+    "".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n" for d, t in docs.items())
+  )
   (root / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
   (root / "qrels").mkdir()
-  (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-      f"{q}\t{d}\t{r}\n" for q, rel in qrels.items() for d, r in rel.items()))
+  (root / "qrels" / "test.tsv").write_text(
+    "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{r}\n" for q, rel in qrels.items() for d, r in rel.items())
+  )
 
 
 @pytest.mark.parametrize("max_queries, max_docs", [(0, 0), (4, 4)])
 def test_training_evaluation_counts_empty_queries_as_zero(tmp_path, monkeypatch, max_queries, max_docs):
   """The training-time path (evaluate_config): its figure is ir-measures on the WRITTEN run, all judged queries."""
   monkeypatch.setattr(encode_lib, "encode_sparse", _fake_encode_sparse)
-  docs = {"d1": "apples and pears", "d2": "pears only", "d3": "the river bank", "d4": "bank of apples",
-          "d5": "green apples", "d6": "river boats"}
-  queries = {"q1": "apples", "q2": "river bank", "q3": "nothing matches zzz", "q4": "pears",
-             "q5": "no hit either", "q6": "boats", "q7": "unjudged apples"}
-  qrels = {"q1": {"d4": 1, "d5": 1}, "q2": {"d3": 2, "d6": 1}, "q3": {"d1": 1}, "q4": {"d2": 1},
-           "q5": {"d2": 1}, "q6": {"d6": 1}}
+  docs = {
+    "d1": "apples and pears",
+    "d2": "pears only",
+    "d3": "the river bank",
+    "d4": "bank of apples",
+    "d5": "green apples",
+    "d6": "river boats",
+  }
+  queries = {
+    "q1": "apples",
+    "q2": "river bank",
+    "q3": "nothing matches zzz",
+    "q4": "pears",
+    "q5": "no hit either",
+    "q6": "boats",
+    "q7": "unjudged apples",
+  }
+  qrels = {
+    "q1": {"d4": 1, "d5": 1},
+    "q2": {"d3": 2, "d6": 1},
+    "q3": {"d1": 1},
+    "q4": {"d2": 1},
+    "q5": {"d2": 1},
+    "q6": {"d6": 1},
+  }
   _write_beir(tmp_path / "coll", docs, queries, qrels)
-  ev = ml_collections.ConfigDict(dict(
-      collection=str(tmp_path / "coll"), split="test", q_topk=8, d_topk=8, batch_size=2,
-      measures="nDCG@10,RR@10,R@100,AP", max_queries=max_queries, max_docs=max_docs, search_threads=1))
+  ev = ml_collections.ConfigDict(
+    dict(
+      collection=str(tmp_path / "coll"),
+      split="test",
+      q_topk=8,
+      d_topk=8,
+      batch_size=2,
+      measures="nDCG@10,RR@10,R@100,AP",
+      max_queries=max_queries,
+      max_docs=max_docs,
+      search_threads=1,
+    )
+  )
   res = evaluate.evaluate_config(_FakeEncoder(), None, ev, tmp_path / "eval" / "3", progress=False)
   out = tmp_path / "eval" / "3"
   assert json.loads((out / "metrics.json").read_text()) == res
   assert Index.load(out / "index").n_docs == (max_docs or len(docs))
-  assert {"nDCG@10", "RR@10", "R@100", "AP", "active_q", "active_d", "index_seconds",
-          "eval_seconds"} <= set(res)
-  judged = sorted(qrels)[:max_queries or None]
+  assert {"nDCG@10", "RR@10", "R@100", "AP", "active_q", "active_d", "index_seconds", "eval_seconds"} <= set(res)
+  judged = sorted(qrels)[: max_queries or None]
   run = formats.read_trec_run(out / "run.trec")
   assert "q3" not in run and "q5" not in run and "q7" not in run  # no results / unjudged: no lines
   assert set(run) <= set(judged)
@@ -150,6 +186,12 @@ def test_training_evaluation_counts_empty_queries_as_zero(tmp_path, monkeypatch,
   # Queries that retrieve nothing pull the mean down (they are not skipped).
   ranked = [q for q in judged if q in run]
   assert len(ranked) < len(judged) and res["RR@10"] < 1.0
-  assert res["RR@10"] == pytest.approx(sum(1.0 / (1 + list(run[q]).index(next(iter(
-      d for d in run[q] if d in qrels[q])))) if any(d in qrels[q] for d in run[q]) else 0.0
-      for q in ranked) / len(judged))
+  assert res["RR@10"] == pytest.approx(
+    sum(
+      1.0 / (1 + list(run[q]).index(next(iter(d for d in run[q] if d in qrels[q]))))
+      if any(d in qrels[q] for d in run[q])
+      else 0.0
+      for q in ranked
+    )
+    / len(judged)
+  )

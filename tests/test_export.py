@@ -1,4 +1,5 @@
 """Export: a self-contained folder that reloads to the same encoder, a model card, Hub upload (mocked only)."""
+
 import contextlib
 import io
 import json
@@ -35,7 +36,8 @@ def saved(tmp_path_factory, minilm_path):
   for step, ndcg in ((5, 0.25), (10, 0.5)):
     (workdir / "eval" / str(step)).mkdir(parents=True)
     (workdir / "eval" / str(step) / "metrics.json").write_text(
-        json.dumps({"nDCG@10": ndcg, "R@100": 0.75, "active_q": 12.0}))
+      json.dumps({"nDCG@10": ndcg, "R@100": 0.75, "active_q": 12.0})
+    )
   return workdir, enc, tok
 
 
@@ -53,8 +55,16 @@ def _front_matter(card):
 def test_export_workdir_reloads_and_has_card(saved, tmp_path):
   workdir, enc, tok = saved
   out = pathlib.Path(export.export_workdir(workdir, tmp_path / "laspar-tiny"))
-  for name in (sparse_encoder.CONFIG_NAME, sparse_encoder.PARAMS_NAME, "config.json", "tokenizer.json",
-               "vocab.txt", "README.md", "training_config.json", "metrics.json"):
+  for name in (
+    sparse_encoder.CONFIG_NAME,
+    sparse_encoder.PARAMS_NAME,
+    "config.json",
+    "tokenizer.json",
+    "vocab.txt",
+    "README.md",
+    "training_config.json",
+    "metrics.json",
+  ):
     assert (out / name).is_file(), name
   assert not list(tmp_path.glob("*.tmp-*"))
 
@@ -78,7 +88,8 @@ def test_export_workdir_reloads_and_has_card(saved, tmp_path):
   assert exported_cfg["backbone"] == "sentence-transformers/all-MiniLM-L6-v2"
   saved_cfg = json.loads((workdir / "encoder" / sparse_encoder.CONFIG_NAME).read_text())
   assert {k: v for k, v in exported_cfg.items() if k != "backbone"} == {
-      k: v for k, v in saved_cfg.items() if k != "backbone"}
+    k: v for k, v in saved_cfg.items() if k != "backbone"
+  }
   assert "| head | latent_attention |" in card and "| latent dims D | 16384 |" in card
   assert json.loads((out / "metrics.json").read_text())["nDCG@10"] == 0.5
   assert json.loads((out / "training_config.json").read_text())["model"]["head"] == "latent_attention"
@@ -133,8 +144,13 @@ def test_push_to_hub_errors(saved, tmp_path, monkeypatch):
 def test_launcher(saved, tmp_path):
   workdir, _, _ = saved
   out = tmp_path / "cli"
-  proc = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), f"--workdir={workdir}", f"--out={out}"],
-                        capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    [sys.executable, str(REPO / "launch" / "export.py"), f"--workdir={workdir}", f"--out={out}"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"exported to {out}" in proc.stdout
   assert "| nDCG@10 | 0.5 |" in (out / "README.md").read_text()

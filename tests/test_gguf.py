@@ -2,6 +2,7 @@
 
 Tiny Llama-shaped GGUF files are written here with the `gguf` package.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ Q = gguf.GGMLQuantizationType
 HIDDEN, INTER, HEADS, KV, LAYERS = 64, 96, 4, 2, 2
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a"]
-TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEMPLATE = (
+  "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def _tokens() -> list[str]:
@@ -34,19 +37,25 @@ def hf_tensors(seed: int = 0) -> dict[str, np.ndarray]:
   """Random tensors of a tiny Llama in Hugging Face names and layout."""
   rng = np.random.default_rng(seed)
   vocab, hd = len(_tokens()), HIDDEN // HEADS
-  t = {"model.embed_tokens.weight": rng.standard_normal((vocab, HIDDEN)),
-       "model.norm.weight": 1 + 0.1 * rng.standard_normal(HIDDEN)}
+  t = {
+    "model.embed_tokens.weight": rng.standard_normal((vocab, HIDDEN)),
+    "model.norm.weight": 1 + 0.1 * rng.standard_normal(HIDDEN),
+  }
   for i in range(LAYERS):
     p = f"model.layers.{i}."
-    t.update({p + "input_layernorm.weight": 1 + 0.1 * rng.standard_normal(HIDDEN),
-              p + "post_attention_layernorm.weight": 1 + 0.1 * rng.standard_normal(HIDDEN),
-              p + "self_attn.q_proj.weight": 0.1 * rng.standard_normal((HEADS * hd, HIDDEN)),
-              p + "self_attn.k_proj.weight": 0.1 * rng.standard_normal((KV * hd, HIDDEN)),
-              p + "self_attn.v_proj.weight": 0.1 * rng.standard_normal((KV * hd, HIDDEN)),
-              p + "self_attn.o_proj.weight": 0.1 * rng.standard_normal((HIDDEN, HEADS * hd)),
-              p + "mlp.gate_proj.weight": 0.1 * rng.standard_normal((INTER, HIDDEN)),
-              p + "mlp.up_proj.weight": 0.1 * rng.standard_normal((INTER, HIDDEN)),
-              p + "mlp.down_proj.weight": 0.1 * rng.standard_normal((HIDDEN, INTER))})
+    t.update(
+      {
+        p + "input_layernorm.weight": 1 + 0.1 * rng.standard_normal(HIDDEN),
+        p + "post_attention_layernorm.weight": 1 + 0.1 * rng.standard_normal(HIDDEN),
+        p + "self_attn.q_proj.weight": 0.1 * rng.standard_normal((HEADS * hd, HIDDEN)),
+        p + "self_attn.k_proj.weight": 0.1 * rng.standard_normal((KV * hd, HIDDEN)),
+        p + "self_attn.v_proj.weight": 0.1 * rng.standard_normal((KV * hd, HIDDEN)),
+        p + "self_attn.o_proj.weight": 0.1 * rng.standard_normal((HIDDEN, HEADS * hd)),
+        p + "mlp.gate_proj.weight": 0.1 * rng.standard_normal((INTER, HIDDEN)),
+        p + "mlp.up_proj.weight": 0.1 * rng.standard_normal((INTER, HIDDEN)),
+        p + "mlp.down_proj.weight": 0.1 * rng.standard_normal((HIDDEN, INTER)),
+      }
+    )
   return {k: v.astype(np.float32) for k, v in t.items()}
 
 
@@ -63,12 +72,21 @@ def gguf_name(hf: str) -> str:
     _, _, i, rest = hf.split(".", 3)
     base, _, kind = rest.rpartition(".")
     return f"blk.{i}.{_TO_GGUF[base]}.{kind}"
-  return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-          "lm_head.weight": "output.weight"}[hf]
+  return {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+  }[hf]
 
 
-def write_gguf(path: str, tensors: dict[str, np.ndarray], *, qtype: Q = Q.F32, arch: str = "llama",
-               extra: dict[str, tuple[np.ndarray, Q]] | None = None) -> str:
+def write_gguf(
+  path: str,
+  tensors: dict[str, np.ndarray],
+  *,
+  qtype: Q = Q.F32,
+  arch: str = "llama",
+  extra: dict[str, tuple[np.ndarray, Q]] | None = None,
+) -> str:
   """A GGUF file of `tensors` (HF names), matrices stored as `qtype`, with a byte-level BPE tokenizer."""
   w = gguf.GGUFWriter(path, arch)
   w.add_uint32(f"{arch}.block_count", LAYERS)
@@ -118,14 +136,21 @@ def test_read_dequantizes_and_unpermutes(tmp_path, qtype):
   assert set(got) == set(tensors)
   for name, want in tensors.items():
     if want.ndim == 2 and qtype != Q.F32:  # what the quantization keeps, in HF row order
-      raw = gguf.quants.dequantize(gguf.quants.quantize(want, qtype) if qtype != Q.F16
-                                   else want.astype(np.float16), qtype)
+      raw = gguf.quants.dequantize(
+        gguf.quants.quantize(want, qtype) if qtype != Q.F16 else want.astype(np.float16), qtype
+      )
       want = np.asarray(raw, np.float32).reshape(want.shape)
     assert got[name].dtype == np.float32 and got[name].shape == want.shape, name
     np.testing.assert_array_equal(got[name], want, err_msg=name)
   assert cfg["model_type"] == "llama" and cfg["tie_word_embeddings"] is True
-  assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
-          cfg["num_hidden_layers"], cfg["vocab_size"]) == (HIDDEN, INTER, HEADS, KV, LAYERS, len(_tokens()))
+  assert (
+    cfg["hidden_size"],
+    cfg["intermediate_size"],
+    cfg["num_attention_heads"],
+    cfg["num_key_value_heads"],
+    cfg["num_hidden_layers"],
+    cfg["vocab_size"],
+  ) == (HIDDEN, INTER, HEADS, KV, LAYERS, len(_tokens()))
   assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 0)
 
 
@@ -166,8 +191,11 @@ def test_gguf_tokenizer_and_chat_template(tmp_path):
 def test_unsupported_quantization_names_tensor_and_file(tmp_path):
   tensors = hf_tensors()
   path = write_gguf(str(tmp_path / "m.gguf"), tensors, qtype=Q.Q5_0)
-  with pytest.raises(hf_weights.CheckpointError, match=r"m\.gguf.*blk\.0\.ffn_down\.weight.*Q5_0|"
-                                                       r"m\.gguf.*token_embd.*Q5_0|m\.gguf.*Q5_0"):
+  with pytest.raises(
+    hf_weights.CheckpointError,
+    match=r"m\.gguf.*blk\.0\.ffn_down\.weight.*Q5_0|"
+    r"m\.gguf.*token_embd.*Q5_0|m\.gguf.*Q5_0",
+  ):
     hf_weights.load(path)
   with pytest.raises(hf_weights.CheckpointError, match=r"m\.gguf: tensor '[a-z_.0-9]+' has GGUF type Q5_0"):
     hf_weights.load(path)
@@ -178,8 +206,7 @@ def test_bad_gguf_files(tmp_path):
   p = write_gguf(str(tmp_path / "arch.gguf"), tensors, arch="gpt2")
   with pytest.raises(hf_weights.CheckpointError, match="arch.gguf.*architecture 'gpt2'"):
     hf_weights.load(p)
-  p = write_gguf(str(tmp_path / "extra.gguf"), tensors,
-                 extra={"rope_freqs.weight": (np.ones(8, np.float32), Q.F32)})
+  p = write_gguf(str(tmp_path / "extra.gguf"), tensors, extra={"rope_freqs.weight": (np.ones(8, np.float32), Q.F32)})
   with pytest.raises(hf_weights.CheckpointError, match="extra.gguf.*unexpected GGUF tensor 'rope_freqs.weight'"):
     hf_weights.load(p)
   p = write_gguf(str(tmp_path / "cut.gguf"), tensors)

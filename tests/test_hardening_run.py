@@ -1,5 +1,6 @@
 """Run hardening: workdir lock, config validation, history rows, stale temporaries, folder permissions,
 huge documents, empty corpora, encoder/index mismatch, launcher switches."""
+
 import json
 import os
 import pathlib
@@ -31,15 +32,15 @@ def _dead_pid():
 
 
 def test_workdir_lock_refuses_second_holder_and_takes_over_dead_one(tmp_path):
-  code = ("import sys, time; sys.path.insert(0, %r)\n"
-          "from laspar_jax import workdir_lock\n"
-          "with workdir_lock.workdir_lock(%r):\n  print('held', flush=True); time.sleep(600)\n"
-          % (str(REPO), str(tmp_path)))
+  code = (
+    "import sys, time; sys.path.insert(0, %r)\n"
+    "from laspar_jax import workdir_lock\n"
+    "with workdir_lock.workdir_lock(%r):\n  print('held', flush=True); time.sleep(600)\n" % (str(REPO), str(tmp_path))
+  )
   holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
   try:
     assert holder.stdout.readline().strip() == b"held"
-    with pytest.raises(workdir_lock.WorkdirLockedError,
-                       match=rf"pid {holder.pid} on host {socket.gethostname()}"):
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=rf"pid {holder.pid} on host {socket.gethostname()}"):
       with workdir_lock.workdir_lock(tmp_path):
         pass
     # train_and_evaluate fails fast, before it writes anything.
@@ -57,13 +58,16 @@ def test_workdir_lock_refuses_second_holder_and_takes_over_dead_one(tmp_path):
 # ----------------------------------------------------------------------------- config validation
 
 
-@pytest.mark.parametrize("field,value,msg", [
+@pytest.mark.parametrize(
+  "field,value,msg",
+  [
     ("model.latent_dim", -5, r"config.model.latent_dim=-5: must be >= 0"),
     ("optim.batch_size", 0, r"config.optim.batch_size=0: must be >= 1"),
     ("model.head", "latent_atention", r"config.model.head='latent_atention': must be one of"),
     ("optim.lr", -1e-3, r"config.optim.lr=-0.001: must be > 0"),
     ("eval.d_topk", 0, r"config.eval.d_topk=0"),
-])
+  ],
+)
 def test_config_validated_before_anything_is_written(tmp_path, field, value, msg):
   c = laspar.get_config("runlocal")
   section, name = field.split(".")
@@ -95,8 +99,7 @@ def test_history_rows_on_disk_at_once_and_resume_drops_later_rows(tmp_path):
   w2.close()
   w.close()
   rows = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
-  assert rows == [{"step": 2, "train/loss": 2.0}, {"step": 4, "train/loss": 4.0},
-                  {"step": 6, "train/loss": 6.5}]
+  assert rows == [{"step": 2, "train/loss": 2.0}, {"step": 4, "train/loss": 4.0}, {"step": 6, "train/loss": 6.5}]
 
 
 # ----------------------------------------------------------------------------- stale temporaries
@@ -179,6 +182,7 @@ def test_encoder_mismatch_refused_unless_allowed(minilm_path, tmp_path):
   import tiny_bert  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from laspar_jax.models import sparse_encoder  # pylint: disable=import-outside-toplevel
+
   path = tiny_bert.write_tiny_bert(tmp_path / "tiny", minilm_path)
   enc, _ = sparse_encoder.load_encoder(str(path), head="latent_attention", latent_dim=64)
   fp, digest = encode.encoder_fingerprint(enc), encode.params_digest(enc)
@@ -200,9 +204,17 @@ def jax_first_param(nnx, enc):
 
 def test_launchers_have_the_switches():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  for script, want in (("evaluate.py", ("--strict", "--verify", "--allow_encoder_mismatch", "--qrels_layout")),
-                       ("index.py", ("--strict", "--qrels_layout")), ("train.py", ("--strict",))):
-    out = subprocess.run([sys.executable, str(REPO / "launch" / script), "--helpfull"], env=env,
-                         capture_output=True, text=True, timeout=120).stdout
+  for script, want in (
+    ("evaluate.py", ("--strict", "--verify", "--allow_encoder_mismatch", "--qrels_layout")),
+    ("index.py", ("--strict", "--qrels_layout")),
+    ("train.py", ("--strict",)),
+  ):
+    out = subprocess.run(
+      [sys.executable, str(REPO / "launch" / script), "--helpfull"],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    ).stdout
     for flag in want:
       assert re.search(rf"--(\[no\])?{flag[2:]}:", out), (script, flag)

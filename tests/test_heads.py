@@ -1,4 +1,5 @@
 """Sparse heads against plain numpy references; tiling, top-k, sharding."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,8 +64,7 @@ def test_latent_attention_matches_numpy(pooling):
   assert out.dtype == jnp.float32 and out.shape == (B, D)
   np.testing.assert_allclose(out, ref, atol=2e-5)
   if pooling == "position":  # padding leaks in: differs from the mask-aware form
-    assert not np.allclose(out[2], _np_finish((_np_softmax(logits, m)[..., None] * h).sum(1) @ U + b)[2],
-                           atol=1e-3)
+    assert not np.allclose(out[2], _np_finish((_np_softmax(logits, m)[..., None] * h).sum(1) @ U + b)[2], atol=1e-3)
 
 
 def test_latent_sum_matches_per_token_projection():
@@ -80,8 +80,7 @@ def test_latent_sum_matches_per_token_projection():
 @pytest.mark.parametrize("tile,token_chunk", [(None, None), (32, None), (64, 4), (48, 2)])
 def test_latent_max_matches_numpy(tile, token_chunk):
   h, m = _inputs(scale=2.0)
-  head = heads.LatentMaxHead(DM, D, tile=tile, token_chunk=token_chunk, rngs=nnx.Rngs(2),
-                             clamp=1.5)
+  head = heads.LatentMaxHead(DM, D, tile=tile, token_chunk=token_chunk, rngs=nnx.Rngs(2), clamp=1.5)
   _set_random(head)
   U, b = np.asarray(head.kernel[...]), np.asarray(head.bias[...])
   act = np.log1p(np.maximum(h @ U + b, 0.0))
@@ -96,8 +95,7 @@ def test_latent_max_matches_numpy(tile, token_chunk):
 def test_latent_max_tiled_grads_equal_untiled(tile, token_chunk, backward):
   h, m = _inputs(scale=2.0)
   m[0] = 0  # a row without tokens
-  tiled = heads.LatentMaxHead(DM, D, tile=tile, token_chunk=token_chunk, backward=backward,
-                              rngs=nnx.Rngs(3))
+  tiled = heads.LatentMaxHead(DM, D, tile=tile, token_chunk=token_chunk, backward=backward, rngs=nnx.Rngs(3))
   untiled = heads.LatentMaxHead(DM, D, tile=None, rngs=nnx.Rngs(3))
   w = jnp.asarray(np.random.default_rng(0).normal(size=(B, D)), jnp.float32)
 
@@ -106,8 +104,7 @@ def test_latent_max_tiled_grads_equal_untiled(tile, token_chunk, backward):
     return nnx.grad(lambda head, h: jnp.sum(head(h, jnp.asarray(m)) * w), argnums=(0, 1))(head, h)
 
   g1, g2 = grads(tiled, jnp.asarray(h)), grads(untiled, jnp.asarray(h))
-  np.testing.assert_allclose(tiled(jnp.asarray(h), jnp.asarray(m)),
-                             untiled(jnp.asarray(h), jnp.asarray(m)), atol=1e-6)
+  np.testing.assert_allclose(tiled(jnp.asarray(h), jnp.asarray(m)), untiled(jnp.asarray(h), jnp.asarray(m)), atol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   assert float(jnp.abs(g1[0]["kernel"][...]).sum()) > 0
@@ -123,8 +120,9 @@ def test_token_pool_sum_and_padding_of_tiles():
   act = np.log1p(np.maximum(h @ k + b, 0.0)) * m[..., None]
   for reduce, ref in (("sum", act.sum(1)), ("max", act.max(1))):
     for tile in (None, 16, 7):
-      out = heads.token_pool(jnp.asarray(h), jnp.asarray(m), jnp.asarray(k), jnp.asarray(b),
-                             reduce=reduce, tile=tile, token_chunk=4)
+      out = heads.token_pool(
+        jnp.asarray(h), jnp.asarray(m), jnp.asarray(k), jnp.asarray(b), reduce=reduce, tile=tile, token_chunk=4
+      )
       np.testing.assert_allclose(out, ref, atol=2e-5, err_msg=f"{reduce} tile={tile}")
 
 
@@ -140,13 +138,17 @@ def test_topk_gather_equals_mask(cls):
   def loss(head, h, mode):
     return jnp.sum(head(h, jnp.asarray(m), topk=k, topk_mode=mode) * w)
 
-  outs = {mode: nnx.jit(lambda hd, x, mode=mode: hd(x, jnp.asarray(m), topk=k, topk_mode=mode))(
-      head, jnp.asarray(h)) for mode in ("gather", "mask")}
+  outs = {
+    mode: nnx.jit(lambda hd, x, mode=mode: hd(x, jnp.asarray(m), topk=k, topk_mode=mode))(head, jnp.asarray(h))
+    for mode in ("gather", "mask")
+  }
   np.testing.assert_allclose(outs["gather"], outs["mask"], atol=1e-6)
   assert ((np.asarray(outs["gather"]) > 0).sum(1) == k).all()
   np.testing.assert_allclose(np.linalg.norm(outs["gather"], axis=1), 1.0, atol=1e-5)
-  grads = {mode: nnx.jit(nnx.grad(loss, argnums=(0, 1)), static_argnums=2)(head, jnp.asarray(h), mode)
-           for mode in ("gather", "mask")}
+  grads = {
+    mode: nnx.jit(nnx.grad(loss, argnums=(0, 1)), static_argnums=2)(head, jnp.asarray(h), mode)
+    for mode in ("gather", "mask")
+  }
   for a, b in zip(jax.tree.leaves(grads["gather"]), jax.tree.leaves(grads["mask"])):
     np.testing.assert_allclose(a, b, atol=1e-5)
   # Only the kept columns of U get gradient.
@@ -177,6 +179,7 @@ def _set_projection(proj, t):
 
 def _np_transform(h, t):
   from scipy.special import erf
+
   y = h @ t["transform.dense.weight"].T + t["transform.dense.bias"]
   y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
   y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-12)
@@ -185,11 +188,11 @@ def _np_transform(h, t):
 
 def _mlm_tensors(rng, V):
   return {
-      "transform.dense.weight": rng.normal(size=(DM, DM)).astype(np.float32) * 0.3,
-      "transform.dense.bias": rng.normal(size=(DM,)).astype(np.float32),
-      "transform.LayerNorm.weight": rng.normal(size=(DM,)).astype(np.float32),
-      "transform.LayerNorm.bias": rng.normal(size=(DM,)).astype(np.float32),
-      "bias": rng.normal(size=(V,)).astype(np.float32),
+    "transform.dense.weight": rng.normal(size=(DM, DM)).astype(np.float32) * 0.3,
+    "transform.dense.bias": rng.normal(size=(DM,)).astype(np.float32),
+    "transform.LayerNorm.weight": rng.normal(size=(DM,)).astype(np.float32),
+    "transform.LayerNorm.bias": rng.normal(size=(DM,)).astype(np.float32),
+    "bias": rng.normal(size=(V,)).astype(np.float32),
   }
 
 
@@ -223,6 +226,7 @@ def test_vocab_head_matches_numpy_tied():
     def loss(state):
       hd = nnx.merge(gdef, state)[0]
       return hd(jnp.asarray(h), jnp.asarray(m)).sum()
+
     return jax.grad(loss)(state)
 
   g = grad_fn(state)
@@ -237,10 +241,13 @@ def test_vocab_head_own_decoder():
   proj = _projection(V)  # untied: the projection's own decoder
   head = heads.VocabHead(proj, vocab=V, tile=None)
   dec = rng.normal(size=(V, DM)).astype(np.float32)
-  t = {"transform.dense.weight": np.eye(DM, dtype=np.float32),
-       "transform.dense.bias": np.zeros(DM, np.float32),
-       "transform.LayerNorm.weight": np.ones(DM, np.float32),
-       "transform.LayerNorm.bias": np.zeros(DM, np.float32), "bias": np.zeros(V, np.float32)}
+  t = {
+    "transform.dense.weight": np.eye(DM, dtype=np.float32),
+    "transform.dense.bias": np.zeros(DM, np.float32),
+    "transform.LayerNorm.weight": np.ones(DM, np.float32),
+    "transform.LayerNorm.bias": np.zeros(DM, np.float32),
+    "bias": np.zeros(V, np.float32),
+  }
   _set_projection(proj, t)
   proj.decoder.set_value(jnp.asarray(dec.T))
   np.testing.assert_array_equal(head.projection.kernel_dv(), dec.T)

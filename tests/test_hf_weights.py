@@ -1,4 +1,5 @@
 """Safetensors loading: sharded and low-precision checkpoints, placement on a mesh, bad checkpoints, offline ids."""
+
 from __future__ import annotations
 
 import json
@@ -44,20 +45,25 @@ def test_sharded_bf16_fp16_checkpoint(tiny, tmp_path):
   tensors = _tensors(tiny)
   names = sorted(tensors)
   half = len(names) // 2
-  shards = {"model-00001-of-00002.safetensors": {n: tensors[n].astype(ml_dtypes.bfloat16) for n in names[:half]},
-            "model-00002-of-00002.safetensors": {n: tensors[n].astype(np.float16) for n in names[half:]}}
+  shards = {
+    "model-00001-of-00002.safetensors": {n: tensors[n].astype(ml_dtypes.bfloat16) for n in names[:half]},
+    "model-00002-of-00002.safetensors": {n: tensors[n].astype(np.float16) for n in names[half:]},
+  }
   folder = tmp_path / "sharded"
   _copy_without_weights(tiny, folder)
   for fname, part in shards.items():
     save_file(part, str(folder / fname))
-  (folder / "model.safetensors.index.json").write_text(json.dumps(
-      {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}))
+  (folder / "model.safetensors.index.json").write_text(
+    json.dumps({"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}})
+  )
   got = hf_weights.load(str(folder))
   # the same values, stored in fp32 in one file
   ref_folder = tmp_path / "single"
   _copy_without_weights(tiny, ref_folder)
-  save_file({n: a.astype(np.float32) for part in shards.values() for n, a in part.items()},
-            str(ref_folder / "model.safetensors"))
+  save_file(
+    {n: a.astype(np.float32) for part in shards.values() for n, a in part.items()},
+    str(ref_folder / "model.safetensors"),
+  )
   ref = hf_weights.load(str(ref_folder))
   a, b = _params(got.model), _params(ref.model)
   assert a.keys() == b.keys()
@@ -102,13 +108,17 @@ def test_bad_checkpoints_name_tensor_and_file(tiny, tmp_path):
   with pytest.raises(hf_weights.CheckpointError, match=r"missing.*encoder\.layer\.1\.output\.dense\.weight"):
     hf_weights.load(p)
   p = _write_variant(tiny, tmp_path, "unexpected", add)
-  with pytest.raises(hf_weights.CheckpointError,
-                     match=r"unexpected/model\.safetensors: unexpected tensor 'encoder\.layer\.7\.surprise\.weight'"):
+  with pytest.raises(
+    hf_weights.CheckpointError,
+    match=r"unexpected/model\.safetensors: unexpected tensor 'encoder\.layer\.7\.surprise\.weight'",
+  ):
     hf_weights.load(p)
   p = _write_variant(tiny, tmp_path, "shape", reshape)
-  with pytest.raises(hf_weights.CheckpointError,
-                     match=r"shape/model\.safetensors: tensor 'encoder\.layer\.0\.intermediate\.dense\.weight' "
-                           r"has shape \(5, 7\)"):
+  with pytest.raises(
+    hf_weights.CheckpointError,
+    match=r"shape/model\.safetensors: tensor 'encoder\.layer\.0\.intermediate\.dense\.weight' "
+    r"has shape \(5, 7\)",
+  ):
     hf_weights.load(p)
   p = _write_variant(tiny, tmp_path, "model_type", lambda t: None)
   cfg = json.loads((tiny / "config.json").read_text())
@@ -128,8 +138,9 @@ def test_bad_checkpoints_name_tensor_and_file(tiny, tmp_path):
 def test_missing_shard_is_named(tiny, tmp_path):
   folder = tmp_path / "lost_shard"
   _copy_without_weights(tiny, folder)
-  (folder / "model.safetensors.index.json").write_text(json.dumps(
-      {"weight_map": {"embeddings.word_embeddings.weight": "model-00001-of-00002.safetensors"}}))
+  (folder / "model.safetensors.index.json").write_text(
+    json.dumps({"weight_map": {"embeddings.word_embeddings.weight": "model-00001-of-00002.safetensors"}})
+  )
   with pytest.raises(hf_weights.CheckpointError, match="model-00001-of-00002.safetensors.*word_embeddings"):
     hf_weights.load(str(folder))
 
@@ -146,8 +157,10 @@ def test_chat_template_from_tokenizer_config(tiny, tmp_path):
   folder = tmp_path / "chat"
   _copy_without_weights(tiny, folder)
   cfg = json.loads((folder / "tokenizer_config.json").read_text())
-  cfg["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('no') }}{% endif %}"
-                          "{{ cls_token }} {{ m['content'] | tojson }}\n{% endfor %}")
+  cfg["chat_template"] = (
+    "{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('no') }}{% endif %}"
+    "{{ cls_token }} {{ m['content'] | tojson }}\n{% endfor %}"
+  )
   (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
   tok = Tokenizer.from_dir(folder)
   assert tok.apply_chat_template([{"role": "user", "content": "é"}]) == '[CLS] "é"\n'

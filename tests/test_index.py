@@ -1,4 +1,5 @@
 """Tests for laspar_jax.index: build, format, exact and approximate search."""
+
 import os
 import pathlib
 import signal
@@ -23,7 +24,7 @@ def _random_docs(rng, n, dim, k, empty_every=7):
 
 def _batches(idx, val, bs=50, prefix="d"):
   for i in range(0, idx.shape[0], bs):
-    yield [f"{prefix}{j}" for j in range(i, min(i + bs, idx.shape[0]))], idx[i:i + bs], val[i:i + bs]
+    yield [f"{prefix}{j}" for j in range(i, min(i + bs, idx.shape[0]))], idx[i : i + bs], val[i : i + bs]
 
 
 def _check_exact(ix, q_idx, q_val, k):
@@ -35,18 +36,18 @@ def _check_exact(ix, q_idx, q_val, k):
     assert got.size == pos.size  # only matching docs are returned
     np.testing.assert_allclose(got, pos, rtol=1e-5)
     np.testing.assert_allclose(bf[b, rows[b][rows[b] >= 0]], got, rtol=1e-5)
-    assert np.all(rows[b][got.size:] == -1) and np.all(np.isneginf(scores[b][got.size:]))
+    assert np.all(rows[b][got.size :] == -1) and np.all(np.isneginf(scores[b][got.size :]))
   return rows, scores
 
 
-@pytest.mark.parametrize("value_dtype,scale", [("float32", None), ("float16", None),
-                                               ("uint8", None), ("uint16", 1e-4)])
+@pytest.mark.parametrize("value_dtype,scale", [("float32", None), ("float16", None), ("uint8", None), ("uint16", 1e-4)])
 def test_exact_search_equals_brute_force(tmp_path, value_dtype, scale):
   rng = np.random.default_rng(0)
   dim = 3000
   idx, val = _random_docs(rng, 1200, dim, 30)
-  path = build_index(_batches(idx, val), tmp_path / "ix", dim, value_dtype=value_dtype,
-                     quant_scale=scale, ram_budget_bytes=60_000)
+  path = build_index(
+    _batches(idx, val), tmp_path / "ix", dim, value_dtype=value_dtype, quant_scale=scale, ram_budget_bytes=60_000
+  )
   ix = Index.load(path, verify="full")
   assert ix.manifest["stats"]["n_runs"] > 3  # really went through spilled runs
   assert not (path / "runs").exists()
@@ -75,8 +76,7 @@ def test_exact_search_huge_dim_and_dense_queries(tmp_path):
   path = build_index(_batches(idx, val, 500), tmp_path / "ix", dim)
   ix = Index.load(path)
   assert ix.offsets.shape == (dim + 1,)
-  q_idx = np.concatenate([idx[rng.integers(0, n, 8), :10],
-                          np.tile(np.arange(4), (8, 1))], axis=1)
+  q_idx = np.concatenate([idx[rng.integers(0, n, 8), :10], np.tile(np.arange(4), (8, 1))], axis=1)
   q_val = rng.random(q_idx.shape).astype(np.float32) + 0.01
   rows, _ = _check_exact(ix, q_idx, q_val, k=50)
   assert 5 not in rows  # the empty doc never matches
@@ -89,6 +89,7 @@ def test_exact_search_huge_dim_and_dense_queries(tmp_path):
 def test_exact_search_across_accumulator_blocks(tmp_path):
   """More docs than one accumulator block (2^18): block edges, chunk skipping, k=1000."""
   from laspar_jax.index import kernels
+
   rng = np.random.default_rng(2)
   n, dim = kernels._BLOCK + 40_000, 500
   idx = rng.integers(0, dim, (n, 4)).astype(np.int32)
@@ -105,8 +106,7 @@ def test_exact_search_across_accumulator_blocks(tmp_path):
 
 
 def test_approx_search_recall_and_exact_rescoring(tmp_path):
-  col = SyntheticCollection(SyntheticSpec(n_docs=20_000, dim=5000, doc_len=40,
-                                          n_queries=50, query_len=12, seed=3))
+  col = SyntheticCollection(SyntheticSpec(n_docs=20_000, dim=5000, doc_len=40, n_queries=50, query_len=12, seed=3))
   path = build_index(col.doc_batches(5000), tmp_path / "ix", 5000, approx=True)
   ix = Index.load(path)
   q_idx, q_val = col.queries()
@@ -121,7 +121,8 @@ def test_approx_search_recall_and_exact_rescoring(tmp_path):
   np.testing.assert_array_equal(f_scores, scores)
   with pytest.raises(ValueError, match="approx"):
     Index.load(build_index(col.doc_batches(5000, stop=10), tmp_path / "plain", 5000)).search(
-        q_idx, q_val, mode="approx")
+      q_idx, q_val, mode="approx"
+    )
 
 
 def test_doc_ids_and_validation(tmp_path):
@@ -194,9 +195,12 @@ _KILL_SCRIPT = textwrap.dedent("""
 
 def test_killed_build_never_loads(tmp_path):
   path = tmp_path / "ix"
-  proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(path)],
-                          stdout=subprocess.PIPE, text=True,
-                          cwd=pathlib.Path(__file__).resolve().parents[1])
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _KILL_SCRIPT, str(path)],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=pathlib.Path(__file__).resolve().parents[1],
+  )
   assert proc.stdout.readline().strip() == "started"
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()

@@ -1,4 +1,5 @@
 """launch/tpu/ and launch/gpu/ scripts: shellcheck clean, and DRY_RUN=1 prints the commands without running any."""
+
 import os
 import pathlib
 import re
@@ -13,8 +14,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TPU = REPO / "launch" / "tpu"
 GPU = REPO / "launch" / "gpu"
 FAKED = ("gcloud", "gsutil", "srun", "sbatch", "scontrol", "ssh", "tar", "fakepython")
-TPU_ENV = {"TPU_NAME": "lsp-test", "ACCELERATOR_TYPE": "v5p-16", "ZONE": "us-east5-a", "PROJECT": "proj-x",
-           "BUCKET": "gs://bkt", "RUNTIME_VERSION": "v2-alpha-tpuv5"}
+TPU_ENV = {
+  "TPU_NAME": "lsp-test",
+  "ACCELERATOR_TYPE": "v5p-16",
+  "ZONE": "us-east5-a",
+  "PROJECT": "proj-x",
+  "BUCKET": "gs://bkt",
+  "RUNTIME_VERSION": "v2-alpha-tpuv5",
+}
 
 
 def _shellcheck() -> str:
@@ -38,8 +45,14 @@ def fake_bin(tmp_path):
 
 def _dry(fake_bin, script, *args, dry=True, **env):
   bin_dir, calls = fake_bin
-  full_env = {**os.environ, **TPU_ENV, **env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-              "PYTHON": "fakepython", "TMPDIR": str(bin_dir.parent)}
+  full_env = {
+    **os.environ,
+    **TPU_ENV,
+    **env,
+    "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    "PYTHON": "fakepython",
+    "TMPDIR": str(bin_dir.parent),
+  }
   full_env["DRY_RUN"] = "1" if dry else "0"
   cmd = ["bash", str(script), *args] if script.suffix == ".sbatch" else [str(script), *args]
   proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=60, check=False)
@@ -65,8 +78,9 @@ def _remote_commands(out):
 def test_shellcheck_clean():
   scripts = sorted(TPU.glob("*.sh")) + sorted(GPU.glob("*"))
   assert len(scripts) >= 9, scripts
-  proc = subprocess.run([_shellcheck(), *map(str, scripts)], cwd=REPO, capture_output=True, text=True,
-                        timeout=120, check=False)
+  proc = subprocess.run(
+    [_shellcheck(), *map(str, scripts)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -85,8 +99,10 @@ def test_launcher_flags_exist():
     assert re.search(rf'DEFINE_\w+\(\s*"{flag}"', defined), flag
     assert f"--{flag}" in (GPU / "multinode.sh").read_text()
   for launcher in ("train", "index", "evaluate"):
-    assert "distributed_flags" in (REPO / "launch" / f"{launcher}.py").read_text() + (
-        REPO / "launch" / "encoder_flags.py").read_text()
+    assert (
+      "distributed_flags"
+      in (REPO / "launch" / f"{launcher}.py").read_text() + (REPO / "launch" / "encoder_flags.py").read_text()
+    )
 
 
 def test_tpu_create(fake_bin):
@@ -114,8 +130,17 @@ def test_tpu_setup_and_data(fake_bin):
 
 
 def test_tpu_run_launchers(fake_bin):
-  out = _ok(_dry(fake_bin, TPU / "run.sh", "train", "--config", "configs/laspar.py:D=4096,runlocal",
-                 "--workdir", "gs://bkt/runs/x y"))
+  out = _ok(
+    _dry(
+      fake_bin,
+      TPU / "run.sh",
+      "train",
+      "--config",
+      "configs/laspar.py:D=4096,runlocal",
+      "--workdir",
+      "gs://bkt/runs/x y",
+    )
+  )
   assert "--worker=all" in out and "launch/train.py" in out and "--jax_distributed" in out
   assert "configs/laspar.py:D=4096,runlocal" in out and "x y" in out and "tee" in out
   out = _ok(_dry(fake_bin, TPU / "run.sh", "index", "--index", "gs://bkt/i", DETACH="1"))
@@ -135,8 +160,17 @@ def test_tpu_logs_and_delete(fake_bin):
 
 def test_tpu_pipeline_order(fake_bin):
   out = _ok(_dry(fake_bin, TPU / "pipeline.sh", QUEUED="1", SPOT="1", CONFIG="configs/laspar.py:scifact"))
-  order = ["queued-resources create", "tpu-vm scp", "storage rsync", "gcsfuse", "launch/train.py",
-           "launch/index.py", "launch/evaluate.py", "networkEndpoints", "queued-resources delete"]
+  order = [
+    "queued-resources create",
+    "tpu-vm scp",
+    "storage rsync",
+    "gcsfuse",
+    "launch/train.py",
+    "launch/index.py",
+    "launch/evaluate.py",
+    "networkEndpoints",
+    "queued-resources delete",
+  ]
   pos = [out.find(s) for s in order]
   assert -1 not in pos and pos == sorted(pos), dict(zip(order, pos))
   assert out.count("--jax_distributed") == 3 and "--accelerator-type=v5p-16" in out
@@ -164,21 +198,36 @@ def test_tpu_refuses_placeholders(fake_bin):
 
 def test_gpu_slurm(fake_bin):
   out = _ok(_dry(fake_bin, GPU / "slurm.sbatch", "train", "--config", "configs/laspar.py", "--workdir", "/s/run"))
-  assert re.search(r"^\+ srun .*fakepython launch/train.py --config configs/laspar.py --workdir /s/run "
-                   r"--jax_distributed$", out, re.M), out
+  assert re.search(
+    r"^\+ srun .*fakepython launch/train.py --config configs/laspar.py --workdir /s/run "
+    r"--jax_distributed$",
+    out,
+    re.M,
+  ), out
   assert "JAX_LOCAL_DEVICE_IDS" not in out
-  out = _ok(_dry(fake_bin, GPU / "slurm.sbatch", "evaluate", "--index", "/s/i", TASKS_PER_NODE="1",
-                 GPUS_PER_NODE="4"))
+  out = _ok(_dry(fake_bin, GPU / "slurm.sbatch", "evaluate", "--index", "/s/i", TASKS_PER_NODE="1", GPUS_PER_NODE="4"))
   assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3 srun" in out and "launch/evaluate.py" in out
   text = (GPU / "slurm.sbatch").read_text()
   assert "#SBATCH --ntasks-per-node=" in text and "#SBATCH --signal=TERM@" in text
 
 
 def test_gpu_multinode(fake_bin):
-  out = _ok(_dry(fake_bin, GPU / "multinode.sh", "train", "--workdir", "/s/run", COORDINATOR_ADDRESS="10.0.0.1:1234",
-                 NUM_PROCESSES="2", PROCESS_ID="1"))
-  assert ("fakepython launch/train.py --workdir /s/run --jax_distributed --coordinator_address=10.0.0.1:1234 "
-          "--num_processes=2 --process_id=1") in out
+  out = _ok(
+    _dry(
+      fake_bin,
+      GPU / "multinode.sh",
+      "train",
+      "--workdir",
+      "/s/run",
+      COORDINATOR_ADDRESS="10.0.0.1:1234",
+      NUM_PROCESSES="2",
+      PROCESS_ID="1",
+    )
+  )
+  assert (
+    "fakepython launch/train.py --workdir /s/run --jax_distributed --coordinator_address=10.0.0.1:1234 "
+    "--num_processes=2 --process_id=1"
+  ) in out
   out = _ok(_dry(fake_bin, GPU / "multinode.sh", "index", "--index", "/s/i", HOSTS="n0 n1 n2"))
   lines = [line for line in out.splitlines() if line.startswith("+ ssh")]
   assert len(lines) == 3 and all("COORDINATOR_ADDRESS=n0:12345 NUM_PROCESSES=3" in line for line in lines)

@@ -1,4 +1,5 @@
 """Llama family (Llama 3 GQA + llama3 RoPE, Qwen2 biases, Mistral window): parity, scan, loader errors."""
+
 import dataclasses
 import pathlib
 import shutil
@@ -62,8 +63,13 @@ def test_configs_read_from_hf():
 
 
 def test_llama3_rope_scaling_changes_frequencies():
-  llama31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-             "original_max_position_embeddings": 8192}
+  llama31 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+  }
   plain, scaled = layers.rope_inv_freq(128, 500000.0), layers.rope_inv_freq(128, 500000.0, llama31)
   assert scaled[0] == plain[0]  # high frequency: unchanged
   np.testing.assert_allclose(scaled[-1], plain[-1] / 8, rtol=1e-6)  # low frequency: divided
@@ -78,11 +84,13 @@ def test_scan_layers_equals_unscanned():
   assert isinstance(scanned.layers, layers.Stacked)
   q = scanned.layers.layer.self_attn.q_proj.kernel
   assert q.get_value().shape == (2, 64, 64) and mesh_lib.logical_axes(q) == ("layers", "embed", "heads")
-  np.testing.assert_array_equal(np.asarray(q.get_value()[1]),
-                                np.asarray(plain.layers[1].self_attn.q_proj.kernel.get_value()))
+  np.testing.assert_array_equal(
+    np.asarray(q.get_value()[1]), np.asarray(plain.layers[1].self_attn.q_proj.kernel.get_value())
+  )
   h = nnx.jit(lambda m, i, k: m(i, k))(plain, ids, mask)
-  np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, i, k: m(i, k))(scanned, ids, mask)),
-                             np.asarray(h), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(nnx.jit(lambda m, i, k: m(i, k))(scanned, ids, mask)), np.asarray(h), atol=1e-5, rtol=0
+  )
   remat = _load_as("llama3", scan_layers=True)
   remat.remat = True
   loss = lambda m: jnp.sum(m(ids, mask) ** 2)
@@ -93,8 +101,9 @@ def test_scan_layers_equals_unscanned():
   cfg = hf_weights.load(FIXTURES / "llama3", weights=False).config
   a = llama.build(cfg, rngs=nnx.Rngs(3))
   b = llama.build(dataclasses.replace(cfg, scan_layers=True), rngs=nnx.Rngs(3))
-  np.testing.assert_array_equal(np.asarray(b.layers.layer.mlp.up_proj.kernel.get_value()[1]),
-                                np.asarray(a.layers[1].mlp.up_proj.kernel.get_value()))
+  np.testing.assert_array_equal(
+    np.asarray(b.layers.layer.mlp.up_proj.kernel.get_value()[1]), np.asarray(a.layers[1].mlp.up_proj.kernel.get_value())
+  )
 
 
 def test_bidirectional_sees_the_future():

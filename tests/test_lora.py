@@ -1,4 +1,5 @@
 """LoRA: adapters leave a fresh model unchanged, merge exactly, save/load with the encoder, freeze the base."""
+
 import json
 import pathlib
 import sys
@@ -26,8 +27,14 @@ def tiny_path(tmp_path_factory, minilm_path):
 
 
 def _bert():
-  cfg = bert.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32)
+  cfg = bert.BertConfig(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=32,
+  )
   return bert.build(cfg, rngs=nnx.Rngs(0))
 
 
@@ -42,9 +49,22 @@ def _randomize_b(module, seed=3, std=0.1):
 
 
 def _optim(**over):
-  c = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=0, schedule="constant", end_lr=0.0, weight_decay=0.01,
-                                     b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, head_lr_mult=1.0, freeze=(),
-                                     lora_trainable=()))
+  c = ml_collections.ConfigDict(
+    dict(
+      lr=1e-3,
+      warmup_steps=0,
+      schedule="constant",
+      end_lr=0.0,
+      weight_decay=0.01,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip=1.0,
+      head_lr_mult=1.0,
+      freeze=(),
+      lora_trainable=(),
+    )
+  )
   c.update(over)
   return c
 
@@ -62,7 +82,7 @@ def test_fresh_adapters_change_nothing_and_carry_axes():
   assert layers.logical_axes(layer.query.lora_b) == (None, "heads")
   assert layers.logical_axes(layer.mlp_out.lora_a) == ("mlp", None)
   a = np.asarray(layer.query.lora_a[...])
-  assert a.shape == (32, 4) and np.abs(a).max() <= 32 ** -0.5 and a.std() > 0.05  # U(-1/sqrt(in), 1/sqrt(in))
+  assert a.shape == (32, 4) and np.abs(a).max() <= 32**-0.5 and a.std() > 0.05  # U(-1/sqrt(in), 1/sqrt(in))
   assert not np.asarray(layer.query.lora_b[...]).any()
   assert lora.lora_param_count(model) == 2 * (4 * (32 * 4 + 4 * 32) + (32 * 4 + 4 * 64) + (64 * 4 + 4 * 32))
   for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -105,11 +125,22 @@ def test_dropout_only_when_training():
 
 
 def test_labels_freeze_the_base_but_not_the_heads():
-  params = {"query_head": {"kernel": jnp.ones((4, 8))},
-            "query_backbone": {"layers": {0: {"query": {"base": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
-                                                        "lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 4))},
-                                              "norm": {"scale": jnp.ones(4)}}},
-                               "lm_head": {"bias": jnp.ones(8)}}}
+  params = {
+    "query_head": {"kernel": jnp.ones((4, 8))},
+    "query_backbone": {
+      "layers": {
+        0: {
+          "query": {
+            "base": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
+            "lora_a": jnp.ones((4, 2)),
+            "lora_b": jnp.ones((2, 4)),
+          },
+          "norm": {"scale": jnp.ones(4)},
+        }
+      },
+      "lm_head": {"bias": jnp.ones(8)},
+    },
+  }
   labels = optim.param_labels(params, _optim())
   layer = labels["query_backbone"]["layers"][0]
   assert layer["query"] == {"base": {"kernel": "frozen", "bias": "frozen"}, "lora_a": "lora", "lora_b": "lora"}
@@ -125,14 +156,17 @@ def test_labels_freeze_the_base_but_not_the_heads():
 
 def _encode(enc, tok):
   b = tok(["a query about cells", "another much longer query about proteins"], max_length=16)
-  return (np.asarray(enc(b["input_ids"], b["attention_mask"], kind="query")),
-          np.asarray(enc(b["input_ids"], b["attention_mask"], kind="doc")))
+  return (
+    np.asarray(enc(b["input_ids"], b["attention_mask"], kind="query")),
+    np.asarray(enc(b["input_ids"], b["attention_mask"], kind="doc")),
+  )
 
 
 @pytest.mark.parametrize("towers,head", [("shared", "mlm"), ("separate", "latent_attention")])
 def test_encoder_save_load_and_merged_export(tiny_path, tmp_path, towers, head):
-  cfg = EncoderConfig(backbone=str(tiny_path), head=head, latent_dim=256, towers=towers, lora=LORA,
-                      query_max_len=16, doc_max_len=16)
+  cfg = EncoderConfig(
+    backbone=str(tiny_path), head=head, latent_dim=256, towers=towers, lora=LORA, query_max_len=16, doc_max_len=16
+  )
   enc, tok = sparse_encoder.build_encoder(cfg)
   plain, _ = sparse_encoder.build_encoder(EncoderConfig(**{**cfg.to_dict(), "lora": {}}))
   for got, want in zip(_encode(enc, tok), _encode(plain, tok)):
@@ -166,13 +200,22 @@ def test_encoder_config_lora_validation_and_fingerprint(tiny_path):
   with pytest.raises(ValueError, match="rank required"):
     sparse_encoder.build_encoder(EncoderConfig(backbone=str(tiny_path), head="mlm", lora={"alpha": 2}))
   enc, _ = sparse_encoder.build_encoder(
-      EncoderConfig(backbone=str(tiny_path), head="mlm", lora={"rank": 2, "targets": ["value"]}), weights=False)
+    EncoderConfig(backbone=str(tiny_path), head="mlm", lora={"rank": 2, "targets": ["value"]}), weights=False
+  )
   assert len(lora.lora_modules(enc)) == 2 and lora.lora_modules(enc)[0].scale == 1.0
 
 
 def test_scanned_layers_adapt_and_merge():
-  cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, scan_layers=True)
+  cfg = llama.LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    scan_layers=True,
+  )
   model = llama.build(cfg, rngs=nnx.Rngs(0))
   ids, mask = _inputs()
   ids = ids % 64

@@ -1,4 +1,5 @@
 """Losses and regularizers against plain numpy references."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,7 @@ def _np_kl(t, s):
 
 
 def _np_own(scores):
-  return np.stack([scores[b, b * G:(b + 1) * G] for b in range(B)])
+  return np.stack([scores[b, b * G : (b + 1) * G] for b in range(B)])
 
 
 def _np_cos(a, b):
@@ -64,10 +65,14 @@ def test_ranking_losses():
   ref = -_np_log_softmax(own / tau)[:, 0].mean()
   np.testing.assert_allclose(losses.group_ce(scores_bm=sj, temperature=tau)[0], ref, rtol=1e-5)
   diff = own[:, :1] - own[:, 1:]
-  np.testing.assert_allclose(losses.RANKING_LOSSES["pairwise_hinge"](scores_bm=sj, margin=2.0)[0],
-                             np.maximum(2.0 - diff, 0).mean(), rtol=1e-5)
-  np.testing.assert_allclose(losses.RANKING_LOSSES["pairwise_logistic"](scores_bm=sj, temperature=tau)[0],
-                             np.log1p(np.exp(-diff / tau)).mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.RANKING_LOSSES["pairwise_hinge"](scores_bm=sj, margin=2.0)[0], np.maximum(2.0 - diff, 0).mean(), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    losses.RANKING_LOSSES["pairwise_logistic"](scores_bm=sj, temperature=tau)[0],
+    np.log1p(np.exp(-diff / tau)).mean(),
+    rtol=1e-5,
+  )
   pos = s[np.arange(B), lab][:, None]
   keep = np.ones_like(s, bool)
   keep[np.arange(B), lab] = False
@@ -83,25 +88,31 @@ def test_distillation_losses():
   sj = jnp.asarray(s)
   own = _np_own(s)
   ref = np.mean(((own[:, :1] - own[:, 1:]) - (teacher[:, :1] - teacher[:, 1:])) ** 2)
-  np.testing.assert_allclose(losses.margin_mse(scores_bm=sj, teacher_scores_bn=jnp.asarray(teacher))[0],
-                             ref, rtol=1e-5)
+  np.testing.assert_allclose(losses.margin_mse(scores_bm=sj, teacher_scores_bn=jnp.asarray(teacher))[0], ref, rtol=1e-5)
   ref = _np_kl(teacher / 2.0, own / 0.5).mean()
-  val, _ = losses.kl_distill(scores_bm=sj, teacher_scores_bn=jnp.asarray(teacher), temperature=0.5,
-                             teacher_temperature=2.0)
+  val, _ = losses.kl_distill(
+    scores_bm=sj, teacher_scores_bn=jnp.asarray(teacher), temperature=0.5, teacher_temperature=2.0
+  )
   np.testing.assert_allclose(val, ref, rtol=1e-5)
   cos = _np_cos(tq, td)
   np.testing.assert_allclose(
-      losses.dense_teacher_scores(teacher_q_be=jnp.asarray(tq), teacher_d_me=jnp.asarray(td)), cos, atol=1e-6)
+    losses.dense_teacher_scores(teacher_q_be=jnp.asarray(tq), teacher_d_me=jnp.asarray(td)), cos, atol=1e-6
+  )
   ref = _np_kl(cos / 0.05, s / 0.1).mean()
-  val, _ = losses.dense_kl(scores_bm=sj, teacher_q_be=jnp.asarray(tq), teacher_d_me=jnp.asarray(td),
-                           temperature=0.1, teacher_temperature=0.05)
+  val, _ = losses.dense_kl(
+    scores_bm=sj, teacher_q_be=jnp.asarray(tq), teacher_d_me=jnp.asarray(td), temperature=0.1, teacher_temperature=0.05
+  )
   np.testing.assert_allclose(val, ref, rtol=1e-5)
   np.testing.assert_allclose(
-      losses.dense_mse(scores_bm=sj, teacher_q_be=jnp.asarray(tq), teacher_d_me=jnp.asarray(td))[0],
-      np.mean((s - cos) ** 2), rtol=1e-5)
+    losses.dense_mse(scores_bm=sj, teacher_q_be=jnp.asarray(tq), teacher_d_me=jnp.asarray(td))[0],
+    np.mean((s - cos) ** 2),
+    rtol=1e-5,
+  )
   # KL is zero when the student reproduces the teacher.
-  assert float(losses.kl_distill(scores_bm=jnp.asarray(np.tile(teacher, (1, B))),
-                                 teacher_scores_bn=jnp.asarray(teacher))[0]) < 1e-6
+  assert (
+    float(losses.kl_distill(scores_bm=jnp.asarray(np.tile(teacher, (1, B))), teacher_scores_bn=jnp.asarray(teacher))[0])
+    < 1e-6
+  )
 
 
 def test_regularizers():
@@ -110,7 +121,7 @@ def test_regularizers():
   w[:, :5] = 0  # unused dims
   wj = jnp.asarray(w)
   np.testing.assert_allclose(losses.flops(rep_bv=wj)[0], (np.abs(w).mean(0) ** 2).sum(), rtol=1e-5)
-  per = [(np.abs(w[i * 2:(i + 1) * 2]).mean(0) ** 2).sum() for i in range(4)]
+  per = [(np.abs(w[i * 2 : (i + 1) * 2]).mean(0) ** 2).sum() for i in range(4)]
   np.testing.assert_allclose(losses.flops(rep_bv=wj, num_shards=4)[0], np.mean(per), rtol=1e-5)
   assert not np.isclose(np.mean(per), (np.abs(w).mean(0) ** 2).sum())
   np.testing.assert_allclose(losses.l1(rep_bv=-wj)[0], np.abs(w).sum(1).mean(), rtol=1e-5)
@@ -130,30 +141,51 @@ def test_regularizers():
 def test_total_loss_combines_terms():
   rep_q, rep_d, teacher, tq, td = _data(3)
   rep_q[:, :10] = 0
-  kw = dict(rep_q_bv=jnp.asarray(rep_q), rep_d_mv=jnp.asarray(rep_d), teacher_q_be=jnp.asarray(tq),
-            teacher_d_me=jnp.asarray(td), teacher_scores_bn=jnp.asarray(teacher))
+  kw = dict(
+    rep_q_bv=jnp.asarray(rep_q),
+    rep_d_mv=jnp.asarray(rep_d),
+    teacher_q_be=jnp.asarray(tq),
+    teacher_d_me=jnp.asarray(td),
+    teacher_scores_bn=jnp.asarray(teacher),
+  )
   regs = (("flops", "q", 0.3), ("flops", "d", 0.2), ("equipartition", "d", 0.1))
 
   @jax.jit
   def f(kw):
-    return losses.total_loss(**kw, ranking="inbatch_ce", ranking_weight=0.5,
-                             ranking_kwargs={"temperature": 0.5}, distill="dense_kl",
-                             distill_weight=2.0, distill_kwargs={"temperature": 0.5},
-                             regularizers=regs, flops_num_shards=2)
+    return losses.total_loss(
+      **kw,
+      ranking="inbatch_ce",
+      ranking_weight=0.5,
+      ranking_kwargs={"temperature": 0.5},
+      distill="dense_kl",
+      distill_weight=2.0,
+      distill_kwargs={"temperature": 0.5},
+      regularizers=regs,
+      flops_num_shards=2,
+    )
 
   loss, m = f(kw)
   s = jnp.asarray(rep_q @ rep_d.T)
-  expect = (0.5 * losses.inbatch_ce(scores_bm=s, temperature=0.5)[0]
-            + 2.0 * losses.dense_kl(scores_bm=s, teacher_q_be=kw["teacher_q_be"],
-                                    teacher_d_me=kw["teacher_d_me"], temperature=0.5)[0]
-            + 0.3 * losses.flops(rep_bv=kw["rep_q_bv"], num_shards=2)[0]
-            + 0.2 * losses.flops(rep_bv=kw["rep_d_mv"], num_shards=2)[0]
-            + 0.1 * losses.equipartition(rep_bv=kw["rep_d_mv"])[0])
+  expect = (
+    0.5 * losses.inbatch_ce(scores_bm=s, temperature=0.5)[0]
+    + 2.0
+    * losses.dense_kl(scores_bm=s, teacher_q_be=kw["teacher_q_be"], teacher_d_me=kw["teacher_d_me"], temperature=0.5)[0]
+    + 0.3 * losses.flops(rep_bv=kw["rep_q_bv"], num_shards=2)[0]
+    + 0.2 * losses.flops(rep_bv=kw["rep_d_mv"], num_shards=2)[0]
+    + 0.1 * losses.equipartition(rep_bv=kw["rep_d_mv"])[0]
+  )
   np.testing.assert_allclose(loss, expect, rtol=1e-5)
   np.testing.assert_allclose(m["loss"], loss)
-  for key in ("ranking/inbatch_ce", "ranking/inbatch_ce/acc", "distill/dense_kl", "reg/q_flops",
-              "reg/d_flops", "reg/d_equipartition", "reg/d_equipartition/effective_dims",
-              "reg/q_flops_weight"):
+  for key in (
+    "ranking/inbatch_ce",
+    "ranking/inbatch_ce/acc",
+    "distill/dense_kl",
+    "reg/q_flops",
+    "reg/d_flops",
+    "reg/d_equipartition",
+    "reg/d_equipartition/effective_dims",
+    "reg/q_flops_weight",
+  ):
     assert key in m, key
   np.testing.assert_allclose(m["active_q"], (rep_q != 0).sum(1).mean())
   np.testing.assert_allclose(m["active_d"], (rep_d != 0).sum(1).mean())
@@ -177,8 +209,11 @@ def test_doc_reg_weights_positive_and_negative_documents():
   np.testing.assert_array_equal(sn, neg)
   regs = (("flops", "q", 0.3), ("flops", "d", 0.2), ("l1", "d", 0.1))
   kw = dict(rep_q_bv=jnp.asarray(rep_q), rep_d_mv=jnp.asarray(rep_d), ranking=None, regularizers=regs)
-  loss, m = jax.jit(lambda q, d: losses.total_loss(rep_q_bv=q, rep_d_mv=d, ranking=None, regularizers=regs,
-                                                   doc_reg_weights=(0.25, 0.75)))(rep_q, rep_d)
+  loss, m = jax.jit(
+    lambda q, d: losses.total_loss(
+      rep_q_bv=q, rep_d_mv=d, ranking=None, regularizers=regs, doc_reg_weights=(0.25, 0.75)
+    )
+  )(rep_q, rep_d)
   d_flops = 0.25 * _np_flops(pos) + 0.75 * _np_flops(neg)
   d_l1 = 0.25 * np.abs(pos).sum(1).mean() + 0.75 * np.abs(neg).sum(1).mean()
   np.testing.assert_allclose(loss, 0.3 * _np_flops(rep_q) + 0.2 * d_flops + 0.1 * d_l1, rtol=1e-5)
@@ -188,8 +223,11 @@ def test_doc_reg_weights_positive_and_negative_documents():
   # Per-shard FLOPS: each part keeps the shard-major order of the rows (2 shards = 2 query halves).
   loss2, _ = losses.total_loss(**kw, doc_reg_weights=(0.5, 0.5), flops_num_shards=2)
   half = lambda w: np.mean([_np_flops(x) for x in np.split(w, 2)])
-  ref = 0.3 * half(rep_q) + 0.2 * (0.5 * half(pos) + 0.5 * half(neg)) + 0.1 * (
-      0.5 * np.abs(pos).sum(1).mean() + 0.5 * np.abs(neg).sum(1).mean())
+  ref = (
+    0.3 * half(rep_q)
+    + 0.2 * (0.5 * half(pos) + 0.5 * half(neg))
+    + 0.1 * (0.5 * np.abs(pos).sum(1).mean() + 0.5 * np.abs(neg).sum(1).mean())
+  )
   np.testing.assert_allclose(loss2, ref, rtol=1e-5)
   # () and None: today's behaviour, the regularizer over all M documents.
   for off in ((), None):

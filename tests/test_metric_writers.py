@@ -1,4 +1,5 @@
 """metric_writers.MetricWriter: TensorBoard event files and WORKDIR/history.jsonl (appended across runs)."""
+
 import json
 
 from laspar_jax import metric_writers
@@ -15,8 +16,11 @@ def test_history_rows_append_and_event_file(tmp_path):
   w.write_scalars(4, {"train/loss": 1.0})
   w.close()
   rows = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
-  assert rows == [{"step": 2, "train/loss": 1.5, "train/lr": 1e-4}, {"step": 2, "eval/nDCG@10": 0.5},
-                  {"step": 4, "train/loss": 1.0}]
+  assert rows == [
+    {"step": 2, "train/loss": 1.5, "train/lr": 1e-4},
+    {"step": 2, "eval/nDCG@10": 0.5},
+    {"step": 4, "train/loss": 1.0},
+  ]
   assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 

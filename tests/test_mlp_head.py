@@ -1,4 +1,5 @@
 """MLP term-weighting head against a plain numpy reference: sum/max pooling, masks, grads, top-k."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +16,14 @@ SPECIAL = (0, 1)  # e.g. [PAD]/[CLS]
 def _inputs(seed=0):
   rng = np.random.default_rng(seed)
   h = rng.normal(size=(B, L, DM)).astype(np.float32)
-  ids = np.array([[1, 5, 7, 5, 9, 5, 2, 0],      # 5 three times, special 1 at the start
-                  [1, 3, 3, 12, 39, 0, 0, 0],    # repeated 3, padding after position 4
-                  [1, 6, 0, 0, 0, 0, 0, 0]], np.int32)
+  ids = np.array(
+    [
+      [1, 5, 7, 5, 9, 5, 2, 0],  # 5 three times, special 1 at the start
+      [1, 3, 3, 12, 39, 0, 0, 0],  # repeated 3, padding after position 4
+      [1, 6, 0, 0, 0, 0, 0, 0],
+    ],
+    np.int32,
+  )
   m = (ids != 0).astype(np.int32)
   m[0, 7] = 1  # an unmasked special id (0) must still give nothing
   return h, m, ids
@@ -94,8 +100,7 @@ def test_mlp_head_gradients(pooling):
     w = jax.nn.relu(h @ k[:, 0] + c[0])
     w = jnp.where(jnp.asarray(m.astype(bool) & ~np.isin(ids, SPECIAL)), w, 0.0)
     oh = jax.nn.one_hot(ids, V)
-    rep = (jnp.sum(oh * w[..., None], axis=1) if pooling == "sum"
-           else jnp.max(oh * w[..., None], axis=1))
+    rep = jnp.sum(oh * w[..., None], axis=1) if pooling == "sum" else jnp.max(oh * w[..., None], axis=1)
     return jnp.sum(rep * g)
 
   k0, c0 = head.linear.kernel[...], head.linear.bias[...]
@@ -108,10 +113,10 @@ def test_mlp_head_gradients(pooling):
   # And a finite difference on the bias (float64 numpy reference).
   eps = 1e-3
   c = float(c0[0])
-  fd = (np.sum(_np_ref(h, m, ids, np.asarray(k0, np.float64), np.array([c + eps]), pooling)
-               * np.asarray(g))
-        - np.sum(_np_ref(h, m, ids, np.asarray(k0, np.float64), np.array([c - eps]), pooling)
-                 * np.asarray(g))) / (2 * eps)
+  fd = (
+    np.sum(_np_ref(h, m, ids, np.asarray(k0, np.float64), np.array([c + eps]), pooling) * np.asarray(g))
+    - np.sum(_np_ref(h, m, ids, np.asarray(k0, np.float64), np.array([c - eps]), pooling) * np.asarray(g))
+  ) / (2 * eps)
   np.testing.assert_allclose(gp["linear"]["bias"][...][0], fd, rtol=1e-3, atol=1e-3)
 
 
@@ -124,8 +129,7 @@ def test_mlp_head_topk():
     assert (out[b] > 0).sum() <= 1
     if full[b].max() > 0:
       assert out[b].max() == full[b].max() and out[b].argmax() == full[b].argmax()
-  np.testing.assert_array_equal(head(jnp.asarray(h), jnp.asarray(m), jnp.asarray(ids), topk=V),
-                                full)
+  np.testing.assert_array_equal(head(jnp.asarray(h), jnp.asarray(m), jnp.asarray(ids), topk=V), full)
 
 
 def test_make_head_mlp():

@@ -10,6 +10,7 @@
     one a single process builds.
 Plus fast in-process checks of `distributed.share` and `index.merge`.
 """
+
 import json
 import os
 import pathlib
@@ -44,26 +45,53 @@ def _port() -> int:
 
 def _env(cache, devices):
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.update(
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_COMPILATION_CACHE_DIR=str(cache),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
   return env
 
 
 def _dist(port, n, i):
-  return ["--jax_distributed", f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
-          f"--process_id={i}", "--heartbeat_timeout_seconds=10"]
+  return [
+    "--jax_distributed",
+    f"--coordinator_address=127.0.0.1:{port}",
+    f"--num_processes={n}",
+    f"--process_id={i}",
+    "--heartbeat_timeout_seconds=10",
+  ]
 
 
 def _train_cmd(tiny, shared_data, workdir):
   over = {
-      "model.backbone": tiny, "model.latent_dim": 512, "model.query_max_len": 16, "model.doc_max_len": 32,
-      "data.collection": shared_data / "scifact", "data.teacher": "none", "loss.distill": "",
-      "optim.batch_size": 8, "optim.warmup_steps": 2, "train.total_steps": TOTAL,
-      "train.checkpoint_every": 2, "train.keep_checkpoints": 0, "train.log_every": 2,
-      "train.final_eval": False, "train.dropout": False, "train.q_topk": 64, "train.d_topk": 128,
+    "model.backbone": tiny,
+    "model.latent_dim": 512,
+    "model.query_max_len": 16,
+    "model.doc_max_len": 32,
+    "data.collection": shared_data / "scifact",
+    "data.teacher": "none",
+    "loss.distill": "",
+    "optim.batch_size": 8,
+    "optim.warmup_steps": 2,
+    "train.total_steps": TOTAL,
+    "train.checkpoint_every": 2,
+    "train.keep_checkpoints": 0,
+    "train.log_every": 2,
+    "train.final_eval": False,
+    "train.dropout": False,
+    "train.q_topk": 64,
+    "train.d_topk": 128,
   }
-  return [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "laspar.py:runlocal"),
-          "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in over.items()]
+  return [
+    sys.executable,
+    str(REPO / "launch" / "train.py"),
+    "--config",
+    str(REPO / "configs" / "laspar.py:runlocal"),
+    "--workdir",
+    str(workdir),
+  ] + [f"--config.{k}={v}" for k, v in over.items()]
 
 
 def _start(cmd, env, log):
@@ -110,8 +138,11 @@ def trained(tmp_path_factory, minilm_path, shared_data):
     time.sleep(0.05)
   procs[0].send_signal(signal.SIGKILL)  # process 0: the coordinator and the only writer of logs
   rcs = _wait(procs, logs, timeout=120)  # process 1 must stop by itself
-  killed = {"rcs": rcs, "steps": sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()),
-            "encoder": (two / "encoder").exists()}
+  killed = {
+    "rcs": rcs,
+    "steps": sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()),
+    "encoder": (two / "encoder").exists(),
+  }
   port = _port()
   procs = [_start(_train_cmd(tiny, shared_data, two) + _dist(port, 2, i), env4, logs[i]) for i in range(2)]
   assert _wait(procs, logs) == [0, 0], _tail(*logs)
@@ -151,8 +182,20 @@ def test_two_processes_index_equals_one_process(trained, shared_data):
   coll = _small_scifact(shared_data, tmp / "scifact_small")
 
   def cmd(index):
-    return [sys.executable, str(REPO / "launch" / "index.py"), "--encoder", str(trained[1] / "encoder"),
-            "--collection", str(coll), "--index", str(index), "--k_doc", "64", "--batch_size", "8"]
+    return [
+      sys.executable,
+      str(REPO / "launch" / "index.py"),
+      "--encoder",
+      str(trained[1] / "encoder"),
+      "--collection",
+      str(coll),
+      "--index",
+      str(index),
+      "--k_doc",
+      "64",
+      "--batch_size",
+      "8",
+    ]
 
   port = _port()
   logs = [tmp / "ix_one.log", tmp / "ix_two0.log", tmp / "ix_two1.log"]
@@ -160,8 +203,11 @@ def test_two_processes_index_equals_one_process(trained, shared_data):
   procs += [_start(cmd(tmp / "ix_two") + _dist(port, 2, i), _env(tmp / "cache", 4), logs[1 + i]) for i in range(2)]
   assert _wait(procs, logs) == [0, 0, 0], _tail(*logs)
   assert "index written" in logs[1].read_text() and "index written" not in logs[2].read_text()
-  assert sorted(p.name for p in tmp.iterdir() if p.name.startswith("ix_two")) == ["ix_two", "ix_two0.log",
-                                                                                  "ix_two1.log"]
+  assert sorted(p.name for p in tmp.iterdir() if p.name.startswith("ix_two")) == [
+    "ix_two",
+    "ix_two0.log",
+    "ix_two1.log",
+  ]
   a, b = fmt.read_manifest(tmp / "ix_one"), fmt.read_manifest(tmp / "ix_two")
   assert a["n_docs"] == b["n_docs"] == N_DOCS and b["metadata"]["hosts"] == 2
   for key in ("dim", "n_postings", "value_dtype", "quant_scale", "encoder_hash", "approx"):
@@ -196,8 +242,13 @@ def test_merged_parts_equal_one_writer(tmp_path, value_dtype, approx):
     idx = np.stack([rng.choice(dim, k, replace=False) for _ in range(n)]).astype(np.int32)
     val = rng.random((n, k)).astype(np.float32) * (rng.random((n, k)) > 0.2)
     batches.append(([f"d{b}-{i}" for i in range(n)], idx, val))
-  kw = dict(value_dtype=value_dtype, approx=approx, quant_scale=0.01 if approx and value_dtype == "uint8" else None,
-            ram_budget_bytes=3000, encoder_hash="h")  # a tiny budget: several runs per part
+  kw = dict(
+    value_dtype=value_dtype,
+    approx=approx,
+    quant_scale=0.01 if approx and value_dtype == "uint8" else None,
+    ram_budget_bytes=3000,
+    encoder_hash="h",
+  )  # a tiny budget: several runs per part
   with IndexWriter(tmp_path / "one", dim, **kw) as w:
     for batch in batches:
       w.add(*batch)

@@ -3,6 +3,7 @@
 Each notebook's first cell is its parameters (tag "parameters"); LASPAR_NB_SMALL=1
 switches them to the smoke settings (tiny D, a cut corpus, a couple of steps).
 """
+
 import os
 import re
 
@@ -25,14 +26,18 @@ def _execute(name, tmp_path, monkeypatch):
   # devices only add compile time on 2 cores; sharding is tested elsewhere).
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   nb = nbformat.read(os.path.join(NB_DIR, name), as_version=4)
-  NotebookClient(nb, kernel_name="python3", timeout=600,
-                 resources={"metadata": {"path": NB_DIR}}).execute()
+  NotebookClient(nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": NB_DIR}}).execute()
   return nb
 
 
 def _stdout(nb):
-  return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                 if o.get("output_type") == "stream" and o.get("name") == "stdout")
+  return "".join(
+    o.get("text", "")
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.outputs
+    if o.get("output_type") == "stream" and o.get("name") == "stdout"
+  )
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -1,4 +1,5 @@
 """OPT backbone: fp32 parity with transformers (pre-LN and the opt-350m post-LN layout), loader errors."""
+
 import dataclasses
 import pathlib
 import shutil
@@ -71,8 +72,7 @@ def test_remat_and_bidirectional():
       assert np.abs(np.asarray(h2[0, :-1] - h[0, :-1])).max() > 1e-3
       later = ids.at[0, -1].set((ids[0, -1] + 1) % 128)
       assert np.abs(np.asarray(other(later, mask)[0, 0] - h2[0, 0])).max() > 1e-4
-      np.testing.assert_allclose(np.asarray(ld.model(later, mask)[0, :-1]), np.asarray(h[0, :-1]),
-                                 atol=1e-5)
+      np.testing.assert_allclose(np.asarray(ld.model(later, mask)[0, :-1]), np.asarray(h[0, :-1]), atol=1e-5)
 
 
 def test_wrong_shape_names_the_tensor(tmp_path):

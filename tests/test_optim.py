@@ -1,4 +1,5 @@
 """optim.make_optimizer: labels (frozen / head / base), unchanged update math, no state for frozen parameters."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,19 +11,35 @@ from laspar_jax import optim
 
 
 def _optim(**over):
-  c = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=2, schedule="linear", end_lr=0.0, weight_decay=0.01,
-                                     b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, head_lr_mult=20.0, freeze=()))
+  c = ml_collections.ConfigDict(
+    dict(
+      lr=1e-3,
+      warmup_steps=2,
+      schedule="linear",
+      end_lr=0.0,
+      weight_decay=0.01,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip=1.0,
+      head_lr_mult=20.0,
+      freeze=(),
+    )
+  )
   c.update(over)
   return c
 
 
 def _params():
   k = jax.random.split(jax.random.key(0), 6)
-  return {"query_head": {"kernel": jax.random.normal(k[0], (4, 8)), "bias": jax.random.normal(k[1], (8,))},
-          "doc_head": {"kernel": jax.random.normal(k[2], (4, 8))},
-          "query_backbone": {"layers": {0: {"w": jax.random.normal(k[3], (4, 4)),
-                                            "b": jax.random.normal(k[4], (4,))}},
-                             "lm_head": {"bias": jax.random.normal(k[5], (8,))}}}
+  return {
+    "query_head": {"kernel": jax.random.normal(k[0], (4, 8)), "bias": jax.random.normal(k[1], (8,))},
+    "doc_head": {"kernel": jax.random.normal(k[2], (4, 8))},
+    "query_backbone": {
+      "layers": {0: {"w": jax.random.normal(k[3], (4, 4)), "b": jax.random.normal(k[4], (4,))}},
+      "lm_head": {"bias": jax.random.normal(k[5], (8,))},
+    },
+  }
 
 
 def _grads(params, i):
@@ -45,11 +62,20 @@ def test_same_updates_as_the_single_adamw_chain():
   """The labelled optimizer gives bitwise the updates of clip -> adamw -> scale(head_lr_mult) on heads."""
   o, params = _optim(), _params()
   is_head = lambda p: jax.tree_util.tree_map_with_path(
-      lambda path, _: any(getattr(k, "key", None) in optim.HEAD_NODES for k in path), p)
-  old = optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                    optax.adamw(optim.learning_rate(o, 10), b1=o.b1, b2=o.b2, eps=o.eps,
-                                weight_decay=o.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
-                    optax.masked(optax.scale(o.head_lr_mult), is_head))
+    lambda path, _: any(getattr(k, "key", None) in optim.HEAD_NODES for k in path), p
+  )
+  old = optax.chain(
+    optax.clip_by_global_norm(o.grad_clip),
+    optax.adamw(
+      optim.learning_rate(o, 10),
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      weight_decay=o.weight_decay,
+      mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+    ),
+    optax.masked(optax.scale(o.head_lr_mult), is_head),
+  )
   new, _ = optim.make_optimizer(o, 10, params)
   p_old, p_new, s_old, s_new = params, params, old.init(params), new.init(params)
   for i in range(4):

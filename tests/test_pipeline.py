@@ -1,4 +1,5 @@
 """TrainPipeline: shapes, determinism, exact resume, host shares, global arrays."""
+
 import json
 
 import jax
@@ -48,15 +49,18 @@ def test_batch_layout(setup):
   p = _pipe(setup, prefetch=0)
   b = next(p)
   assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
-      "q_input_ids": ((8, 16), np.int32), "q_attention_mask": ((8, 16), np.int32),
-      "d_input_ids": ((24, 32), np.int32), "d_attention_mask": ((24, 32), np.int32),
-      "teacher_scores": ((8, 3), np.float32)}
+    "q_input_ids": ((8, 16), np.int32),
+    "q_attention_mask": ((8, 16), np.int32),
+    "d_input_ids": ((24, 32), np.int32),
+    "d_attention_mask": ((24, 32), np.int32),
+    "teacher_scores": ((8, 3), np.float32),
+  }
   idx = p.example_indices(0, 0)
   e = ex[idx[1]]
   pos = tok([doc_text(c.doc(e.pos_id))], max_length=32)["input_ids"][0]
-  np.testing.assert_array_equal(b["d_input_ids"][3, :len(pos)], pos)  # row b*(1+n): query b's positive
+  np.testing.assert_array_equal(b["d_input_ids"][3, : len(pos)], pos)  # row b*(1+n): query b's positive
   q = tok([c.queries[e.qid]], max_length=16)["input_ids"][0]
-  np.testing.assert_array_equal(b["q_input_ids"][1, :len(q)], q)
+  np.testing.assert_array_equal(b["q_input_ids"][1, : len(q)], q)
   ts = np.float32(e.teacher_scores)
   assert b["teacher_scores"][1, 0] == ts[0]
   assert set(b["teacher_scores"][1, 1:].tolist()) <= set(ts[1:].tolist())
@@ -72,7 +76,9 @@ def test_order_deterministic_and_epochs(setup):
   e1 = np.concatenate([p.example_indices(1, s) for s in range(5)])
   assert sorted(e0.tolist()) == sorted(e1.tolist()) == list(range(40)) and (e0 != e1).any()
   assert not np.array_equal(next(c)["q_input_ids"], next(_pipe(setup))["q_input_ids"])
-  a.close(); b.close(); c.close()
+  a.close()
+  b.close()
+  c.close()
 
 
 @pytest.mark.parametrize("prefetch", [0, 3])

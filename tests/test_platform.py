@@ -1,4 +1,5 @@
 """platform: compiler options by backend and dtype (results do not change), attention implementation choice."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +28,7 @@ def test_tuned_jit_equals_plain_jit():
   w1, w2, x = (rng.standard_normal(s).astype(np.float32) for s in [(64, 256), (256, 64), (96, 64)])
   tuned = platform.jit(_mlp)
   assert tuned.options == platform.CPU_OPTIONS
-  np.testing.assert_allclose(np.asarray(tuned(w1, w2, x)), np.asarray(jax.jit(_mlp)(w1, w2, x)),
-                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(tuned(w1, w2, x)), np.asarray(jax.jit(_mlp)(w1, w2, x)), rtol=1e-5, atol=1e-4)
   # The option reached XLA: the compiled module has no YNNPACK fusion left.
   hlo_tuned = tuned.lower(w1, w2, x).compile().as_text()
   assert "__ynn_fusion" not in hlo_tuned
@@ -48,6 +48,7 @@ def test_bf16_dense_stays_bf16_in_a_library_dot():
   """The bf16 Dense product reaches YNNPACK with bf16 operands (not upcast to an fp32 dot)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from laspar_jax.models.layers import Dense  # pylint: disable=g-import-not-at-top
+
   layer = Dense(64, 96, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((128, 64)), jnp.bfloat16)
   fn = platform.jit(lambda x: layer(x), compute_dtype=jnp.bfloat16)
@@ -72,7 +73,7 @@ def test_attention_impl_choice():
 def test_default_backend_only_in_platform():
   """Backend choices live at the boundary: no other module asks for the backend."""
   import pathlib
+
   root = pathlib.Path(platform.__file__).parent
-  users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if "default_backend(" in p.read_text())
+  users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "default_backend(" in p.read_text())
   assert users == ["platform.py"]

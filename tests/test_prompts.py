@@ -1,4 +1,5 @@
 """Zero-shot prompts: presets verbatim, token-level composition with an exact text mask, one BOS, chat templates."""
+
 import pathlib
 
 import numpy as np
@@ -35,18 +36,22 @@ def _bos_tokenizer(**kw):
 def test_presets_verbatim():
   ref = prompts.get_preset("reference")
   assert ref.query.prefix == (
-      "<s>[INST] You are a powerful lexical search engine. You are tasked with generating important terms that "
-      "can represents the semantic relevance of query in retrieval task. Make sure your word is in lowercase.\n"
-      " Query: ")
+    "<s>[INST] You are a powerful lexical search engine. You are tasked with generating important terms that "
+    "can represents the semantic relevance of query in retrieval task. Make sure your word is in lowercase.\n"
+    " Query: "
+  )
   assert ref.doc.prefix == (
-      "<s>[INST] You are a powerful lexical search engine. You are tasked with generating important terms that "
-      "can represents the semantic relevance of passage in retrieval task. Make sure your word is in "
-      "lowercase. \n Passage: ")
+    "<s>[INST] You are a powerful lexical search engine. You are tasked with generating important terms that "
+    "can represents the semantic relevance of passage in retrieval task. Make sure your word is in "
+    "lowercase. \n Passage: "
+  )
   assert ref.query.suffix == ref.doc.suffix == "" and ref.decoding == "plain" and ref.pool == "text"
   pr = prompts.get_preset("promptreps")
   assert pr.doc.prefix == '<s>[INST] Passage: "' and pr.decoding == "last_token"
-  assert pr.doc.suffix.endswith('Use one most important word to represent the passage in retrieval task. Make '
-                                'sure your word is in lowercase. [/INST]The word is: "')
+  assert pr.doc.suffix.endswith(
+    "Use one most important word to represent the passage in retrieval task. Make "
+    'sure your word is in lowercase. [/INST]The word is: "'
+  )
   assert "represent the query in retrieval task" in pr.query.suffix
   assert prompts.get_preset("none").pool == "all"
   with pytest.raises(ValueError, match="unknown prompt preset"):
@@ -81,13 +86,13 @@ def test_one_bos():
 def test_byte_level_boundary_and_reference_tokens(smol_tok):
   ref = prompts.get_preset("reference")
   text = "Cells divide by mitosis."
-  (ids, flags), = prompts.compose(smol_tok, [text], preset=ref, kind="doc", max_text_len=64)
+  ((ids, flags),) = prompts.compose(smol_tok, [text], preset=ref, kind="doc", max_text_len=64)
   raw = smol_tok._tok  # pylint: disable=protected-access
   assert ids == raw.encode(ref.doc.prefix + text).ids  # the joined string's own tokens
   assert raw.decode([i for i, f in zip(ids, flags) if f]) == " Cells divide by mitosis."
   assert sum(flags) == len(raw.encode(" " + text).ids) and flags[-1] == 1
   pr = prompts.get_preset("promptreps")
-  (ids, flags), = prompts.compose(smol_tok, [text], preset=pr, kind="query", max_text_len=3)
+  ((ids, flags),) = prompts.compose(smol_tok, [text], preset=pr, kind="query", max_text_len=3)
   assert sum(flags) == 3 and raw.decode(ids).endswith('[/INST]The word is: "')
 
 
@@ -96,7 +101,7 @@ def test_chat_template(smol_tok, words):
   before, after = prompts.prompt_strings(smol_tok, chat, "query")
   assert before.startswith("<|im_start|>system\n") and before.endswith("lowercase.\n Query: ")
   assert after == "<|im_end|>\n<|im_start|>assistant\n"
-  (ids, flags), = prompts.compose(smol_tok, ["zinc deficiency"], preset=chat, kind="query", max_text_len=16)
+  ((ids, flags),) = prompts.compose(smol_tok, ["zinc deficiency"], preset=chat, kind="query", max_text_len=16)
   raw = smol_tok._tok  # pylint: disable=protected-access
   assert raw.decode([i for i, f in zip(ids, flags) if f]) == " zinc deficiency"
   assert ids[0] == raw.token_to_id("<|im_start|>") and ids.count(raw.token_to_id("<|im_start|>")) == 3
@@ -104,9 +109,12 @@ def test_chat_template(smol_tok, words):
   assert before.endswith('user\nPassage: "') and after.endswith('<|im_start|>assistant\nThe word is: "')
   with pytest.raises(ValueError, match="no chat template"):
     prompts.compose(words, ["w1"], preset=chat, kind="doc", max_text_len=4)
-  templ = _bos_tokenizer(chat_template="{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %}"
-                         "{% if add_generation_prompt %} w4{% endif %}")
+  templ = _bos_tokenizer(
+    chat_template="{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %}"
+    "{% if add_generation_prompt %} w4{% endif %}"
+  )
   p = prompts.Preset("c", prompts.Template("w7 "), prompts.Template("w7 "), chat=True)
   assert prompts.compose(templ, ["w9 w10"], preset=p, kind="doc", max_text_len=4) == [
-      ([0, 3, 9, 11, 12, 4, 6], [0, 0, 0, 1, 1, 0, 0])]
+    ([0, 3, 9, 11, 12, 4, 6], [0, 0, 0, 1, 1, 0, 0])
+  ]
   np.testing.assert_array_equal(prompts.pad_rows([([1], [1])], pad_id=0, length=2)[2], [[1, 0]])

@@ -1,4 +1,5 @@
 """The short public API of the package."""
+
 import subprocess
 import sys
 
@@ -24,24 +25,29 @@ def test_search_by_path_equals_brute_force(tmp_path):
   for b in range(3):
     ref = dense[:, q_idx[b]].sum(1)
     expect = np.sort(ref[ref > 0])[::-1][:5]  # documents sharing no dim are not returned
-    np.testing.assert_allclose(scores[b][:len(expect)], expect, rtol=1e-5)
-    assert np.isneginf(scores[b][len(expect):]).all() and (rows[b][len(expect):] == -1).all()
+    np.testing.assert_allclose(scores[b][: len(expect)], expect, rtol=1e-5)
+    assert np.isneginf(scores[b][len(expect) :]).all() and (rows[b][len(expect) :] == -1).all()
     assert rows[b][0] == int(np.argmax(ref))
 
 
 def test_submodules_not_shadowed():
   import laspar_jax.encode
+
   assert callable(laspar_jax.encode.encode_sparse) and laspar_jax.encode_sparse is laspar_jax.encode.encode_sparse
   import laspar_jax.evaluate
+
   assert laspar_jax.evaluate_encoder is laspar_jax.evaluate.evaluate_encoder
 
 
 def test_import_is_lazy_and_names_resolve():
-  code = ("import sys, laspar_jax; heavy = [m for m in ('jax', 'flax', 'numba', 'laspar_jax.index') "
-          "if m in sys.modules]; print(heavy)")
+  code = (
+    "import sys, laspar_jax; heavy = [m for m in ('jax', 'flax', 'numba', 'laspar_jax.index') "
+    "if m in sys.modules]; print(heavy)"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
   from laspar_jax import encode, evaluate, index, models
+
   assert laspar_jax.build_index is encode.index_collection
   assert laspar_jax.load_encoder is models.sparse_encoder.load_encoder
   assert laspar_jax.search is index.search.search and laspar_jax.Index is index.Index

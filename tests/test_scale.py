@@ -5,6 +5,7 @@ are the sharded share (1/4 or 1/8) plus what the rules replicate (norms, and
 the k/v projections while "kv" maps to no mesh axis); LoRA's optimizer state
 is a sliver of the model.
 """
+
 import math
 
 import jax
@@ -18,12 +19,33 @@ from laspar_jax import optim
 from laspar_jax.models import backbone, layers, lora
 from laspar_jax.models import llama  # noqa: F401  (registers the "llama" family)
 
-LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5)
-LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
-                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+LLAMA2_7B = dict(
+  model_type="llama",
+  vocab_size=32000,
+  hidden_size=4096,
+  intermediate_size=11008,
+  num_hidden_layers=32,
+  num_attention_heads=32,
+  num_key_value_heads=32,
+  rms_norm_eps=1e-5,
+)
+LLAMA3_8B = dict(
+  model_type="llama",
+  vocab_size=128256,
+  hidden_size=4096,
+  intermediate_size=14336,
+  num_hidden_layers=32,
+  num_attention_heads=32,
+  num_key_value_heads=8,
+  rope_theta=500000.0,
+  rope_scaling={
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+  },
+)
 KV_SHARDED = tuple((k, "model" if k == "kv" else v) for k, v in mesh_lib.DEFAULT_RULES)
 
 
@@ -35,9 +57,11 @@ def _abstract(hf: dict, *, scan: bool = False, lora_rank: int = 0) -> nnx.Module
     model = family.build(cfg, rngs=nnx.Rngs(0))
     model.lm_head = family.lm_head(model, cfg, rngs=nnx.Rngs(1))
     if lora_rank:
-      lora.apply_lora(model, targets=lora.DEFAULT_TARGETS["llama"], rank=lora_rank, alpha=2 * lora_rank,
-                      rngs=nnx.Rngs(2))
+      lora.apply_lora(
+        model, targets=lora.DEFAULT_TARGETS["llama"], rank=lora_rank, alpha=2 * lora_rank, rngs=nnx.Rngs(2)
+      )
     return model
+
   return nnx.eval_shape(build)
 
 
@@ -52,8 +76,9 @@ def _bytes(model: nnx.Module, mesh, rules):
   """(total, per device, replicated) parameter bytes under `rules`."""
   shardings = mesh_lib.state_shardings(model, mesh, rules)
   total = per_device = replicated = 0
-  for (path, var), (_, sh) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
-                                  nnx.to_flat_state(nnx.split_state(shardings, nnx.Param, ...)[0])):
+  for (path, var), (_, sh) in zip(
+    nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.split_state(shardings, nnx.Param, ...)[0])
+  ):
     value = var.get_value()
     assert isinstance(value, jax.ShapeDtypeStruct), path  # nothing materialised
     axes = layers.logical_axes(var)
@@ -100,8 +125,21 @@ def test_llama3_8b_scanned_and_lora():
   adapted = lora.lora_modules(model)
   assert len(adapted) == 7 and adapted[0].lora_a.get_value().shape[0] == 32  # stacked over the layers
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  o = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, schedule="constant", end_lr=0.0, weight_decay=0.0,
-                                     b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, head_lr_mult=1.0, freeze=()))
+  o = ml_collections.ConfigDict(
+    dict(
+      lr=1e-4,
+      warmup_steps=0,
+      schedule="constant",
+      end_lr=0.0,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip=1.0,
+      head_lr_mult=1.0,
+      freeze=(),
+    )
+  )
   labels = jax.tree.leaves(optim.param_labels(params, o))
   assert set(labels) == {"lora", "frozen"}
   tx, _ = optim.make_optimizer(o, 100, params)

@@ -1,4 +1,5 @@
 """Regularizer warm-up and learning-rate schedules."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,7 @@ from laspar_jax import schedules
 
 def test_quadratic_warmup():
   f = lambda t: float(schedules.quadratic_warmup(t, value=5e-3, warmup_steps=100))
-  np.testing.assert_allclose([f(0), f(10), f(50), f(100), f(1000)],
-                             [0.0, 5e-5, 1.25e-3, 5e-3, 5e-3], rtol=1e-6)
+  np.testing.assert_allclose([f(0), f(10), f(50), f(100), f(1000)], [0.0, 5e-5, 1.25e-3, 5e-3, 5e-3], rtol=1e-6)
   assert float(schedules.quadratic_warmup(0, value=2.0, warmup_steps=0)) == 2.0
   # jit-compatible with a traced step
   g = jax.jit(lambda t: schedules.quadratic_warmup(t, value=1.0, warmup_steps=4))

@@ -1,4 +1,5 @@
 """SMART collections beyond Cranfield: marker variants, extra fields, qrels layouts, Cranfield-only rules."""
+
 import pytest
 
 from laspar_jax.data import smart
@@ -7,11 +8,11 @@ from laspar_jax.data.sources import DataFormatError, load_collection
 # CISI-like records: markers with trailing blanks, .A/.B/.K/.X fields, an abstract that
 # starts like the title (only Cranfield strips that).
 DOCS = (
-    ".I 1\n.T \nsparse retrieval\n.A  \nSmith, J.\n.W\t\nsparse retrieval with learned weights\n"
-    "works well .\n.K \nindexing; retrieval\n.X  \n1\t5\t1\n2\t5\t1\n"
-    ".I 2\n.T\ndense retrieval\n.A\nDoe, A.\n.B\nJ. Doc. 3, 1970\n.W \nneural encoders embed texts .\n"
-    ".X\n2\t6\t2\n"
-    ".I 3\n.T  \nquery expansion\n.W  \nterms are added to queries .\n.C\ncategory line\n"
+  ".I 1\n.T \nsparse retrieval\n.A  \nSmith, J.\n.W\t\nsparse retrieval with learned weights\n"
+  "works well .\n.K \nindexing; retrieval\n.X  \n1\t5\t1\n2\t5\t1\n"
+  ".I 2\n.T\ndense retrieval\n.A\nDoe, A.\n.B\nJ. Doc. 3, 1970\n.W \nneural encoders embed texts .\n"
+  ".X\n2\t6\t2\n"
+  ".I 3\n.T  \nquery expansion\n.W  \nterms are added to queries .\n.C\ncategory line\n"
 )
 QUERIES = ".I 1 \n.W  \nhow do learned sparse models index ?\n.I 2\n.W\nwhat embeds texts ?\n.I 5\n.W\nexpansion\n"
 
@@ -53,15 +54,17 @@ def test_query_ids_are_record_numbers_outside_cranfield(tmp_path):
   assert c.qrels == {"1": {"1": 1}, "5": {"3": 1}}
 
 
-@pytest.mark.parametrize("qrels,layout", [
+@pytest.mark.parametrize(
+  "qrels,layout",
+  [
     ("1 1 0 0.000000\n1 2 0 0.000000\n2 2 0 0.000000\n", "smart"),
     ("1 0 1 1\n1 0 2 1\n2 0 2 1\n", "trec"),
     ("1 1 1\n1 2 2\n2 2 1\n", "cranfield"),
-])
+  ],
+)
 def test_qrels_layouts_detected(tmp_path, qrels, layout):
   d = _write(tmp_path / "c", qrels)
-  assert smart.detect_qrels_layout(d / "CISI.REL", {"1", "2", "3"}.__contains__,
-                                   three_columns="cranfield") == layout
+  assert smart.detect_qrels_layout(d / "CISI.REL", {"1", "2", "3"}.__contains__, three_columns="cranfield") == layout
   c = load_collection(d)
   assert set(c.judged_queries) == {"1", "2"} and set(c.qrels["1"]) == {"1", "2"}
   assert not c.problems.counts

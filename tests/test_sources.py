@@ -1,4 +1,5 @@
 """load_collection over the three shared collections, and over ir_datasets offline."""
+
 import json
 import os
 import pathlib
@@ -117,13 +118,20 @@ def test_ir_datasets_offline(tmp_path, shared_data):
   with zipfile.ZipFile(home / "beir" / "scifact" / "source.zip", "w") as z:
     for rel in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv", "qrels/train.tsv"):
       z.write(src / rel, f"scifact/{rel}")
-  env = dict(os.environ, IR_DATASETS_HOME=str(home), IR_DATASETS_TMP=str(tmp_path / "tmp"),
-             PYTHONPATH=str(REPO))
-  out = subprocess.run([sys.executable, "-c", _IRDS_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=120, check=False)
+  env = dict(os.environ, IR_DATASETS_HOME=str(home), IR_DATASETS_TMP=str(tmp_path / "tmp"), PYTHONPATH=str(REPO))
+  out = subprocess.run(
+    [sys.executable, "-c", _IRDS_SCRIPT], env=env, capture_output=True, text=True, timeout=120, check=False
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.loads(out.stdout.strip().splitlines()[-1])
-  assert got == {"docs": 5183, "num_docs": 5183, "queries": 300, "judged": 300, "pairs": 339,
-                 "first": "4983", "lookup": True,
-                 "title": "Microstructural development of human newborn cerebral white matter "
-                          "assessed in vivo by diffusion tensor magnetic resonance imaging."}
+  assert got == {
+    "docs": 5183,
+    "num_docs": 5183,
+    "queries": 300,
+    "judged": 300,
+    "pairs": 339,
+    "first": "4983",
+    "lookup": True,
+    "title": "Microstructural development of human newborn cerebral white matter "
+    "assessed in vivo by diffusion tensor magnetic resonance imaging.",
+  }

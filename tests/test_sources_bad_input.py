@@ -1,4 +1,5 @@
 """Corrupted copies of each format: the documented rule when lenient, DataFormatError when strict."""
+
 import shutil
 
 import pytest
@@ -109,7 +110,8 @@ def test_beir_qrels_unknown_and_malformed(shared_data, tmp_path):
 
 def test_tsv_corruptions(tmp_path):
   (tmp_path / "collection.tsv").write_bytes(
-      b"0\tfirst\r\n1\tsecond \xc3\x28 bytes\n2 no tab here\n0\tdup of first\n3\t\n4\tlast trunc")
+    b"0\tfirst\r\n1\tsecond \xc3\x28 bytes\n2 no tab here\n0\tdup of first\n3\t\n4\tlast trunc"
+  )
   (tmp_path / "queries.tsv").write_bytes(b"10\tq ten\n11 missing tab\n10\tagain\n")
   (tmp_path / "qrels.txt").write_bytes(b"10 0 0 1\n10 0 99 1\n")
   with pytest.raises(DataFormatError, match=r"collection.tsv:2: invalid UTF-8"):
@@ -118,8 +120,7 @@ def test_tsv_corruptions(tmp_path):
   assert [d.doc_id for d in c.docs()] == ["0", "1", "3", "4"]
   assert c.doc("0").text == "first" and "\ufffd" in c.doc("1").text and c.doc("3").text == ""
   assert c.queries == {"10": "q ten"} and c.qrels == {"10": {"0": 1}}
-  assert dict(c.problems.counts) == {"bad_utf8": 1, "malformed": 2, "duplicate_id": 2,
-                                     "empty_doc": 1, "unknown_doc": 1}
+  assert dict(c.problems.counts) == {"bad_utf8": 1, "malformed": 2, "duplicate_id": 2, "empty_doc": 1, "unknown_doc": 1}
 
 
 def test_smart_corruptions(shared_data, tmp_path):

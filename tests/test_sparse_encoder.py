@@ -1,4 +1,5 @@
 """Sparse encoder: save/load roundtrip, shared vs separate towers, heads per side, abstract build, errors."""
+
 import json
 import pathlib
 import sys
@@ -29,9 +30,17 @@ def _inputs(tok):
 
 @pytest.mark.parametrize("towers,head", [("separate", "latent_attention"), ("shared", "mlm")])
 def test_save_load_roundtrip(tiny_path, tmp_path, towers, head):
-  cfg = EncoderConfig(backbone=str(tiny_path), head=head, latent_dim=256, towers=towers,
-                      head_kwargs={"kernel_std": 1.0} if head != "mlm" else {},
-                      query_prefix="query: ", doc_prefix="document: ", query_max_len=16, doc_max_len=32)
+  cfg = EncoderConfig(
+    backbone=str(tiny_path),
+    head=head,
+    latent_dim=256,
+    towers=towers,
+    head_kwargs={"kernel_std": 1.0} if head != "mlm" else {},
+    query_prefix="query: ",
+    doc_prefix="document: ",
+    query_max_len=16,
+    doc_max_len=32,
+  )
   enc, tok = sparse_encoder.build_encoder(cfg)
   ids, mask = _inputs(tok)
   want_q = np.asarray(enc(ids, mask, kind="query"))
@@ -64,15 +73,17 @@ def test_separate_towers_train_separately(tiny_path):
   np.testing.assert_array_equal(np.asarray(enc.query_head.kernel[...]), q_before)  # ... leaves the other
   params = nnx.to_pure_dict(nnx.state(enc, nnx.Param))
   assert set(params) == {"query_backbone", "doc_backbone", "query_head", "doc_head"}
-  assert params["query_backbone"]["embeddings"]["word_embeddings"]["embedding"] is not \
-      params["doc_backbone"]["embeddings"]["word_embeddings"]["embedding"]
+  assert (
+    params["query_backbone"]["embeddings"]["word_embeddings"]["embedding"]
+    is not params["doc_backbone"]["embeddings"]["word_embeddings"]["embedding"]
+  )
 
 
 def test_abstract_build_and_load_errors(tiny_path, tmp_path):
-  cfg = EncoderConfig(backbone=str(tiny_path), head="latent_attention", latent_dim=2 ** 22)
+  cfg = EncoderConfig(backbone=str(tiny_path), head="latent_attention", latent_dim=2**22)
   enc, _ = sparse_encoder.build_encoder(cfg, weights=False)  # D = 4M: shapes only, nothing allocated
   kernel = enc.query_head.kernel.get_value()
-  assert isinstance(kernel, jax.ShapeDtypeStruct) and kernel.shape == (32, 2 ** 22)
+  assert isinstance(kernel, jax.ShapeDtypeStruct) and kernel.shape == (32, 2**22)
   small = EncoderConfig(backbone=str(tiny_path), head="latent_attention", latent_dim=64)
   e, t = sparse_encoder.build_encoder(small)
   path = pathlib.Path(sparse_encoder.save_encoder(e, t, tmp_path / "enc"))
@@ -84,9 +95,14 @@ def test_abstract_build_and_load_errors(tiny_path, tmp_path):
 
 
 def test_heads_per_side_on_a_shared_backbone(tiny_path, tmp_path):
-  cfg = EncoderConfig(backbone=str(tiny_path), head="latent_attention", latent_dim=256,
-                      head_kwargs={"kernel_std": 1.0}, doc_head="latent_max",
-                      doc_head_kwargs={"tile": 64, "kernel_std": 1.0})
+  cfg = EncoderConfig(
+    backbone=str(tiny_path),
+    head="latent_attention",
+    latent_dim=256,
+    head_kwargs={"kernel_std": 1.0},
+    doc_head="latent_max",
+    doc_head_kwargs={"tile": 64, "kernel_std": 1.0},
+  )
   enc, tok = sparse_encoder.build_encoder(cfg)
   assert enc.doc_backbone is None and enc.backbone("doc") is enc.backbone("query")
   assert isinstance(enc.head("query"), heads.LatentAttentionHead)
@@ -113,8 +129,9 @@ def test_fingerprint_unchanged_by_new_fields():
 
 def test_head_width_mismatch_and_shared_vocab_doc_head(tiny_path, tmp_path):
   with pytest.raises(ValueError, match="same width"):
-    sparse_encoder.build_encoder(EncoderConfig(backbone=str(tiny_path), head="mlm", latent_dim=64,
-                                               doc_head="latent_sum"), weights=False)
+    sparse_encoder.build_encoder(
+      EncoderConfig(backbone=str(tiny_path), head="mlm", latent_dim=64, doc_head="latent_sum"), weights=False
+    )
   # A vocabulary document head of its own on a shared backbone (refused before the projection
   # was handed to the head at call time): one lm_head, under query_backbone.
   cfg = EncoderConfig(backbone=str(tiny_path), head="mlm", doc_head_kwargs={"pooling": "sum"})
@@ -126,17 +143,21 @@ def test_head_width_mismatch_and_shared_vocab_doc_head(tiny_path, tmp_path):
   q, d = np.asarray(enc(ids, mask, kind="query")), np.asarray(enc(ids, mask, kind="doc"))
   h = enc.query_backbone(ids, mask)
   proj = enc.query_backbone.lm_head
-  np.testing.assert_allclose(d, np.asarray(heads.VocabHead(proj, vocab=tok.vocab_size, pooling="sum",
-                                                           special_ids=tok.special_ids)(h, mask)),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    d,
+    np.asarray(heads.VocabHead(proj, vocab=tok.vocab_size, pooling="sum", special_ids=tok.special_ids)(h, mask)),
+    rtol=1e-6,
+    atol=1e-6,
+  )
   assert (d >= q - 1e-6).all() and not np.allclose(q, d)  # sum >= max of non-negative terms
   enc2, _ = sparse_encoder.load_encoder(sparse_encoder.save_encoder(enc, tok, tmp_path / "enc"))
   np.testing.assert_array_equal(np.asarray(enc2(ids, mask, kind="doc")), d)
 
 
 def test_vocab_heads_use_the_backbone_lm_head(tiny_path, tmp_path):
-  cfg = EncoderConfig(backbone=str(tiny_path), head="mlm", towers="separate", seed=3,
-                      doc_head_kwargs={"pooling": "sum", "tile": 1024})
+  cfg = EncoderConfig(
+    backbone=str(tiny_path), head="mlm", towers="separate", seed=3, doc_head_kwargs={"pooling": "sum", "tile": 1024}
+  )
   enc, tok = sparse_encoder.build_encoder(cfg)
   params = nnx.to_pure_dict(nnx.state(enc, nnx.Param))
   assert set(params) == {"query_backbone", "doc_backbone"}  # the vocabulary heads hold no parameters

@@ -1,4 +1,5 @@
 """Tests for laspar_jax.sparsify."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,9 +43,8 @@ def test_sharded_topk_equals_global(batch_axis):
   d = 8 * 4096
   rep_bv = rng.random((4, d)).astype(np.float32)
   # Concentrate the largest values in one shard so per-shard k matters.
-  rep_bv[:, 4096:4096 + 40] += 10.0
-  rep = jax.device_put(jnp.asarray(rep_bv), jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(None, "model")))
+  rep_bv[:, 4096 : 4096 + 40] += 10.0
+  rep = jax.device_put(jnp.asarray(rep_bv), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model")))
   idx_bk, val_bk = sparsify.sharded_topk(rep, 64, mesh, "model", batch_axis=batch_axis)
   g_idx, g_val = sparsify.topk(jnp.asarray(rep_bv), 64)
   np.testing.assert_array_equal(np.asarray(idx_bk), np.asarray(g_idx))

@@ -1,4 +1,5 @@
 """launch/study.py + laspar_jax/study.py: variants through train -> index -> evaluate -> one table; reruns skip."""
+
 import csv
 import json
 import math
@@ -74,8 +75,14 @@ def setup(tmp_path_factory):
 
 def _launch(*args, cwd, env=None):
   """launch/study.py in a subprocess."""
-  return subprocess.run([sys.executable, str(REPO / "launch" / "study.py"), *map(str, args)],
-                        capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+  return subprocess.run(
+    [sys.executable, str(REPO / "launch" / "study.py"), *map(str, args)],
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    timeout=600,
+    env=env,
+  )
 
 
 def test_rq2_two_variants_end_to_end_then_rerun_skips(setup):
@@ -85,8 +92,17 @@ def test_rq2_two_variants_end_to_end_then_rerun_skips(setup):
   w = root / "rq2"
   # One CPU device: the tiny models compile in half the time of the 8-device mesh of the other tests.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  out = _launch("--config", f"{RQ2}:tiny,data={coll}", "--workdir", w, "--variants", "opt_350m,flan_t5_multi_token",
-                "--noprogress", cwd=root, env=env)  # from outside the repository
+  out = _launch(
+    "--config",
+    f"{RQ2}:tiny,data={coll}",
+    "--workdir",
+    w,
+    "--variants",
+    "opt_350m,flan_t5_multi_token",
+    "--noprogress",
+    cwd=root,
+    env=env,
+  )  # from outside the repository
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   lines = [x for x in out.stdout.splitlines() if re.match(r"\w+: (ok|skipped|failed)", x)]
   assert [x.split(":")[0] for x in lines] == ["flan_t5_multi_token", "opt_350m"]  # VARIANTS order
@@ -103,7 +119,9 @@ def test_rq2_two_variants_end_to_end_then_rerun_skips(setup):
   assert enc["decoding"] == "multi_token"
   rows = list(csv.DictReader((w / "results.csv").open()))
   assert [(r["variant"], r["status"], r["steps"]) for r in rows] == [
-      ("flan_t5_multi_token", "ok", "3"), ("opt_350m", "ok", "3")]
+    ("flan_t5_multi_token", "ok", "3"),
+    ("opt_350m", "ok", "3"),
+  ]
   for r in rows:
     for k in ("nDCG@10", "RR@10", "R@100", "FLOPS/query", "active dims q", "active dims d", "wall s"):
       assert math.isfinite(float(r[k])), (k, r)
@@ -113,10 +131,8 @@ def test_rq2_two_variants_end_to_end_then_rerun_skips(setup):
 
   # A rerun skips both: result.json untouched, nothing trained.
   mtimes = {v: (w / v / "result.json").stat().st_mtime_ns for v in ("flan_t5_multi_token", "opt_350m")}
-  res = study.run_study(RQ2, f"tiny,data={coll}", w, variants=["flan_t5_multi_token", "opt_350m"],
-                        progress=False)
-  assert [(r["variant"], r["status"]) for r in res] == [("flan_t5_multi_token", "skipped"),
-                                                        ("opt_350m", "skipped")]
+  res = study.run_study(RQ2, f"tiny,data={coll}", w, variants=["flan_t5_multi_token", "opt_350m"], progress=False)
+  assert [(r["variant"], r["status"]) for r in res] == [("flan_t5_multi_token", "skipped"), ("opt_350m", "skipped")]
   assert {v: (w / v / "result.json").stat().st_mtime_ns for v in mtimes} == mtimes
 
 
@@ -155,13 +171,22 @@ def test_skip_resume_and_supersede_rules(setup, tmp_path, monkeypatch):
   def fake(config, vdir, *, progress):
     calls.append(vdir.name)
     (vdir / "marker").write_text("x")
-    return {"steps": int(config.train.total_steps), "metrics": {"nDCG@10": 0.5}, "flops_per_query": 3.0,
-            "mean_active_q": 2.0, "mean_active_d": 4.0}
+    return {
+      "steps": int(config.train.total_steps),
+      "metrics": {"nDCG@10": 0.5},
+      "flops_per_query": 3.0,
+      "mean_active_q": 2.0,
+      "mean_active_d": 4.0,
+    }
 
   monkeypatch.setattr(study, "_train_index_evaluate", fake)
   w = tmp_path / "w"
-  run = lambda **kw: {r["variant"]: r["status"] for r in study.run_study(
-      module, kw.pop("arg", "tiny"), w, variants=["t5_multi_token", "opt_causal"], progress=False, **kw)}
+  run = lambda **kw: {
+    r["variant"]: r["status"]
+    for r in study.run_study(
+      module, kw.pop("arg", "tiny"), w, variants=["t5_multi_token", "opt_causal"], progress=False, **kw
+    )
+  }
   assert run() == {"t5_multi_token": "ok", "opt_causal": "ok"} and calls == ["t5_multi_token", "opt_causal"]
   assert run() == {"t5_multi_token": "skipped", "opt_causal": "skipped"} and len(calls) == 2
   # A half-written folder (no result.json) of the same config resumes in place.

@@ -3,6 +3,7 @@
 The fixtures (tests/fixtures/t5_v10, tests/fixtures/t5_flan) come from
 tools/make_t5_fixtures.py (tiny random configs, transformers + CPU torch).
 """
+
 import json
 import pathlib
 import shutil
@@ -23,8 +24,9 @@ SIDES = ("right", "left")
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=[(v, impl) for v in VARIANTS for impl in ("xla", "cpu")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+  scope="module", params=[(v, impl) for v in VARIANTS for impl in ("xla", "cpu")], ids=lambda p: f"{p[0]}-{p[1]}"
+)
 def loaded(request):
   variant, impl = request.param
   ld = hf_weights.load(FIXTURES / variant, lm_head=True, attention_impl=impl)
@@ -103,7 +105,7 @@ def test_lm_head_tied_or_untied(loaded):
     assert head.tied is model.shared and head.kernel is None
     np.testing.assert_array_equal(np.asarray(head.kernel_dv()), tensors["shared.weight"].T)
     h = jnp.ones((1, 1, 32))
-    np.testing.assert_allclose(np.asarray(head.transform(h)), 32 ** -0.5, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(head.transform(h)), 32**-0.5, rtol=1e-6)
   else:
     assert head.tied is None
     np.testing.assert_array_equal(np.asarray(head.kernel_dv()), tensors["lm_head.weight"].T)
@@ -180,8 +182,7 @@ def test_misshaped_tensor_names_it(tmp_path):
 
 def test_logical_axes_on_every_parameter():
   model = hf_weights.load(FIXTURES / "t5_flan", weights=False, lm_head=True).model  # abstract
-  axes = {"/".join(map(str, p)): mesh_lib.logical_axes(v)
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  axes = {"/".join(map(str, p)): mesh_lib.logical_axes(v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   assert all(a is not None and len(a) >= 1 for a in axes.values()), axes
   assert axes["encoder/blocks/0/self_attn/q/kernel"] == ("embed", "heads")
   assert axes["decoder/blocks/1/cross_attn/k/kernel"] == ("embed", "kv")

@@ -1,4 +1,5 @@
 """Dense-teacher embedding cache (real MiniLM) and balanced clustering."""
+
 import json
 import os
 
@@ -7,14 +8,21 @@ import pytest
 
 from laspar_jax import teacher
 
-TEXTS = ["a cat sits on the mat", "the dog runs in the park", "quantum mechanics of solids",
-         "a kitten rests on a rug", "", "shock waves in hypersonic flow"]
+TEXTS = [
+  "a cat sits on the mat",
+  "the dog runs in the park",
+  "quantum mechanics of solids",
+  "a kitten rests on a rug",
+  "",
+  "shock waves in hypersonic flow",
+]
 ITEMS = [(f"t{i}", t) for i, t in enumerate(TEXTS)]
 
 
 @pytest.fixture(scope="module")
 def minilm(minilm_path):
   from laspar_jax.models import hf_weights
+
   return hf_weights.load(minilm_path, max_length=32)
 
 
@@ -84,6 +92,7 @@ def test_balanced_clusters():
 def test_teacher_embeddings_for_examples(tmp_path, minilm, shared_data):
   from laspar_jax.data import training
   from laspar_jax.data.sources import load_collection
+
   c = load_collection(shared_data / "scifact")
   qrels = dict(sorted(c.qrels.items())[:3])
   cand = {q: ["4983", "5836"] for q in qrels}

@@ -1,4 +1,5 @@
 """Tokenizer: the tokenizer's own truncation and specials, pad id and sides, buckets, prefixes, errors."""
+
 import shutil
 
 import numpy as np
@@ -58,6 +59,7 @@ def _word_level(tmp_path, specials, processor, config=None, vocab_words=20):
 
   import tokenizers
   from tokenizers import models, pre_tokenizers
+
   vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_words)])}
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=specials[-1]))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -72,9 +74,13 @@ def _word_level(tmp_path, specials, processor, config=None, vocab_words=20):
 
 def test_roberta_template_truncates_inside_the_template(tmp_path):
   from tokenizers import processors
-  tok = _word_level(tmp_path, ["<pad>", "<s>", "</s>", "<unk>"],
-                    lambda v: processors.RobertaProcessing(("</s>", v["</s>"]), ("<s>", v["<s>"])),
-                    config={"pad_token": "<pad>"})
+
+  tok = _word_level(
+    tmp_path,
+    ["<pad>", "<s>", "</s>", "<unk>"],
+    lambda v: processors.RobertaProcessing(("</s>", v["</s>"]), ("<s>", v["<s>"])),
+    config={"pad_token": "<pad>"},
+  )
   assert tok.num_special_tokens == 2 and tok.pad_id == 0 and tok.pad_token == "<pad>"
   b = tok([" ".join(f"w{i}" for i in range(12)), "w3"])
   assert b["input_ids"].shape == (2, 8)
@@ -87,9 +93,13 @@ def test_roberta_template_truncates_inside_the_template(tmp_path):
 def test_decoder_bos_only_left_padding_and_no_pad_token(tmp_path):
   """A Llama-style `<s> X` template: truncation keeps BOS and the text's start; pads on the left with 0."""
   from tokenizers import processors
-  tok = _word_level(tmp_path, ["<s>", "</s>", "<unk>"],
-                    lambda v: processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)]),
-                    config={"padding_side": "left"})
+
+  tok = _word_level(
+    tmp_path,
+    ["<s>", "</s>", "<unk>"],
+    lambda v: processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)]),
+    config={"padding_side": "left"},
+  )
   assert tok.num_special_tokens == 1 and tok.pad_token is None and tok.pad_id == 0
   b = tok([" ".join(f"w{i}" for i in range(12)), "w3 w4"])
   assert b["input_ids"][0].tolist() == [0] + [3 + i for i in range(7)]  # <s> w0..w6, no </s> forced in
@@ -117,5 +127,5 @@ def test_bert_truncation_identical_to_cls_text_sep(tok):
   n = int((full != tok.pad_id).sum())
   for max_length in (16, 100, 256):
     ids = tok([text], max_length=max_length)["input_ids"][0]
-    expect = list(full[:max_length - 1]) + [full[n - 1]]
+    expect = list(full[: max_length - 1]) + [full[n - 1]]
     assert ids.tolist() == expect

@@ -1,4 +1,5 @@
 """Train step (sharded == unsharded, accumulation), non-finite stop, end-to-end train + eval."""
+
 import json
 import pathlib
 import sys
@@ -64,26 +65,41 @@ def _batch(rng, B, n, Lq, Ld, E=8, accum=0):
   def ids(rows, L):
     x = rng.integers(1000, 5000, lead + (rows, L)).astype(np.int32)
     m = np.ones(lead + (rows, L), np.int32)
-    m[..., L // 2:] = rng.integers(0, 2, lead + (rows, L - L // 2))
+    m[..., L // 2 :] = rng.integers(0, 2, lead + (rows, L - L // 2))
     return x * m, m
 
   qi, qm = ids(B, Lq)
   di, dm = ids(M, Ld)
   tq = rng.standard_normal(lead + (B, E)).astype(np.float32)
   td = rng.standard_normal(lead + (M, E)).astype(np.float32)
-  return {"q_input_ids": qi, "q_attention_mask": qm, "d_input_ids": di, "d_attention_mask": dm,
-          "teacher_q": tq, "teacher_d": td}
+  return {
+    "q_input_ids": qi,
+    "q_attention_mask": qm,
+    "d_input_ids": di,
+    "d_attention_mask": dm,
+    "teacher_q": tq,
+    "teacher_d": td,
+  }
 
 
 def _run_steps(config, mesh, batches):
   enc, _ = sparse_encoder.build_encoder(train_lib.encoder_config(config))
   params = train_state.encoder_params(enc)
   tx, lr = optim.make_optimizer(config.optim, config.train.total_steps, params)
-  graphdef, rest, state, sh = train_state.create_train_state(enc, tx, mesh, seed=config.seed,
-                                                             rules=mesh_lib.rules_from_config(config))
+  graphdef, rest, state, sh = train_state.create_train_state(
+    enc, tx, mesh, seed=config.seed, rules=mesh_lib.rules_from_config(config)
+  )
   trainable = optim.trainable_mask(params, config.optim)
-  step = train_step.make_train_step(graphdef, rest, tx, lr, train_step.StepConfig.from_config(config, mesh),
-                                    sh, mesh, trainable=None if all(jax.tree.leaves(trainable)) else trainable)
+  step = train_step.make_train_step(
+    graphdef,
+    rest,
+    tx,
+    lr,
+    train_step.StepConfig.from_config(config, mesh),
+    sh,
+    mesh,
+    trainable=None if all(jax.tree.leaves(trainable)) else trainable,
+  )
   metrics = []
   for b in batches:
     state, m = step(state, mesh_lib.put_batch(b, mesh, config.optim.accum_steps > 1))
@@ -92,14 +108,18 @@ def _run_steps(config, mesh, batches):
 
 
 def _regularizers(*terms):
-  return ml_collections.ConfigDict({f"{side}_{name}": {"name": name, "side": side, "weight": w}
-                                    for name, side, w in terms})
+  return ml_collections.ConfigDict(
+    {f"{side}_{name}": {"name": name, "side": side, "weight": w} for name, side, w in terms}
+  )
 
 
 def test_sharded_step_equals_unsharded(tiny_path, shared_data):
   """2 steps x 2 accumulated micro-batches: mesh data=2 x model=4 equals one device."""
-  c = tiny_config(tiny_path, shared_data, **{
-      "optim.accum_steps": 2, "data.n_neg": 1, "loss.reg_warmup_steps": 4, "loss.distill": "dense_kl"})
+  c = tiny_config(
+    tiny_path,
+    shared_data,
+    **{"optim.accum_steps": 2, "data.n_neg": 1, "loss.reg_warmup_steps": 4, "loss.distill": "dense_kl"},
+  )
   c.loss.regularizers = _regularizers(("flops", "q", 1e-2), ("l1", "d", 1e-3), ("equipartition", "d", 1e-2))
   rng = np.random.default_rng(0)
   batches = [_batch(rng, 8, 1, 16, 32, accum=2) for _ in range(2)]
@@ -110,8 +130,17 @@ def test_sharded_step_equals_unsharded(tiny_path, shared_data):
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
   assert int(s8.step) == 2 and int(s8.bad_step) == -1
   for a, b in zip(m1, m8):
-    for k in ("loss", "grad_norm", "active_q", "active_d", "distill/dense_kl", "reg/q_flops", "reg/d_l1",
-              "reg/d_equipartition", "flops_est"):
+    for k in (
+      "loss",
+      "grad_norm",
+      "active_q",
+      "active_d",
+      "distill/dense_kl",
+      "reg/q_flops",
+      "reg/d_l1",
+      "reg/d_equipartition",
+      "flops_est",
+    ):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=k)
   # Attention key biases have an exactly-zero true gradient (softmax is shift-invariant), so
   # Adam turns float rounding noise (which differs with the reduction order) into updates of
@@ -121,8 +150,21 @@ def test_sharded_step_equals_unsharded(tiny_path, shared_data):
     if "['key']['bias']" not in name:
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
   # Every loss term is reported; regularizer weights follow the quadratic warm-up; top-k holds.
-  for k in ("loss", "ranking/inbatch_ce", "distill/dense_kl", "reg/q_flops", "reg/d_l1", "reg/d_equipartition",
-            "reg/q_flops_weight", "active_q", "active_d", "flops_est", "grad_norm", "lr", "param_norm"):
+  for k in (
+    "loss",
+    "ranking/inbatch_ce",
+    "distill/dense_kl",
+    "reg/q_flops",
+    "reg/d_l1",
+    "reg/d_equipartition",
+    "reg/q_flops_weight",
+    "active_q",
+    "active_d",
+    "flops_est",
+    "grad_norm",
+    "lr",
+    "param_norm",
+  ):
     assert k in m1[1], k
   assert m1[0]["reg/q_flops_weight"] == 0.0
   np.testing.assert_allclose(m1[1]["reg/q_flops_weight"], 1e-2 * (1 / 4) ** 2, rtol=1e-6)
@@ -137,8 +179,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_path, shared_d
   c = tiny_config(tiny_path, shared_data, **{"train.total_steps": 8, "train.log_every": 8})
   real = schedules.quadratic_warmup
   # The regularizer weight (a traced function of the step) turns NaN from step 3 on.
-  monkeypatch.setattr(schedules, "quadratic_warmup",
-                      lambda step, **kw: jnp.where(step >= 3, jnp.nan, real(step, **kw)))
+  monkeypatch.setattr(schedules, "quadratic_warmup", lambda step, **kw: jnp.where(step >= 3, jnp.nan, real(step, **kw)))
   with pytest.raises(train_lib.NonFiniteLossError, match="non-finite at step 3.*checkpoint is step 2"):
     train_lib.train_and_evaluate(c, tmp_path)
   ck = checkpointing.Checkpointer(tmp_path / "checkpoints", every=2)
@@ -148,8 +189,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_path, shared_d
 
 
 def test_train_and_evaluate_end_to_end(tiny_path, shared_data, tmp_path):
-  c = tiny_config(tiny_path, shared_data, **{"train.total_steps": 2, "train.final_eval": True,
-                                             "data.teacher": "dense", "loss.distill": "dense_kl"})
+  c = tiny_config(
+    tiny_path,
+    shared_data,
+    **{"train.total_steps": 2, "train.final_eval": True, "data.teacher": "dense", "loss.distill": "dense_kl"},
+  )
   res = train_lib.train_and_evaluate(c, tmp_path)
   assert res["step"] == 2 and not res["preempted"]
   assert {"nDCG@10", "RR@10", "active_q", "active_d"} <= set(res["eval"])
@@ -168,8 +212,9 @@ def test_train_and_evaluate_end_to_end(tiny_path, shared_data, tmp_path):
 
 def test_bf16_compute_keeps_fp32_params_and_mlm_head_trains(tiny_path, shared_data):
   """SPLADE's tied MLM head in bfloat16 compute: parameters (master weights) stay float32."""
-  c = tiny_config(tiny_path, shared_data, **{"model.dtype": "bfloat16", "model.head": "mlm",
-                                             "train.q_topk": 0, "train.d_topk": 0})
+  c = tiny_config(
+    tiny_path, shared_data, **{"model.dtype": "bfloat16", "model.head": "mlm", "train.q_topk": 0, "train.d_topk": 0}
+  )
   c.model.head_kwargs = {"pooling": "max"}
   mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
   s, ms, _ = _run_steps(c, mesh, [_batch(np.random.default_rng(2), 8, 0, 16, 32) for _ in range(2)])

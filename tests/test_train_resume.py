@@ -1,4 +1,5 @@
 """A run killed with SIGKILL (or stopped by SIGTERM) resumes to the same parameters as an uninterrupted run."""
+
 import json
 import os
 import pathlib
@@ -20,20 +21,42 @@ TOTAL = 8
 
 def _cmd(tiny, shared_data, workdir):
   over = {
-      "model.backbone": tiny, "model.latent_dim": 512, "model.query_max_len": 16, "model.doc_max_len": 32,
-      "data.collection": shared_data / "scifact", "data.teacher": "none", "loss.distill": "",
-      "optim.batch_size": 8, "optim.warmup_steps": 2, "train.total_steps": TOTAL,
-      "train.checkpoint_every": 2, "train.keep_checkpoints": 0, "train.log_every": 2,
-      "train.final_eval": False, "train.dropout": False, "train.q_topk": 64, "train.d_topk": 128,
+    "model.backbone": tiny,
+    "model.latent_dim": 512,
+    "model.query_max_len": 16,
+    "model.doc_max_len": 32,
+    "data.collection": shared_data / "scifact",
+    "data.teacher": "none",
+    "loss.distill": "",
+    "optim.batch_size": 8,
+    "optim.warmup_steps": 2,
+    "train.total_steps": TOTAL,
+    "train.checkpoint_every": 2,
+    "train.keep_checkpoints": 0,
+    "train.log_every": 2,
+    "train.final_eval": False,
+    "train.dropout": False,
+    "train.q_topk": 64,
+    "train.d_topk": 128,
   }
-  return [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "laspar.py:runlocal"),
-          "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in over.items()]
+  return [
+    sys.executable,
+    str(REPO / "launch" / "train.py"),
+    "--config",
+    str(REPO / "configs" / "laspar.py:runlocal"),
+    "--workdir",
+    str(workdir),
+  ] + [f"--config.{k}={v}" for k, v in over.items()]
 
 
 def _env(cache):
   env = dict(os.environ)
-  env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env.update(
+    JAX_COMPILATION_CACHE_DIR=str(cache),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  )
   return env
 
 
@@ -120,15 +143,20 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def _killed_at(cmd, env, where):
-  r = subprocess.run([sys.executable, "-c", _KILLER] + cmd[1:], env=dict(env, KILL_AT=where), cwd=REPO,
-                     capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [sys.executable, "-c", _KILLER] + cmd[1:],
+    env=dict(env, KILL_AT=where),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == -signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
   return r
 
 
 def _array_file(step_dir):
-  return max((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
-             key=lambda p: p.stat().st_size)
+  return max((p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
 
 
 def test_kill_points_and_corrupt_checkpoints_resume_equals_uninterrupted(tmp_path, minilm_path, shared_data):

@@ -1,4 +1,5 @@
 """train_step: regularizer terms from the config's named dicts, StepConfig."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,19 +18,27 @@ def _regs(**terms):
 
 def test_regularizers_in_canonical_order():
   # A ConfigDict iterates its keys sorted; the terms are summed in REGULARIZERS order, queries first.
-  regs = _regs(d_equipartition=("equipartition", "d", 5e-3), d_flops=("flops", "d", 5e-3),
-               q_flops=("flops", "q", 5e-3))
+  regs = _regs(d_equipartition=("equipartition", "d", 5e-3), d_flops=("flops", "d", 5e-3), q_flops=("flops", "q", 5e-3))
   assert train_step.regularizers_from_config(regs) == (
-      ("flops", "q", 5e-3), ("flops", "d", 5e-3), ("equipartition", "d", 5e-3))
+    ("flops", "q", 5e-3),
+    ("flops", "d", 5e-3),
+    ("equipartition", "d", 5e-3),
+  )
   assert train_step.regularizers_from_config(_regs(a=("l1", "d", 1), b=("flops", "q", 2))) == (
-      ("flops", "q", 2.0), ("l1", "d", 1.0))
+    ("flops", "q", 2.0),
+    ("l1", "d", 1.0),
+  )
   assert train_step.regularizers_from_config(ml_collections.ConfigDict()) == ()
   assert train_step.regularizers_from_config(None) == ()
 
 
-@pytest.mark.parametrize("term, msg", [
-    (("nope", "q", 1.0), "name"), (("flops", "x", 1.0), "side"),
-])
+@pytest.mark.parametrize(
+  "term, msg",
+  [
+    (("nope", "q", 1.0), "name"),
+    (("flops", "x", 1.0), "side"),
+  ],
+)
 def test_bad_regularizer(term, msg):
   with pytest.raises(ValueError, match=msg):
     train_step.regularizers_from_config(_regs(t=term))
@@ -39,9 +48,17 @@ def test_bad_regularizer(term, msg):
 
 def test_step_config_from_config():
   c = ml_collections.ConfigDict()
-  c.loss = dict(ranking="inbatch_ce", ranking_weight=1.0, temperature=0.05, distill="", distill_weight=1.0,
-                teacher_temperature=0.05, regularizers=_regs(q_flops=("flops", "q", 5e-3)),
-                reg_warmup_steps=5, flops_per_shard=True)
+  c.loss = dict(
+    ranking="inbatch_ce",
+    ranking_weight=1.0,
+    temperature=0.05,
+    distill="",
+    distill_weight=1.0,
+    teacher_temperature=0.05,
+    regularizers=_regs(q_flops=("flops", "q", 5e-3)),
+    reg_warmup_steps=5,
+    flops_per_shard=True,
+  )
   c.optim = dict(accum_steps=2)
   c.train = dict(dropout=False, rng_impl="rbg", q_topk=64, d_topk=0)
   mesh = mesh_lib.make_mesh(2, 4)
@@ -57,8 +74,9 @@ def test_step_config_from_config():
   assert len(jax.devices()) == 8
 
 
-@pytest.mark.parametrize("weights, want", [((), ()), (None, ()), ("", ()), ([0.5, 0.5], (0.5, 0.5)),
-                                           ((0, 1), (0.0, 1.0))])
+@pytest.mark.parametrize(
+  "weights, want", [((), ()), (None, ()), ("", ()), ([0.5, 0.5], (0.5, 0.5)), ((0, 1), (0.0, 1.0))]
+)
 def test_doc_reg_weights_from_config(weights, want):
   assert train_step.doc_reg_weights_from_config(weights) == want
 
@@ -79,8 +97,9 @@ def test_doc_reg_weights_under_a_data_sharded_batch():
   regs = (("flops", "q", 0.1), ("flops", "d", 0.2))
 
   def f(q, d):
-    return losses.total_loss(rep_q_bv=q, rep_d_mv=d, regularizers=regs, flops_num_shards=8,
-                             doc_reg_weights=(0.25, 0.75))
+    return losses.total_loss(
+      rep_q_bv=q, rep_d_mv=d, regularizers=regs, flops_num_shards=8, doc_reg_weights=(0.25, 0.75)
+    )
 
   spec = NamedSharding(mesh, P("data"))
   got, m = jax.jit(f)(jax.device_put(rep_q, spec), jax.device_put(rep_d, spec))

@@ -1,4 +1,5 @@
 """Training examples: positives, deterministic hard negatives, teacher score files."""
+
 import gzip
 import json
 import pickle
@@ -83,9 +84,11 @@ def test_bm25_negatives_on_scifact(shared_data):
 
 def test_retriever_candidates():
   calls = []
+
   def search(texts):
     calls.append(len(texts))
     return [[t + "-a", t + "-b"] for t in texts]
+
   got = training.retriever_candidates(search, {"1": "x", "2": "y", "3": "z"}, batch_size=2)
   assert got == {"1": ["x-a", "x-b"], "2": ["y-a", "y-b"], "3": ["z-a", "z-b"]} and calls == [2, 1]
 
@@ -140,8 +143,9 @@ def test_calibrate_scores_global_and_per_query():
   got = training.calibrate_scores(src, ref, "per_query")
   _close(got, want)
   g = np.array(list(got["q0"].values()))
-  np.testing.assert_allclose([g.mean(), g.std()], [np.mean(list(ref["q0"].values())),
-                                                   np.std(list(ref["q0"].values()))], rtol=1e-9)
+  np.testing.assert_allclose(
+    [g.mean(), g.std()], [np.mean(list(ref["q0"].values())), np.std(list(ref["q0"].values()))], rtol=1e-9
+  )
   # Margins (what MarginMSE sees) only change scale under the global calibration.
   m = lambda s: s["q1"]["d0"] - s["q1"]["d1"]
   glob = training.calibrate_scores(src, ref, "global")
@@ -172,22 +176,38 @@ def test_calibrate_scores_constant_and_errors():
 def _tiny_beir(path):
   path.mkdir()
   docs = {f"d{i}": f"document number {i} about topic {i % 3} words" for i in range(12)}
-  (path / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "title": "", "text": v}) + "\n"
-                                             for k, v in docs.items()))
-  (path / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"topic {i}"}) + "\n"
-                                              for i in range(4)))
+  (path / "corpus.jsonl").write_text(
+    "".join(json.dumps({"_id": k, "title": "", "text": v}) + "\n" for k, v in docs.items())
+  )
+  (path / "queries.jsonl").write_text(
+    "".join(json.dumps({"_id": f"q{i}", "text": f"topic {i}"}) + "\n" for i in range(4))
+  )
   (path / "qrels").mkdir()
-  (path / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-      f"q{i}\td{i}\t1\n" for i in range(4)))
+  (path / "qrels" / "train.tsv").write_text(
+    "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4))
+  )
   return path
 
 
 def _data_config(coll, **data):
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = dict(collection=str(coll), split="train", negatives="scores", n_neg=2, neg_pool=3, neg_depth=100,
-                teacher="scores", teacher_scores="", teacher_model="", teacher_cache="", batching="random",
-                prefetch=0, teacher_calibration="none", teacher_calibration_reference="")
+  c.data = dict(
+    collection=str(coll),
+    split="train",
+    negatives="scores",
+    n_neg=2,
+    neg_pool=3,
+    neg_depth=100,
+    teacher="scores",
+    teacher_scores="",
+    teacher_model="",
+    teacher_cache="",
+    batching="random",
+    prefetch=0,
+    teacher_calibration="none",
+    teacher_calibration_reference="",
+  )
   c.data.update(data)
   c.model = dict(query_max_len=8, doc_max_len=16, query_prefix="", doc_prefix="")
   c.optim = dict(batch_size=2)

@@ -1,4 +1,5 @@
 """Zero-shot read-off vs numpy (text pooling, last token, in-text filter, top-k, fallback); end to end with BM25."""
+
 import json
 import pathlib
 import subprocess
@@ -33,8 +34,8 @@ def _reference(loaded, texts, preset, *, last=False, allowed=None, k=128, max_le
   out = np.zeros((len(texts), loaded.model.vocab_size), np.float32)
   w_dv = np.asarray(loaded.model.lm_head.kernel_dv(), np.float64)
   for b, (ids, _) in enumerate(rows):
-    z_tv = np.log1p(np.maximum(h_bld[b, :len(ids)] @ w_dv, 0.0))
-    rep = z_tv[-1] if last else z_tv[text_bl[b, :len(ids)] > 0].max(0)
+    z_tv = np.log1p(np.maximum(h_bld[b, : len(ids)] @ w_dv, 0.0))
+    rep = z_tv[-1] if last else z_tv[text_bl[b, : len(ids)] > 0].max(0)
     if allowed is not None:
       kept = np.zeros_like(rep)
       kept[allowed[b]] = rep[allowed[b]]
@@ -63,8 +64,9 @@ def test_readoff_matches_numpy(loaded):
   pr = zeroshot.ZeroShotEncoder(zeroshot.ZeroShotConfig(backbone=LLAMA, preset="promptreps", topk=5), loaded)
   i, v = pr.encode(TEXTS, "doc")
   assert pr.mode == "last_token" and i.shape == (4, 5)
-  np.testing.assert_allclose(_dense(i, v), _reference(loaded, TEXTS, prompts.get_preset("promptreps"), last=True,
-                                                      k=5), atol=2e-5)
+  np.testing.assert_allclose(
+    _dense(i, v), _reference(loaded, TEXTS, prompts.get_preset("promptreps"), last=True, k=5), atol=2e-5
+  )
 
 
 def test_in_text_filter_stopwords_topk_fallback(loaded):
@@ -75,8 +77,9 @@ def test_in_text_filter_stopwords_topk_fallback(loaded):
   i, v = enc.encode(TEXTS, "doc")
   # doc_max_len=6 cuts text 3 after w8: the filter sees the kept words only.
   want = [[5, 7, 12], [9], [], [3, 4, 5, 6, 7, 8]]
-  np.testing.assert_allclose(_dense(i, v), _reference(loaded, TEXTS, prompts.get_preset("reference"),
-                                                      allowed=want, k=2, max_len=6), atol=2e-5)
+  np.testing.assert_allclose(
+    _dense(i, v), _reference(loaded, TEXTS, prompts.get_preset("reference"), allowed=want, k=2, max_len=6), atol=2e-5
+  )
   assert ((v > 0).sum(1) <= 2).all() and set(i[0][v[0] > 0]) <= {5, 7, 12}
   assert enc.fallbacks == 1  # "the and of": nothing left, the unfiltered top-k
   assert (v[2] > 0).sum() == 2
@@ -100,13 +103,14 @@ def _collection(root):
   coll = root / "beir"
   (coll / "qrels").mkdir(parents=True)
   docs = ["w5 w6 w7", "w8 w9 the w10", "w11 w12", "w13 w14 w15 w16", "w5 w20", ""]
-  (coll / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
-                                             for i, t in enumerate(docs)))
+  (coll / "corpus.jsonl").write_text(
+    "".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(docs))
+  )
   queries = ["w5 w6", "w9 w10", "w13 w16", "w30"]
-  (coll / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n"
-                                              for i, t in enumerate(queries)))
-  (coll / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\nq2\td3\t1\n"
-                                           "q3\td2\t1\n")
+  (coll / "queries.jsonl").write_text(
+    "".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(queries))
+  )
+  (coll / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t1\nq2\td3\t1\nq3\td2\t1\n")
   return coll
 
 
@@ -114,10 +118,28 @@ def test_evaluate_zeroshot_end_to_end_with_bm25(tmp_path, loaded):
   coll = sources.load_collection(str(_collection(tmp_path)), split="test")
   cfg = zeroshot.ZeroShotConfig(backbone=LLAMA, in_text_filter=True, topk=16, batch_size=4)
   enc = zeroshot.ZeroShotEncoder(cfg, loaded)
-  out = zeroshot.evaluate_zeroshot(cfg, coll, tmp_path / "ix", measures=["nDCG@10", "R@100"], bm25=True,
-                                   run_path=tmp_path / "zs.run", encoder=enc, progress=False)
-  assert {"metrics", "efficiency", "run_path", "n_queries", "active_q", "active_d", "flops_per_query",
-          "mean_active_q", "mean_active_d", "bm25"} <= set(out)
+  out = zeroshot.evaluate_zeroshot(
+    cfg,
+    coll,
+    tmp_path / "ix",
+    measures=["nDCG@10", "R@100"],
+    bm25=True,
+    run_path=tmp_path / "zs.run",
+    encoder=enc,
+    progress=False,
+  )
+  assert {
+    "metrics",
+    "efficiency",
+    "run_path",
+    "n_queries",
+    "active_q",
+    "active_d",
+    "flops_per_query",
+    "mean_active_q",
+    "mean_active_d",
+    "bm25",
+  } <= set(out)
   assert out["n_queries"] == 4 and set(out["metrics"]) == {"nDCG@10", "R@100"}
   assert out["metrics"]["R@100"] == pytest.approx(1.0)  # every query's words are its document's: all found
   assert out["flops_per_query"] == out["efficiency"]["flops_per_query"] > 0
@@ -129,22 +151,47 @@ def test_evaluate_zeroshot_end_to_end_with_bm25(tmp_path, loaded):
   assert ix.manifest["metadata"]["zeroshot"]["preset"] == "reference"
   table = zeroshot.format_table(out)
   assert "| BM25 |" in table and "nDCG@10" in table
-  again = zeroshot.evaluate_zeroshot(cfg, coll, tmp_path / "ix", measures=["nDCG@10"], encoder=enc,
-                                     progress=False, efficiency=False)  # the index is reused
+  again = zeroshot.evaluate_zeroshot(
+    cfg, coll, tmp_path / "ix", measures=["nDCG@10"], encoder=enc, progress=False, efficiency=False
+  )  # the index is reused
   assert again["metrics"]["nDCG@10"] == pytest.approx(out["metrics"]["nDCG@10"])
   other = zeroshot.ZeroShotConfig(backbone=LLAMA, topk=8)
   with pytest.raises(FileExistsError, match="another encoder"):
-    zeroshot.evaluate_zeroshot(other, coll, tmp_path / "ix", encoder=zeroshot.ZeroShotEncoder(other, loaded),
-                               progress=False)
+    zeroshot.evaluate_zeroshot(
+      other, coll, tmp_path / "ix", encoder=zeroshot.ZeroShotEncoder(other, loaded), progress=False
+    )
 
 
 def test_launch_zeroshot(tmp_path):
   coll = _collection(tmp_path)
-  res = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), "--zeroshot", "promptreps",
-                        "--encoder", LLAMA, "--collection", str(coll), "--index", str(tmp_path / "ix"),
-                        "--in_text_filter", "--bm25", "--measures", "nDCG@10,R@100", "--k_doc", "8",
-                        "--batch_size", "4", "--json", str(tmp_path / "r.json")],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+  res = subprocess.run(
+    [
+      sys.executable,
+      str(REPO / "launch" / "evaluate.py"),
+      "--zeroshot",
+      "promptreps",
+      "--encoder",
+      LLAMA,
+      "--collection",
+      str(coll),
+      "--index",
+      str(tmp_path / "ix"),
+      "--in_text_filter",
+      "--bm25",
+      "--measures",
+      "nDCG@10,R@100",
+      "--k_doc",
+      "8",
+      "--batch_size",
+      "4",
+      "--json",
+      str(tmp_path / "r.json"),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    timeout=600,
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   report = json.loads((tmp_path / "r.json").read_text())
   assert report["zeroshot"]["preset"] == "promptreps" and report["zeroshot"]["topk"] == 8

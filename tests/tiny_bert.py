@@ -1,4 +1,5 @@
 """A tiny random BERT in Hugging Face layout (config.json + model.safetensors + tokenizer), for fast tests."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,16 @@ from laspar_jax.models import backbone, bert, bert_params, hf_weights
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def write_tiny_bert(path: str | os.PathLike, minilm_path: str | os.PathLike, *, hidden: int = 32,
-                    layers: int = 2, heads: int = 2, intermediate: int = 64, seed: int = 0) -> pathlib.Path:
+def write_tiny_bert(
+  path: str | os.PathLike,
+  minilm_path: str | os.PathLike,
+  *,
+  hidden: int = 32,
+  layers: int = 2,
+  heads: int = 2,
+  intermediate: int = 64,
+  seed: int = 0,
+) -> pathlib.Path:
   """Writes a random BERT (MiniLM's vocabulary and tokenizer, tiny widths) to `path`.
 
   Returns:
@@ -25,8 +34,13 @@ def write_tiny_bert(path: str | os.PathLike, minilm_path: str | os.PathLike, *, 
   path.mkdir(parents=True, exist_ok=True)
   with open(pathlib.Path(minilm_path) / "config.json") as f:
     cfg = json.load(f)
-  cfg.update(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-             intermediate_size=intermediate, max_position_embeddings=128)
+  cfg.update(
+    hidden_size=hidden,
+    num_hidden_layers=layers,
+    num_attention_heads=heads,
+    intermediate_size=intermediate,
+    max_position_embeddings=128,
+  )
   with open(path / "config.json", "w") as f:
     json.dump(cfg, f)
   for name in TOKENIZER_FILES:

@@ -15,6 +15,7 @@ Run (needs torch CPU + transformers, never a package dependency):
 
   TORCH_VENV/bin/python tools/make_decoder_fixtures.py [--out tests/fixtures]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,28 +34,54 @@ LENGTHS = (10, 7, 4)  # real tokens per row; T = max
 
 def _configs() -> dict[str, transformers.PretrainedConfig]:
   common = dict(vocab_size=VOCAB, max_position_embeddings=64)
-  opt = dict(common, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, dropout=0.0,
-             attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
-             activation_function="relu", enable_bias=True)
-  llama = dict(common, num_hidden_layers=2, hidden_size=64, intermediate_size=96,
-               num_attention_heads=4, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1,
-               eos_token_id=2, hidden_act="silu", attention_dropout=0.0)
+  opt = dict(
+    common,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    ffn_dim=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+    pad_token_id=1,
+    bos_token_id=2,
+    eos_token_id=2,
+    activation_function="relu",
+    enable_bias=True,
+  )
+  llama = dict(
+    common,
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    rms_norm_eps=1e-5,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    hidden_act="silu",
+    attention_dropout=0.0,
+  )
   return {
-      "opt_pre": transformers.OPTConfig(**opt, hidden_size=32, word_embed_proj_dim=32,
-                                        do_layer_norm_before=True),
-      # opt-350m layout: post-LN, word embeddings in a smaller space with project_in/out.
-      "opt_post": transformers.OPTConfig(**opt, hidden_size=32, word_embed_proj_dim=16,
-                                         do_layer_norm_before=False),
-      "llama3": transformers.LlamaConfig(
-          **llama, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
-          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-      "qwen2": transformers.Qwen2Config(**llama, num_key_value_heads=2, tie_word_embeddings=True,
-                                        rope_theta=10000.0),
-      # head_dim given (8 * 4 heads != 64) and a sliding window shorter than the sequence.
-      "mistral": transformers.MistralConfig(**llama, num_key_value_heads=1, head_dim=8,
-                                            sliding_window=4, tie_word_embeddings=False,
-                                            rope_theta=10000.0),
+    "opt_pre": transformers.OPTConfig(**opt, hidden_size=32, word_embed_proj_dim=32, do_layer_norm_before=True),
+    # opt-350m layout: post-LN, word embeddings in a smaller space with project_in/out.
+    "opt_post": transformers.OPTConfig(**opt, hidden_size=32, word_embed_proj_dim=16, do_layer_norm_before=False),
+    "llama3": transformers.LlamaConfig(
+      **llama,
+      num_key_value_heads=2,
+      tie_word_embeddings=False,
+      rope_theta=500000.0,
+      rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+      },
+    ),
+    "qwen2": transformers.Qwen2Config(**llama, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0),
+    # head_dim given (8 * 4 heads != 64) and a sliding window shorter than the sequence.
+    "mistral": transformers.MistralConfig(
+      **llama, num_key_value_heads=1, head_dim=8, sliding_window=4, tie_word_embeddings=False, rope_theta=10000.0
+    ),
   }
 
 
@@ -81,9 +108,17 @@ def _batch(pad_id: int, side: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _tokenizer_json() -> dict:
   vocab = {f"w{i}": i for i in range(VOCAB)}
-  return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-          "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-          "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}}
+  return {
+    "version": "1.0",
+    "truncation": None,
+    "padding": None,
+    "added_tokens": [],
+    "normalizer": None,
+    "pre_tokenizer": {"type": "WhitespaceSplit"},
+    "post_processor": None,
+    "decoder": None,
+    "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"},
+  }
 
 
 def make(name: str, cfg: transformers.PretrainedConfig, out: pathlib.Path, seed: int) -> None:
@@ -112,20 +147,29 @@ def make(name: str, cfg: transformers.PretrainedConfig, out: pathlib.Path, seed:
       pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
       kw = {"position_ids": torch.from_numpy(pos.astype(np.int64))}
     with torch.no_grad():
-      res = model(input_ids=torch.from_numpy(ids.astype(np.int64)),
-                  attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                  output_hidden_states=True, **kw)
+      res = model(
+        input_ids=torch.from_numpy(ids.astype(np.int64)),
+        attention_mask=torch.from_numpy(mask.astype(np.int64)),
+        output_hidden_states=True,
+        **kw,
+      )
     if cfg.model_type == "opt":
-      hidden = model.model.decoder(input_ids=torch.from_numpy(ids.astype(np.int64)),
-                                   attention_mask=torch.from_numpy(mask.astype(np.int64))
-                                   ).last_hidden_state
+      hidden = model.model.decoder(
+        input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask.astype(np.int64))
+      ).last_hidden_state
     else:
-      hidden = model.model(input_ids=torch.from_numpy(ids.astype(np.int64)),
-                           attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                           **kw).last_hidden_state
-    ref.update({f"ids_{side}": ids, f"mask_{side}": mask, f"pos_{side}": pos.astype(np.int32),
-                f"hidden_{side}": hidden.detach().numpy().astype(np.float32),
-                f"logits_{side}": res.logits.detach().numpy().astype(np.float32)})
+      hidden = model.model(
+        input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask.astype(np.int64)), **kw
+      ).last_hidden_state
+    ref.update(
+      {
+        f"ids_{side}": ids,
+        f"mask_{side}": mask,
+        f"pos_{side}": pos.astype(np.int32),
+        f"hidden_{side}": hidden.detach().numpy().astype(np.float32),
+        f"logits_{side}": res.logits.detach().numpy().astype(np.float32),
+      }
+    )
   np.savez_compressed(d / "reference.npz", **ref)
   size = sum(f.stat().st_size for f in d.iterdir())
   print(f"{name}: {size / 1024:.0f} KiB, tensors {sorted(model.state_dict())[:3]} ...")

@@ -10,6 +10,7 @@ encoded at max length 256. Stored: the texts, the reference token ids, the
 mean-pooled L2-normalised embeddings [48, 384], and token-level last hidden
 states of 6 of the texts (3 queries, 3 abstracts; only real tokens).
 """
+
 import argparse
 import json
 import os
@@ -40,13 +41,20 @@ def main():
     h = st[0].auto_model(**tok).last_hidden_state.numpy()
   lens = tok["attention_mask"].sum(1).numpy()
   pick = [0, 1, 2, 24, 25, 26]
-  tokens = np.concatenate([h[i, :lens[i]] for i in pick]).astype(np.float32)
-  ids = [tok["input_ids"][i, :lens[i]].numpy().astype(np.int32) for i in range(len(texts))]
+  tokens = np.concatenate([h[i, : lens[i]] for i in pick]).astype(np.float32)
+  ids = [tok["input_ids"][i, : lens[i]].numpy().astype(np.int32) for i in range(len(texts))]
   np.savez_compressed(
-      args.out, texts=np.array(texts), embeddings=emb.astype(np.float32), token_pick=np.array(pick),
-      token_lens=lens[pick].astype(np.int32), token_states=tokens,
-      ids=np.concatenate(ids), ids_lens=lens.astype(np.int32), max_len=MAX_LEN,
-      torch_version=torch.__version__)
+    args.out,
+    texts=np.array(texts),
+    embeddings=emb.astype(np.float32),
+    token_pick=np.array(pick),
+    token_lens=lens[pick].astype(np.int32),
+    token_states=tokens,
+    ids=np.concatenate(ids),
+    ids_lens=lens.astype(np.int32),
+    max_len=MAX_LEN,
+    torch_version=torch.__version__,
+  )
   print(f"wrote {args.out}: {len(texts)} texts, token states {tokens.shape}")
 
 

@@ -15,6 +15,7 @@ Writes (small .npz fixtures, committed):
 Run with the tools venv (torch 2.13 CPU, transformers, gguf), never imported by the package:
   TORCH_VENV/bin/python tools/make_real_weight_references.py
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -85,12 +86,15 @@ def smollm2() -> None:
   ids_bl = np.full((n, max_len), tok.pad_token_id, np.int32)
   mask_bl = np.zeros((n, max_len), np.int32)
   for i in range(n):
-    row = ids[i][:lengths[i]]
-    ids_bl[i, :len(row)] = row
-    mask_bl[i, :len(row)] = 1
+    row = ids[i][: lengths[i]]
+    ids_bl[i, : len(row)] = row
+    mask_bl[i, : len(row)] = 1
   with torch.no_grad():
-    logits = model(input_ids=torch.from_numpy(ids_bl).long(),
-                   attention_mask=torch.from_numpy(mask_bl).long()).logits.float().numpy()
+    logits = (
+      model(input_ids=torch.from_numpy(ids_bl).long(), attention_mask=torch.from_numpy(mask_bl).long())
+      .logits.float()
+      .numpy()
+    )
   vocab_ids = np.sort(rng.choice(logits.shape[-1], 512, replace=False)).astype(np.int32)
   sampled = logits[:, :, vocab_ids] * mask_bl[:, :, None]
   last = mask_bl.sum(1) - 1
@@ -100,11 +104,20 @@ def smollm2() -> None:
     nxt = model(input_ids=torch.tensor([prompt])).logits[0, -1].float().numpy()
   top = int(nxt.argmax())
   print("SmolLM2: top next token", repr(tok.decode([top])), "ids", ids_bl.shape)
-  np.savez(FIXTURES / "smollm2_reference.npz", texts=np.array(texts), tok_ids=tok_flat,
-           tok_offsets=tok_offsets, input_ids=ids_bl, attention_mask=mask_bl, vocab_ids=vocab_ids,
-           logits_sampled=sampled.astype(np.float32), last_logits=last_logits.astype(np.float32),
-           prompt_ids=np.asarray(prompt, np.int32), prompt_top=np.int32(top),
-           prompt_logits_top5=np.sort(nxt)[-5:][::-1].astype(np.float32))
+  np.savez(
+    FIXTURES / "smollm2_reference.npz",
+    texts=np.array(texts),
+    tok_ids=tok_flat,
+    tok_offsets=tok_offsets,
+    input_ids=ids_bl,
+    attention_mask=mask_bl,
+    vocab_ids=vocab_ids,
+    logits_sampled=sampled.astype(np.float32),
+    last_logits=last_logits.astype(np.float32),
+    prompt_ids=np.asarray(prompt, np.int32),
+    prompt_top=np.int32(top),
+    prompt_logits_top5=np.sort(nxt)[-5:][::-1].astype(np.float32),
+  )
 
 
 def splade_tiny() -> None:
@@ -123,12 +136,17 @@ def splade_tiny() -> None:
   values = np.concatenate([w[i, r] for i, r in enumerate(rows_ids)]).astype(np.float32)
   q = w[-1]
   top = np.argsort(-q)[:3]
-  print("SPLADE-tiny: capital query top", [(tok.convert_ids_to_tokens(int(i)), round(float(q[i]), 2))
-                                           for i in top])
-  np.savez(FIXTURES / "splade_tiny_reference.npz", texts=np.array(texts),
-           input_ids=enc["input_ids"].numpy().astype(np.int32),
-           attention_mask=enc["attention_mask"].numpy().astype(np.int32),
-           sparse_ids=ids_flat, sparse_values=values, sparse_offsets=offsets, max_length=np.int32(128))
+  print("SPLADE-tiny: capital query top", [(tok.convert_ids_to_tokens(int(i)), round(float(q[i]), 2)) for i in top])
+  np.savez(
+    FIXTURES / "splade_tiny_reference.npz",
+    texts=np.array(texts),
+    input_ids=enc["input_ids"].numpy().astype(np.int32),
+    attention_mask=enc["attention_mask"].numpy().astype(np.int32),
+    sparse_ids=ids_flat,
+    sparse_values=values,
+    sparse_offsets=offsets,
+    max_length=np.int32(128),
+  )
 
 
 if __name__ == "__main__":

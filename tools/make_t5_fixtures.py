@@ -17,6 +17,7 @@ Flan-T5: "gated-gelu", an untied head drawn apart from the shared table, one
 more decoder layer than encoder layers, and every tensor name written
 (`encoder/decoder.embed_tokens.weight` aliases included) as older checkpoints do.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,24 @@ SEED = 0
 VOCAB = 256
 LENGTHS = (20, 14, 9, 3)
 
-COMMON = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-              relative_attention_num_buckets=8, relative_attention_max_distance=16,
-              dropout_rate=0.1, layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1,
-              decoder_start_token_id=0)
+COMMON = dict(
+  vocab_size=VOCAB,
+  d_model=32,
+  d_kv=8,
+  d_ff=64,
+  num_layers=2,
+  num_heads=4,
+  relative_attention_num_buckets=8,
+  relative_attention_max_distance=16,
+  dropout_rate=0.1,
+  layer_norm_epsilon=1e-6,
+  pad_token_id=0,
+  eos_token_id=1,
+  decoder_start_token_id=0,
+)
 VARIANTS = {
-    "t5_v10": dict(feed_forward_proj="relu", tie_word_embeddings=True),
-    "t5_flan": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=3),
+  "t5_v10": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+  "t5_flan": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_decoder_layers=3),
 }
 
 
@@ -68,12 +80,12 @@ def write_tokenizer(folder: pathlib.Path) -> None:
   vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-  tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>",
-                                                                special_tokens=[("</s>", 1)])
+  tok.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
   tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
   tok.save(str(folder / "tokenizer.json"))
-  (folder / "tokenizer_config.json").write_text(json.dumps(
-      {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "padding_side": "right"}))
+  (folder / "tokenizer_config.json").write_text(
+    json.dumps({"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "padding_side": "right"})
+  )
 
 
 def check_buckets() -> None:
@@ -115,7 +127,7 @@ def make(name: str, out: pathlib.Path) -> None:
       (folder / extra).unlink(missing_ok=True)
   else:
     # An untied head of its own (transformers >= 5 ties T5 heads at init).
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, cfg.d_model) * cfg.d_model ** -0.5)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, cfg.d_model) * cfg.d_model**-0.5)
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     hf = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}
@@ -130,15 +142,26 @@ def make(name: str, out: pathlib.Path) -> None:
     dec_ids, dec_mask = shift_right(ids, cfg.decoder_start_token_id), shift_right(mask, 1)
     t = lambda a: torch.tensor(a)
     enc = model.encoder(input_ids=t(ids), attention_mask=t(mask)).last_hidden_state
-    dec = model.decoder(input_ids=t(dec_ids), attention_mask=t(dec_mask), encoder_hidden_states=enc,
-                        encoder_attention_mask=t(mask), use_cache=False).last_hidden_state
-    logits = model(input_ids=t(ids), attention_mask=t(mask), decoder_input_ids=t(dec_ids),
-                   decoder_attention_mask=t(dec_mask), use_cache=False).logits
-    expect = (dec * cfg.d_model ** -0.5 if tied else dec) @ model.lm_head.weight.T
+    dec = model.decoder(
+      input_ids=t(dec_ids),
+      attention_mask=t(dec_mask),
+      encoder_hidden_states=enc,
+      encoder_attention_mask=t(mask),
+      use_cache=False,
+    ).last_hidden_state
+    logits = model(
+      input_ids=t(ids),
+      attention_mask=t(mask),
+      decoder_input_ids=t(dec_ids),
+      decoder_attention_mask=t(dec_mask),
+      use_cache=False,
+    ).logits
+    expect = (dec * cfg.d_model**-0.5 if tied else dec) @ model.lm_head.weight.T
     assert torch.allclose(logits, expect, atol=1e-5), "logits are not the head applied to dec"
     alone = model.decoder(input_ids=t(ids), attention_mask=t(mask), use_cache=False).last_hidden_state
-    for key, val in dict(ids=ids, mask=mask, dec_ids=dec_ids, dec_mask=dec_mask, enc=enc, dec=dec,
-                         logits=logits, dec_alone=alone).items():
+    for key, val in dict(
+      ids=ids, mask=mask, dec_ids=dec_ids, dec_mask=dec_mask, enc=enc, dec=dec, logits=logits, dec_alone=alone
+    ).items():
       val = val.numpy() if isinstance(val, torch.Tensor) else val
       assert np.isfinite(val).all(), (name, side, key)
       ref[f"{key}_{side}"] = val.astype(np.float32 if val.dtype.kind == "f" else np.int32)

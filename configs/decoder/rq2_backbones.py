@@ -27,6 +27,7 @@ Commands:
       --config configs/decoder/rq2_backbones.py:variant=flan_t5_multi_token,scifact,drop_first=False,mask_eos \
       --workdir /tmp/rq2_mt_keep
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -36,13 +37,13 @@ from configs.decoder import common
 
 T5, OPT = "google/flan-t5-base", "facebook/opt-350m"
 ROWS = {
-    "distilbert_splade_max": common.Row("RQ2 DistilBERT SPLADE-max", "distilbert/distilbert-base-uncased",
-                                        flops=(0.1, 0.08)),
-    "flan_t5_encoder": common.Row("RQ2 Flan-T5-base encoder-only", T5, flops=(0.1, 0.08)),
-    "flan_t5_multi_token": common.Row("RQ2 Flan-T5-base encoder-decoder, multi-token", T5,
-                                      decoding="multi_token"),
-    "flan_t5_decoder_stack": common.Row("RQ2 Flan-T5-base decoder stack alone", T5, decoding="decoder_stack"),
-    "opt_350m": common.Row("RQ2 OPT-350m decoder-only", OPT, flops=(0.0, 0.1)),
+  "distilbert_splade_max": common.Row(
+    "RQ2 DistilBERT SPLADE-max", "distilbert/distilbert-base-uncased", flops=(0.1, 0.08)
+  ),
+  "flan_t5_encoder": common.Row("RQ2 Flan-T5-base encoder-only", T5, flops=(0.1, 0.08)),
+  "flan_t5_multi_token": common.Row("RQ2 Flan-T5-base encoder-decoder, multi-token", T5, decoding="multi_token"),
+  "flan_t5_decoder_stack": common.Row("RQ2 Flan-T5-base decoder stack alone", T5, decoding="decoder_stack"),
+  "opt_350m": common.Row("RQ2 OPT-350m decoder-only", OPT, flops=(0.0, 0.1)),
 }
 VARIANTS: tuple[str, ...] = tuple(ROWS) + tuple(f"controlled_{r}" for r in ROWS)
 DEFAULT = "flan_t5_multi_token"

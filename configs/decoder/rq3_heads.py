@@ -27,6 +27,7 @@ Commands:
   python launch/train.py --config configs/decoder/rq3_heads.py:variant=mixed_vocab_q_mlp_d,towers=separate \
       --workdir /tmp/rq3_mixed_sep
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,20 +39,21 @@ from configs.decoder import common
 
 T5, OPT, DISTILBERT = "google/flan-t5-base", "facebook/opt-350m", "distilbert/distilbert-base-uncased"
 ROWS = {
-    "single_token": common.Row("RQ3 single-token decoding", T5, decoding="single_token"),
-    "mlp_encoder": common.Row("RQ3 MLP head, encoder-only", T5, head="mlp", flops=(0.1, 0.08)),
-    "mlp_multi_token": common.Row("RQ3 MLP head, multi-token", T5, decoding="multi_token", head="mlp"),
-    "mlp_single_token": common.Row("RQ3 MLP head, single-token", T5, decoding="single_token", head="mlp"),
-    "mlp_decoder_stack": common.Row("RQ3 MLP head, decoder stack", T5, decoding="decoder_stack", head="mlp"),
-    "mlp_opt_350m": common.Row("RQ3 MLP head, OPT-350m", OPT, head="mlp", flops=(0.0, 0.1)),
-    "mlp_distilbert": common.Row("RQ3 MLP head, DistilBERT", DISTILBERT, head="mlp", flops=(0.1, 0.08)),
-    "mixed_vocab_q_mlp_d": common.Row("RQ3 mixed: vocabulary query, MLP document", T5,
-                                      decoding="multi_token", head="mlm", doc_head="mlp"),
-    "mixed_mlp_q_vocab_d": common.Row("RQ3 mixed: MLP query, vocabulary document", T5,
-                                      decoding="multi_token", head="mlp", doc_head="mlm"),
-    "opt_350m_bidirectional": common.Row("ours: OPT-350m bidirectional", OPT, bidirectional=True,
-                                         flops=(0.0, 0.1)),
-    "opt_350m_echo": common.Row("ours: OPT-350m echo", OPT, decoding="echo", flops=(0.0, 0.1)),
+  "single_token": common.Row("RQ3 single-token decoding", T5, decoding="single_token"),
+  "mlp_encoder": common.Row("RQ3 MLP head, encoder-only", T5, head="mlp", flops=(0.1, 0.08)),
+  "mlp_multi_token": common.Row("RQ3 MLP head, multi-token", T5, decoding="multi_token", head="mlp"),
+  "mlp_single_token": common.Row("RQ3 MLP head, single-token", T5, decoding="single_token", head="mlp"),
+  "mlp_decoder_stack": common.Row("RQ3 MLP head, decoder stack", T5, decoding="decoder_stack", head="mlp"),
+  "mlp_opt_350m": common.Row("RQ3 MLP head, OPT-350m", OPT, head="mlp", flops=(0.0, 0.1)),
+  "mlp_distilbert": common.Row("RQ3 MLP head, DistilBERT", DISTILBERT, head="mlp", flops=(0.1, 0.08)),
+  "mixed_vocab_q_mlp_d": common.Row(
+    "RQ3 mixed: vocabulary query, MLP document", T5, decoding="multi_token", head="mlm", doc_head="mlp"
+  ),
+  "mixed_mlp_q_vocab_d": common.Row(
+    "RQ3 mixed: MLP query, vocabulary document", T5, decoding="multi_token", head="mlp", doc_head="mlm"
+  ),
+  "opt_350m_bidirectional": common.Row("ours: OPT-350m bidirectional", OPT, bidirectional=True, flops=(0.0, 0.1)),
+  "opt_350m_echo": common.Row("ours: OPT-350m echo", OPT, decoding="echo", flops=(0.0, 0.1)),
 }
 VARIANTS: tuple[str, ...] = tuple(ROWS) + tuple(f"controlled_{r}" for r in ROWS)
 DEFAULT = "single_token"

@@ -26,6 +26,7 @@ Commands:
   python launch/train.py --config configs/decoder/rq4_teachers.py:variant=lora_opt_6.7b \
       --config.mesh.model=4 --workdir /tmp/rq4_lora67
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -34,17 +35,20 @@ from configs import common as base
 from configs.decoder import common
 
 ROWS = {
-    "flan_t5_large": common.Row("RQ4 Flan-T5-large student", "google/flan-t5-large", decoding="multi_token"),
-    "opt_1.3b": common.Row("RQ4 OPT-1.3b student", "facebook/opt-1.3b", flops=(0.0, 0.01)),
-    "rankllama_distilbert": common.Row("RQ4 RankLLaMA teacher, DistilBERT", "distilbert/distilbert-base-uncased",
-                                       flops=(0.1, 0.08), teacher="rankllama"),
-    "rankllama_flan_t5_base": common.Row("RQ4 RankLLaMA teacher, Flan-T5-base", "google/flan-t5-base",
-                                         decoding="multi_token", teacher="rankllama"),
-    "rankllama_opt_350m": common.Row("RQ4 RankLLaMA teacher, OPT-350m", "facebook/opt-350m",
-                                     flops=(0.0, 0.009), teacher="rankllama"),
-    "lora_opt_1.3b": common.Row("RQ4 OPT-1.3b LoRA", "facebook/opt-1.3b", flops=(0.0, 0.001), lora=16),
-    "lora_opt_2.7b": common.Row("RQ4 OPT-2.7b LoRA", "facebook/opt-2.7b", flops=(0.0, 0.001), lora=16),
-    "lora_opt_6.7b": common.Row("RQ4 OPT-6.7b LoRA", "facebook/opt-6.7b", flops=(0.0, 0.001), lora=16),
+  "flan_t5_large": common.Row("RQ4 Flan-T5-large student", "google/flan-t5-large", decoding="multi_token"),
+  "opt_1.3b": common.Row("RQ4 OPT-1.3b student", "facebook/opt-1.3b", flops=(0.0, 0.01)),
+  "rankllama_distilbert": common.Row(
+    "RQ4 RankLLaMA teacher, DistilBERT", "distilbert/distilbert-base-uncased", flops=(0.1, 0.08), teacher="rankllama"
+  ),
+  "rankllama_flan_t5_base": common.Row(
+    "RQ4 RankLLaMA teacher, Flan-T5-base", "google/flan-t5-base", decoding="multi_token", teacher="rankllama"
+  ),
+  "rankllama_opt_350m": common.Row(
+    "RQ4 RankLLaMA teacher, OPT-350m", "facebook/opt-350m", flops=(0.0, 0.009), teacher="rankllama"
+  ),
+  "lora_opt_1.3b": common.Row("RQ4 OPT-1.3b LoRA", "facebook/opt-1.3b", flops=(0.0, 0.001), lora=16),
+  "lora_opt_2.7b": common.Row("RQ4 OPT-2.7b LoRA", "facebook/opt-2.7b", flops=(0.0, 0.001), lora=16),
+  "lora_opt_6.7b": common.Row("RQ4 OPT-6.7b LoRA", "facebook/opt-6.7b", flops=(0.0, 0.001), lora=16),
 }
 VARIANTS: tuple[str, ...] = tuple(ROWS) + tuple(f"controlled_{r}" for r in ROWS)
 DEFAULT = "flan_t5_large"

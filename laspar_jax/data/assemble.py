@@ -19,6 +19,7 @@ negatives from each query's scored documents, all of them (`data.neg_depth`
 does not apply; relevant documents never), for MarginMSE on a community score
 file (`loss.distill = "margin_mse"`, `data.n_neg >= 1`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,13 +75,18 @@ def teacher_scores(data: ml_collections.ConfigDict) -> dict[str, dict[str, float
   if mode == "none":
     return scores
   ref_path = _existing(data.get("teacher_calibration_reference", ""), "data.teacher_calibration_reference")
-  return training.calibrate_scores(scores, training.read_teacher_scores(ref_path), mode,
-                                   src_name=f"data.teacher_scores={path!r}",
-                                   ref_name=f"data.teacher_calibration_reference={ref_path!r}")
+  return training.calibrate_scores(
+    scores,
+    training.read_teacher_scores(ref_path),
+    mode,
+    src_name=f"data.teacher_scores={path!r}",
+    ref_name=f"data.teacher_calibration_reference={ref_path!r}",
+  )
 
 
-def build_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, workdir: io_utils.PathLike, *,
-                   progress: bool = True) -> tuple[pipeline_lib.TrainPipeline, dict[str, Any]]:
+def build_pipeline(
+  config: ml_collections.ConfigDict, tokenizer: Any, workdir: io_utils.PathLike, *, progress: bool = True
+) -> tuple[pipeline_lib.TrainPipeline, dict[str, Any]]:
   """The training pipeline of a config.
 
   Args:
@@ -104,9 +110,12 @@ def build_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, workdir: i
     scores = teacher_scores(d)
   if d.negatives == "bm25":
     docs = list(coll.docs())
-    candidates = training.bm25_candidates([x.doc_id for x in docs], [sources.doc_text(x) for x in docs],
-                                          {q: coll.queries[q] for q in coll.qrels if q in coll.queries},
-                                          depth=d.neg_depth)
+    candidates = training.bm25_candidates(
+      [x.doc_id for x in docs],
+      [sources.doc_text(x) for x in docs],
+      {q: coll.queries[q] for q in coll.qrels if q in coll.queries},
+      depth=d.neg_depth,
+    )
   elif d.negatives == "scores":
     if scores is None:
       raise ValueError("data.negatives='scores' needs data.teacher='scores' (negatives from the scored documents)")
@@ -114,13 +123,25 @@ def build_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, workdir: i
   elif d.negatives not in ("none", ""):
     candidates = training.read_run(d.negatives, depth=d.neg_depth)
   pool = d.neg_pool if candidates is not None else 0
-  examples = training.build_examples(coll.qrels, candidates, n_neg=max(pool, d.n_neg) if pool else 0,
-                                     seed=config.seed, teacher_scores=scores, queries=coll.queries)
+  examples = training.build_examples(
+    coll.qrels,
+    candidates,
+    n_neg=max(pool, d.n_neg) if pool else 0,
+    seed=config.seed,
+    teacher_scores=scores,
+    queries=coll.queries,
+  )
   teacher = None
   if d.teacher == "dense":
-    teacher = teacher_lib.teacher_embeddings(teacher_cache_dir(d, workdir), d.teacher_model, coll, examples,
-                                             q_len=config.model.query_max_len,
-                                             d_len=config.model.doc_max_len, progress=progress)
+    teacher = teacher_lib.teacher_embeddings(
+      teacher_cache_dir(d, workdir),
+      d.teacher_model,
+      coll,
+      examples,
+      q_len=config.model.query_max_len,
+      d_len=config.model.doc_max_len,
+      progress=progress,
+    )
   elif d.teacher not in ("none", "", "scores"):
     raise ValueError(f"data.teacher must be 'dense', 'scores' or 'none', got {d.teacher!r}")
   groups = None
@@ -128,10 +149,20 @@ def build_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, workdir: i
     emb = teacher.queries.lookup([e.qid for e in examples])
     groups = teacher_lib.balanced_clusters(emb, config.optim.batch_size, seed=config.seed)
   pipe = pipeline_lib.TrainPipeline(
-      examples, coll, tokenizer, batch_size=config.optim.batch_size, n_neg=d.n_neg,
-      q_len=config.model.query_max_len, d_len=config.model.doc_max_len, seed=config.seed,
-      teacher=teacher, groups=groups, prefetch=d.prefetch, query_prefix=config.model.query_prefix,
-      doc_prefix=config.model.doc_prefix)
+    examples,
+    coll,
+    tokenizer,
+    batch_size=config.optim.batch_size,
+    n_neg=d.n_neg,
+    q_len=config.model.query_max_len,
+    d_len=config.model.doc_max_len,
+    seed=config.seed,
+    teacher=teacher,
+    groups=groups,
+    prefetch=d.prefetch,
+    query_prefix=config.model.query_prefix,
+    doc_prefix=config.model.doc_prefix,
+  )
   info = {"examples": len(examples), "steps_per_epoch": pipe.steps_per_epoch, "collection": coll.name}
   if batching != "random":
     info["batching"] = batching

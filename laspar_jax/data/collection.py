@@ -1,4 +1,5 @@
 """The `Collection` interface: a streamed corpus, its queries and qrels."""
+
 from __future__ import annotations
 
 import abc
@@ -43,5 +44,7 @@ class Collection(abc.ABC):
     return {q: t for q, t in self.queries.items() if q in self.qrels}
 
   def __repr__(self) -> str:
-    return (f"{type(self).__name__}({self.name!r}, docs={self.num_docs}, queries={len(self.queries)}, "
-            f"judged={len(self.qrels)}, qrels={sum(map(len, self.qrels.values()))})")
+    return (
+      f"{type(self).__name__}({self.name!r}, docs={self.num_docs}, queries={len(self.queries)}, "
+      f"judged={len(self.qrels)}, qrels={sum(map(len, self.qrels.values()))})"
+    )

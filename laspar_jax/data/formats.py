@@ -36,6 +36,7 @@ interest, -1 = judged not relevant) become ir-measures relevance as
 `rel = 5 - grade` for 1..4 (so 1 -> 4 best, 4 -> 1) and 0 for 5 and -1.
 Cranfield query ids are positions (see `laspar_jax.data.smart`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -70,8 +71,7 @@ class Problems:
     self.counts: collections.Counter[str] = collections.Counter()
     self.examples: list[str] = []
 
-  def report(self, path: str | os.PathLike, line: int | None, kind: str, msg: str,
-             *, fatal: bool = True) -> None:
+  def report(self, path: str | os.PathLike, line: int | None, kind: str, msg: str, *, fatal: bool = True) -> None:
     """Records one anomaly of `kind`; raises DataFormatError when strict and `fatal`."""
     if self.strict and fatal:
       raise DataFormatError(path, line, f"{msg} [{kind}]")
@@ -84,6 +84,7 @@ class Problems:
 
 class Doc(NamedTuple):
   """One document of a corpus."""
+
   doc_id: str
   title: str
   text: str
@@ -91,6 +92,7 @@ class Doc(NamedTuple):
 
 class Span(NamedTuple):
   """Where one record lies in its file (bytes [start, end)), and its first line."""
+
   record_id: str
   start: int
   end: int
@@ -216,8 +218,7 @@ def iter_qrels(path, problems: Problems, *, kind: str = "auto") -> Iterator[tupl
       if len(cols) == 3 and cols[2].lower() in ("score", "relevance", "rel", "grade"):
         continue  # BEIR header `query-id corpus-id score`
     if want is not None and len(cols) != want:
-      problems.report(path, lineno, "malformed", f"qrels line has {len(cols)} columns, "
-                      f"the {kind} layout has {want}")
+      problems.report(path, lineno, "malformed", f"qrels line has {len(cols)} columns, the {kind} layout has {want}")
       continue
     if kind == "smart":
       yield lineno, cols[0], cols[1], 1
@@ -268,8 +269,9 @@ def read_trec_run(path: io_utils.PathLike, *, depth: int | None = None) -> dict[
       if not cols:
         continue
       if len(cols) != 6:
-        raise DataFormatError(path, lineno, f"run line has {len(cols)} columns, expected 6 "
-                              "(qid Q0 docid rank score tag)")
+        raise DataFormatError(
+          path, lineno, f"run line has {len(cols)} columns, expected 6 (qid Q0 docid rank score tag)"
+        )
       try:
         score = float(cols[4])
       except ValueError:
@@ -285,8 +287,7 @@ def read_trec_run(path: io_utils.PathLike, *, depth: int | None = None) -> dict[
   return out
 
 
-def write_trec_run(run: Mapping[str, Mapping[str, float]], path: io_utils.PathLike,
-                   tag: str = "laspar") -> str:
+def write_trec_run(run: Mapping[str, Mapping[str, float]], path: io_utils.PathLike, tag: str = "laspar") -> str:
   """Writes a TREC run file atomically (a temporary sibling, then a rename).
 
   Queries in sorted order; per query, documents by score descending (ties by
@@ -306,8 +307,7 @@ def write_trec_run(run: Mapping[str, Mapping[str, float]], path: io_utils.PathLi
   with tmp.open("w") as f:
     for qid in sorted(run):
       ranked = sorted(run[qid].items(), key=lambda x: (-x[1], x[0]))
-      f.writelines(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n"
-                   for rank, (doc, score) in enumerate(ranked, 1))
+      f.writelines(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}\n" for rank, (doc, score) in enumerate(ranked, 1))
   if io_utils.is_local(final):
     os.replace(os.fspath(tmp), os.fspath(final))
   else:

@@ -5,6 +5,7 @@ use and reads that cache offline afterwards. Anomalies (duplicate or empty
 queries, qrels naming unknown queries, duplicate pairs) follow the rules of
 `laspar_jax.data.formats`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

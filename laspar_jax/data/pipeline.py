@@ -28,6 +28,7 @@ Batch (numpy, local rows; B = batch_size / P, n = n_neg):
   teacher_scores (if examples carry them) float32 [B, 1+n]
   teacher_q, teacher_d (if teacher=)  float32 [B, E], [B*(1+n), E], L2-normalised
 """
+
 from __future__ import annotations
 
 import queue
@@ -48,7 +49,7 @@ def _pad(a_bl: np.ndarray, length: int, value: int) -> np.ndarray:
   if a_bl.shape[1] == length:
     return a_bl
   out = np.full((a_bl.shape[0], length), value, a_bl.dtype)
-  out[:, :min(length, a_bl.shape[1])] = a_bl[:, :length]
+  out[:, : min(length, a_bl.shape[1])] = a_bl[:, :length]
   return out
 
 
@@ -65,11 +66,27 @@ def _doc_lookup(docs) -> Callable[[str], str]:
 class TrainPipeline:
   """Iterator over training batches; see the module docstring."""
 
-  def __init__(self, examples: Sequence[TrainExample], docs, tokenizer, *, batch_size: int, n_neg: int,
-               q_len: int = 32, d_len: int = 256, seed: int = 0, teacher=None,
-               queries: Mapping[str, str] | None = None, groups: Sequence[np.ndarray] | None = None,
-               num_epochs: int | None = None, prefetch: int = 2, query_prefix: str = "",
-               doc_prefix: str = "", process_index: int | None = None, process_count: int | None = None):
+  def __init__(
+    self,
+    examples: Sequence[TrainExample],
+    docs,
+    tokenizer,
+    *,
+    batch_size: int,
+    n_neg: int,
+    q_len: int = 32,
+    d_len: int = 256,
+    seed: int = 0,
+    teacher=None,
+    queries: Mapping[str, str] | None = None,
+    groups: Sequence[np.ndarray] | None = None,
+    num_epochs: int | None = None,
+    prefetch: int = 2,
+    query_prefix: str = "",
+    doc_prefix: str = "",
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ):
     """Builds the pipeline.
 
     Args:
@@ -111,8 +128,7 @@ class TrainPipeline:
     self.query_prefix, self.doc_prefix = query_prefix, doc_prefix
     self.with_scores = bool(self.examples) and all(e.teacher_scores is not None for e in self.examples)
     self.groups = None if groups is None else [np.asarray(g, np.int64) for g in groups if len(g) == batch_size]
-    self.steps_per_epoch = (len(self.groups) if self.groups is not None
-                            else len(self.examples) // batch_size)
+    self.steps_per_epoch = len(self.groups) if self.groups is not None else len(self.examples) // batch_size
     if self.steps_per_epoch == 0:
       raise ValueError(f"{len(self.examples)} examples make no full batch of {batch_size}")
     self._state = {"seed": int(seed), "epoch": 0, "step": 0}
@@ -148,7 +164,7 @@ class TrainPipeline:
     """This host's example indices of global batch (epoch, step)."""
     order = self._epoch_order(epoch)
     lo = step * self.batch_size + self.process_index * self.local_batch_size
-    return order[lo:lo + self.local_batch_size]
+    return order[lo : lo + self.local_batch_size]
 
   def batch_at(self, epoch: int, step: int) -> Batch:
     """This host's share of global batch (epoch, step)."""
@@ -169,10 +185,10 @@ class TrainPipeline:
     d = self.tokenizer([self._doc(i) for i in d_ids], max_length=self.d_len, prefix=self.doc_prefix)
     pad = self.tokenizer.pad_id
     batch = {
-        "q_input_ids": _pad(q["input_ids"], self.q_len, pad),
-        "q_attention_mask": _pad(q["attention_mask"], self.q_len, 0),
-        "d_input_ids": _pad(d["input_ids"], self.d_len, pad),
-        "d_attention_mask": _pad(d["attention_mask"], self.d_len, 0),
+      "q_input_ids": _pad(q["input_ids"], self.q_len, pad),
+      "q_attention_mask": _pad(q["attention_mask"], self.q_len, 0),
+      "d_input_ids": _pad(d["input_ids"], self.d_len, pad),
+      "d_attention_mask": _pad(d["attention_mask"], self.d_len, 0),
     }
     if self.with_scores:
       batch["teacher_scores"] = np.asarray(scores, np.float32)

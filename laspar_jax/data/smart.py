@@ -35,6 +35,7 @@ For 4 columns the layout is the one whose document column holds more
 distinct ids of the corpus; 3 columns are `cranfield` in a SMART directory and
 `plain` elsewhere.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -68,8 +69,7 @@ def _join(fields: dict[str, list[str]]) -> dict[str, str]:
   return {k: " ".join(" ".join(v).split()) for k, v in fields.items()}
 
 
-def iter_records(path: str | os.PathLike, problems: Problems | None
-                 ) -> Iterator[tuple[Span, dict[str, str]]]:
+def iter_records(path: str | os.PathLike, problems: Problems | None) -> Iterator[tuple[Span, dict[str, str]]]:
   """Yields (span, fields) per `.I` record; fields maps field letters ("T", "W", ...) to text."""
   cur_id, start, first_line, end = None, 0, 0, 0
   fields: dict[str, list[str]] = {}
@@ -101,8 +101,7 @@ def iter_records(path: str | os.PathLike, problems: Problems | None
     yield Span(cur_id, start, end, first_line), _join(fields)
 
 
-def make_doc(record_id: str, fields: dict[str, str], *, keywords: bool = False,
-             cranfield: bool = False) -> Doc:
+def make_doc(record_id: str, fields: dict[str, str], *, keywords: bool = False, cranfield: bool = False) -> Doc:
   """SMART fields -> Doc (see the module docstring for which fields become text).
 
   Args:
@@ -116,7 +115,7 @@ def make_doc(record_id: str, fields: dict[str, str], *, keywords: bool = False,
   """
   title, text = fields.get("T", ""), fields.get("W", "")
   if cranfield and title and text.startswith(title):
-    text = text[len(title):].strip()
+    text = text[len(title) :].strip()
   if keywords and fields.get("K"):
     text = f"{text} {fields['K']}" if text else fields["K"]
   return Doc(record_id, title, text)
@@ -124,6 +123,7 @@ def make_doc(record_id: str, fields: dict[str, str], *, keywords: bool = False,
 
 def doc_parser(*, keywords: bool = False, cranfield: bool = False) -> Callable[[str, str], Doc]:
   """A function re-parsing one record's raw text (random access) into a Doc."""
+
   def parse(raw: str, record_id: str) -> Doc:
     fields: dict[str, list[str]] = {}
     field = None
@@ -139,6 +139,7 @@ def doc_parser(*, keywords: bool = False, cranfield: bool = False) -> Callable[[
       elif field is not None:
         fields[field].append(line)
     return make_doc(record_id, _join(fields), keywords=keywords, cranfield=cranfield)
+
   return parse
 
 
@@ -165,8 +166,9 @@ def read_queries(path: str | os.PathLike, problems: Problems, *, cranfield: bool
   return queries
 
 
-def detect_qrels_layout(path: str | os.PathLike, has_doc: Callable[[str], bool], *,
-                        three_columns: str = "plain") -> str:
+def detect_qrels_layout(
+  path: str | os.PathLike, has_doc: Callable[[str], bool], *, three_columns: str = "plain"
+) -> str:
   """The layout of a qrels file, from its first lines (see the module docstring).
 
   Args:
@@ -187,16 +189,19 @@ def detect_qrels_layout(path: str | os.PathLike, has_doc: Callable[[str], bool],
 
 def doc_lookup(has_doc: Callable[[str], bool]) -> Callable[[str], str]:
   """Maps a qrels doc id to the corpus's spelling ("0014" -> "14" when only that exists)."""
+
   def canon(did: str) -> str:
     if has_doc(did):
       return did
     c = canonical_id(did)
     return c if has_doc(c) else did
+
   return canon
 
 
-def iter_smart_qrels(rows: Iterable[tuple[int, str, str, int]], canon_doc: Callable[[str], str]
-                     ) -> Iterator[tuple[int, str, str, int]]:
+def iter_smart_qrels(
+  rows: Iterable[tuple[int, str, str, int]], canon_doc: Callable[[str], str]
+) -> Iterator[tuple[int, str, str, int]]:
   """Qrels rows with SMART id spellings made canonical (query ids without leading zeros)."""
   for lineno, qid, did, rel in rows:
     yield lineno, canonical_id(qid), canon_doc(did), rel

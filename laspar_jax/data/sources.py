@@ -31,6 +31,7 @@ duplicate ids, qrels naming unknown documents or queries) is the table in
 `laspar_jax.data.formats`; with strict=True every anomaly raises
 `DataFormatError` naming the file and line.
 """
+
 from __future__ import annotations
 
 import glob
@@ -55,8 +56,7 @@ __all__ = ["Collection", "DataFormatError", "Doc", "IrDatasetsCollection", "doc_
 class _DocIndex:
   """Byte-offset index over the records of one corpus file."""
 
-  def __init__(self, path: str, spans: Iterable[formats.Span], problems: Problems,
-               parse: Callable[[str, str], Doc]):
+  def __init__(self, path: str, spans: Iterable[formats.Span], problems: Problems, parse: Callable[[str, str], Doc]):
     self.path, self._parse, self._fd = path, parse, None
     ids, starts, ends, lines = [], [], [], []
     for s in spans:
@@ -74,8 +74,12 @@ class _DocIndex:
       dup[order[1:][sorted_ids[1:] == sorted_ids[:-1]]] = True  # stable: first occurrence kept
       for i in np.flatnonzero(dup):
         first = order[np.searchsorted(sorted_ids, ids_s[i], side="left")]
-        problems.report(path, int(lines_n[i]), "duplicate_id",
-                        f"duplicate doc id {ids[i].decode()!r} (first at line {lines_n[first]})")
+        problems.report(
+          path,
+          int(lines_n[i]),
+          "duplicate_id",
+          f"duplicate doc id {ids[i].decode()!r} (first at line {lines_n[first]})",
+        )
     keep = ~dup
     self.starts = np.array(starts, np.int64)[keep]
     self.ends = np.array(ends, np.int64)[keep]
@@ -132,8 +136,7 @@ def _scan_lines(path: str, problems: Problems, parse: Callable[[str], Any]) -> I
       problems.report(path, lineno, "malformed", doc)
       continue
     if not doc.title and not doc.text:
-      problems.report(path, lineno, "empty_doc", f"document {doc.doc_id!r} has no text",
-                      fatal=False)
+      problems.report(path, lineno, "empty_doc", f"document {doc.doc_id!r} has no text", fatal=False)
     yield formats.Span(doc.doc_id, start, end, lineno)
 
 
@@ -143,8 +146,7 @@ def _scan_smart(path: str, problems: Problems, **doc_kw: bool) -> Iterator[forma
       continue
     doc = smart.make_doc(span.record_id, fields, **doc_kw)
     if not doc.title and not doc.text:
-      problems.report(path, span.line, "empty_doc", f"document {doc.doc_id!r} has no text",
-                      fatal=False)
+      problems.report(path, span.line, "empty_doc", f"document {doc.doc_id!r} has no text", fatal=False)
     yield span
 
 
@@ -153,6 +155,7 @@ def _line_parser(parse: Callable[[str], Any]) -> Callable[[str, str], Doc]:
     doc = parse(raw.rstrip("\r\n"))
     assert not isinstance(doc, str), (doc_id, doc)
     return doc
+
   return parse_doc
 
 
@@ -165,8 +168,7 @@ def _read_queries_lines(path: str, problems: Problems, parse) -> dict[str, str]:
       continue
     qid, qtext = q
     if qid in first_line:
-      problems.report(path, lineno, "duplicate_id",
-                      f"duplicate query id {qid!r} (first at line {first_line[qid]})")
+      problems.report(path, lineno, "duplicate_id", f"duplicate query id {qid!r} (first at line {first_line[qid]})")
       continue
     first_line[qid] = lineno
     if not qtext:
@@ -182,9 +184,16 @@ _MAX_LOST_SHARE = 0.05
 _MAX_LOST_LINES = 3
 
 
-def _read_qrels(path: str, problems: Problems, queries: dict[str, str], has_doc: Callable[[str], bool],
-                layout: str = "auto", *, three_columns: str = "plain",
-                smart_ids: bool = False) -> dict[str, dict[str, int]]:
+def _read_qrels(
+  path: str,
+  problems: Problems,
+  queries: dict[str, str],
+  has_doc: Callable[[str], bool],
+  layout: str = "auto",
+  *,
+  three_columns: str = "plain",
+  smart_ids: bool = False,
+) -> dict[str, dict[str, int]]:
   """Reads a qrels file; `layout` "auto" is detected (`smart.detect_qrels_layout`)."""
   if layout == "auto":
     layout = smart.detect_qrels_layout(path, has_doc, three_columns=three_columns)
@@ -212,19 +221,18 @@ def _read_qrels(path: str, problems: Problems, queries: dict[str, str], has_doc:
     per_q[did] = rel
   how = f"read with the {layout!r} qrels layout (force another with qrels_layout=)"
   if n_lost > _MAX_LOST_SHARE * n_lines and n_lost >= _MAX_LOST_LINES:
-    raise DataFormatError(path, None, f"{n_lost} of {n_lines} qrels lines name unknown queries or "
-                          f"documents; {how}")
+    raise DataFormatError(path, None, f"{n_lost} of {n_lines} qrels lines name unknown queries or documents; {how}")
   if not any(q in queries for q in qrels):
-    raise DataFormatError(path, None, f"no judged queries ({n_lines} qrels lines, {n_lost} with "
-                          f"unknown ids); {how}")
+    raise DataFormatError(path, None, f"no judged queries ({n_lines} qrels lines, {n_lost} with unknown ids); {how}")
   return qrels
 
 
 class LocalCollection(Collection):
   """A collection read from local files, with a byte-offset document index."""
 
-  def __init__(self, name: str, index: _DocIndex, queries: dict[str, str],
-               qrels: dict[str, dict[str, int]], problems: Problems):
+  def __init__(
+    self, name: str, index: _DocIndex, queries: dict[str, str], qrels: dict[str, dict[str, int]], problems: Problems
+  ):
     self.name, self._index, self.queries, self.qrels, self.problems = name, index, queries, qrels, problems
 
   def docs(self) -> Iterator[Doc]:
@@ -262,11 +270,11 @@ def _pick_qrels(candidates: dict[str, str], split: str | None, where: str) -> st
 
 def _load_beir_dir(path: str, split: str | None, problems: Problems, layout: str) -> LocalCollection:
   corpus = os.path.join(path, "corpus.jsonl")
-  index = _DocIndex(corpus, _scan_lines(corpus, problems, formats.parse_jsonl_doc), problems,
-                    _line_parser(formats.parse_jsonl_doc))
+  index = _DocIndex(
+    corpus, _scan_lines(corpus, problems, formats.parse_jsonl_doc), problems, _line_parser(formats.parse_jsonl_doc)
+  )
   queries = _read_queries_lines(os.path.join(path, "queries.jsonl"), problems, formats.parse_jsonl_query)
-  cands = {os.path.splitext(os.path.basename(p))[0]: p
-           for p in glob.glob(os.path.join(path, "qrels", "*.tsv"))}
+  cands = {os.path.splitext(os.path.basename(p))[0]: p for p in glob.glob(os.path.join(path, "qrels", "*.tsv"))}
   qpath = _pick_qrels(cands, split, path)
   qrels = _read_qrels(qpath, problems, queries, index.__contains__, layout) if qpath else {}
   return LocalCollection(path, index, queries, qrels, problems)
@@ -274,10 +282,12 @@ def _load_beir_dir(path: str, split: str | None, problems: Problems, layout: str
 
 def _load_tsv_dir(path: str, split: str | None, problems: Problems, layout: str) -> LocalCollection:
   corpus = os.path.join(path, "collection.tsv")
-  index = _DocIndex(corpus, _scan_lines(corpus, problems, formats.parse_tsv_doc), problems,
-                    _line_parser(formats.parse_tsv_doc))
-  qfiles = {os.path.basename(p)[len("queries."):-len(".tsv")]: p
-            for p in glob.glob(os.path.join(path, "queries.*.tsv"))}
+  index = _DocIndex(
+    corpus, _scan_lines(corpus, problems, formats.parse_tsv_doc), problems, _line_parser(formats.parse_tsv_doc)
+  )
+  qfiles = {
+    os.path.basename(p)[len("queries.") : -len(".tsv")]: p for p in glob.glob(os.path.join(path, "queries.*.tsv"))
+  }
   if os.path.exists(os.path.join(path, "queries.tsv")):
     qfiles[""] = os.path.join(path, "queries.tsv")
   if split is None:
@@ -319,16 +329,23 @@ def _load_smart_dir(path: str, files, problems: Problems, layout: str, keywords:
   queries = smart.read_queries(qry_path, problems, cranfield=cranfield) if qry_path else {}
   qrels = {}
   if rel_path:
-    qrels = _read_qrels(rel_path, problems, queries, index.__contains__, layout,
-                        three_columns="cranfield", smart_ids=not cranfield)
+    qrels = _read_qrels(
+      rel_path, problems, queries, index.__contains__, layout, three_columns="cranfield", smart_ids=not cranfield
+    )
   return LocalCollection(path, index, queries, qrels, problems)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def load_collection(spec: str | os.PathLike, *, split: str | None = None, strict: bool = False,
-                    qrels_layout: str = "auto", keywords: bool = False) -> Collection:
+def load_collection(
+  spec: str | os.PathLike,
+  *,
+  split: str | None = None,
+  strict: bool = False,
+  qrels_layout: str = "auto",
+  keywords: bool = False,
+) -> Collection:
   """Loads a collection named by a path (layout detected) or an ir_datasets id.
 
   Args:
@@ -361,8 +378,9 @@ def load_collection(spec: str | os.PathLike, *, split: str | None = None, strict
     if smart_files is not None:
       return _load_smart_dir(spec, smart_files, problems, qrels_layout, keywords)
     raise FileNotFoundError(
-        f"{spec}: unknown layout (expected corpus.jsonl [BEIR], collection.tsv [MS MARCO] "
-        f"or a SMART *.all file starting with .I)")
+      f"{spec}: unknown layout (expected corpus.jsonl [BEIR], collection.tsv [MS MARCO] "
+      f"or a SMART *.all file starting with .I)"
+    )
   if os.path.exists(spec):
     raise FileNotFoundError(f"{spec}: expected a directory")
   return IrDatasetsCollection(irds_id(spec, split), problems)

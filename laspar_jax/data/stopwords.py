@@ -4,6 +4,7 @@
 of Lucene's 33-word English set), one lowercase word per line, contractions
 included ("don't") as well as their tokenizer fragments ("don", "t").
 """
+
 from __future__ import annotations
 
 import functools

@@ -20,6 +20,7 @@ documents, as the community's MarginMSE recipes do, never a relevant one), and
 `calibrate_scores` maps one teacher's scores onto another's scale (affine,
 global or per query: RankLLaMA scores onto the MiniLM cross-encoder's).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +51,7 @@ class TrainExample:
     neg_ids: negative document ids (a pool; the pipeline draws n_neg per epoch).
     teacher_scores: None, or 1 + len(neg_ids) scores aligned with (pos_id, *neg_ids).
   """
+
   qid: str
   pos_id: str
   neg_ids: tuple[str, ...]
@@ -81,9 +83,16 @@ def read_run(path: str | os.PathLike, *, depth: int | None = None) -> Candidates
   return {q: list(docs) for q, docs in formats.read_trec_run(path, depth=depth).items()}
 
 
-def bm25_candidates(doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Mapping[str, str], *,
-                    depth: int = 100, k1: float = 0.9, b: float = 0.4,
-                    show_progress: bool = False) -> Candidates:
+def bm25_candidates(
+  doc_ids: Sequence[str],
+  doc_texts: Sequence[str],
+  queries: Mapping[str, str],
+  *,
+  depth: int = 100,
+  k1: float = 0.9,
+  b: float = 0.4,
+  show_progress: bool = False,
+) -> Candidates:
   """BM25 top-`depth` documents per query (bm25s; English stopwords, no stemming).
 
   Args:
@@ -98,21 +107,23 @@ def bm25_candidates(doc_ids: Sequence[str], doc_texts: Sequence[str], queries: M
     {qid: [doc_id, ...]} best first.
   """
   import bm25s  # pylint: disable=g-import-not-at-top  (1.4 s on its own: imported on first use)
+
   retriever = bm25s.BM25(k1=k1, b=b)
-  retriever.index(bm25s.tokenize(list(doc_texts), stopwords="en", show_progress=show_progress),
-                  show_progress=show_progress)
+  retriever.index(
+    bm25s.tokenize(list(doc_texts), stopwords="en", show_progress=show_progress), show_progress=show_progress
+  )
   qids = list(queries)
   # Query tokens as strings: bm25s maps them through the corpus vocabulary.
-  q_tokens = bm25s.tokenize([queries[q] for q in qids], stopwords="en", return_ids=False,
-                            show_progress=show_progress)
+  q_tokens = bm25s.tokenize([queries[q] for q in qids], stopwords="en", return_ids=False, show_progress=show_progress)
   k = min(depth, len(doc_ids))
   rows_qk, _ = retriever.retrieve(q_tokens, k=k, show_progress=show_progress)
   ids = np.asarray(doc_ids)
   return {q: ids[r].tolist() for q, r in zip(qids, rows_qk)}
 
 
-def retriever_candidates(search: Callable[[list[str]], Sequence[Sequence[str]]], queries: Mapping[str, str],
-                         *, batch_size: int = 256) -> Candidates:
+def retriever_candidates(
+  search: Callable[[list[str]], Sequence[Sequence[str]]], queries: Mapping[str, str], *, batch_size: int = 256
+) -> Candidates:
   """Candidates from any retriever, e.g. the model's own index.
 
   Args:
@@ -126,7 +137,7 @@ def retriever_candidates(search: Callable[[list[str]], Sequence[Sequence[str]]],
   qids = list(queries)
   out: Candidates = {}
   for i in range(0, len(qids), batch_size):
-    chunk = qids[i:i + batch_size]
+    chunk = qids[i : i + batch_size]
     for q, docs in zip(chunk, search([queries[x] for x in chunk])):
       out[q] = list(docs)
   return out
@@ -165,10 +176,17 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
   return np.random.default_rng([seed & 0xFFFFFFFF] + [zlib.crc32(k.encode("utf-8")) for k in keys])
 
 
-def build_examples(qrels: Mapping[str, Mapping[str, int]], candidates: Mapping[str, Sequence[str]] | None,
-                   *, n_neg: int, seed: int = 0, min_grade: int = 1,
-                   teacher_scores: Mapping[str, Mapping[str, float]] | None = None,
-                   depth: int | None = None, queries: Iterable[str] | None = None) -> list[TrainExample]:
+def build_examples(
+  qrels: Mapping[str, Mapping[str, int]],
+  candidates: Mapping[str, Sequence[str]] | None,
+  *,
+  n_neg: int,
+  seed: int = 0,
+  min_grade: int = 1,
+  teacher_scores: Mapping[str, Mapping[str, float]] | None = None,
+  depth: int | None = None,
+  queries: Iterable[str] | None = None,
+) -> list[TrainExample]:
   """Builds one TrainExample per (query, positive) pair.
 
   Args:
@@ -204,8 +222,7 @@ def build_examples(qrels: Mapping[str, Mapping[str, int]], candidates: Mapping[s
     neg_ids: tuple[str, ...] = ()
     if candidates is not None and n_neg > 0:
       relevant = {d for d, g in qrels[qid].items() if g > 0} | {pos_id}
-      pool = [d for d in candidates.get(qid, ())[:depth] if d not in relevant
-              and (scores is None or d in scores)]
+      pool = [d for d in candidates.get(qid, ())[:depth] if d not in relevant and (scores is None or d in scores)]
       pool = list(dict.fromkeys(pool))
       if not pool:
         skipped["no_candidates"] += 1
@@ -245,9 +262,14 @@ def _all_scores(scores: Mapping[str, Mapping[str, float]], name: str) -> np.ndar
   return flat
 
 
-def calibrate_scores(src: Mapping[str, Mapping[str, float]], ref: Mapping[str, Mapping[str, float]] | None,
-                     mode: str, *, src_name: str = "data.teacher_scores",
-                     ref_name: str = "data.teacher_calibration_reference") -> dict[str, dict[str, float]]:
+def calibrate_scores(
+  src: Mapping[str, Mapping[str, float]],
+  ref: Mapping[str, Mapping[str, float]] | None,
+  mode: str,
+  *,
+  src_name: str = "data.teacher_scores",
+  ref_name: str = "data.teacher_calibration_reference",
+) -> dict[str, dict[str, float]]:
   """Affine calibration of teacher scores onto a reference teacher's scale.
 
   s' = (s - mean_src) / std_src * std_ref + mean_ref, with (population) means

@@ -3,6 +3,7 @@
 Pure numpy/numba: nothing here imports the encoder, the data layer or JAX
 (the encoder -> index glue is `laspar_jax.encode.index_collection`).
 """
+
 from laspar_jax.index.build import IndexWriter, build_index
 from laspar_jax.index.format import IndexCorruptError, IndexFormatError
 from laspar_jax.index.search import Index

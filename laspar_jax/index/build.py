@@ -6,6 +6,7 @@ sorted by dim and spilled to a run file, and `close` merges the runs within
 the budget (`spill.py`), appending to the output files while their blake2b is
 computed. The finished directory is renamed into place.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,7 @@ from laspar_jax.index import format as fmt
 from laspar_jax.index import quantize as quant
 from laspar_jax.index import spill
 
-_RUN_VAL_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8,
-                   "uint16": np.uint16}
+_RUN_VAL_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "uint16": np.uint16}
 
 
 # ----------------------------------------------------------------------------- writer
@@ -40,10 +40,19 @@ class IndexWriter:
   <= 0 are dropped; documents with no postings are kept (they score 0).
   """
 
-  def __init__(self, path: str | os.PathLike, dim: int, *, value_dtype: str = "float32",
-               quant_scale: float | None = None, ram_budget_bytes: int = 2 << 30,
-               encoder_hash: str = "", approx: bool = False,
-               overwrite: bool = False, metadata: dict[str, Any] | None = None):
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    dim: int,
+    *,
+    value_dtype: str = "float32",
+    quant_scale: float | None = None,
+    ram_budget_bytes: int = 2 << 30,
+    encoder_hash: str = "",
+    approx: bool = False,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+  ):
     """Creates `<path>.tmp-<pid>` to build into.
 
     Args:
@@ -78,8 +87,7 @@ class IndexWriter:
     self.overwrite = overwrite
     self.metadata = dict(metadata or {})
     quantized = value_dtype.startswith("uint")
-    self._run_dtype = np.dtype(np.float32 if quantized and quant_scale is None
-                               else _RUN_VAL_DTYPES[value_dtype])
+    self._run_dtype = np.dtype(np.float32 if quantized and quant_scale is None else _RUN_VAL_DTYPES[value_dtype])
     self._bytes_per_posting = 8 + self._run_dtype.itemsize  # dim + row + value
     fmt.remove_stale_tmp_dirs(self.path)
     self.tmp = self.path.parent / f"{self.path.name}.tmp-{os.getpid()}"
@@ -132,8 +140,7 @@ class IndexWriter:
     idx_bk = np.asarray(idx_bk)
     val_bk = np.asarray(val_bk, dtype=np.float32)
     if idx_bk.ndim != 2 or idx_bk.shape != val_bk.shape or idx_bk.shape[0] != len(doc_ids):
-      raise ValueError(f"shape mismatch: {len(doc_ids)} ids, idx {idx_bk.shape}, "
-                       f"val {val_bk.shape}")
+      raise ValueError(f"shape mismatch: {len(doc_ids)} ids, idx {idx_bk.shape}, val {val_bk.shape}")
     b = idx_bk.shape[0]
     lines = []
     for d in doc_ids:
@@ -176,8 +183,7 @@ class IndexWriter:
     rows = np.concatenate([x[1] for x in self._buf])
     vals = np.concatenate([x[2] for x in self._buf])
     self._buf, self._buf_n = [], 0
-    self._runs.append(spill.write_run(self.tmp / "runs" / f"run{len(self._runs):05d}",
-                                      dims, rows, vals, self.dim))
+    self._runs.append(spill.write_run(self.tmp / "runs" / f"run{len(self._runs):05d}", dims, rows, vals, self.dim))
 
   # -- merge
   def close(self) -> pathlib.Path:
@@ -211,11 +217,19 @@ class IndexWriter:
     out_dtype = np.dtype(_RUN_VAL_DTYPES[self.value_dtype])
     files: dict[str, dict[str, Any]] = {}
     files["offsets.npy"] = fmt.write_array(self.tmp / "offsets.npy", offsets)
-    files.update(spill.merge_runs(
-        self._runs, offsets, self.tmp, run_dtype=self._run_dtype, out_dtype=out_dtype, scale=scale,
-        ram_budget_bytes=self.ram_budget_bytes, impact_order=self.impact_order))
-    doc_lengths = (np.concatenate(self._doc_lengths) if self._doc_lengths
-                   else np.zeros(0, np.int32))
+    files.update(
+      spill.merge_runs(
+        self._runs,
+        offsets,
+        self.tmp,
+        run_dtype=self._run_dtype,
+        out_dtype=out_dtype,
+        scale=scale,
+        ram_budget_bytes=self.ram_budget_bytes,
+        impact_order=self.impact_order,
+      )
+    )
+    doc_lengths = np.concatenate(self._doc_lengths) if self._doc_lengths else np.zeros(0, np.int32)
     files["doc_lengths.npy"] = fmt.write_array(self.tmp / "doc_lengths.npy", doc_lengths)
     files["doc_ids.npy"] = self._write_doc_ids()
     if self.impact_order:
@@ -227,21 +241,27 @@ class IndexWriter:
     shutil.rmtree(self.tmp / "runs")
     nonempty = counts_total > 0
     manifest = {
-        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
-        "dim": self.dim, "n_docs": self.n_docs, "n_postings": self.n_postings,
-        "value_dtype": self.value_dtype, "quant_scale": scale,
-        "encoder_hash": self.encoder_hash, "approx": self.impact_order,
-        "files": files,
-        "stats": {
-            "mean_doc_length": float(doc_lengths.mean()) if doc_lengths.size else 0.0,
-            "empty_docs": int((doc_lengths == 0).sum()),
-            "nonempty_dims": int(nonempty.sum()),
-            "max_postings_per_dim": int(counts_total.max()) if self.dim else 0,
-            "n_runs": len(self._runs),
-            "build_seconds": time.time() - self._t0,
-            "merge_seconds": time.time() - t_merge,
-        },
-        "created_unix": time.time(), "metadata": self.metadata,
+      "format": fmt.FORMAT_NAME,
+      "format_version": fmt.FORMAT_VERSION,
+      "dim": self.dim,
+      "n_docs": self.n_docs,
+      "n_postings": self.n_postings,
+      "value_dtype": self.value_dtype,
+      "quant_scale": scale,
+      "encoder_hash": self.encoder_hash,
+      "approx": self.impact_order,
+      "files": files,
+      "stats": {
+        "mean_doc_length": float(doc_lengths.mean()) if doc_lengths.size else 0.0,
+        "empty_docs": int((doc_lengths == 0).sum()),
+        "nonempty_dims": int(nonempty.sum()),
+        "max_postings_per_dim": int(counts_total.max()) if self.dim else 0,
+        "n_runs": len(self._runs),
+        "build_seconds": time.time() - self._t0,
+        "merge_seconds": time.time() - t_merge,
+      },
+      "created_unix": time.time(),
+      "metadata": self.metadata,
     }
     fmt.write_manifest(self.tmp, manifest)
     fmt.fsync_dir(self.tmp)
@@ -274,8 +294,9 @@ class IndexWriter:
 
 
 # ----------------------------------------------------------------------------- helpers
-def build_index(batches: Iterable[tuple[Sequence[str], Any, Any]], path: str | os.PathLike,
-                dim: int, **writer_kwargs) -> pathlib.Path:
+def build_index(
+  batches: Iterable[tuple[Sequence[str], Any, Any]], path: str | os.PathLike, dim: int, **writer_kwargs
+) -> pathlib.Path:
   """Builds an index from an iterable of (doc_ids, idx_bk, val_bk) batches.
 
   Args:

@@ -21,6 +21,7 @@ file's size is checked against the manifest (cheap); `verify="full"` also
 recomputes the blake2b checksums (of each file's data after the .npy header;
 the header itself is checked against the manifest's dtype and shape).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -83,8 +84,7 @@ def file_checksum(path: str | os.PathLike) -> str:
 
 def _npy_header(dtype: np.dtype, length: int, size: int | None = None) -> bytes:
   """A version 1.0 .npy header, space-padded to `size` bytes (or to 64-alignment)."""
-  d = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-       "shape": (int(length),)}
+  d = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (int(length),)}
   body = repr(d).encode("latin1")
   base = len(np.lib.format.MAGIC_PREFIX) + 2 + 2
   if size is None:
@@ -93,8 +93,7 @@ def _npy_header(dtype: np.dtype, length: int, size: int | None = None) -> bytes:
   if pad < 0:
     raise ValueError("header does not fit")
   hlen = size - base
-  return (np.lib.format.MAGIC_PREFIX + b"\x01\x00" + hlen.to_bytes(2, "little") + body
-          + b" " * pad + b"\n")
+  return np.lib.format.MAGIC_PREFIX + b"\x01\x00" + hlen.to_bytes(2, "little") + body + b" " * pad + b"\n"
 
 
 class NpyStreamWriter:
@@ -111,9 +110,8 @@ class NpyStreamWriter:
     self._written = 0
     self._hash = _new_hash()
     self._f = open(self.path, "wb")
-    self._header_size = len(_npy_header(self.dtype, 10 ** 18))
-    self._f.write(_npy_header(self.dtype, self.length if self.length is not None else 0,
-                              self._header_size))
+    self._header_size = len(_npy_header(self.dtype, 10**18))
+    self._f.write(_npy_header(self.dtype, self.length if self.length is not None else 0, self._header_size))
 
   def write(self, arr: np.ndarray) -> None:
     """Appends `arr` (cast to the file dtype)."""
@@ -140,8 +138,12 @@ class NpyStreamWriter:
     self._f.flush()
     os.fsync(self._f.fileno())
     self._f.close()
-    return {"bytes": self.path.stat().st_size, "blake2b": self._hash.hexdigest(),
-            "dtype": self.dtype.str, "shape": [self.length]}
+    return {
+      "bytes": self.path.stat().st_size,
+      "blake2b": self._hash.hexdigest(),
+      "dtype": self.dtype.str,
+      "shape": [self.length],
+    }
 
 
 def write_array(path: str | os.PathLike, arr: np.ndarray) -> dict[str, Any]:
@@ -168,8 +170,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"no index directory at {directory}")
   path = directory / MANIFEST
   if not path.is_file():
-    raise IndexFormatError(f"{path}: missing; {directory} is not a complete index "
-                           "(an interrupted build never gets a manifest)")
+    raise IndexFormatError(
+      f"{path}: missing; {directory} is not a complete index (an interrupted build never gets a manifest)"
+    )
   try:
     manifest = json.loads(path.read_text())
   except json.JSONDecodeError as e:
@@ -177,13 +180,13 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
   if manifest.get("format") != FORMAT_NAME:
     raise IndexFormatError(f"{path}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
   if manifest.get("format_version") != FORMAT_VERSION:
-    raise IndexFormatError(f"{path}: format_version {manifest.get('format_version')} "
-                           f"is not supported (this code reads {FORMAT_VERSION})")
+    raise IndexFormatError(
+      f"{path}: format_version {manifest.get('format_version')} is not supported (this code reads {FORMAT_VERSION})"
+    )
   return manifest
 
 
-def verify_files(directory: str | os.PathLike, manifest: dict[str, Any],
-                 verify: str = "auto") -> None:
+def verify_files(directory: str | os.PathLike, manifest: dict[str, Any], verify: str = "auto") -> None:
   """Checks every file listed in the manifest.
 
   Args:
@@ -210,13 +213,13 @@ def verify_files(directory: str | os.PathLike, manifest: dict[str, Any],
       raise IndexCorruptError(f"{path}: listed in the manifest but missing")
     size = path.stat().st_size
     if size != int(entry["bytes"]):
-      raise IndexCorruptError(f"{path}: size {size} bytes, manifest says {entry['bytes']} "
-                              "(truncated or modified)")
+      raise IndexCorruptError(f"{path}: size {size} bytes, manifest says {entry['bytes']} (truncated or modified)")
     if verify == "full":
       digest = file_checksum(path)
       if digest != entry["blake2b"]:
-        raise IndexCorruptError(f"{path}: blake2b {digest} does not match the manifest "
-                                f"({entry['blake2b']}); the file was modified")
+        raise IndexCorruptError(
+          f"{path}: blake2b {digest} does not match the manifest ({entry['blake2b']}); the file was modified"
+        )
 
 
 def load_array(directory: str | os.PathLike, name: str, entry: dict[str, Any]) -> np.ndarray:
@@ -228,8 +231,10 @@ def load_array(directory: str | os.PathLike, name: str, entry: dict[str, Any]) -
   except (ValueError, OSError) as e:
     raise IndexCorruptError(f"{path}: cannot be read as .npy ({e})") from e
   if arr.dtype.str != entry["dtype"] or list(arr.shape) != list(entry["shape"]):
-    raise IndexCorruptError(f"{path}: dtype/shape {arr.dtype.str}{list(arr.shape)} does not "
-                            f"match the manifest {entry['dtype']}{entry['shape']}")
+    raise IndexCorruptError(
+      f"{path}: dtype/shape {arr.dtype.str}{list(arr.shape)} does not "
+      f"match the manifest {entry['dtype']}{entry['shape']}"
+    )
   return arr
 
 

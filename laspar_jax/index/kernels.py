@@ -16,6 +16,7 @@ with q_j * w >= tau are read from the weight-sorted lists; the `n_cand` best
 partial scores are then re-scored exactly from the forward (doc-major)
 index, and the top-k of those is returned.
 """
+
 from __future__ import annotations
 
 import numba
@@ -140,8 +141,7 @@ def _lower_bound(rows, lo, hi, x):
 
 
 @numba.njit(nogil=True, cache=True)
-def exact(offsets, rows, vals, table, q_ptr, q_dims, q_w, k, acc, touched,
-          heap_s, heap_r, out_rows, out_scores):
+def exact(offsets, rows, vals, table, q_ptr, q_dims, q_w, k, acc, touched, heap_s, heap_r, out_rows, out_scores):
   n_docs = acc.size
   cursor = np.empty(q_ptr.size, np.int64)  # >= longest query would do; small
   for qi in range(q_ptr.size - 1):
@@ -205,10 +205,32 @@ def count_at_least(offsets, ivals, table, d, thr):
       hi = mid
   return lo - offsets[d]
 
+
 @numba.njit(nogil=True, cache=True)
-def approx(offsets, irows, ivals, fwd_offsets, fwd_dims, fvals, table, q_ptr, q_dims, q_w,
-           k, budget, n_cand, acc, touched, qbits, heap_s, heap_r, cand_s, cand_r, out_rows,
-           out_scores):
+def approx(
+  offsets,
+  irows,
+  ivals,
+  fwd_offsets,
+  fwd_dims,
+  fvals,
+  table,
+  q_ptr,
+  q_dims,
+  q_w,
+  k,
+  budget,
+  n_cand,
+  acc,
+  touched,
+  qbits,
+  heap_s,
+  heap_r,
+  cand_s,
+  cand_r,
+  out_rows,
+  out_scores,
+):
   ncap = cand_s.size
   hkeys = np.empty(64, np.int64)
   hslot = np.empty(64, np.int64)
@@ -312,4 +334,3 @@ def approx(offsets, irows, ivals, fwd_offsets, fwd_dims, fvals, table, q_ptr, q_
     for t in range(a, b):
       qbits[q_dims[t] >> 6] = np.uint64(0)
     _heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
-

@@ -13,6 +13,7 @@ same order builds. The parts' runs are consumed (truncated) by the merge.
 The part directories must be visible to the merging host (a shared
 filesystem: NFS, a gcsfuse mount, or one machine).
 """
+
 from __future__ import annotations
 
 import json
@@ -60,10 +61,20 @@ class PartWriter(IndexWriter):
     if self.impact_order:
       self._fwd_dims.close()
       self._fwd_vals.close()
-    part = {"dim": self.dim, "value_dtype": self.value_dtype, "quant_scale": self.quant_scale,
-            "approx": self.impact_order, "run_dtype": self._run_dtype.str, "n_docs": self.n_docs,
-            "n_postings": self.n_postings, "val_max": self._val_max, "max_id_len": self._max_id_len,
-            "runs": runs, "encoder_hash": self.encoder_hash, "metadata": self.metadata}
+    part = {
+      "dim": self.dim,
+      "value_dtype": self.value_dtype,
+      "quant_scale": self.quant_scale,
+      "approx": self.impact_order,
+      "run_dtype": self._run_dtype.str,
+      "n_docs": self.n_docs,
+      "n_postings": self.n_postings,
+      "val_max": self._val_max,
+      "max_id_len": self._max_id_len,
+      "runs": runs,
+      "encoder_hash": self.encoder_hash,
+      "metadata": self.metadata,
+    }
     (self.tmp / PART_MANIFEST).write_text(json.dumps(part, indent=1))
     fmt.fsync_dir(self.tmp)
     self._closed = True
@@ -95,23 +106,36 @@ class _MergeWriter(IndexWriter):
       shutil.copyfileobj(f, self._ids_file)
     for r in part["runs"]:
       counts = np.load(path / "runs" / f"{r['name']}.counts.npy")
-      self._runs.append(spill.Run(path / "runs" / f"{r['name']}.rows", path / "runs" / f"{r['name']}.vals",
-                                  counts, int(r["n"]), row_offset=self.n_docs))
+      self._runs.append(
+        spill.Run(
+          path / "runs" / f"{r['name']}.rows",
+          path / "runs" / f"{r['name']}.vals",
+          counts,
+          int(r["n"]),
+          row_offset=self.n_docs,
+        )
+      )
     self._doc_lengths.append(np.load(path / "doc_lengths.npy"))
     if self.impact_order:
       for name, w in (("fwd_dims.npy", self._fwd_dims), ("fwd_weights.npy", self._fwd_vals)):
         arr = np.load(path / name, mmap_mode="r")
         for s in range(0, arr.shape[0], _COPY_ROWS):
-          w.write(np.asarray(arr[s:s + _COPY_ROWS]))
+          w.write(np.asarray(arr[s : s + _COPY_ROWS]))
     self.n_docs += int(part["n_docs"])
     self.n_postings += int(part["n_postings"])
     self._val_max = max(self._val_max, float(part["val_max"]))
     self._max_id_len = max(self._max_id_len, int(part["max_id_len"]))
 
 
-def merge_parts(part_dirs: Sequence[str | os.PathLike], path: str | os.PathLike, *,
-                ram_budget_bytes: int = 2 << 30, overwrite: bool = False,
-                metadata: dict[str, Any] | None = None, remove_parts: bool = True) -> pathlib.Path:
+def merge_parts(
+  part_dirs: Sequence[str | os.PathLike],
+  path: str | os.PathLike,
+  *,
+  ram_budget_bytes: int = 2 << 30,
+  overwrite: bool = False,
+  metadata: dict[str, Any] | None = None,
+  remove_parts: bool = True,
+) -> pathlib.Path:
   """Merges finished parts, in the given order, into the index at `path`.
 
   Args:
@@ -134,10 +158,17 @@ def merge_parts(part_dirs: Sequence[str | os.PathLike], path: str | os.PathLike,
     for key in ("dim", "value_dtype", "quant_scale", "approx", "encoder_hash"):
       if p[key] != first[key]:
         raise ValueError(f"{d}: {key}={p[key]!r} differs from {dirs[0]}'s {first[key]!r}")
-  with _MergeWriter(path, first["dim"], value_dtype=first["value_dtype"], quant_scale=first["quant_scale"],
-                    ram_budget_bytes=ram_budget_bytes, encoder_hash=first["encoder_hash"],
-                    approx=first["approx"], overwrite=overwrite,
-                    metadata=first["metadata"] if metadata is None else metadata) as w:
+  with _MergeWriter(
+    path,
+    first["dim"],
+    value_dtype=first["value_dtype"],
+    quant_scale=first["quant_scale"],
+    ram_budget_bytes=ram_budget_bytes,
+    encoder_hash=first["encoder_hash"],
+    approx=first["approx"],
+    overwrite=overwrite,
+    metadata=first["metadata"] if metadata is None else metadata,
+  ) as w:
     for d, p in zip(dirs, parts):
       w.add_part(d, p)
   if remove_parts:

@@ -3,6 +3,7 @@
 The form PISA and Anserini expect. Pure numpy (the index imports nothing
 above it); `laspar_jax.sparsify` re-exports these for encoder outputs.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 
 def quantize_scale(val_max: float, bits: int) -> float:
   """Scale such that `val_max` maps to the largest integer of `bits` bits."""
-  top = float(2 ** bits - 1)
+  top = float(2**bits - 1)
   return float(val_max) / top if val_max > 0 else 1.0
 
 
@@ -33,7 +34,7 @@ def quantize(val, bits: int = 8, scale: float | None = None) -> tuple[np.ndarray
   val = np.asarray(val, dtype=np.float32)
   if scale is None:
     scale = quantize_scale(float(val.max()) if val.size else 0.0, bits)
-  top = 2 ** bits - 1
+  top = 2**bits - 1
   q = np.rint(val / np.float32(scale))
   q = np.where(val > 0, np.maximum(q, 1), 0)
   q = np.clip(q, 0, top).astype(np.uint8 if bits == 8 else np.uint16)

@@ -9,6 +9,7 @@
 needs an index built with `approx=True`. Result rows are -1 (score
 -inf) past the last document with a positive score.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -25,8 +26,7 @@ from laspar_jax.index import kernels
 from laspar_jax.index import quantize as quant
 
 
-def queries_to_csr(q_idx_bk: Any, q_val_bk: Any, dim: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def queries_to_csr(q_idx_bk: Any, q_val_bk: Any, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """[B, K] query postings -> (q_ptr int64 [B+1], q_dims int64, q_w float32), dropping w <= 0."""
   q_idx_bk = np.asarray(q_idx_bk)
   q_val_bk = np.asarray(q_val_bk, dtype=np.float32)
@@ -45,8 +45,7 @@ def queries_to_csr(q_idx_bk: Any, q_val_bk: Any, dim: int
 
 def _weight_table(dtype: np.dtype, scale: float | None) -> np.ndarray:
   if dtype == np.float16:
-    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(
-        np.float32)
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
   if dtype.kind == "u":
     return np.arange(1 << (8 * dtype.itemsize), dtype=np.float32) * np.float32(scale or 1.0)
   return np.zeros(0, np.float32)
@@ -116,11 +115,12 @@ class Index:
     path = pathlib.Path(path)
     manifest = fmt.read_manifest(path)
     fmt.verify_files(path, manifest, verify)
-    arrays = {name: fmt.load_array(path, name, entry)
-              for name, entry in manifest["files"].items()}
-    if arrays["offsets.npy"].shape[0] != manifest["dim"] + 1 or (
-        arrays["rows.npy"].shape[0] != manifest["n_postings"]) or (
-        arrays["doc_ids.npy"].shape[0] != manifest["n_docs"]):
+    arrays = {name: fmt.load_array(path, name, entry) for name, entry in manifest["files"].items()}
+    if (
+      arrays["offsets.npy"].shape[0] != manifest["dim"] + 1
+      or (arrays["rows.npy"].shape[0] != manifest["n_postings"])
+      or (arrays["doc_ids.npy"].shape[0] != manifest["n_docs"])
+    ):
       raise fmt.IndexCorruptError(f"{path}: array lengths disagree with the manifest")
     if int(arrays["offsets.npy"][-1]) != manifest["n_postings"]:
       raise fmt.IndexCorruptError(f"{path / 'offsets.npy'}: last offset is not n_postings")
@@ -151,9 +151,17 @@ class Index:
     with self._lock:
       self._pool.append(s)
 
-  def search(self, q_idx_bk: Any, q_val_bk: Any, k: int = 1000, *, threads: int | None = 1,
-             mode: str = "exact", budget: int = 50_000, n_cand: int = 200
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def search(
+    self,
+    q_idx_bk: Any,
+    q_val_bk: Any,
+    k: int = 1000,
+    *,
+    threads: int | None = 1,
+    mode: str = "exact",
+    budget: int = 50_000,
+    n_cand: int = 200,
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k documents for a batch of sparse queries.
 
     Args:
@@ -188,9 +196,8 @@ class Index:
       s = self._get_scratch()
       try:
         s.ensure(k, max(n_cand, k))
-        sub_ptr = q_ptr[lo:hi + 1]
-        self._run(mode, sub_ptr, q_dims, q_w, k, budget, max(n_cand, k), s,
-                  out_rows[lo:hi], out_scores[lo:hi])
+        sub_ptr = q_ptr[lo : hi + 1]
+        self._run(mode, sub_ptr, q_dims, q_w, k, budget, max(n_cand, k), s, out_rows[lo:hi], out_scores[lo:hi])
       finally:
         self._put_scratch(s)
 
@@ -204,14 +211,49 @@ class Index:
   def _run(self, mode, q_ptr, q_dims, q_w, k, budget, n_cand, s, out_rows, out_scores):
     def bits(x):  # numba has no float16: pass the bits, decoded by the table
       return x.view(np.uint16) if x.dtype == np.float16 else x
+
     if mode == "exact":
-      kernels.exact(self.offsets, self.rows, bits(self.weights), self._table, q_ptr, q_dims,
-                    q_w, k, s.acc, s.touched, s.heap_s, s.heap_r, out_rows, out_scores)
+      kernels.exact(
+        self.offsets,
+        self.rows,
+        bits(self.weights),
+        self._table,
+        q_ptr,
+        q_dims,
+        q_w,
+        k,
+        s.acc,
+        s.touched,
+        s.heap_s,
+        s.heap_r,
+        out_rows,
+        out_scores,
+      )
     else:
-      kernels.approx(self.offsets, self.impact_rows, bits(self.impact_weights),
-                     self.fwd_offsets, self.fwd_dims, bits(self.fwd_weights), self._table,
-                     q_ptr, q_dims, q_w, k, budget, n_cand, s.acc, s.touched, s.qbits, s.heap_s,
-                     s.heap_r, s.cand_s, s.cand_r, out_rows, out_scores)
+      kernels.approx(
+        self.offsets,
+        self.impact_rows,
+        bits(self.impact_weights),
+        self.fwd_offsets,
+        self.fwd_dims,
+        bits(self.fwd_weights),
+        self._table,
+        q_ptr,
+        q_dims,
+        q_w,
+        k,
+        budget,
+        n_cand,
+        s.acc,
+        s.touched,
+        s.qbits,
+        s.heap_s,
+        s.heap_r,
+        s.cand_s,
+        s.cand_r,
+        out_rows,
+        out_scores,
+      )
 
   # -- statistics
   def postings_per_dim(self) -> np.ndarray:
@@ -230,14 +272,16 @@ class Index:
     ppd = self.postings_per_dim()
     p = ppd / max(self.n_docs, 1)
     out = {
-        "n_docs": self.n_docs, "dim": self.dim, "n_postings": self.n_postings,
-        "mean_doc_length": self.n_postings / max(self.n_docs, 1),
-        "empty_docs": int((np.asarray(self.doc_lengths) == 0).sum()),
-        "nonempty_dims": int((ppd > 0).sum()),
-        "max_postings_per_dim": int(ppd.max()) if ppd.size else 0,
-        "mean_postings_per_nonempty_dim": float(ppd[ppd > 0].mean()) if (ppd > 0).any() else 0.0,
-        "flops_expected_doc_query": float((p ** 2).sum() * self.n_docs),
-        "index_bytes": self.size_bytes(),
+      "n_docs": self.n_docs,
+      "dim": self.dim,
+      "n_postings": self.n_postings,
+      "mean_doc_length": self.n_postings / max(self.n_docs, 1),
+      "empty_docs": int((np.asarray(self.doc_lengths) == 0).sum()),
+      "nonempty_dims": int((ppd > 0).sum()),
+      "max_postings_per_dim": int(ppd.max()) if ppd.size else 0,
+      "mean_postings_per_nonempty_dim": float(ppd[ppd > 0].mean()) if (ppd > 0).any() else 0.0,
+      "flops_expected_doc_query": float((p**2).sum() * self.n_docs),
+      "index_bytes": self.size_bytes(),
     }
     if q_idx_bk is not None:
       q_ptr, q_dims, _ = queries_to_csr(q_idx_bk, q_val_bk, self.dim)
@@ -253,16 +297,17 @@ class Index:
   def brute_force(self, q_idx_bk: Any, q_val_bk: Any) -> np.ndarray:
     """Dense [B, N] float64 scores from the postings (for tests; small indexes)."""
     w = quant.decode_weights(np.asarray(self.weights), self.quant_scale).astype(np.float64)
-    x_nd = sp.csc_matrix((w, np.asarray(self.rows).astype(np.int64),
-                          np.asarray(self.offsets)), shape=(self.n_docs, self.dim))
+    x_nd = sp.csc_matrix(
+      (w, np.asarray(self.rows).astype(np.int64), np.asarray(self.offsets)), shape=(self.n_docs, self.dim)
+    )
     q_ptr, q_dims, q_w = queries_to_csr(q_idx_bk, q_val_bk, self.dim)
-    q_bd = sp.csr_matrix((q_w.astype(np.float64), q_dims, q_ptr),
-                         shape=(q_ptr.size - 1, self.dim))
+    q_bd = sp.csr_matrix((q_w.astype(np.float64), q_dims, q_ptr), shape=(q_ptr.size - 1, self.dim))
     return np.asarray((q_bd @ x_nd.T).todense())
 
 
-def search(index: Index | str | os.PathLike, q_idx_bk: Any, q_val_bk: Any, k: int = 1000,
-           **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+def search(
+  index: Index | str | os.PathLike, q_idx_bk: Any, q_val_bk: Any, k: int = 1000, **kwargs: Any
+) -> tuple[np.ndarray, np.ndarray]:
   """Top-k documents for sparse queries, given an `Index` or its directory.
 
   Args:

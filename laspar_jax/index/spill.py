@@ -7,6 +7,7 @@ run from its end and truncates it as it goes: peak disk is the final index plus
 one chunk, not twice the index. Each chunk is assembled in RAM by copying every
 run's slice to its per-dim cursor, then appended to the output files.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,16 +80,16 @@ def bits_view(arr: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass
 class Run:
   """One spilled run: rows and values sorted by dim descending, on disk."""
+
   rows_path: pathlib.Path
   vals_path: pathlib.Path
   counts: np.ndarray  # int32 [D]
   n: int
-  consumed: int = 0   # postings of dims below the merge position (at the file end)
+  consumed: int = 0  # postings of dims below the merge position (at the file end)
   row_offset: int = 0  # added to the stored rows when merged (a part of a multi-host build)
 
 
-def write_run(prefix: pathlib.Path, dims: np.ndarray, rows: np.ndarray, vals: np.ndarray,
-              dim: int) -> Run:
+def write_run(prefix: pathlib.Path, dims: np.ndarray, rows: np.ndarray, vals: np.ndarray, dim: int) -> Run:
   """Sorts buffered postings by dim (descending) and writes them as `<prefix>.rows/.vals`.
 
   Args:
@@ -110,9 +111,17 @@ def write_run(prefix: pathlib.Path, dims: np.ndarray, rows: np.ndarray, vals: np
   return Run(rp, vp, counts, int(s_rows.size))
 
 
-def merge_runs(runs: list[Run], offsets: np.ndarray, out_dir: pathlib.Path, *, run_dtype: np.dtype,
-               out_dtype: np.dtype, scale: float | None, ram_budget_bytes: int,
-               impact_order: bool) -> dict[str, dict[str, Any]]:
+def merge_runs(
+  runs: list[Run],
+  offsets: np.ndarray,
+  out_dir: pathlib.Path,
+  *,
+  run_dtype: np.dtype,
+  out_dtype: np.dtype,
+  scale: float | None,
+  ram_budget_bytes: int,
+  impact_order: bool,
+) -> dict[str, dict[str, Any]]:
   """Merges the runs into `rows.npy` / `weights.npy` (and the impact-ordered copies).
 
   Walks dims upwards in chunks that fit half the budget; each run is consumed
@@ -174,8 +183,9 @@ def merge_runs(runs: list[Run], offsets: np.ndarray, out_dir: pathlib.Path, *, r
       keys = quant.decode_weights(out_vals, scale)
       i_rows = np.empty_like(out_rows)
       i_vals = np.empty_like(out_vals)
-      impact_order_kernel(offsets[d0:d1 + 1] - offsets[d0], keys, out_rows, bits_view(out_vals),
-                          i_rows, bits_view(i_vals))
+      impact_order_kernel(
+        offsets[d0 : d1 + 1] - offsets[d0], keys, out_rows, bits_view(out_vals), i_rows, bits_view(i_vals)
+      )
       del keys
       w_irows.write(i_rows)
       w_ivals.write(i_vals)

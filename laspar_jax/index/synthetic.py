@@ -6,6 +6,7 @@ replacement, duplicates dropped) to average `doc_len` distinct dims; weights
 are log-normal. Queries use the same law with `query_len` dims. Every batch
 is generated from its own seed, so any batch is reproducible on its own.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,7 @@ class SyntheticCollection:
         hi = m
     return lo
 
-  def _rows(self, rng: np.random.Generator, n: int, draws: int
-            ) -> tuple[np.ndarray, np.ndarray]:
+  def _rows(self, rng: np.random.Generator, n: int, draws: int) -> tuple[np.ndarray, np.ndarray]:
     u = rng.random((n, draws))
     ranks = np.searchsorted(self.cdf, u).astype(np.int32)
     ranks.sort(axis=1)
@@ -63,8 +63,9 @@ class SyntheticCollection:
     val[dup] = 0.0
     return self.perm[ranks], val
 
-  def doc_batches(self, batch_size: int = 10_000, start: int = 0, stop: int | None = None
-                  ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+  def doc_batches(
+    self, batch_size: int = 10_000, start: int = 0, stop: int | None = None
+  ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
     """Yields (doc_ids, idx_bk int32, val_bk float32) for docs [start, stop)."""
     stop = self.spec.n_docs if stop is None else stop
     for b0 in range(start - start % batch_size, stop, batch_size):

@@ -23,6 +23,7 @@ Conventions shared by both:
     downstream drop them).
   - The output has the dtype of v.
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,9 +35,17 @@ _BOUND_SLACK = 60.0  # e^60 ~ 1.1e26: headroom below the fp32 / bf16 max (3.4e38
 _MIN_SUM = 1e-25  # smallest row sum of exponentials "bound" accepts (else: "max")
 
 
-def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, *,
-              mask_bs: jax.Array | None = None, bias_bhts: jax.Array | None = None,
-              causal: bool = False, scale: float | None = None, impl: str = "xla") -> jax.Array:
+def attention(
+  q_bthd: jax.Array,
+  k_bshd: jax.Array,
+  v_bshd: jax.Array,
+  *,
+  mask_bs: jax.Array | None = None,
+  bias_bhts: jax.Array | None = None,
+  causal: bool = False,
+  scale: float | None = None,
+  impl: str = "xla",
+) -> jax.Array:
   """Multi-head (or grouped-query) softmax attention.
 
   Args:
@@ -63,8 +72,9 @@ def attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, *,
     if kv != h:
       k_bshd, v_bshd = (jnp.repeat(x, h // kv, axis=2) for x in (k_bshd, v_bshd))
     keep = _keep_b1ts(mask_bs, causal, q_bthd.shape[1], k_bshd.shape[1])
-    return cpu_attention(q_bthd, k_bshd, v_bshd, keep, bias_bhts=bias_bhts, scale=scale,
-                          offset="bound" if bias_bhts is None else "max")
+    return cpu_attention(
+      q_bthd, k_bshd, v_bshd, keep, bias_bhts=bias_bhts, scale=scale, offset="bound" if bias_bhts is None else "max"
+    )
   raise ValueError(f"unknown attention impl {impl!r}; known: {IMPLS}")
 
 
@@ -89,8 +99,7 @@ def _xla_attention(q_bthd, k_bshd, v_bshd, mask_bs, bias_bhts, causal, scale) ->
   bias = None if bias_bhts is None else jnp.asarray(bias_bhts, jnp.float32)
   if bias is not None and bias.ndim < 4:
     bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-  out_bthd = jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, bias, mask, scale=scale,
-                                          is_causal=causal)
+  out_bthd = jax.nn.dot_product_attention(q_bthd, k_bshd, v_bshd, bias, mask, scale=scale, is_causal=causal)
   if mask is None:
     return out_bthd  # every row sees at least key 0 (causal) or all keys
   # Rows with no visible key: jax gives the mean of all values; the convention is zeros.
@@ -98,9 +107,16 @@ def _xla_attention(q_bthd, k_bshd, v_bshd, mask_bs, bias_bhts, causal, scale) ->
   return jnp.where(seen_bt[:, :, None, None], out_bthd, 0).astype(dtype)
 
 
-def cpu_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
-                   keep_b1ts: jax.Array | None, *, bias_bhts: jax.Array | None = None,
-                   scale: float | None = None, offset: str = "bound") -> jax.Array:
+def cpu_attention(
+  q_bthd: jax.Array,
+  k_bshd: jax.Array,
+  v_bshd: jax.Array,
+  keep_b1ts: jax.Array | None,
+  *,
+  bias_bhts: jax.Array | None = None,
+  scale: float | None = None,
+  offset: str = "bound",
+) -> jax.Array:
   """Softmax attention tuned for XLA:CPU; invisible keys (keep False) get no weight.
 
   Works in the heads-major layout [B, H, T, D] (about 2x faster on XLA:CPU
@@ -155,16 +171,14 @@ def cpu_attention(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
         e_bhts = jnp.where(keep_b1ts, e_bhts, 0.0)
     else:  # invisible logits are -inf: exp gives 0 (and a zero gradient) whatever the offset
       e_bhts = jnp.exp(masked_bhts - jax.lax.stop_gradient(offset_bht1))
-    return jnp.einsum("bhts,bhsd->bhtd", e_bhts.astype(v_bhsd.dtype), v_bhsd,
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum("bhts,bhsd->bhtd", e_bhts.astype(v_bhsd.dtype), v_bhsd, preferred_element_type=jnp.float32)
 
   def row_max():
     if keep_b1ts is None:
       return attend(logits_bhts.max(-1, keepdims=True))
     masked_bhts = jnp.where(keep_b1ts, logits_bhts, -jnp.inf)
     # A row with no visible key has max -inf: any finite offset (its sum is 0 anyway).
-    return attend(jnp.maximum(masked_bhts.max(-1, keepdims=True), jnp.finfo(jnp.float32).min),
-                  masked_bhts)
+    return attend(jnp.maximum(masked_bhts.max(-1, keepdims=True), jnp.finfo(jnp.float32).min), masked_bhts)
 
   if offset == "max":
     o_bhtd = row_max()

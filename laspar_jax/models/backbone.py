@@ -19,6 +19,7 @@ the last living beside the model (e.g. `bert.py`). A family module calls
 `register(Family(...))` at import; `hf_weights.load` dispatches on
 config.json's `model_type` through `FAMILIES`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,6 +51,7 @@ class VocabProjection(Protocol):
 @runtime_checkable
 class Backbone(Protocol):
   """What sparse heads and encoders may rely on (see the module docstring)."""
+
   dtype: Any
 
   @property
@@ -61,8 +63,14 @@ class Backbone(Protocol):
   @property
   def pad_id(self) -> int: ...
 
-  def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array: ...
+  def __call__(
+    self,
+    input_ids_bl: jax.Array,
+    attention_mask_bl: jax.Array,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array: ...
 
   def vocab_projection(self) -> VocabProjection:
     """The vocabulary head; ValueError when the backbone was built without one."""
@@ -83,8 +91,9 @@ class ConfigBacked:
   def vocab_projection(self):
     """The vocabulary (MLM / LM) head; ValueError when the model was built without one."""
     if self.lm_head is None:
-      raise ValueError(f"this {type(self).__name__} has no vocabulary head; load it with "
-                       "hf_weights.load(..., lm_head=True)")
+      raise ValueError(
+        f"this {type(self).__name__} has no vocabulary head; load it with hf_weights.load(..., lm_head=True)"
+      )
     return self.lm_head
 
 
@@ -111,6 +120,7 @@ class CheckpointNames:
       may be absent all together (the fresh initialisation is kept); if some are
       present, all are required.
   """
+
   params: Mapping[str, tuple[tuple[str | int, ...], Transform]]
   canonical: Callable[[str], str]
   ignored: re.Pattern
@@ -130,6 +140,7 @@ class Family:
       (tied to the backbone's embeddings when the config ties them).
     checkpoint_names: (config, *, lm_head: bool) -> CheckpointNames.
   """
+
   name: str
   model_types: tuple[str, ...]
   config_from_hf: Callable[[dict[str, Any]], Any]

@@ -6,6 +6,7 @@ fp32. Every parameter carries logical axis names (see `layers.py`). Weights
 come from Hugging Face checkpoints through `hf_weights.py` and the name map in
 `bert_params.py`. The optional `lm_head` is BERT's MLM head (cls.predictions).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,20 +26,21 @@ def gelu_erf(x: jax.Array) -> jax.Array:
   through erfc, which XLA:CPU evaluates ~5x slower (28 vs 5.5 ms on a
   [4096, 1536] fp32 tensor, one core): 15% of the MiniLM forward.
   """
-  return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
 
 
 _ACTIVATIONS = {
-    "gelu": gelu_erf,
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
+  "gelu": gelu_erf,
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   """Hyper-parameters of a BERT-family encoder (Hugging Face names)."""
+
   vocab_size: int = 30522
   hidden_size: int = 384
   num_hidden_layers: int = 6
@@ -58,13 +60,22 @@ class BertConfig:
   def from_hf_dict(cls, d: dict[str, Any]) -> "BertConfig":
     """Builds the config from a Hugging Face config.json dict (BERT or DistilBERT)."""
     if d.get("model_type") == "distilbert":
-      d = dict(vocab_size=d["vocab_size"], hidden_size=d["dim"], num_hidden_layers=d["n_layers"],
-               num_attention_heads=d["n_heads"], intermediate_size=d["hidden_dim"],
-               hidden_act=d.get("activation", "gelu"), hidden_dropout_prob=d.get("dropout", 0.1),
-               attention_probs_dropout_prob=d.get("attention_dropout", 0.1),
-               max_position_embeddings=d.get("max_position_embeddings", 512), type_vocab_size=0,
-               layer_norm_eps=1e-12, pad_token_id=d.get("pad_token_id", 0),
-               tie_word_embeddings=d.get("tie_word_embeddings", True), model_type="distilbert")
+      d = dict(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["dim"],
+        num_hidden_layers=d["n_layers"],
+        num_attention_heads=d["n_heads"],
+        intermediate_size=d["hidden_dim"],
+        hidden_act=d.get("activation", "gelu"),
+        hidden_dropout_prob=d.get("dropout", 0.1),
+        attention_probs_dropout_prob=d.get("attention_dropout", 0.1),
+        max_position_embeddings=d.get("max_position_embeddings", 512),
+        type_vocab_size=0,
+        layer_norm_eps=1e-12,
+        pad_token_id=d.get("pad_token_id", 0),
+        tie_word_embeddings=d.get("tie_word_embeddings", True),
+        model_type="distilbert",
+      )
     names = {f.name for f in dataclasses.fields(cls)}
     cfg = cls(**{k: v for k, v in d.items() if k in names})
     if cfg.hidden_act not in _ACTIVATIONS:
@@ -80,10 +91,10 @@ class BertEmbeddings(nnx.Module):
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.word_embeddings = layers.Embed(cfg.vocab_size, d, axes=("vocab", "embed"), rngs=rngs)
-    self.position_embeddings = layers.Embed(cfg.max_position_embeddings, d, axes=(None, "embed"),
-                                            rngs=rngs)
-    self.token_type_embeddings = (layers.Embed(cfg.type_vocab_size, d, axes=(None, "embed"), rngs=rngs)
-                                  if cfg.type_vocab_size else None)
+    self.position_embeddings = layers.Embed(cfg.max_position_embeddings, d, axes=(None, "embed"), rngs=rngs)
+    self.token_type_embeddings = (
+      layers.Embed(cfg.type_vocab_size, d, axes=(None, "embed"), rngs=rngs) if cfg.type_vocab_size else None
+    )
     self.layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps)
     self.rate = cfg.hidden_dropout_prob
 
@@ -118,12 +129,16 @@ class BertLayer(nnx.Module):
   def __call__(self, x_btd, mask_bt, *, deterministic: bool, rngs) -> jax.Array:
     b, t, d = x_btd.shape
     split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-    a_bthk = attention.attention(split(self.query(x_btd)), split(self.key(x_btd)),
-                                 split(self.value(x_btd)), mask_bs=mask_bt, impl=self.attention_impl)
+    a_bthk = attention.attention(
+      split(self.query(x_btd)),
+      split(self.key(x_btd)),
+      split(self.value(x_btd)),
+      mask_bs=mask_bt,
+      impl=self.attention_impl,
+    )
     # Attention-probability dropout is folded into output dropout (same expectation);
     # fine-tuning recipes for retrieval are insensitive to the difference.
-    a_btd = layers.dropout(self.attn_out(a_bthk.reshape(b, t, d)), self.rate,
-                           deterministic=deterministic, rngs=rngs)
+    a_btd = layers.dropout(self.attn_out(a_bthk.reshape(b, t, d)), self.rate, deterministic=deterministic, rngs=rngs)
     x_btd = self.attn_norm(x_btd + a_btd)
     m_btd = self.mlp_out(self.act(self.mlp_in(x_btd)))
     m_btd = layers.dropout(m_btd, self.rate, deterministic=deterministic, rngs=rngs)
@@ -148,8 +163,11 @@ class BertLMHead(nnx.Module):
     self.layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps)
     self.bias = layers.param(jnp.zeros((vocab,), jnp.float32), ("vocab",))
     self.tied = tied
-    self.decoder = None if tied is not None else layers.param(
-        layers.normal_init(rngs.params(), (d, vocab), 0.02), ("embed", "vocab"))
+    self.decoder = (
+      None
+      if tied is not None
+      else layers.param(layers.normal_init(rngs.params(), (d, vocab), 0.02), ("embed", "vocab"))
+    )
 
   def transform(self, h_btd: jax.Array) -> jax.Array:
     """cls.predictions.transform: dense, exact gelu, LayerNorm (float32)."""
@@ -174,23 +192,31 @@ class BertModel(backbone.ConfigBacked, nnx.Module):
   done by `hf_weights.load(..., lm_head=True)`).
   """
 
-  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-               remat: bool = False, attention_impl: str = "xla"):
+  def __init__(
+    self, cfg: BertConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+  ):
     self.config = cfg
     self.dtype = dtype
     self.remat = remat
     self.embeddings = BertEmbeddings(cfg, rngs=rngs)
-    self.layers = nnx.List([BertLayer(cfg, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
-                            for _ in range(cfg.num_hidden_layers)])
+    self.layers = nnx.List(
+      [BertLayer(cfg, dtype=dtype, rngs=rngs, attention_impl=attention_impl) for _ in range(cfg.num_hidden_layers)]
+    )
     self.lm_head: BertLMHead | None = nnx.data(None)  # data: a head may be attached later
 
   @property
   def hidden_size(self) -> int:
     return self.config.hidden_size
 
-  def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array,
-               token_type_ids_bl: jax.Array | None = None, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(
+    self,
+    input_ids_bl: jax.Array,
+    attention_mask_bl: jax.Array,
+    token_type_ids_bl: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
     """Returns the last hidden states h_btd in the compute dtype.
 
     Args:
@@ -202,19 +228,20 @@ class BertModel(backbone.ConfigBacked, nnx.Module):
     """
     if token_type_ids_bl is None:
       token_type_ids_bl = jnp.zeros_like(input_ids_bl)
-    h_btd = self.embeddings(input_ids_bl, token_type_ids_bl, dtype=self.dtype,
-                            deterministic=deterministic, rngs=rngs)
+    h_btd = self.embeddings(input_ids_bl, token_type_ids_bl, dtype=self.dtype, deterministic=deterministic, rngs=rngs)
     for layer in self.layers:
       if self.remat:  # rngs goes in as an argument: a remat trace may not mutate a closed-over Rngs
         h_btd = nnx.remat(lambda lyr, h, m, r: lyr(h, m, deterministic=deterministic, rngs=r))(
-            layer, h_btd, attention_mask_bl, rngs)
+          layer, h_btd, attention_mask_bl, rngs
+        )
       else:
         h_btd = layer(h_btd, attention_mask_bl, deterministic=deterministic, rngs=rngs)
     return h_btd
 
 
-def build(cfg: BertConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False,
-          attention_impl: str = "xla") -> BertModel:
+def build(
+  cfg: BertConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+) -> BertModel:
   """The family's `build`: a BertModel without vocabulary head."""
   return BertModel(cfg, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl)
 
@@ -225,6 +252,13 @@ def make_lm_head(model: BertModel, cfg: BertConfig, *, rngs: nnx.Rngs) -> BertLM
   return BertLMHead(cfg, rngs=rngs, tied=tied)
 
 
-FAMILY = backbone.register(backbone.Family(
-    name="bert", model_types=("bert", "distilbert"), config_from_hf=BertConfig.from_hf_dict,
-    build=build, lm_head=make_lm_head, checkpoint_names=bert_params.checkpoint_names))
+FAMILY = backbone.register(
+  backbone.Family(
+    name="bert",
+    model_types=("bert", "distilbert"),
+    config_from_hf=BertConfig.from_hf_dict,
+    build=build,
+    lm_head=make_lm_head,
+    checkpoint_names=bert_params.checkpoint_names,
+  )
+)

@@ -26,6 +26,7 @@ the head then computes `head(h_btd, pool_mask_bt, pool_ids_bt)`. MODES:
 In every mode positions whose pool id is in `skip_ids` are not pooled
 (decoder-only encoders pass their BOS id).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -39,8 +40,7 @@ from laspar_jax.models import bert, llama, opt, t5
 MODES = ("plain", "multi_token", "single_token", "decoder_stack", "echo", "last_token")
 T5_MODES = ("multi_token", "single_token", "decoder_stack")
 DECODER_ONLY_MODES = ("echo", "last_token")
-_FAMILIES = ((t5.T5Model, "t5"), (opt.OPTModel, "opt"), (llama.LlamaModel, "llama"),
-             (bert.BertModel, "bert"))
+_FAMILIES = ((t5.T5Model, "t5"), (opt.OPTModel, "opt"), (llama.LlamaModel, "llama"), (bert.BertModel, "bert"))
 
 
 def family(backbone: nnx.Module) -> str:
@@ -63,14 +63,15 @@ def check_mode(backbone: nnx.Module, mode: str) -> None:
   fam = family(backbone)
   if mode in T5_MODES:
     if not isinstance(backbone, t5.T5Model):
-      raise ValueError(f"decoding mode {mode!r} needs an encoder-decoder (T5) backbone; "
-                       f"the {fam!r} family has no such decoder")
+      raise ValueError(
+        f"decoding mode {mode!r} needs an encoder-decoder (T5) backbone; the {fam!r} family has no such decoder"
+      )
     if backbone.decoder is None:
-      raise ValueError(f"decoding mode {mode!r} needs T5's decoder; this checkpoint is a "
-                       "T5EncoderModel (encoder only)")
+      raise ValueError(f"decoding mode {mode!r} needs T5's decoder; this checkpoint is a T5EncoderModel (encoder only)")
   if mode in DECODER_ONLY_MODES and not is_decoder_only(backbone):
-    raise ValueError(f"decoding mode {mode!r} is for decoder-only backbones (OPT, Llama family), "
-                     f"not the {fam!r} family")
+    raise ValueError(
+      f"decoding mode {mode!r} is for decoder-only backbones (OPT, Llama family), not the {fam!r} family"
+    )
 
 
 def skip_mask(ids_bt: jax.Array, skip_ids: Sequence[int]) -> jax.Array:
@@ -80,8 +81,7 @@ def skip_mask(ids_bt: jax.Array, skip_ids: Sequence[int]) -> jax.Array:
   return ~jnp.isin(ids_bt, jnp.asarray(list(skip_ids), ids_bt.dtype))
 
 
-def echo_inputs(ids_bl: jax.Array, mask_bl: jax.Array,
-                pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def echo_inputs(ids_bl: jax.Array, mask_bl: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Each row's real tokens twice: (ids [B, 2L], mask [B, 2L], second-copy mask [B, 2L]).
 
   Works with left or right padding; the output is right-padded with `pad_id`.
@@ -106,10 +106,19 @@ def last_index(mask_bl: jax.Array) -> jax.Array:
   return (l - 1 - jnp.argmax(mask_bl[:, ::-1].astype(bool), axis=1)).astype(jnp.int32)
 
 
-def read(backbone: nnx.Module, ids_bl: jax.Array, mask_bl: jax.Array, *, mode: str = "plain",
-         drop_first: bool = True, mask_eos: bool = False, skip_ids: Sequence[int] = (),
-         per_token: bool = False, deterministic: bool = True,
-         rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def read(
+  backbone: nnx.Module,
+  ids_bl: jax.Array,
+  mask_bl: jax.Array,
+  *,
+  mode: str = "plain",
+  drop_first: bool = True,
+  mask_eos: bool = False,
+  skip_ids: Sequence[int] = (),
+  per_token: bool = False,
+  deterministic: bool = True,
+  rngs: nnx.Rngs | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Runs the backbone in `mode` and says what to pool (see the module docstring).
 
   Args:

@@ -8,6 +8,7 @@ architecture's model_type (`model.layers.N.self_attn.q_proj.weight`, ...), so
 a family's ordinary safetensors name map loads them. The tokenizer lives in
 the same file's metadata (`laspar_jax.tokenizer.Tokenizer.from_gguf`).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,26 +32,30 @@ _ARCHITECTURES = {"llama": ("llama", True), "mistral": ("mistral", True), "qwen2
 
 # "<arch>." metadata key -> config.json key.
 _CONFIG_KEYS = {
-    "context_length": "max_position_embeddings",
-    "block_count": "num_hidden_layers",
-    "feed_forward_length": "intermediate_size",
-    "embedding_length": "hidden_size",
-    "rope.freq_base": "rope_theta",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-    "vocab_size": "vocab_size",
+  "context_length": "max_position_embeddings",
+  "block_count": "num_hidden_layers",
+  "feed_forward_length": "intermediate_size",
+  "embedding_length": "hidden_size",
+  "rope.freq_base": "rope_theta",
+  "attention.head_count": "num_attention_heads",
+  "attention.head_count_kv": "num_key_value_heads",
+  "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+  "vocab_size": "vocab_size",
 }
 
-_TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
-              "padding_token_id": "pad_token_id"}
+_TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
@@ -67,8 +72,7 @@ def metadata(reader: gguf.GGUFReader, *, skip_large: bool = False) -> dict[str, 
     reader: an open `gguf.GGUFReader`.
     skip_large: leave out the tokenizer's token/merge/score arrays.
   """
-  large = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
-           "tokenizer.ggml.token_type")
+  large = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
   return {k: field_value(f) for k, f in reader.fields.items() if not (skip_large and k in large)}
 
 
@@ -106,8 +110,11 @@ def hf_config(reader: gguf.GGUFReader, path: str = "") -> dict[str, Any]:
   if "vocab_size" not in cfg and "tokenizer.ggml.tokens" in reader.fields:
     cfg["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
   cfg.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
-  missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
-                         "vocab_size") if cfg.get(k) is None]
+  missing = [
+    k
+    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+    if cfg.get(k) is None
+  ]
   if missing:
     raise GGUFError(f"{path}: GGUF metadata lacks {missing} for architecture {arch!r}")
   head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -149,8 +156,10 @@ def dequantize(tensor: Any, path: str = "") -> np.ndarray:
   """
   qtype = Q(tensor.tensor_type)
   if qtype not in SUPPORTED_TYPES:
-    raise GGUFError(f"{path}: tensor {tensor.name!r} has GGUF type {qtype.name}, which is not supported "
-                    f"(supported: {sorted(t.name for t in SUPPORTED_TYPES)})")
+    raise GGUFError(
+      f"{path}: tensor {tensor.name!r} has GGUF type {qtype.name}, which is not supported "
+      f"(supported: {sorted(t.name for t in SUPPORTED_TYPES)})"
+    )
   shape = tuple(int(d) for d in reversed(tensor.shape))  # GGML lists dims fastest first
   try:
     arr = gguf.quants.dequantize(tensor.data, qtype)

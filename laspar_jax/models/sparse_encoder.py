@@ -26,6 +26,7 @@ write and read a self-contained folder (`encoder_config.json` +
 renamed when complete (local or gs://). `save_encoder(..., merge_lora=True)`
 folds the adapters in and writes a plain encoder (`lora` {}).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,7 @@ from laspar_jax.tokenizer import Tokenizer
 
 CONFIG_NAME = "encoder_config.json"
 PARAMS_NAME = "params.safetensors"
-BACKBONE_FILES = ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
-                  "special_tokens_map.json")
+BACKBONE_FILES = ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -89,9 +89,10 @@ class EncoderConfig:
     bidirectional: bidirectional attention in a decoder-only backbone (OPT, Llama
       family; an error for the others).
   """
+
   backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
   head: str = "latent_attention"
-  latent_dim: int = 2 ** 22
+  latent_dim: int = 2**22
   head_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   towers: str = "shared"
   query_prefix: str = ""
@@ -140,8 +141,15 @@ class EncoderConfig:
     return query, (self.doc_head or self.head, dict(self.doc_head_kwargs))
 
 
-_NEW_FIELDS = {"doc_head": "", "doc_head_kwargs": {}, "attention_impl": "auto", "lora": {},
-               "decoding": "plain", "decoding_kwargs": {}, "bidirectional": False}
+_NEW_FIELDS = {
+  "doc_head": "",
+  "doc_head_kwargs": {},
+  "attention_impl": "auto",
+  "lora": {},
+  "decoding": "plain",
+  "decoding_kwargs": {},
+  "bidirectional": False,
+}
 _DECODING_KEYS = {"drop_first", "mask_eos"}
 _BOS_MODES = ("plain", "echo", "last_token")  # decoder-only read-outs that leave BOS out
 _LORA_KEYS = {"rank", "alpha", "dropout", "targets"}
@@ -153,9 +161,16 @@ class SparseEncoder(nnx.Module):
   `skip_ids`: token ids whose positions are never pooled (decoder-only backbones: BOS).
   """
 
-  def __init__(self, config: EncoderConfig, query_backbone: nnx.Module, query_head: nnx.Module, *,
-               doc_backbone: nnx.Module | None = None, doc_head: nnx.Module | None = None,
-               skip_ids: tuple[int, ...] = ()):
+  def __init__(
+    self,
+    config: EncoderConfig,
+    query_backbone: nnx.Module,
+    query_head: nnx.Module,
+    *,
+    doc_backbone: nnx.Module | None = None,
+    doc_head: nnx.Module | None = None,
+    skip_ids: tuple[int, ...] = (),
+  ):
     self.config = config
     self.query_backbone = query_backbone
     self.doc_backbone = doc_backbone
@@ -183,9 +198,16 @@ class SparseEncoder(nnx.Module):
       return self.doc_head if self.doc_head is not None else self.query_head
     raise ValueError(f"kind must be 'query' or 'doc', got {kind!r}")
 
-  def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *, kind: str = "doc",
-               deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               topk: int | None = None) -> jax.Array:
+  def __call__(
+    self,
+    input_ids_bl: jax.Array,
+    attention_mask_bl: jax.Array,
+    *,
+    kind: str = "doc",
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+    topk: int | None = None,
+  ) -> jax.Array:
     """rep_bv float32 [B, D] for queries (kind="query") or documents (kind="doc").
 
     Args:
@@ -203,9 +225,16 @@ class SparseEncoder(nnx.Module):
     vocab = isinstance(head, heads_lib.VocabHead)
     with lora_lib.lora_dropout(backbone, None if deterministic else rngs):
       h_btd, mask_bt, ids_bt = decoding_lib.read(
-          backbone, input_ids_bl, attention_mask_bl, mode=self.config.decoding,
-          skip_ids=self.skip_ids, per_token=not vocab, deterministic=deterministic, rngs=rngs,
-          **self.config.decoding_kwargs)
+        backbone,
+        input_ids_bl,
+        attention_mask_bl,
+        mode=self.config.decoding,
+        skip_ids=self.skip_ids,
+        per_token=not vocab,
+        deterministic=deterministic,
+        rngs=rngs,
+        **self.config.decoding_kwargs,
+      )
     extra = {"projection": backbone.vocab_projection()} if vocab else {}
     return head(h_btd, mask_bt, ids_bt, topk=topk, **extra)
 
@@ -226,12 +255,12 @@ def build_encoder(cfg: EncoderConfig, *, weights: bool = True) -> tuple[SparseEn
 
 
 def _tokenizer(cfg: EncoderConfig) -> Tokenizer:
-  return Tokenizer.from_dir(hf_weights.resolve(cfg.backbone),
-                            max_length=max(cfg.query_max_len, cfg.doc_max_len))
+  return Tokenizer.from_dir(hf_weights.resolve(cfg.backbone), max_length=max(cfg.query_max_len, cfg.doc_max_len))
 
 
-def _make_head(spec: tuple[str, dict[str, Any]], loaded: hf_weights.Loaded, cfg: EncoderConfig,
-               seed: int) -> nnx.Module:
+def _make_head(
+  spec: tuple[str, dict[str, Any]], loaded: hf_weights.Loaded, cfg: EncoderConfig, seed: int
+) -> nnx.Module:
   name, kwargs = spec[0], dict(spec[1])
   backbone = loaded.model
   projection = None
@@ -239,9 +268,16 @@ def _make_head(spec: tuple[str, dict[str, Any]], loaded: hf_weights.Loaded, cfg:
     backbone.vocab_projection()  # raises when the backbone has no vocabulary head
     projection = vocab_head.AT_CALL  # SparseEncoder hands it the backbone's projection at each call
   special_ids = kwargs.pop("special_ids", loaded.tokenizer.special_ids)  # head_kwargs win
-  return heads_lib.make_head(name, d=backbone.hidden_size, D=cfg.latent_dim, vocab=backbone.vocab_size,
-                             rngs=nnx.Rngs(params=seed), projection=projection,
-                             special_ids=special_ids, **kwargs)
+  return heads_lib.make_head(
+    name,
+    d=backbone.hidden_size,
+    D=cfg.latent_dim,
+    vocab=backbone.vocab_size,
+    rngs=nnx.Rngs(params=seed),
+    projection=projection,
+    special_ids=special_ids,
+    **kwargs,
+  )
 
 
 def _apply_lora(cfg: EncoderConfig, loaded: hf_weights.Loaded, seed: int) -> None:
@@ -255,8 +291,14 @@ def _apply_lora(cfg: EncoderConfig, loaded: hf_weights.Loaded, seed: int) -> Non
     model_type = loaded.hf_config.get("model_type", "bert")
     targets = lora_lib.default_targets(backbone_lib.FAMILIES[model_type].name)
   rank = int(spec["rank"])
-  lora_lib.apply_lora(loaded.model, targets=targets, rank=rank, alpha=float(spec.get("alpha", rank)),
-                      dropout=float(spec.get("dropout", 0.0)), rngs=nnx.Rngs(params=seed))
+  lora_lib.apply_lora(
+    loaded.model,
+    targets=targets,
+    rank=rank,
+    alpha=float(spec.get("alpha", rank)),
+    dropout=float(spec.get("dropout", 0.0)),
+    rngs=nnx.Rngs(params=seed),
+  )
 
 
 def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
@@ -267,10 +309,16 @@ def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
 
   def load(lm_head: bool, seed: int) -> hf_weights.Loaded:
     # A fresh lm_head draws from the seed of the side whose vocabulary head uses it.
-    return hf_weights.load(cfg.backbone, dtype=_DTYPES[cfg.dtype],
-                           max_length=max(cfg.query_max_len, cfg.doc_max_len), remat=cfg.remat,
-                           weights=weights, lm_head=lm_head, attention_impl=cfg.attention_impl,
-                           rngs=nnx.Rngs(params=seed) if lm_head else None)
+    return hf_weights.load(
+      cfg.backbone,
+      dtype=_DTYPES[cfg.dtype],
+      max_length=max(cfg.query_max_len, cfg.doc_max_len),
+      remat=cfg.remat,
+      weights=weights,
+      lm_head=lm_head,
+      attention_impl=cfg.attention_impl,
+      rngs=nnx.Rngs(params=seed) if lm_head else None,
+    )
 
   separate = cfg.towers == "separate"
   if separate:
@@ -286,10 +334,12 @@ def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
   doc_head = None if not separate and d_spec == q_spec else _make_head(d_spec, doc, cfg, cfg.seed + 1)
   if doc_head is not None and heads_lib.output_dim(doc_head) != heads_lib.output_dim(query_head):
     raise ValueError(
-        f"the query head {q_spec[0]!r} gives {heads_lib.output_dim(query_head)} dims and the document "
-        f"head {d_spec[0]!r} {heads_lib.output_dim(doc_head)}: scores need the same width")
-  return SparseEncoder(cfg, query.model, query_head, doc_backbone=doc.model if separate else None,
-                       doc_head=doc_head, skip_ids=skip_ids)
+      f"the query head {q_spec[0]!r} gives {heads_lib.output_dim(query_head)} dims and the document "
+      f"head {d_spec[0]!r} {heads_lib.output_dim(doc_head)}: scores need the same width"
+    )
+  return SparseEncoder(
+    cfg, query.model, query_head, doc_backbone=doc.model if separate else None, doc_head=doc_head, skip_ids=skip_ids
+  )
 
 
 def _read_out(cfg: EncoderConfig, *loaded: hf_weights.Loaded) -> tuple[int, ...]:
@@ -302,8 +352,10 @@ def _read_out(cfg: EncoderConfig, *loaded: hf_weights.Loaded) -> tuple[int, ...]
     decoding_lib.check_mode(ld.model, cfg.decoding)
     if cfg.bidirectional:
       if not hasattr(ld.model, "set_bidirectional"):
-        raise ValueError(f"bidirectional attention is an option of decoder-only backbones (OPT, "
-                         f"Llama family), not the {decoding_lib.family(ld.model)!r} family")
+        raise ValueError(
+          f"bidirectional attention is an option of decoder-only backbones (OPT, "
+          f"Llama family), not the {decoding_lib.family(ld.model)!r} family"
+        )
       ld.model.set_bidirectional(True)
     if decoding_lib.is_decoder_only(ld.model) and cfg.decoding in _BOS_MODES:
       bos = ld.hf_config.get("bos_token_id")
@@ -318,8 +370,9 @@ def _flat_params(encoder: SparseEncoder) -> dict[str, np.ndarray]:
   return out
 
 
-def save_encoder(encoder: SparseEncoder, tokenizer: Tokenizer, path: str | os.PathLike, *,
-                 merge_lora: bool = False) -> str:
+def save_encoder(
+  encoder: SparseEncoder, tokenizer: Tokenizer, path: str | os.PathLike, *, merge_lora: bool = False
+) -> str:
   """Writes a self-contained encoder folder atomically (tmp folder + rename; local or gs://).
 
   Args:
@@ -335,8 +388,9 @@ def save_encoder(encoder: SparseEncoder, tokenizer: Tokenizer, path: str | os.Pa
   del tokenizer  # its files are the backbone's, copied below
   params, config = _flat_params(encoder), encoder.config
   if merge_lora and config.lora:
-    params = {k: np.asarray(v) for k, v in
-              lora_lib.merged_flat_params(params, lora_lib.scales_by_path(encoder)).items()}
+    params = {
+      k: np.asarray(v) for k, v in lora_lib.merged_flat_params(params, lora_lib.scales_by_path(encoder)).items()
+    }
     config = dataclasses.replace(config, lora={})
   with io_utils.atomic_directory(path) as tmp:
     (tmp / PARAMS_NAME).write_bytes(safetensors.numpy.save(params))
@@ -411,13 +465,15 @@ def load_encoder(path_or_id: str | os.PathLike, **overrides: Any) -> tuple[Spars
   expected = {".".join(map(str, path)) for path, _ in flat}
   if expected != set(saved):
     raise hf_weights.CheckpointError(
-        f"{params_file}: parameters do not match the config: missing {sorted(expected - set(saved))[:3]}, "
-        f"unexpected {sorted(set(saved) - expected)[:3]}")
+      f"{params_file}: parameters do not match the config: missing {sorted(expected - set(saved))[:3]}, "
+      f"unexpected {sorted(set(saved) - expected)[:3]}"
+    )
   for path, var in flat:
     name = ".".join(map(str, path))
     arr = saved[name]
     if arr.shape != tuple(var.get_value().shape):
-      raise hf_weights.CheckpointError(f"{params_file}: {name} has shape {arr.shape}, "
-                                       f"expected {tuple(var.get_value().shape)}")
+      raise hf_weights.CheckpointError(
+        f"{params_file}: {name} has shape {arr.shape}, expected {tuple(var.get_value().shape)}"
+      )
     var.set_value(jnp.asarray(arr))
   return encoder, tok

@@ -19,6 +19,7 @@ One module, three modes (`T5Model`):
 Attention-probability dropout is folded into the sub-layer output dropout (as
 in `bert.py`); the other dropouts sit where Hugging Face puts them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ MODES = ("encoder", "encoder_decoder", "decoder")
 @dataclasses.dataclass(frozen=True)
 class T5Config:
   """Hyper-parameters of a T5 model (Hugging Face names) and the default `mode` of `__call__`."""
+
   vocab_size: int = 32128
   d_model: int = 512
   d_kv: int = 64
@@ -96,8 +98,9 @@ class T5Config:
     return cfg
 
 
-def relative_position_buckets(q_len: int, k_len: int, *, bidirectional: bool, num_buckets: int,
-                              max_distance: int) -> np.ndarray:
+def relative_position_buckets(
+  q_len: int, k_len: int, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
   """T5's bucket of each relative position (key - query), [q_len, k_len] int32.
 
   Computed on the host in float32 as Hugging Face's `_relative_position_bucket`
@@ -123,35 +126,49 @@ def relative_position_buckets(q_len: int, k_len: int, *, bidirectional: bool, nu
 class T5Attention(nnx.Module):
   """Multi-head attention without biases or q.k scaling; the first layer of a stack owns the position bias table."""
 
-  def __init__(self, cfg: T5Config, *, relative_bias: bool, dtype: Any, rngs: nnx.Rngs,
-               attention_impl: str = "xla"):
+  def __init__(self, cfg: T5Config, *, relative_bias: bool, dtype: Any, rngs: nnx.Rngs, attention_impl: str = "xla"):
     d, inner = cfg.d_model, cfg.num_heads * cfg.d_kv
     self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
     self.attention_impl = attention_impl
-    dense = lambda n_in, n_out, axes, std: layers.Dense(n_in, n_out, axes=axes, use_bias=False,
-                                                        std=std, dtype=dtype, rngs=rngs)
+    dense = lambda n_in, n_out, axes, std: layers.Dense(
+      n_in, n_out, axes=axes, use_bias=False, std=std, dtype=dtype, rngs=rngs
+    )
     self.q = dense(d, inner, ("embed", "heads"), (d * cfg.d_kv) ** -0.5)
-    self.k = dense(d, inner, ("embed", "kv"), d ** -0.5)
-    self.v = dense(d, inner, ("embed", "kv"), d ** -0.5)
-    self.o = dense(inner, d, ("heads", "embed"), inner ** -0.5)
-    self.relative_attention_bias = layers.param(
-        layers.normal_init(rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads),
-                           d ** -0.5), (None, "heads")) if relative_bias else None
+    self.k = dense(d, inner, ("embed", "kv"), d**-0.5)
+    self.v = dense(d, inner, ("embed", "kv"), d**-0.5)
+    self.o = dense(inner, d, ("heads", "embed"), inner**-0.5)
+    self.relative_attention_bias = (
+      layers.param(
+        layers.normal_init(rngs.params(), (cfg.relative_attention_num_buckets, cfg.num_heads), d**-0.5), (None, "heads")
+      )
+      if relative_bias
+      else None
+    )
 
-  def position_bias(self, q_len: int, k_len: int, *, bidirectional: bool, num_buckets: int,
-                    max_distance: int) -> jax.Array:
+  def position_bias(
+    self, q_len: int, k_len: int, *, bidirectional: bool, num_buckets: int, max_distance: int
+  ) -> jax.Array:
     """The relative position bias [1, H, q_len, k_len] (float32) from this layer's table."""
-    buckets_ts = relative_position_buckets(q_len, k_len, bidirectional=bidirectional,
-                                           num_buckets=num_buckets, max_distance=max_distance)
+    buckets_ts = relative_position_buckets(
+      q_len, k_len, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
     bias_tsh = jnp.take(self.relative_attention_bias[...], jnp.asarray(buckets_ts), axis=0)
     return bias_tsh.transpose(2, 0, 1)[None].astype(jnp.float32)
 
-  def __call__(self, x_btd: jax.Array, kv_bsd: jax.Array, mask_bs: jax.Array | None,
-               bias_1hts: jax.Array | None, *, causal: bool) -> jax.Array:
+  def __call__(
+    self, x_btd: jax.Array, kv_bsd: jax.Array, mask_bs: jax.Array | None, bias_1hts: jax.Array | None, *, causal: bool
+  ) -> jax.Array:
     split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, self.d_kv))
-    a_bthk = attention.attention(split(self.q(x_btd)), split(self.k(kv_bsd)), split(self.v(kv_bsd)),
-                                 mask_bs=mask_bs, bias_bhts=bias_1hts, causal=causal, scale=1.0,
-                                 impl=self.attention_impl)
+    a_bthk = attention.attention(
+      split(self.q(x_btd)),
+      split(self.k(kv_bsd)),
+      split(self.v(kv_bsd)),
+      mask_bs=mask_bs,
+      bias_bhts=bias_1hts,
+      causal=causal,
+      scale=1.0,
+      impl=self.attention_impl,
+    )
     return self.o(a_bthk.reshape(a_bthk.shape[:2] + (-1,)))
 
 
@@ -160,8 +177,9 @@ class T5FeedForward(nnx.Module):
 
   def __init__(self, cfg: T5Config, *, dtype: Any, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.d_ff
-    dense = lambda n_in, n_out, axes: layers.Dense(n_in, n_out, axes=axes, use_bias=False,
-                                                   std=n_in ** -0.5, dtype=dtype, rngs=rngs)
+    dense = lambda n_in, n_out, axes: layers.Dense(
+      n_in, n_out, axes=axes, use_bias=False, std=n_in**-0.5, dtype=dtype, rngs=rngs
+    )
     self.gated = cfg.gated
     if cfg.gated:
       self.wi_0 = dense(d, f, ("embed", "mlp"))
@@ -181,39 +199,61 @@ class T5FeedForward(nnx.Module):
 class T5Block(nnx.Module):
   """Self-attention, (decoder) cross-attention, FFN; each pre-normed, dropped out and added back."""
 
-  def __init__(self, cfg: T5Config, *, is_decoder: bool, relative_bias: bool, dtype: Any,
-               rngs: nnx.Rngs, attention_impl: str = "xla"):
+  def __init__(
+    self,
+    cfg: T5Config,
+    *,
+    is_decoder: bool,
+    relative_bias: bool,
+    dtype: Any,
+    rngs: nnx.Rngs,
+    attention_impl: str = "xla",
+  ):
     d, eps = cfg.d_model, cfg.layer_norm_epsilon
     self.self_attn_norm = layers.RMSNorm(d, eps=eps)
-    self.self_attn = T5Attention(cfg, relative_bias=relative_bias, dtype=dtype, rngs=rngs,
-                                 attention_impl=attention_impl)
+    self.self_attn = T5Attention(
+      cfg, relative_bias=relative_bias, dtype=dtype, rngs=rngs, attention_impl=attention_impl
+    )
     self.cross_attn_norm = layers.RMSNorm(d, eps=eps) if is_decoder else None
-    self.cross_attn = (T5Attention(cfg, relative_bias=False, dtype=dtype, rngs=rngs,
-                                   attention_impl=attention_impl) if is_decoder else None)
+    self.cross_attn = (
+      T5Attention(cfg, relative_bias=False, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+      if is_decoder
+      else None
+    )
     self.mlp_norm = layers.RMSNorm(d, eps=eps)
     self.mlp = T5FeedForward(cfg, dtype=dtype, rngs=rngs)
     self.is_decoder = is_decoder
     self.rate = cfg.dropout_rate
 
-  def __call__(self, x_btd, mask_bt, bias_1htt, enc_bsd, enc_mask_bs, *, deterministic: bool,
-               rngs) -> jax.Array:
+  def __call__(self, x_btd, mask_bt, bias_1htt, enc_bsd, enc_mask_bs, *, deterministic: bool, rngs) -> jax.Array:
     drop = lambda y: layers.dropout(y, self.rate, deterministic=deterministic, rngs=rngs)
     h_btd = self.self_attn_norm(x_btd)
     x_btd = x_btd + drop(self.self_attn(h_btd, h_btd, mask_bt, bias_1htt, causal=self.is_decoder))
     if enc_bsd is not None:
-      x_btd = x_btd + drop(self.cross_attn(self.cross_attn_norm(x_btd), enc_bsd, enc_mask_bs, None,
-                                           causal=False))
+      x_btd = x_btd + drop(self.cross_attn(self.cross_attn_norm(x_btd), enc_bsd, enc_mask_bs, None, causal=False))
     return x_btd + drop(self.mlp(self.mlp_norm(x_btd), deterministic=deterministic, rngs=rngs))
 
 
 class T5Stack(nnx.Module):
   """The encoder or the decoder: blocks, a final RMS norm, dropout at entry and exit."""
 
-  def __init__(self, cfg: T5Config, *, is_decoder: bool, dtype: Any, rngs: nnx.Rngs,
-               remat: bool = False, attention_impl: str = "xla"):
+  def __init__(
+    self,
+    cfg: T5Config,
+    *,
+    is_decoder: bool,
+    dtype: Any,
+    rngs: nnx.Rngs,
+    remat: bool = False,
+    attention_impl: str = "xla",
+  ):
     n = cfg.num_decoder_layers if is_decoder else cfg.num_layers
-    self.blocks = nnx.List([T5Block(cfg, is_decoder=is_decoder, relative_bias=i == 0, dtype=dtype,
-                                    rngs=rngs, attention_impl=attention_impl) for i in range(n)])
+    self.blocks = nnx.List(
+      [
+        T5Block(cfg, is_decoder=is_decoder, relative_bias=i == 0, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+        for i in range(n)
+      ]
+    )
     self.final_layer_norm = layers.RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
     self.is_decoder = is_decoder
     self.remat = remat
@@ -221,12 +261,20 @@ class T5Stack(nnx.Module):
     self.max_distance = cfg.relative_attention_max_distance
     self.rate = cfg.dropout_rate
 
-  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, enc_bsd: jax.Array | None = None,
-               enc_mask_bs: jax.Array | None = None, *, deterministic: bool, rngs) -> jax.Array:
+  def __call__(
+    self,
+    x_btd: jax.Array,
+    mask_bt: jax.Array,
+    enc_bsd: jax.Array | None = None,
+    enc_mask_bs: jax.Array | None = None,
+    *,
+    deterministic: bool,
+    rngs,
+  ) -> jax.Array:
     t = x_btd.shape[1]
     bias_1htt = self.blocks[0].self_attn.position_bias(
-        t, t, bidirectional=not self.is_decoder, num_buckets=self.num_buckets,
-        max_distance=self.max_distance)
+      t, t, bidirectional=not self.is_decoder, num_buckets=self.num_buckets, max_distance=self.max_distance
+    )
     x_btd = layers.dropout(x_btd, self.rate, deterministic=deterministic, rngs=rngs)
     # rngs goes in as an argument: a remat trace may not mutate an Rngs it closes over.
     run = lambda blk, x, m, b, e, em, r: blk(x, m, b, e, em, deterministic=deterministic, rngs=r)
@@ -248,9 +296,12 @@ class T5LMHead(nnx.Module):
 
   def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, tied: layers.Embed | None):
     self.tied = tied
-    self.scale = cfg.d_model ** -0.5 if tied is not None else 1.0
-    self.kernel = None if tied is not None else layers.param(
-        layers.normal_init(rngs.params(), (cfg.d_model, cfg.vocab_size), 1.0), ("embed", "vocab"))
+    self.scale = cfg.d_model**-0.5 if tied is not None else 1.0
+    self.kernel = (
+      None
+      if tied is not None
+      else layers.param(layers.normal_init(rngs.params(), (cfg.d_model, cfg.vocab_size), 1.0), ("embed", "vocab"))
+    )
 
   def transform(self, h_btd: jax.Array) -> jax.Array:
     """float32 h, scaled by d_model**-0.5 when tied."""
@@ -267,8 +318,13 @@ class T5LMHead(nnx.Module):
 
   def logits(self, h_btd: jax.Array) -> jax.Array:
     """Full-vocabulary logits [B, T, V] float32 (small vocabularies: parity tests, decoding)."""
-    return jnp.einsum("btd,dv->btv", self.transform(h_btd), self.kernel_dv().astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return jnp.einsum(
+      "btd,dv->btv",
+      self.transform(h_btd),
+      self.kernel_dv().astype(jnp.float32),
+      precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32,
+    )
 
 
 def shift_right(ids_bl: jax.Array, start_id: int = 0, pad_id: int = 0) -> jax.Array:
@@ -292,14 +348,16 @@ class T5Model(backbone.ConfigBacked, nnx.Module):
     mode: the default of `__call__` (a plain attribute: it may be changed after loading).
   """
 
-  def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-               remat: bool = False, attention_impl: str = "xla"):
+  def __init__(
+    self, cfg: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+  ):
     self.config = cfg
     self.dtype = dtype
     self.mode = cfg.mode
     self.shared = layers.Embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), std=1.0, rngs=rngs)
-    stack = lambda is_decoder: T5Stack(cfg, is_decoder=is_decoder, dtype=dtype, rngs=rngs,
-                                       remat=remat, attention_impl=attention_impl)
+    stack = lambda is_decoder: T5Stack(
+      cfg, is_decoder=is_decoder, dtype=dtype, rngs=rngs, remat=remat, attention_impl=attention_impl
+    )
     self.encoder = stack(False)
     self.decoder = stack(True) if cfg.has_decoder else None
     self.lm_head: T5LMHead | None = nnx.data(None)  # data: a head may be attached later
@@ -312,15 +370,28 @@ class T5Model(backbone.ConfigBacked, nnx.Module):
     """`shift_right` with this model's decoder start token (= pad) and pad id."""
     return shift_right(ids_bl, self.config.decoder_start_token_id, self.config.pad_token_id)
 
-  def encode(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
-             deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def encode(
+    self,
+    input_ids_bl: jax.Array,
+    attention_mask_bl: jax.Array,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
     """Encoder states [B, L, d] in the compute dtype."""
     x_bld = self.shared(input_ids_bl, self.dtype)
     return self.encoder(x_bld, attention_mask_bl, deterministic=deterministic, rngs=rngs)
 
-  def decode(self, decoder_input_ids_bt: jax.Array, decoder_attention_mask_bt: jax.Array | None = None,
-             encoder_states_bsd: jax.Array | None = None, encoder_mask_bs: jax.Array | None = None, *,
-             deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def decode(
+    self,
+    decoder_input_ids_bt: jax.Array,
+    decoder_attention_mask_bt: jax.Array | None = None,
+    encoder_states_bsd: jax.Array | None = None,
+    encoder_mask_bs: jax.Array | None = None,
+    *,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
     """Decoder states [B, T, d] (causal); position t has seen decoder inputs <= t.
 
     Args:
@@ -339,13 +410,21 @@ class T5Model(backbone.ConfigBacked, nnx.Module):
     if encoder_states_bsd is not None and encoder_mask_bs is None:
       encoder_mask_bs = jnp.ones(encoder_states_bsd.shape[:2], jnp.int32)
     x_btd = self.shared(decoder_input_ids_bt, self.dtype)
-    return self.decoder(x_btd, decoder_attention_mask_bt, encoder_states_bsd, encoder_mask_bs,
-                        deterministic=deterministic, rngs=rngs)
+    return self.decoder(
+      x_btd, decoder_attention_mask_bt, encoder_states_bsd, encoder_mask_bs, deterministic=deterministic, rngs=rngs
+    )
 
-  def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array, *,
-               decoder_input_ids_bl: jax.Array | None = None,
-               decoder_attention_mask_bl: jax.Array | None = None, mode: str | None = None,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(
+    self,
+    input_ids_bl: jax.Array,
+    attention_mask_bl: jax.Array,
+    *,
+    decoder_input_ids_bl: jax.Array | None = None,
+    decoder_attention_mask_bl: jax.Array | None = None,
+    mode: str | None = None,
+    deterministic: bool = True,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
     """Hidden states h_btd of the chosen mode.
 
     Args:
@@ -379,8 +458,9 @@ class T5Model(backbone.ConfigBacked, nnx.Module):
     return self.decode(decoder_input_ids_bl, decoder_attention_mask_bl, enc_bsd, attention_mask_bl, **kw)
 
 
-def build(cfg: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False,
-          attention_impl: str = "xla") -> T5Model:
+def build(
+  cfg: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+) -> T5Model:
   """The family's `build`: a T5Model without LM head."""
   return T5Model(cfg, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl)
 
@@ -390,6 +470,13 @@ def make_lm_head(model: T5Model, cfg: T5Config, *, rngs: nnx.Rngs) -> T5LMHead:
   return T5LMHead(cfg, rngs=rngs, tied=model.shared if cfg.tie_word_embeddings else None)
 
 
-FAMILY = backbone.register(backbone.Family(
-    name="t5", model_types=("t5", "mt5"), config_from_hf=T5Config.from_hf_dict, build=build,
-    lm_head=make_lm_head, checkpoint_names=t5_params.checkpoint_names))
+FAMILY = backbone.register(
+  backbone.Family(
+    name="t5",
+    model_types=("t5", "mt5"),
+    config_from_hf=T5Config.from_hf_dict,
+    build=build,
+    lm_head=make_lm_head,
+    checkpoint_names=t5_params.checkpoint_names,
+  )
+)

@@ -10,6 +10,7 @@ the last layer the FFN (`DenseReluDense.{wi | wi_0, wi_1, wo}`), each with its
 (untied v1.1 heads only; a tied v1.0 head is the shared table). PyTorch
 Linear weights [out, in] are transposed to our [in, out] kernels.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,7 +28,7 @@ def canonical(name: str) -> str:
   """A raw checkpoint tensor name in the canonical spelling (prefixes "transformer." / "model." dropped)."""
   for pre in ("transformer.", "model."):
     if name.startswith(pre):
-      return name[len(pre):]
+      return name[len(pre) :]
   return name
 
 
@@ -67,9 +68,11 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
   Returns:
     The CheckpointNames; the lm_head tensor is optional.
   """
-  m: dict = {"shared.weight": (("shared", "embedding"), _I),
-             "encoder.embed_tokens.weight": (("shared", "embedding"), _I)}  # aliases, used when
-  _stack(m, cfg, "encoder", cfg.num_layers)                              # shared.weight is absent
+  m: dict = {
+    "shared.weight": (("shared", "embedding"), _I),
+    "encoder.embed_tokens.weight": (("shared", "embedding"), _I),
+  }  # aliases, used when
+  _stack(m, cfg, "encoder", cfg.num_layers)  # shared.weight is absent
   ignored = _ALWAYS_IGNORED
   if cfg.has_decoder:
     m["decoder.embed_tokens.weight"] = (("shared", "embedding"), _I)
@@ -78,5 +81,6 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
     m["lm_head.weight"] = (("lm_head", "kernel"), _T)
   else:
     ignored += r"|lm_head\.weight$"
-  return backbone.CheckpointNames(params=m, canonical=canonical, ignored=re.compile(f"^({ignored})"),
-                                  optional=("lm_head",))
+  return backbone.CheckpointNames(
+    params=m, canonical=canonical, ignored=re.compile(f"^({ignored})"), optional=("lm_head",)
+  )

@@ -15,6 +15,7 @@ Every head is an NNX module called as
 `make_head(name, ...)` builds one by name through the plain dict `HEADS`; each
 head class declares what it needs from the caller (`needs`, `accepts`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,28 +24,42 @@ from typing import Any
 from flax import nnx
 
 from laspar_jax.models.heads.dense import DenseHead
-from laspar_jax.models.heads.latent import (LatentAttentionHead, LatentMaxHead, LatentSumHead,
-                                            init_projection)
+from laspar_jax.models.heads.latent import LatentAttentionHead, LatentMaxHead, LatentSumHead, init_projection
 from laspar_jax.models.heads.mlp import MLPHead
 from laspar_jax.models.heads.pooling import l2_normalize, log_relu, masked_softmax, mean_pool
-from laspar_jax.models.heads.tiled import (scatter_rows, token_pool, token_pool_at, topk_indices,
-                                           topk_mask)
+from laspar_jax.models.heads.tiled import scatter_rows, token_pool, token_pool_at, topk_indices, topk_mask
 from laspar_jax.models.heads.vocab import VocabHead
 
 __all__ = [
-    "HEADS", "make_head", "output_dim", "uses_vocab", "DenseHead", "LatentAttentionHead",
-    "LatentMaxHead", "LatentSumHead", "MLPHead", "VocabHead", "init_projection", "l2_normalize",
-    "log_relu", "masked_softmax", "mean_pool", "scatter_rows", "token_pool", "token_pool_at",
-    "topk_indices", "topk_mask",
+  "HEADS",
+  "make_head",
+  "output_dim",
+  "uses_vocab",
+  "DenseHead",
+  "LatentAttentionHead",
+  "LatentMaxHead",
+  "LatentSumHead",
+  "MLPHead",
+  "VocabHead",
+  "init_projection",
+  "l2_normalize",
+  "log_relu",
+  "masked_softmax",
+  "mean_pool",
+  "scatter_rows",
+  "token_pool",
+  "token_pool_at",
+  "topk_indices",
+  "topk_mask",
 ]
 
 HEADS: dict[str, type[nnx.Module]] = {
-    "latent_attention": LatentAttentionHead,
-    "latent_sum": LatentSumHead,
-    "latent_max": LatentMaxHead,
-    "mlm": VocabHead,
-    "mlp": MLPHead,
-    "dense": DenseHead,
+  "latent_attention": LatentAttentionHead,
+  "latent_sum": LatentSumHead,
+  "latent_max": LatentMaxHead,
+  "mlm": VocabHead,
+  "mlp": MLPHead,
+  "dense": DenseHead,
 }
 
 
@@ -59,9 +74,17 @@ def uses_vocab(name: str) -> bool:
   return "projection" in _head_class(name).needs
 
 
-def make_head(name: str, *, d: int | None = None, D: int | None = None, vocab: int | None = None,
-              rngs: nnx.Rngs | None = None, projection: nnx.Module | None = None,
-              special_ids: Sequence[int] | None = None, **kwargs: Any) -> nnx.Module:
+def make_head(
+  name: str,
+  *,
+  d: int | None = None,
+  D: int | None = None,
+  vocab: int | None = None,
+  rngs: nnx.Rngs | None = None,
+  projection: nnx.Module | None = None,
+  special_ids: Sequence[int] | None = None,
+  **kwargs: Any,
+) -> nnx.Module:
   """Builds a head by name.
 
   Args:

@@ -1,4 +1,5 @@
 """Dense head (ablation): a pooled hidden state, no sparsity."""
+
 from __future__ import annotations
 
 import jax
@@ -25,8 +26,9 @@ class DenseHead(nnx.Module):
   def output_dim(self) -> int:
     return self.d
 
-  def __call__(self, h_btd: jax.Array, mask_bt: jax.Array, ids_bt: jax.Array | None = None, *,
-               topk: int | None = None) -> jax.Array:
+  def __call__(
+    self, h_btd: jax.Array, mask_bt: jax.Array, ids_bt: jax.Array | None = None, *, topk: int | None = None
+  ) -> jax.Array:
     """e_bd float32 [B, d]. ids_bt and topk are accepted and ignored (dense)."""
     del ids_bt, topk
     h = h_btd.astype(jnp.float32)

@@ -11,6 +11,7 @@
 U [d, D] carries the logical axes ("embed", "sparse") and b [D] ("sparse",), so
 `mesh.shard_model` puts the D axis on the mesh 'model' axis.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,9 +58,18 @@ class _LatentHead(nnx.Module):
   needs = ("d", "D", "rngs")  # what `make_head` must provide
   accepts: tuple[str, ...] = ()
 
-  def __init__(self, d: int, D: int, *, rngs: nnx.Rngs, bias_init: float = 3.0,
-               clamp: float | None = 10.0, normalize: bool = True,
-               kernel_std: float | None = None, dtype: Any = jnp.float32):
+  def __init__(
+    self,
+    d: int,
+    D: int,
+    *,
+    rngs: nnx.Rngs,
+    bias_init: float = 3.0,
+    clamp: float | None = 10.0,
+    normalize: bool = True,
+    kernel_std: float | None = None,
+    dtype: Any = jnp.float32,
+  ):
     self.d, self.D = d, D
     self.kernel = layers.param(init_projection(rngs.params(), d, D, kernel_std), ("embed", "sparse"))
     self.bias = layers.param(jnp.full((D,), bias_init, jnp.float32), ("sparse",))
@@ -81,8 +91,15 @@ class _LatentHead(nnx.Module):
   def _clamp(self, s):
     return s if self.clamp is None else jnp.minimum(s, self.clamp)
 
-  def __call__(self, h_btd: jax.Array, mask_bt: jax.Array, ids_bt: jax.Array | None = None, *,
-               topk: int | None = None, topk_mode: str = "gather") -> jax.Array:
+  def __call__(
+    self,
+    h_btd: jax.Array,
+    mask_bt: jax.Array,
+    ids_bt: jax.Array | None = None,
+    *,
+    topk: int | None = None,
+    topk_mode: str = "gather",
+  ) -> jax.Array:
     """rep_bv (float32 [B, D]).
 
     Args:
@@ -123,16 +140,14 @@ class _PooledLatentHead(_LatentHead):
 
   def scores(self, h_btd, mask_bt):
     x_bd, c_b = self.pooled(h_btd, mask_bt)
-    z = jnp.dot(x_bd.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                preferred_element_type=jnp.float32)
+    z = jnp.dot(x_bd.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
     z = constrain(z, ("batch", "sparse")) + c_b[:, None] * self.bias[...]
     return log_relu(z)
 
   def scores_at(self, h_btd, mask_bt, idx_bk):
     x_bd, c_b = self.pooled(h_btd, mask_bt)
     k_dbk = jnp.take(self.kernel[...], idx_bk, axis=1)
-    z = jnp.einsum("bd,dbk->bk", x_bd.astype(self.dtype), k_dbk.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    z = jnp.einsum("bd,dbk->bk", x_bd.astype(self.dtype), k_dbk.astype(self.dtype), preferred_element_type=jnp.float32)
     return log_relu(z + c_b[:, None] * jnp.take(self.bias[...], idx_bk))
 
 
@@ -155,12 +170,23 @@ class LatentAttentionHead(_PooledLatentHead):
   MiniLM's mean-pooled states have an RMS well below 1).
   """
 
-  def __init__(self, d: int, D: int, *, pooling: str = "mask", max_len: int = 512,
-               rngs: nnx.Rngs, bias_init: float = 3.0, clamp: float | None = 10.0,
-               normalize: bool = True, kernel_std: float | None = None,
-               dtype: Any = jnp.float32):
-    super().__init__(d, D, rngs=rngs, bias_init=bias_init, clamp=clamp, normalize=normalize,
-                     kernel_std=kernel_std, dtype=dtype)
+  def __init__(
+    self,
+    d: int,
+    D: int,
+    *,
+    pooling: str = "mask",
+    max_len: int = 512,
+    rngs: nnx.Rngs,
+    bias_init: float = 3.0,
+    clamp: float | None = 10.0,
+    normalize: bool = True,
+    kernel_std: float | None = None,
+    dtype: Any = jnp.float32,
+  ):
+    super().__init__(
+      d, D, rngs=rngs, bias_init=bias_init, clamp=clamp, normalize=normalize, kernel_std=kernel_std, dtype=dtype
+    )
     if pooling not in ("mask", "position", "content"):
       raise ValueError(f"pooling must be 'mask', 'position' or 'content', got {pooling!r}")
     self.pooling = pooling
@@ -211,21 +237,40 @@ class LatentMaxHead(_LatentHead):
   autodiff with jax.checkpoint (used whenever token_chunk is set).
   """
 
-  def __init__(self, d: int, D: int, *, rngs: nnx.Rngs, tile: int | None = 4096,
-               token_chunk: int | None = None, backward: str = "argmax", bias_init: float = 3.0,
-               clamp: float | None = 10.0, normalize: bool = True,
-               kernel_std: float | None = None, dtype: Any = jnp.float32):
-    super().__init__(d, D, rngs=rngs, bias_init=bias_init, clamp=clamp, normalize=normalize,
-                     kernel_std=kernel_std, dtype=dtype)
+  def __init__(
+    self,
+    d: int,
+    D: int,
+    *,
+    rngs: nnx.Rngs,
+    tile: int | None = 4096,
+    token_chunk: int | None = None,
+    backward: str = "argmax",
+    bias_init: float = 3.0,
+    clamp: float | None = 10.0,
+    normalize: bool = True,
+    kernel_std: float | None = None,
+    dtype: Any = jnp.float32,
+  ):
+    super().__init__(
+      d, D, rngs=rngs, bias_init=bias_init, clamp=clamp, normalize=normalize, kernel_std=kernel_std, dtype=dtype
+    )
     self.tile = tile
     self.token_chunk = token_chunk
     self.backward = backward
 
   def scores(self, h_btd, mask_bt):
-    return tiled.token_pool(h_btd, mask_bt, self.kernel[...], self.bias[...], reduce="max",
-                            tile=self.tile, token_chunk=self.token_chunk, backward=self.backward,
-                            dtype=self.dtype)
+    return tiled.token_pool(
+      h_btd,
+      mask_bt,
+      self.kernel[...],
+      self.bias[...],
+      reduce="max",
+      tile=self.tile,
+      token_chunk=self.token_chunk,
+      backward=self.backward,
+      dtype=self.dtype,
+    )
 
   def scores_at(self, h_btd, mask_bt, idx_bk):
-    return tiled.token_pool_at(h_btd, mask_bt, self.kernel[...], self.bias[...], idx_bk,
-                               reduce="max", dtype=self.dtype)
+    return tiled.token_pool_at(h_btd, mask_bt, self.kernel[...], self.bias[...], idx_bk, reduce="max", dtype=self.dtype)

@@ -8,6 +8,7 @@ expansion). The scatter writes into a [B, V] zeros array (`.at[b, ids].add` /
 `.at[b, ids].max`): never B x L x V. Masked positions and `special_ids`
 contribute nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,18 @@ class MLPHead(nnx.Module):
   needs = ("d", "vocab", "rngs")  # what `make_head` must provide
   accepts = ("special_ids",)  # provided by `make_head` when given (kwargs override)
 
-  def __init__(self, d: int, *, vocab: int, rngs: nnx.Rngs, special_ids: Sequence[int] = (),
-               pooling: str = "sum", kernel_std: float | None = None, bias_init: float = 0.0,
-               dtype: Any = jnp.float32):
+  def __init__(
+    self,
+    d: int,
+    *,
+    vocab: int,
+    rngs: nnx.Rngs,
+    special_ids: Sequence[int] = (),
+    pooling: str = "sum",
+    kernel_std: float | None = None,
+    bias_init: float = 0.0,
+    dtype: Any = jnp.float32,
+  ):
     if pooling not in ("sum", "max"):
       raise ValueError(f"pooling must be 'sum' or 'max', got {pooling!r}")
     self.d, self.vocab = d, vocab
@@ -64,15 +74,20 @@ class MLPHead(nnx.Module):
 
   def token_weights(self, h_btd: jax.Array, mask_bt: jax.Array, ids_bt: jax.Array) -> jax.Array:
     """w_bt float32 [B, L]: relu(Linear(h_t)), 0 at masked positions and special ids."""
-    z_bt = jnp.dot(h_btd.astype(self.dtype), self.linear.kernel[...][:, 0].astype(self.dtype),
-                   preferred_element_type=jnp.float32) + self.linear.bias[...][0]
+    z_bt = (
+      jnp.dot(
+        h_btd.astype(self.dtype), self.linear.kernel[...][:, 0].astype(self.dtype), preferred_element_type=jnp.float32
+      )
+      + self.linear.bias[...][0]
+    )
     keep_bt = mask_bt.astype(bool)
     if self.special_ids:
       keep_bt = keep_bt & ~jnp.isin(ids_bt, jnp.asarray(self.special_ids, ids_bt.dtype))
     return jnp.where(keep_bt, jax.nn.relu(z_bt), 0.0)
 
-  def __call__(self, h_btd: jax.Array, mask_bt: jax.Array, ids_bt: jax.Array | None = None, *,
-               topk: int | None = None) -> jax.Array:
+  def __call__(
+    self, h_btd: jax.Array, mask_bt: jax.Array, ids_bt: jax.Array | None = None, *, topk: int | None = None
+  ) -> jax.Array:
     """rep_bv float32 [B, V].
 
     Args:
@@ -87,8 +102,7 @@ class MLPHead(nnx.Module):
     if ids_bt is None:
       raise ValueError("MLPHead needs ids_bt (the token ids its weights are placed at)")
     if ids_bt.shape != mask_bt.shape or h_btd.shape[:2] != mask_bt.shape:
-      raise ValueError(f"h {h_btd.shape[:2]}, mask {mask_bt.shape} and ids {ids_bt.shape} "
-                       "must share [B, L]")
+      raise ValueError(f"h {h_btd.shape[:2]}, mask {mask_bt.shape} and ids {ids_bt.shape} must share [B, L]")
     w_bt = self.token_weights(h_btd, mask_bt, ids_bt)
     B = w_bt.shape[0]
     b_bt = jnp.broadcast_to(jnp.arange(B)[:, None], ids_bt.shape)

@@ -2,6 +2,7 @@
 
 All of them compute in float32 whatever the input dtype.
 """
+
 from __future__ import annotations
 
 import jax

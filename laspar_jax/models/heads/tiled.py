@@ -12,6 +12,7 @@ share at once (no gather of W). Max pooling has an argmax-based custom VJP.
 `topk_mask` / `topk_indices` / `scatter_rows` are the training-time top-k of the
 heads; the indices come from `sparsify.topk` (the one top-k of the codebase).
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,8 +75,9 @@ def _pool_block(h_btd, mask_bt, k_dv, b_v, reduce, token_chunk, dtype):
   m_bt = mask_bt.astype(bool)
 
   def chunk(h_bcd, m_bc):
-    z = jnp.einsum("bcd,dv->bcv", h_bcd.astype(dtype), k_dv.astype(dtype),
-                   preferred_element_type=jnp.float32) + b_v.astype(jnp.float32)
+    z = jnp.einsum(
+      "bcd,dv->bcv", h_bcd.astype(dtype), k_dv.astype(dtype), preferred_element_type=jnp.float32
+    ) + b_v.astype(jnp.float32)
     if reduce == "max":
       return jnp.max(jnp.where(m_bc[..., None], z, NEG), axis=1)
     return jnp.sum(jnp.where(m_bc[..., None], log_relu(z), 0.0), axis=1)
@@ -110,8 +112,9 @@ def _tile_max_argmax(h_btd, mask_bt, k_dtn, b_tn, dtype):
   def one(k):
     k_dt = jax.lax.dynamic_index_in_dim(k_dtn, k, axis=2, keepdims=False)
     b_t = jax.lax.dynamic_index_in_dim(b_tn, k, axis=1, keepdims=False)
-    z = jnp.einsum("btd,dv->btv", h_btd.astype(dtype), k_dt.astype(dtype),
-                   preferred_element_type=jnp.float32) + b_t.astype(jnp.float32)
+    z = jnp.einsum(
+      "btd,dv->btv", h_btd.astype(dtype), k_dt.astype(dtype), preferred_element_type=jnp.float32
+    ) + b_t.astype(jnp.float32)
     z = jnp.where(m, z, NEG)
     return jnp.max(z, axis=1), jnp.argmax(z, axis=1).astype(jnp.int32)
 
@@ -145,8 +148,9 @@ def _tiled_max_bwd(dtype, res, g_nbt):
     dk_dt = jnp.einsum("bt,btd->dt", g_bt, hg_btd)
     dk_dtn = jax.lax.dynamic_update_index_in_dim(dk_dtn, dk_dt.astype(dk_dtn.dtype), k, axis=2)
     oh_blt = jnp.where(a_bt[:, None, :] == jnp.arange(L)[None, :, None], g_bt[:, None, :], 0.0)
-    dh_bld = dh_bld + jnp.einsum("blt,dt->bld", oh_blt.astype(dtype), k_dt.astype(dtype),
-                                 preferred_element_type=jnp.float32)
+    dh_bld = dh_bld + jnp.einsum(
+      "blt,dt->bld", oh_blt.astype(dtype), k_dt.astype(dtype), preferred_element_type=jnp.float32
+    )
     return (dh_bld, dk_dtn), None
 
   init = (jnp.zeros((B, L, d), jnp.float32), jnp.zeros_like(k_dtn))
@@ -164,10 +168,19 @@ _tiled_max_argmax.defvjp(_tiled_max_fwd, _tiled_max_bwd)
 # ---------------------------------------------------------------------------
 
 
-def token_pool(h_btd: jax.Array, mask_bt: jax.Array, kernel_dv: jax.Array,
-               bias_v: jax.Array, *, reduce: str = "max", tile: int | None = None,
-               token_chunk: int | None = None, remat: bool = True,
-               backward: str = "remat", dtype: Any = jnp.float32) -> jax.Array:
+def token_pool(
+  h_btd: jax.Array,
+  mask_bt: jax.Array,
+  kernel_dv: jax.Array,
+  bias_v: jax.Array,
+  *,
+  reduce: str = "max",
+  tile: int | None = None,
+  token_chunk: int | None = None,
+  remat: bool = True,
+  backward: str = "remat",
+  dtype: Any = jnp.float32,
+) -> jax.Array:
   """s_bv = reduce_t log1p(relu(h_t W + b)) over unmasked tokens, never B x L x V.
 
   With `tile`, the V columns are processed in strided tiles of width `tile`
@@ -230,9 +243,16 @@ def token_pool(h_btd: jax.Array, mask_bt: jax.Array, kernel_dv: jax.Array,
   return finish(constrain(r_bv, ("batch", "sparse")))
 
 
-def token_pool_at(h_btd: jax.Array, mask_bt: jax.Array, kernel_dv: jax.Array,
-                  bias_v: jax.Array, idx_bk: jax.Array, *, reduce: str = "max",
-                  dtype: Any = jnp.float32) -> jax.Array:
+def token_pool_at(
+  h_btd: jax.Array,
+  mask_bt: jax.Array,
+  kernel_dv: jax.Array,
+  bias_v: jax.Array,
+  idx_bk: jax.Array,
+  *,
+  reduce: str = "max",
+  dtype: Any = jnp.float32,
+) -> jax.Array:
   """`token_pool` evaluated only at columns idx_bk (per row): [B, k], O(B*L*k) memory.
 
   Args:
@@ -249,8 +269,10 @@ def token_pool_at(h_btd: jax.Array, mask_bt: jax.Array, kernel_dv: jax.Array,
   """
   k_dbk = jnp.take(kernel_dv, idx_bk, axis=1)
   b_bk = jnp.take(bias_v, idx_bk).astype(jnp.float32)
-  z_blk = jnp.einsum("bld,dbk->blk", h_btd.astype(dtype), k_dbk.astype(dtype),
-                     preferred_element_type=jnp.float32) + b_bk[:, None, :]
+  z_blk = (
+    jnp.einsum("bld,dbk->blk", h_btd.astype(dtype), k_dbk.astype(dtype), preferred_element_type=jnp.float32)
+    + b_bk[:, None, :]
+  )
   m = mask_bt.astype(bool)[..., None]
   if reduce == "max":
     return log_relu(jnp.max(jnp.where(m, z_blk, NEG), axis=1))

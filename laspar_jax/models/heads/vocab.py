@@ -13,6 +13,7 @@ live once, in the backbone, under `lm_head`, and gradients reach them and the
 tied embeddings. The vocabulary is processed in strided tiles
 (`tiled.token_pool`): never B x L x V. Dims of `special_ids` are zeroed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,9 +48,18 @@ class VocabHead(nnx.Module):
   needs = ("projection", "vocab")  # what `make_head` must provide
   accepts = ("special_ids",)  # provided by `make_head` when given (kwargs override)
 
-  def __init__(self, projection: VocabProjection | str, *, vocab: int, special_ids: Sequence[int] = (),
-               pooling: str = "max", tile: int | None = 8192, token_chunk: int | None = None,
-               backward: str = "argmax", dtype: Any = jnp.float32):
+  def __init__(
+    self,
+    projection: VocabProjection | str,
+    *,
+    vocab: int,
+    special_ids: Sequence[int] = (),
+    pooling: str = "max",
+    tile: int | None = 8192,
+    token_chunk: int | None = None,
+    backward: str = "argmax",
+    dtype: Any = jnp.float32,
+  ):
     if pooling not in ("max", "sum"):
       raise ValueError(f"pooling must be 'max' or 'sum', got {pooling!r}")
     if isinstance(projection, str):
@@ -69,8 +79,15 @@ class VocabHead(nnx.Module):
   def output_dim(self) -> int:
     return self.vocab
 
-  def __call__(self, h_btd: jax.Array, mask_bt: jax.Array, ids_bt: jax.Array | None = None, *,
-               topk: int | None = None, projection: VocabProjection | None = None) -> jax.Array:
+  def __call__(
+    self,
+    h_btd: jax.Array,
+    mask_bt: jax.Array,
+    ids_bt: jax.Array | None = None,
+    *,
+    topk: int | None = None,
+    projection: VocabProjection | None = None,
+  ) -> jax.Array:
     """rep_bv float32 [B, V].
 
     Args:
@@ -90,13 +107,21 @@ class VocabHead(nnx.Module):
     t_btd = projection.transform(h_btd)
     w_dv = projection.kernel_dv()
     if w_dv.shape[1] != self.vocab:
-      raise ValueError(f"the vocabulary projection has {w_dv.shape[1]} columns, the head expects "
-                       f"vocab={self.vocab}")
+      raise ValueError(f"the vocabulary projection has {w_dv.shape[1]} columns, the head expects vocab={self.vocab}")
     b_v = projection.bias_v()
     if b_v is None:
       b_v = jnp.zeros((self.vocab,), jnp.float32)
-    rep = tiled.token_pool(t_btd, mask_bt, w_dv, b_v, reduce=self.pooling, tile=self.tile,
-                           token_chunk=self.token_chunk, backward=self.backward, dtype=self.dtype)
+    rep = tiled.token_pool(
+      t_btd,
+      mask_bt,
+      w_dv,
+      b_v,
+      reduce=self.pooling,
+      tile=self.tile,
+      token_chunk=self.token_chunk,
+      backward=self.backward,
+      dtype=self.dtype,
+    )
     if self.special_ids:
       keep = jnp.ones((self.vocab,), jnp.float32).at[jnp.array(self.special_ids)].set(0.0)
       rep = rep * keep
