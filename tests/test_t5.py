@@ -127,12 +127,16 @@ def test_relative_position_buckets():
 
 def test_config_from_hf():
   base = dict(model_type="t5", d_model=32, num_layers=2, feed_forward_proj="gated-gelu")
-  # transformers >= 5 writes tie_word_embeddings true for Flan-T5; scale_decoder_outputs decides.
+  # transformers 5.x writes both flags: tie and scale are read independently (a tied, unscaled Flan head).
   cfg = t5.T5Config.from_hf_dict(dict(base, tie_word_embeddings=True, scale_decoder_outputs=False))
-  assert not cfg.tie_word_embeddings and cfg.act == "gelu_new" and cfg.num_decoder_layers == 2
-  assert t5.T5Config.from_hf_dict({"feed_forward_proj": "relu"}).tie_word_embeddings
-  mt5 = t5.T5Config.from_hf_dict({"model_type": "mt5", "tie_word_embeddings": True})
+  assert cfg.tie_word_embeddings and not cfg.scales_lm_head and cfg.act == "gelu_new" and cfg.num_decoder_layers == 2
+  untied = t5.T5Config.from_hf_dict(dict(base, tie_word_embeddings=False))
+  assert not untied.tie_word_embeddings and not untied.scales_lm_head
+  v10 = t5.T5Config.from_hf_dict({"feed_forward_proj": "relu"})  # 4.x v1.0: no flags, tied and scaled
+  assert v10.tie_word_embeddings and v10.scales_lm_head
+  mt5 = t5.T5Config.from_hf_dict({"model_type": "mt5"})  # mT5 unties by default; the flag wins when written
   assert not mt5.tie_word_embeddings and mt5.gated
+  assert t5.T5Config.from_hf_dict({"model_type": "mt5", "tie_word_embeddings": True}).tie_word_embeddings
   with pytest.raises(ValueError, match="feed_forward_proj"):
     t5.T5Config.from_hf_dict(dict(base, feed_forward_proj="relu-gated"))
   with pytest.raises(ValueError, match="mode"):

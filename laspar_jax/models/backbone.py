@@ -118,7 +118,9 @@ class CheckpointNames:
     ignored: canonical names matching it are skipped (pooler, position ids, ...).
     optional: first elements of parameter paths (e.g. "lm_head") whose tensors
       may be absent all together (the fresh initialisation is kept); if some are
-      present, all are required.
+      present, all are required. Only a family whose fresh head is by design
+      (BERT's MLM transform over tied embeddings) lists one: decoder LM heads
+      are tied or loaded, never drawn.
   """
 
   params: Mapping[str, tuple[tuple[str | int, ...], Transform]]

@@ -74,7 +74,11 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
     lm_head: map `cls.predictions.*` onto the `lm_head` submodule (else they are ignored).
 
   Returns:
-    The CheckpointNames; the lm_head tensors are optional as a group.
+    The CheckpointNames; the lm_head tensors are optional as a group: a BERT
+    checkpoint without an MLM head (e.g. all-MiniLM-L6-v2) gets a fresh
+    transform and bias over the tied decoder (the SPLADE configs train it;
+    documented there), while a partial head is an error. An untied decoder
+    (`tie_word_embeddings` false) must come from the checkpoint.
   """
   m = {
     "embeddings.word_embeddings.weight": (("embeddings", "word_embeddings", "embedding"), _I),
@@ -109,5 +113,8 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
   else:
     ignored += r"|cls\.predictions\."
   return backbone.CheckpointNames(
-    params=m, canonical=canonical, ignored=re.compile(f"^({ignored})"), optional=("lm_head",)
+    params=m,
+    canonical=canonical,
+    ignored=re.compile(f"^({ignored})"),
+    optional=("lm_head",) if cfg.tie_word_embeddings else (),
   )

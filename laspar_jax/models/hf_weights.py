@@ -282,10 +282,17 @@ def load_tensors(
   for group in names.optional:
     if not any(ours[0] == group for ours in set_by):
       wanted = {ours: n for ours, n in wanted.items() if ours[0] != group}
-  missing = sorted(n for ours, n in wanted.items() if ours not in set_by)
+  missing_paths = sorted((n, ours) for ours, n in wanted.items() if ours not in set_by)
+  missing = [n for n, _ in missing_paths]
   if missing:
+    hint = ""
+    if any(ours[0] == "lm_head" for _, ours in missing_paths):
+      hint = (
+        "; the vocabulary head is untied in config.json (tie_word_embeddings) and the checkpoint lacks its "
+        "tensor: loading never substitutes a random head"
+      )
     raise CheckpointError(
-      f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
+      f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all){hint}"
     )
 
 

@@ -51,7 +51,7 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
       head has nothing of its own and `lm_head.weight` is then ignored).
 
   Returns:
-    The CheckpointNames; the lm_head tensor is optional.
+    The CheckpointNames; an untied head's `lm_head.weight` is required.
   """
   m = {"embed_tokens.weight": (("embed_tokens", "embedding"), _I), "norm.weight": (("norm", "scale"), _I)}
   for i in range(cfg.num_hidden_layers):
@@ -67,4 +67,4 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
     m["lm_head.weight"] = (("lm_head", "kernel"), _T)
   else:
     ignored += r"|^lm_head\.weight$"
-  return backbone.CheckpointNames(params=m, canonical=canonical, ignored=re.compile(ignored), optional=("lm_head",))
+  return backbone.CheckpointNames(params=m, canonical=canonical, ignored=re.compile(ignored))

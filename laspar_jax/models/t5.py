@@ -8,6 +8,15 @@ mean or bias, a ReLU FFN (v1.0, `feed_forward_proj` "relu") or gated-GELU with
 the tanh GELU (v1.1, "gated-gelu"), and an LM head tied to the shared
 embeddings with the d_model**-0.5 rescale (v1.0) or untied (v1.1).
 
+The LM head follows config.json: `tie_word_embeddings` says whether the head
+is the shared table (absent: tied for "t5", untied for "mt5", as transformers
+4.x defaults), `scale_decoder_outputs` whether decoder outputs are scaled by
+d_model**-0.5 (absent: when tied, the 4.x rule). transformers 5.x writes both
+flags; its Flan-T5 (v1.1) models built from a fresh config tie the head
+without scaling and save no `lm_head.weight`. An untied head whose tensor the
+checkpoint lacks is a `CheckpointError` naming `lm_head.weight` (never a
+random head).
+
 One module, three modes (`T5Model`):
   - `encode(ids, mask)`: the encoder stack -> encoder states;
   - `decode(dec_ids, dec_mask, encoder_states_bsd, encoder_mask_bs)`: the
@@ -52,10 +61,11 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   feed_forward_proj: str = "relu"
   # v1.0: the LM head is the shared table and decoder outputs are scaled by
-  # d_model**-0.5; v1.1 / Flan: an untied head, no scaling. transformers >= 5
-  # writes tie_word_embeddings true for both and tells them apart by
-  # scale_decoder_outputs, which wins when present.
+  # d_model**-0.5; v1.1 / Flan (transformers 4.x): an untied head, no scaling.
+  # transformers 5.x writes scale_decoder_outputs beside the tie flag; the two
+  # are read independently (None: scaled exactly when tied).
   tie_word_embeddings: bool = True
+  scale_decoder_outputs: bool | None = None
   pad_token_id: int = 0
   decoder_start_token_id: int = 0
   eos_token_id: int = 1  # `</s>` (the multi-token read-out may leave it out of pooling)
@@ -71,6 +81,11 @@ class T5Config:
     return self.feed_forward_proj.split("-")[-1]
 
   @property
+  def scales_lm_head(self) -> bool:
+    """Whether decoder outputs are scaled by d_model**-0.5 before the LM head."""
+    return self.tie_word_embeddings if self.scale_decoder_outputs is None else bool(self.scale_decoder_outputs)
+
+  @property
   def gated(self) -> bool:
     return self.feed_forward_proj.startswith("gated-")
 
@@ -82,10 +97,9 @@ class T5Config:
     kw["num_decoder_layers"] = d.get("num_decoder_layers") or d.get("num_layers", cls.num_layers)
     kw["has_decoder"] = d.get("architectures") != ["T5EncoderModel"]
     kw.setdefault("decoder_start_token_id", kw.get("pad_token_id", 0))
-    if d.get("scale_decoder_outputs") is not None:
-      kw["tie_word_embeddings"] = bool(d["scale_decoder_outputs"])
-    if d.get("model_type") == "mt5":  # T5 v1.1 code; its head is never tied nor scaled
-      kw.update(tie_word_embeddings=False, feed_forward_proj=kw.get("feed_forward_proj", "gated-gelu"))
+    if d.get("model_type") == "mt5":  # T5 v1.1 code: untied and gated unless the config says otherwise
+      kw.setdefault("tie_word_embeddings", False)
+      kw.setdefault("feed_forward_proj", "gated-gelu")
     cfg = cls(**kw)
     parts = cfg.feed_forward_proj.split("-")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
@@ -289,14 +303,15 @@ class T5Stack(nnx.Module):
 class T5LMHead(nnx.Module):
   """The LM head as a `backbone.VocabProjection`: logits = transform(h) @ kernel_dv().
 
-  Tied (v1.0): the shared embedding table transposed, after scaling h by
-  d_model**-0.5. Untied (v1.1 / Flan): its own `kernel` [d, V] (drawn
-  N(0, 1) from `rngs.params()` as Hugging Face initialises it), no scaling.
+  Tied: the shared embedding table transposed (v1.0; transformers 5.x Flan-T5
+  written from a fresh config). Untied (v1.1 / Flan): its own `kernel` [d, V]
+  (drawn N(0, 1) from `rngs.params()` as Hugging Face initialises it). h is
+  scaled by d_model**-0.5 when `cfg.scales_lm_head` (v1.0).
   """
 
   def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, tied: layers.Embed | None):
     self.tied = tied
-    self.scale = cfg.d_model**-0.5 if tied is not None else 1.0
+    self.scale = cfg.d_model**-0.5 if cfg.scales_lm_head else 1.0
     self.kernel = (
       None
       if tied is not None
@@ -304,9 +319,9 @@ class T5LMHead(nnx.Module):
     )
 
   def transform(self, h_btd: jax.Array) -> jax.Array:
-    """float32 h, scaled by d_model**-0.5 when tied."""
+    """float32 h, scaled by d_model**-0.5 when the config scales decoder outputs."""
     h_btd = h_btd.astype(jnp.float32)
-    return h_btd * self.scale if self.tied is not None else h_btd
+    return h_btd * self.scale if self.scale != 1.0 else h_btd
 
   def kernel_dv(self) -> jax.Array:
     """[d, V]: the untied kernel, or the shared embeddings transposed."""

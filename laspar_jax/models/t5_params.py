@@ -66,7 +66,8 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
       tied head has no tensor of its own).
 
   Returns:
-    The CheckpointNames; the lm_head tensor is optional.
+    The CheckpointNames; an untied head's `lm_head.weight` is required (a
+    checkpoint without it is an error naming the tensor, never a random head).
   """
   m: dict = {
     "shared.weight": (("shared", "embedding"), _I),
@@ -81,6 +82,4 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
     m["lm_head.weight"] = (("lm_head", "kernel"), _T)
   else:
     ignored += r"|lm_head\.weight$"
-  return backbone.CheckpointNames(
-    params=m, canonical=canonical, ignored=re.compile(f"^({ignored})"), optional=("lm_head",)
-  )
+  return backbone.CheckpointNames(params=m, canonical=canonical, ignored=re.compile(f"^({ignored})"))
