@@ -15,6 +15,12 @@ or missing file, unreadable JSON metadata) is renamed to
 next older step is tried. Restoring an explicit step raises
 `CheckpointCorruptError` instead.
 
+A step without `checksums.json` (written by an older version, or a run
+killed between orbax's commit and the checksum write) is verified another
+way before use: its JSON metadata must parse, orbax must restore it, and
+every floating-point array must be finite; then a warning says so and its
+checksums are written, so later damage to it is caught like any other.
+
 Restoring takes an abstract target (jax.ShapeDtypeStruct leaves with
 shardings), so arrays come back directly on their devices. The directory may
 be local (made absolute) or gs:// (orbax writes object stores itself).
@@ -29,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from laspar_jax import io_utils
@@ -76,6 +83,7 @@ class Checkpointer:
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
     self._async = async_save
     self._unhashed: list[int] = []  # committed (or committing) steps without checksums yet
+    self.damaged: dict[int, str] = {}  # steps `restore` found damaged and moved aside: step -> problem
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
@@ -151,6 +159,16 @@ class Checkpointer:
       self._set_aside(step, problem)
     raise FileNotFoundError(f"no intact checkpoint in {self.directory}")
 
+  def array_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]] | None:
+    """{path: (global shape, dtype)} of checkpoint `step`'s state, from orbax's metadata (None: unreadable)."""
+    try:
+      with _quiet_asyncio(), ocp.StandardCheckpointer() as reader:
+        tree = reader.metadata(os.fspath(self.step_dir(step) / "state")).item_metadata.tree
+      flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+      return {jax.tree_util.keystr(p): (tuple(m.shape), str(m.dtype)) for p, m in flat if hasattr(m, "shape")}
+    except Exception:  # pylint: disable=broad-except  (damaged metadata: restoring reports it)
+      return None
+
   def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any], int] | None:
     """`restore(target)` of the newest intact checkpoint, or None when there is none."""
     if not self._mgr.all_steps():
@@ -162,6 +180,13 @@ class Checkpointer:
 
   def _restore(self, target: Any, step: int) -> tuple[Any, dict[str, Any], int]:
     checked = integrity.has_checksums(self.step_dir(step))
+    if not checked and jax.process_index() == 0:
+      _LOG.warning(
+        "checkpoint %d has no %s (written by an older version, or a run killed between orbax's commit "
+        "and the checksum write): verifying it by restoring it and checking every array is finite",
+        step,
+        integrity.CHECKSUMS,
+      )
     try:
       with _quiet_asyncio():
         out = self._mgr.restore(
@@ -175,10 +200,20 @@ class Checkpointer:
         f"{self.step_dir(step)}: cannot be restored and has no "
         f"{integrity.CHECKSUMS}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
       ) from None
+    if not checked:
+      bad = _count_nonfinite(out.state)
+      if bad:
+        raise CheckpointCorruptError(
+          f"{self.step_dir(step)}: has no {integrity.CHECKSUMS} and holds {bad} NaN/inf values: damaged"
+        )
+      if jax.process_index() == 0:
+        integrity.write_checksums(self.step_dir(step))
+        _LOG.warning("checkpoint %d restored and every array finite; its %s written now", step, integrity.CHECKSUMS)
     return out.state, dict(out.meta), step
 
   def _set_aside(self, step: int, problem: str) -> None:
     """Logs why `step` is bad and renames it aside (lead host), so the next older step is used."""
+    self.damaged[step] = problem
     if jax.process_index() == 0:
       dst = integrity.move_aside(self.step_dir(step))
       _LOG.warning(
@@ -196,6 +231,15 @@ class Checkpointer:
     self._mgr.wait_until_finished()
     self._finalize()
     self._mgr.close()
+
+
+def _count_nonfinite(tree: Any) -> int:
+  """NaN/inf values over every floating-point leaf (one jitted reduction: the same answer on every host)."""
+  leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+  if not leaves:
+    return 0
+  count = jax.jit(lambda xs: sum(jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in xs))(leaves)
+  return int(jax.device_get(count))
 
 
 @contextlib.contextmanager

@@ -6,12 +6,15 @@ Where the model, the optimizer, the mesh and the data meet:
   encoder    `sparse_encoder.build_encoder`, placed on the mesh by logical axes
   optimizer  `optim.make_optimizer` (labels: frozen / head / base) -> `train_state`
   step       `train_step.make_train_step` (jitted, donated; accumulation inside)
-  loop       batches through `mesh.put_batch`, metrics to tqdm, TensorBoard and
+  loop       batches put on the devices a step ahead (`prefetch`), metrics fetched
+             every log_every steps (no per-step host sync) to tqdm, TensorBoard and
              history.jsonl (`metric_writers`), orbax checkpoints (state + data
              position), periodic evaluation (`evaluate.evaluate_config`)
   end        the encoder saved to WORKDIR/encoder, evaluated over the corpus.
   guards     `config_check` before anything is written; `workdir_lock` (one
-             run per workdir); damaged checkpoints set aside (`checkpointing`).
+             run per workdir); damaged checkpoints set aside (`checkpointing`);
+             a resume with a changed config: refused when a field shapes the
+             saved state, else the changes said and each config kept (`run_config`).
 
 Every output goes through `etils.epath`, so WORKDIR may be gs://. A
 non-finite loss or gradient norm is recorded in `state.bad_step` by the step;
@@ -42,6 +45,9 @@ from laspar_jax import io_utils
 from laspar_jax import mesh as mesh_lib
 from laspar_jax import metric_writers
 from laspar_jax import optim
+from laspar_jax import platform
+from laspar_jax import prefetch
+from laspar_jax import run_config
 from laspar_jax import train_state
 from laspar_jax import train_step
 from laspar_jax import workdir_lock
@@ -50,6 +56,7 @@ from laspar_jax.models import sparse_encoder
 
 
 check_config = config_check.check_config  # the name tests and callers know
+RunRefusedError = run_config.RunRefusedError  # refused before anything was written (the launcher prints one line)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -115,39 +122,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: io_utils.Path
 
 def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start: float) -> dict[str, Any]:
   """The body of `train_and_evaluate`, run under the workdir lock."""
-  if lead:
-    io_utils.write_text_atomic(workdir / "config.json", config.to_json_best_effort(indent=2))
-  total, accum = int(config.train.total_steps), int(config.optim.accum_steps)
-  mesh = mesh_lib.mesh_from_config(config.mesh)
-
-  encoder, tokenizer = sparse_encoder.build_encoder(encoder_config(config))
-  params = train_state.encoder_params(encoder)
-  tx, lr_schedule = optim.make_optimizer(config.optim, total, params)
-  trainable = optim.trainable_mask(params, config.optim)
-  graphdef, rest, state, shardings = train_state.create_train_state(
-    encoder, tx, mesh, seed=config.seed, rules=mesh_lib.rules_from_config(config), rng_impl=config.train.rng_impl
-  )
-  del encoder, params
-  step_fn = train_step.make_train_step(
-    graphdef,
-    rest,
-    tx,
-    lr_schedule,
-    train_step.StepConfig.from_config(config, mesh),
-    shardings,
-    mesh,
-    trainable=None if all(jax.tree.leaves(trainable)) else trainable,
-  )
-
   ckpt = checkpointing.Checkpointer(
     workdir / "checkpoints", every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
   )
-  start, data_state = 0, None
-  restored = ckpt.restore_latest(state.to_tree())  # damaged steps are set aside (checkpointing)
-  if restored is not None:
-    tree, meta, start = restored
-    state, data_state = train_state.TrainState.from_tree(tree), meta["data"]
-    _say(lead, f"resumed from checkpoint {start} ({ckpt.directory})")
+  try:  # until the loop's own try: close the checkpoint manager on the way out
+    latest = ckpt.latest_step()
+    # a resume that changed a state-shaping field stops here, before anything is written
+    changes = run_config.check_resume(workdir, config, latest) if latest is not None else []
+    total, accum = int(config.train.total_steps), int(config.optim.accum_steps)
+    mesh = mesh_lib.mesh_from_config(config.mesh)
+
+    encoder, tokenizer = sparse_encoder.build_encoder(encoder_config(config))
+    params = train_state.encoder_params(encoder)
+    tx, lr_schedule = optim.make_optimizer(config.optim, total, params)
+    trainable = optim.trainable_mask(params, config.optim)
+    graphdef, rest, state, shardings = train_state.create_train_state(
+      encoder, tx, mesh, seed=config.seed, rules=mesh_lib.rules_from_config(config), rng_impl=config.train.rng_impl
+    )
+    del encoder, params
+    step_fn = train_step.make_train_step(
+      graphdef,
+      rest,
+      tx,
+      lr_schedule,
+      train_step.StepConfig.from_config(config, mesh),
+      shardings,
+      mesh,
+      trainable=None if all(jax.tree.leaves(trainable)) else trainable,
+    )
+    step_fn = platform.jit_boundary(step_fn, encoder_config(config).matmul_precision)  # cache on, precision
+
+    start, data_state = 0, None
+    if latest is not None:  # the backstop: array shapes the list of state-shaping fields may miss
+      run_config.check_state_shapes(ckpt.array_shapes(latest), state.to_tree(), latest, ckpt.directory)
+    restored = ckpt.restore_latest(state.to_tree())  # damaged steps are set aside (checkpointing)
+    _report_restore(lead, ckpt, restored)
+    if restored is not None:
+      tree, meta, start = restored
+      state, data_state = train_state.TrainState.from_tree(tree), meta["data"]
+      if changes:
+        _say(lead, "changed since the last run (resuming): " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+    if lead:
+      run_config.record(workdir, config, start, changed=bool(changes) and restored is not None)
+  except BaseException:
+    ckpt.close()
+    raise
   last_ckpt = start if restored is not None else None
 
   result: dict[str, Any] = {"step": start, "train": {}, "eval": None, "preempted": False, "encoder": None}
@@ -165,38 +184,40 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start:
         old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
       except ValueError:  # not the main thread
         old_handler = None
-      batches = assemble.micro_batches(pipe, accum)
+      batches = prefetch.device_batches(pipe, accum, mesh)  # (batch on device, data position after it)
       pending: list[dict[str, jax.Array]] = []
       t_last, n_last = time.time(), 0
       for step in range(start, total):
-        state, metrics = step_fn(state, mesh_lib.put_batch(next(batches), mesh, accum > 1))
+        batch, data_pos = next(batches)
+        state, metrics = step_fn(state, batch)
         pending.append(metrics)
         done = step + 1
         bar.update(1)
-        if done == start + 1:  # the first step compiled: time from here
+        if done == start + 1:  # the first step compiled: time from here (its metrics are kept)
           jax.block_until_ready(metrics["loss"])
-          t_last, n_last, pending = time.time(), done, []
+          t_last, n_last = time.time(), done
         if done % config.train.log_every == 0 or done == total:
           _check_finite(state, last_ckpt)
           if pending:
             avg = {
               k: float(np.mean(v)) for k, v in jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()
             }
-            dt = time.time() - t_last
-            avg["examples_per_second"] = config.optim.batch_size * accum * (done - n_last) / max(dt, 1e-9)
-            avg["seconds_per_step"] = dt / max(done - n_last, 1)
+            if done > n_last:  # throughput over the steps after compilation
+              dt = time.time() - t_last
+              avg["examples_per_second"] = config.optim.batch_size * accum * (done - n_last) / max(dt, 1e-9)
+              avg["seconds_per_step"] = dt / (done - n_last)
             writer.write_scalars(done, {f"train/{k}": v for k, v in avg.items()})
             bar.set_postfix(
               loss=f"{avg['loss']:.4f}",
               q=f"{avg['active_q']:.0f}",
               d=f"{avg['active_d']:.0f}",
-              ex_s=f"{avg['examples_per_second']:.1f}",
+              ex_s=f"{avg.get('examples_per_second', float('nan')):.1f}",
             )
             result["train"] = avg
             pending, t_last, n_last = [], time.time(), done
         if ckpt.should_save(done) or done == total or stop["sigterm"]:
           _check_finite(state, last_ckpt)
-          ckpt.save(done, state.to_tree(), {"data": pipe.get_state(), "step": done})
+          ckpt.save(done, state.to_tree(), {"data": data_pos, "step": done})
           last_ckpt = done
         result["step"] = done
         if stop["sigterm"]:
@@ -225,6 +246,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start:
     bar.close()
     writer.close()
     ckpt.close()
+
+
+def _report_restore(lead: bool, ckpt: checkpointing.Checkpointer, restored: Any) -> None:
+  """Says where training starts: a resumed checkpoint, and any damaged ones set aside."""
+  aside = ", ".join(f"{s} ({p})" for s, p in sorted(ckpt.damaged.items()))
+  if restored is not None:
+    extra = f"; damaged checkpoints set aside: {aside}" if aside else ""
+    _say(lead, f"resumed from checkpoint {restored[2]} ({ckpt.directory}){extra}")
+  elif aside:
+    _say(lead, f"every checkpoint in {ckpt.directory} is damaged (set aside: {aside}): training restarts from step 0")
 
 
 def _encoder_from_state(

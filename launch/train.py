@@ -39,7 +39,10 @@ def main(argv):
   if _STRICT.value:
     with config.unlocked():
       config.data.strict = config.eval.strict = True
-  result = train_lib.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    result = train_lib.train_and_evaluate(config, _WORKDIR.value)
+  except train_lib.RunRefusedError as e:  # a bad config, a refused resume, missing data: one line, no traceback
+    sys.exit(f"error: {e}")
   print(f"step {result['step']}  eval {result['eval']}  encoder {result['encoder']}", flush=True)
   if result["preempted"]:
     sys.exit(143)

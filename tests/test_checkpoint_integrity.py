@@ -110,3 +110,40 @@ def test_truncated_metadata_without_checksums_named(tmp_path):
   problem = checkpoint_integrity.verify(d / "2")
   assert problem.startswith(str(meta)) and "not valid JSON" in problem
   assert _restore(d)[2] == 1
+
+
+def _nan_flip(step_dir):
+  """Turns float32 values of the biggest array file into NaN (exponent bits set), keeping its size."""
+  path = _biggest(step_dir)
+  b = bytearray(path.read_bytes())
+  for at in range(len(b) // 2, len(b) - 4, 64):
+    b[at + 3] |= 0x7F
+    b[at + 2] |= 0x80
+  path.write_bytes(bytes(b))
+
+
+def test_step_without_checksums_verified_then_checksummed(tmp_path, caplog):
+  """A run killed between orbax's commit and the checksum write: the step is checked before use and
+  gets its checksums, so damage after that is caught like in any other step."""
+  d = _saved(tmp_path)
+  (d / "2" / "checksums.json").unlink()  # the kill window
+  with caplog.at_level(logging.WARNING):
+    state, _, step = _restore(d)
+  assert step == 2 and "has no checksums.json" in caplog.text and "written now" in caplog.text
+  np.testing.assert_array_equal(state["params"]["w"], _state(2)["params"]["w"])
+  assert (d / "2" / "checksums.json").exists() and checkpoint_integrity.verify(d / "2") is None
+  _flip(_biggest(d / "2"), 200)  # damaged later: now caught by the checksums
+  assert _restore(d)[2] == 1
+
+
+def test_step_without_checksums_holding_nan_is_set_aside(tmp_path, caplog):
+  d = _saved(tmp_path)
+  (d / "2" / "checksums.json").unlink()
+  _nan_flip(d / "2")
+  ck = checkpointing.Checkpointer(d, every=1, keep=0)
+  with pytest.raises(checkpointing.CheckpointCorruptError, match=r"no checksums.json and holds \d+ NaN/inf"):
+    ck.restore(jax.tree.map(jnp.zeros_like, _state(0)), step=2)
+  with caplog.at_level(logging.WARNING):
+    assert ck.restore(jax.tree.map(jnp.zeros_like, _state(0)))[2] == 1
+  assert list(ck.damaged) == [2] and "NaN/inf" in caplog.text
+  ck.close()
