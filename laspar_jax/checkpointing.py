@@ -108,9 +108,10 @@ class Checkpointer:
     if step in self._mgr.all_steps():
       return
     self._finalize()
-    self._mgr.save(
-      step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
-    )
+    with io_utils.disk_space_errors(self.step_dir(step), f"checkpoint {step}"):
+      self._mgr.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+      )
     self._unhashed.append(step)
     if not self._async:
       self._finalize()
@@ -123,11 +124,13 @@ class Checkpointer:
     """Waits for pending saves, then writes the checksums of the steps committed since the last call."""
     if not self._unhashed:
       return
-    self._mgr.wait_until_finished()
-    for step in self._unhashed:
+    steps, self._unhashed = self._unhashed, []
+    with io_utils.disk_space_errors(self.step_dir(steps[-1]), f"checkpoint {steps[-1]}"):
+      self._mgr.wait_until_finished()
+    for step in steps:
       if jax.process_index() == 0 and self.step_dir(step).exists():
-        integrity.write_checksums(self.step_dir(step))
-    self._unhashed = []
+        with io_utils.disk_space_errors(self.step_dir(step), f"the checksums of checkpoint {step}"):
+          integrity.write_checksums(self.step_dir(step))
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
     """Restores a checkpoint into the structure and shardings of `target`.

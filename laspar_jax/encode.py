@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from laspar_jax import index as index_lib
+from laspar_jax import io_utils
 from laspar_jax import platform, sparsify
 from laspar_jax.data import sources
 from laspar_jax.tokenizer import Tokenizer
@@ -273,16 +274,19 @@ def index_collection(
   )
   bar = tqdm(total=getattr(docs, "num_docs", None), unit="doc", desc="index", disable=not progress)
   t0 = time.time()
-  with index_lib.IndexWriter(
-    path,
-    dim,
-    value_dtype=value_dtype,
-    approx=approx,
-    ram_budget_bytes=ram_budget_bytes,
-    overwrite=overwrite,
-    metadata=meta,
-    **writer_kwargs,
-  ) as w:
+  with (
+    io_utils.disk_space_errors(path, "the index"),
+    index_lib.IndexWriter(
+      path,
+      dim,
+      value_dtype=value_dtype,
+      approx=approx,
+      ram_budget_bytes=ram_budget_bytes,
+      overwrite=overwrite,
+      metadata=meta,
+      **writer_kwargs,
+    ) as w,
+  ):
     for ids, idx_bk, val_bk in batches:
       w.add(ids, idx_bk, val_bk)
       bar.update(len(ids))

@@ -14,11 +14,15 @@ the next `atomic_directory` of the same name, and `remove_stale_tmp(folder)`
 clears every such entry of a folder. On commit, local files and folders get
 the permissions of the umask (0644/0755 under the usual 022), whatever mode
 the writer used (some writers create 0600 temporary files).
+
+A full disk while writing raises `DiskFullError` (an OSError, errno ENOSPC)
+naming the path and saying "no space left on device" (`disk_space_errors`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -29,6 +33,47 @@ from etils import epath
 from laspar_jax.index.format import pid_alive  # the one liveness check (index/ is pure: it cannot import us)
 
 PathLike = str | os.PathLike | epath.Path
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile/save on a full disk
+
+
+class DiskFullError(OSError):
+  """No space left where a file was being written; the message names the path."""
+
+
+def _is_no_space(e: BaseException) -> bool:
+  if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return True
+  text = str(e)
+  return bool(_SHORT_WRITE.search(text)) or "no space left on device" in text.lower()
+
+
+@contextlib.contextmanager
+def disk_space_errors(path: PathLike, what: str = "") -> Iterator[None]:
+  """Turns a full-disk error inside the block into a `DiskFullError` naming `path` and "no space left".
+
+  A full disk shows up as OSError ENOSPC/EDQUOT, as numpy's "N requested and M
+  written" short write (no errno), or as a library's error quoting the OS
+  message; every other exception passes through unchanged.
+
+  Args:
+    path: what was being written (file or folder), named in the message.
+    what: a few words on what it is ("the index", "checkpoint 40", ...).
+  """
+  try:
+    yield
+  except DiskFullError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless it is a full disk)
+    if not _is_no_space(e):
+      raise
+    about = f" while writing {what}" if what else ""
+    raise DiskFullError(
+      errno.ENOSPC,
+      f"{os.fspath(path)}: no space left on device{about} ({type(e).__name__}: {str(e)[:300]}); "
+      "free some space there or write elsewhere",
+    ) from e
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -62,7 +107,8 @@ def atomic_directory(path: PathLike, *, overwrite: bool = True) -> Iterator[epat
     tmp.rmtree()
   tmp.mkdir(parents=True)
   try:
-    yield tmp
+    with disk_space_errors(final):
+      yield tmp
   except BaseException:
     if tmp.exists():
       tmp.rmtree()
@@ -75,7 +121,8 @@ def atomic_directory(path: PathLike, *, overwrite: bool = True) -> Iterator[epat
   if is_local(final):
     os.replace(os.fspath(tmp), os.fspath(final))
   else:
-    tmp.copy(final) if tmp.is_file() else _copy_tree(tmp, final)
+    with disk_space_errors(final):
+      tmp.copy(final) if tmp.is_file() else _copy_tree(tmp, final)
     tmp.rmtree()
   if old.exists():
     old.rmtree()
@@ -143,5 +190,11 @@ def write_text_atomic(path: PathLike, text: str) -> None:
   final = as_path(path)
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
-  tmp.write_text(text)
+  try:
+    with disk_space_errors(final):
+      tmp.write_text(text)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+    raise
   tmp.rename(final) if not is_local(final) else os.replace(os.fspath(tmp), os.fspath(final))

@@ -128,9 +128,13 @@ class EncoderConfig:
     """Short hash of the config (stored in index manifests).
 
     Fields added after the first release count only when they differ from
-    their default, so existing fingerprints stay valid.
+    their default, so existing fingerprints stay valid. It is the content, not
+    the location: a backbone that is a saved encoder folder counts as the
+    backbone its config names (`backbone_identity`), so a byte-identical copy
+    of an encoder folder has the fingerprint of the original.
     """
     d = {k: v for k, v in self.to_dict().items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
+    d["backbone"] = backbone_identity(self.backbone)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
   def head_specs(self) -> tuple[tuple[str, dict[str, Any]], tuple[str, dict[str, Any]]]:
@@ -139,6 +143,18 @@ class EncoderConfig:
     if not self.doc_head and not self.doc_head_kwargs:
       return query, query
     return query, (self.doc_head or self.head, dict(self.doc_head_kwargs))
+
+
+def backbone_identity(backbone: str, _depth: int = 0) -> str:
+  """What a backbone is rather than where: a saved encoder folder gives the backbone its config names."""
+  if _depth < 8 and backbone:
+    try:
+      cfg = epath.Path(backbone) / CONFIG_NAME
+      if cfg.exists():
+        return backbone_identity(str(json.loads(cfg.read_text())["backbone"]), _depth + 1)
+    except (OSError, ValueError, KeyError, TypeError):
+      pass
+  return backbone
 
 
 _NEW_FIELDS = {
@@ -394,7 +410,8 @@ def save_encoder(
     config = dataclasses.replace(config, lora={})
   with io_utils.atomic_directory(path) as tmp:
     (tmp / PARAMS_NAME).write_bytes(safetensors.numpy.save(params))
-    (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+    saved = {**config.to_dict(), "backbone": backbone_identity(config.backbone)}  # not this machine's path
+    (tmp / CONFIG_NAME).write_text(json.dumps(saved, indent=2))
     backbone_dir = epath.Path(hf_weights.resolve(encoder.config.backbone))
     for name in BACKBONE_FILES:
       if (backbone_dir / name).exists():
