@@ -6,7 +6,10 @@ config (there is no global shrink table).
 
 The shared collections live in `../shared/data` next to the repository
 (resolved from this file, not from the working directory); set
-`$LASPAR_DATA` to use another folder.
+`$LASPAR_DATA` to use another folder. A collection missing from that folder
+is read through ir_datasets instead (`IRDS_IDS`: SciFact is `beir/scifact`,
+downloaded on first use into $IR_DATASETS_HOME); a run that can neither find
+the folder nor download stops before writing anything, naming both.
 """
 
 from __future__ import annotations
@@ -38,9 +41,16 @@ def data_root() -> str:
   return os.environ.get(DATA_ENV) or os.path.normpath(REPO.parent / "shared" / "data")
 
 
+# Collections of the data root that ir_datasets also serves (the split is appended: beir/scifact/train).
+IRDS_IDS = {"scifact": "beir/scifact"}
+
+
 def data_path(name: str) -> str:
-  """A collection under the data root (e.g. "scifact")."""
-  return os.path.join(data_root(), name)
+  """A collection under the data root (e.g. "scifact"); its ir_datasets id when the folder is missing."""
+  path = os.path.join(data_root(), name)
+  if not os.path.isdir(path) and name in IRDS_IDS:
+    return IRDS_IDS[name]
+  return path
 
 
 def sharding_rules() -> list[tuple[str, str | None]]:

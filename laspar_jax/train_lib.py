@@ -52,6 +52,7 @@ from laspar_jax import train_state
 from laspar_jax import train_step
 from laspar_jax import workdir_lock
 from laspar_jax.data import assemble
+from laspar_jax.data import sources
 from laspar_jax.models import sparse_encoder
 
 
@@ -111,6 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: io_utils.Path
   """
   t_start = time.time()
   check_config(config)
+  _check_data(config)
   workdir = _workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0
@@ -118,6 +120,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: io_utils.Path
     if lead:
       io_utils.remove_stale_tmp(workdir)  # e.g. encoder.tmp-<pid> of a killed run
     return _train(config, workdir, lead, t_start)
+
+
+def _check_data(config: ml_collections.ConfigDict) -> None:
+  """Stops the run before its workdir exists when a collection is neither a folder nor downloadable now."""
+  wanted = [(config.data.collection, config.data.get("split") or None)]
+  if config.train.final_eval or config.train.eval_every:
+    wanted.append((config.eval.collection, config.eval.get("split") or None))
+  for spec, split in dict.fromkeys(wanted):
+    try:
+      sources.check_available(spec, split=split)
+    except sources.DataUnavailableError as e:
+      raise RunRefusedError(
+        f"{e}; set LASPAR_DATA to a folder holding the collection (e.g. scifact/ in BEIR layout: corpus.jsonl, "
+        "queries.jsonl, qrels/), or run once online"
+      ) from None
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start: float) -> dict[str, Any]:

@@ -8,6 +8,9 @@ queries, qrels naming unknown queries, duplicate pairs) follow the rules of
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from collections.abc import Iterator
 
 import ir_datasets
@@ -72,9 +75,53 @@ class IrDatasetsCollection(Collection):
     return n
 
 
+class DataUnavailableError(FileNotFoundError):
+  """A collection that is neither a local folder nor downloadable now; the message is one line."""
+
+
+def _fetch(ds) -> None:
+  """Reads the first record of each part (ir_datasets downloads what is not cached yet)."""
+  for has, it in (("has_docs", "docs_iter"), ("has_queries", "queries_iter"), ("has_qrels", "qrels_iter")):
+    if getattr(ds, has)():
+      next(iter(getattr(ds, it)()), None)
+
+
+@contextlib.contextmanager
+def _no_logging() -> Iterator[None]:
+  logging.disable(logging.WARNING)
+  try:
+    yield
+  finally:
+    logging.disable(logging.NOTSET)
+
+
+def ensure_downloaded(dataset_id: str) -> None:
+  """Makes sure an ir_datasets dataset is in the local cache, downloading it when online.
+
+  Args:
+    dataset_id: a registered ir_datasets id (e.g. `beir/scifact/train`).
+
+  Raises:
+    DataUnavailableError: the download failed (e.g. offline); one line naming the id.
+  """
+  try:  # ir_datasets' own log lines and bars are held back: a failure is then one line
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), _no_logging():
+      _fetch(ir_datasets.load(dataset_id))
+  except Exception as e:  # pylint: disable=broad-except  (network, HTTP, file errors: all mean "not available")
+    first = (str(e).splitlines() or [""])[0][:200]
+    raise DataUnavailableError(
+      f"the ir_datasets id {dataset_id!r} is not in the local cache ($IR_DATASETS_HOME, default ~/.ir_datasets) "
+      f"and downloading it failed (offline?): {type(e).__name__}: {first}"
+    ) from None
+
+
 def irds_id(spec: str, split: str | None) -> str:
-  """`spec/split` (or `spec`) checked against the ir_datasets registry."""
+  """`spec/split` (or `spec`) checked against the ir_datasets registry; no split picks `spec/test` when `spec`
+  alone has no qrels (as a BEIR folder picks qrels/test.tsv)."""
   full = f"{spec}/{split}" if split else spec
+  if not split and f"{spec}/test" in ir_datasets.registry and full in ir_datasets.registry:
+    if not ir_datasets.load(full).has_qrels():  # e.g. beir/scifact: no qrels without a split; as BEIR folders
+      full = f"{spec}/test"
   if full not in ir_datasets.registry:
     raise ValueError(f"{spec!r}: not a path, and {full!r} is not an ir_datasets id")
   return full

@@ -45,9 +45,19 @@ from laspar_jax.data import formats
 from laspar_jax.data import smart
 from laspar_jax.data.collection import Collection, doc_text
 from laspar_jax.data.formats import DataFormatError, Doc, Problems
-from laspar_jax.data.ir_datasets_source import IrDatasetsCollection, irds_id
+from laspar_jax.data.ir_datasets_source import DataUnavailableError, IrDatasetsCollection, irds_id
+from laspar_jax.data import ir_datasets_source
 
-__all__ = ["Collection", "DataFormatError", "Doc", "IrDatasetsCollection", "doc_text", "load_collection"]
+__all__ = [
+  "Collection",
+  "DataFormatError",
+  "DataUnavailableError",
+  "Doc",
+  "IrDatasetsCollection",
+  "check_available",
+  "doc_text",
+  "load_collection",
+]
 
 
 # ----------------------------------------------------------------------------- local files
@@ -384,3 +394,29 @@ def load_collection(
   if os.path.exists(spec):
     raise FileNotFoundError(f"{spec}: expected a directory")
   return IrDatasetsCollection(irds_id(spec, split), problems)
+
+
+def check_available(spec: str | os.PathLike, *, split: str | None = None) -> None:
+  """Checks, before a run writes anything, that `load_collection(spec, split=split)` can read its data.
+
+  A local folder must exist; an ir_datasets id is downloaded now when it is
+  not cached yet (`ir_datasets_source.ensure_downloaded`).
+
+  Args:
+    spec: what `load_collection` takes.
+    split: its split.
+
+  Raises:
+    DataUnavailableError: a missing folder, or an ir_datasets id that cannot be downloaded.
+    ValueError: neither a path nor an ir_datasets id.
+  """
+  spec = os.fspath(spec)
+  if os.path.exists(spec):
+    return
+  try:
+    full = irds_id(spec, split)
+  except ValueError:
+    if os.path.isabs(spec) or spec.startswith((".", "~")):
+      raise DataUnavailableError(f"{spec}: no such folder") from None
+    raise
+  ir_datasets_source.ensure_downloaded(full)
