@@ -88,6 +88,19 @@ class EncoderConfig:
       (multi_token; the defaults are the reference's).
     bidirectional: bidirectional attention in a decoder-only backbone (OPT, Llama
       family; an error for the others).
+    prompt: zero-shot prompt preset (`prompts.PRESETS`; "" = no prompt). Texts are
+      composed with it by the tokenizer (`Tokenizer.encode_with_offsets`); the
+      max lengths then count the prompt too, as the reference's.
+    prompt_pool: "all" (pool over prompt + text positions, the reference's RQ1) or
+      "text" (the text positions only).
+    in_text_filter: keep only vocabulary ids occurring in the text (stop words removed;
+      `prompts.InTextFilter`), the unfiltered weights when every kept one is 0.
+    filter_match: "string" (a vocabulary id whose token string matches a text token's)
+      or "id" (the text's own token ids, the reference's rule).
+    term_cap: dims kept per text under the in-text filter (0 = every in-text term, the
+      reference's; else at most this many).
+    impacts: "float" (weights as computed) or "int100" (int(w * 100), as the reference
+      writes zero-shot impacts).
   """
 
   backbone: str = "sentence-transformers/all-MiniLM-L6-v2"
@@ -109,6 +122,12 @@ class EncoderConfig:
   decoding: str = "plain"
   decoding_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   bidirectional: bool = False
+  prompt: str = ""
+  prompt_pool: str = "all"
+  in_text_filter: bool = False
+  filter_match: str = "string"
+  term_cap: int = 0
+  impacts: str = "float"
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -165,6 +184,12 @@ _NEW_FIELDS = {
   "decoding": "plain",
   "decoding_kwargs": {},
   "bidirectional": False,
+  "prompt": "",
+  "prompt_pool": "all",
+  "in_text_filter": False,
+  "filter_match": "string",
+  "term_cap": 0,
+  "impacts": "float",
 }
 _DECODING_KEYS = {"drop_first", "mask_eos"}
 _BOS_MODES = ("plain", "echo", "last_token")  # decoder-only read-outs that leave BOS out
