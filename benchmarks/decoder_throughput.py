@@ -45,9 +45,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from laspar_jax import mesh as mesh_lib
-from laspar_jax import optim, platform, train_state, train_step
-from laspar_jax.models import backbone, heads, hf_weights, lora, sparse_encoder
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root (configs)
+from configs import common  # noqa: E402
+from laspar_jax import mesh as mesh_lib  # noqa: E402
+from laspar_jax import optim, platform, train_state, train_step  # noqa: E402
+from laspar_jax.models import backbone, heads, hf_weights, lora, sparse_encoder  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TOOLSENV_PYTHON = os.environ.get("LASPAR_TORCH_PYTHON", "")  # a python with torch + transformers
@@ -280,79 +282,111 @@ def _random_encoder(name: str, hf: dict, lora_spec: dict, dtype, remat: bool):
   return sparse_encoder.SparseEncoder(enc_cfg, model, head), lora.lora_param_count(model)
 
 
+LORA_OPTIM = dict(
+  lr=1e-4,
+  warmup_steps=0,
+  schedule="constant",
+  end_lr=0.0,
+  weight_decay=0.0,
+  b1=0.9,
+  b2=0.999,
+  eps=1e-8,
+  grad_clip=1.0,
+  head_lr_mult=1.0,
+  freeze=(),
+)
+
+
+def lora_shapes(scale: str) -> tuple[int, int, int]:
+  """(queries = documents per batch, query tokens, document tokens) of a --gpu row."""
+  return (32, 32, 256) if scale == "full" else (8, 8, 16)
+
+
+def lora_step_row(name: str, scale: str = "full", steps: int = 5) -> dict:
+  """One LoRA train-step row: a random `CONFIGS[name]` encoder, its jitted donated step on one batch.
+
+  Args:
+    name: a key of CONFIGS.
+    scale: "full" (the real model's shapes) or "tiny".
+    steps: timed steps after the compiling one.
+
+  Returns:
+    {"model", "params", "lora_params", "compile_s" (first call: trace + compile + one step),
+     "step_s" (median), "loss", "peak_GiB" (None where the backend keeps no statistics)}.
+  """
+  mesh = mesh_lib.make_mesh(data=-1, model=1)
+  o = ml_collections.ConfigDict(LORA_OPTIM)
+  bq, lq, ld = lora_shapes(scale)
+  full, tiny = CONFIGS[name]
+  hf = full if scale == "full" else {**full, **tiny}
+  big = name in BIG and scale == "full"
+  enc, n_lora = _random_encoder(name, hf, {"rank": 16, "alpha": 32}, jnp.bfloat16 if big else jnp.float32, remat=big)
+  params = train_state.encoder_params(enc)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  tx, lr = optim.make_optimizer(o, 100, params)
+  trainable = optim.trainable_mask(params, o)
+  graphdef, rest, state, shardings = train_state.create_train_state(enc, tx, mesh)
+  del enc, params
+  step = train_step.make_train_step(
+    graphdef, rest, tx, lr, train_step.StepConfig(), shardings, mesh, trainable=trainable
+  )
+  step = platform.jit_boundary(step)  # the compilation cache, as the train loop has it
+  rng = np.random.default_rng(0)
+  vocab = hf["vocab_size"]
+  batch = mesh_lib.put_batch(
+    {
+      "q_input_ids": rng.integers(3, vocab, (bq, lq)),
+      "q_attention_mask": np.ones((bq, lq), np.int32),
+      "d_input_ids": rng.integers(3, vocab, (bq, ld)),
+      "d_attention_mask": np.ones((bq, ld), np.int32),
+    },
+    mesh,
+  )
+  t = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - t
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return {
+    "model": name,
+    "params": int(n_params),
+    "lora_params": int(n_lora),
+    "compile_s": compile_s,
+    "step_s": float(np.median(times)),
+    "loss": float(metrics["loss"]),
+    "peak_GiB": peak / 2**30 if peak else None,
+  }
+
+
 def train_main(args: argparse.Namespace) -> None:
   """LoRA train steps of large random encoders: compile s, step s, peak device memory."""
-  mesh = mesh_lib.make_mesh(data=-1, model=1)
-  o = ml_collections.ConfigDict(
-    dict(
-      lr=1e-4,
-      warmup_steps=0,
-      schedule="constant",
-      end_lr=0.0,
-      weight_decay=0.0,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      grad_clip=1.0,
-      head_lr_mult=1.0,
-      freeze=(),
-    )
-  )
-  bq, lq, ld = (32, 32, 256) if args.scale == "full" else (8, 8, 16)
+  bq, lq, ld = lora_shapes(args.scale)
   print(
     f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  batch {bq} queries x {lq} + "
     f"{bq} docs x {ld} tokens, LoRA r=16 on every projection, vocabulary head"
   )
   print(f"{'model':<14}{'params':>10}{'lora':>10}{'compile s':>11}{'step s':>9}{'peak GiB':>10}")
   for name in args.models:
-    full, tiny = CONFIGS[name]
-    hf = full if args.scale == "full" else {**full, **tiny}
-    big = name in BIG and args.scale == "full"
-    enc, n_lora = _random_encoder(name, hf, {"rank": 16, "alpha": 32}, jnp.bfloat16 if big else jnp.float32, remat=big)
-    params = train_state.encoder_params(enc)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    tx, lr = optim.make_optimizer(o, 100, params)
-    trainable = optim.trainable_mask(params, o)
-    graphdef, rest, state, shardings = train_state.create_train_state(enc, tx, mesh)
-    del enc, params
-    step = train_step.make_train_step(
-      graphdef, rest, tx, lr, train_step.StepConfig(), shardings, mesh, trainable=trainable
-    )
-    rng = np.random.default_rng(0)
-    vocab = hf["vocab_size"]
-    batch = mesh_lib.put_batch(
-      {
-        "q_input_ids": rng.integers(3, vocab, (bq, lq)),
-        "q_attention_mask": np.ones((bq, lq), np.int32),
-        "d_input_ids": rng.integers(3, vocab, (bq, ld)),
-        "d_attention_mask": np.ones((bq, ld), np.int32),
-      },
-      mesh,
-    )
-    t = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(state)
-    compile_s = time.perf_counter() - t
-    times = []
-    for _ in range(args.steps):
-      t = time.perf_counter()
-      state, metrics = step(state, batch)
-      jax.block_until_ready(state)
-      times.append(time.perf_counter() - t)
-    stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    assert np.isfinite(float(metrics["loss"]))
+    r = lora_step_row(name, args.scale, args.steps)
+    assert np.isfinite(r["loss"])
+    peak = f"{r['peak_GiB']:.1f}" if r["peak_GiB"] else "-"
     print(
-      f"{name:<14}{n_params / 1e6:>9.1f}M{n_lora / 1e6:>9.2f}M{compile_s:>11.1f}{float(np.median(times)):>9.3f}"
-      f"{(f'{peak / 2**30:.1f}' if peak else '-'):>10}"
+      f"{name:<14}{r['params'] / 1e6:>9.1f}M{r['lora_params'] / 1e6:>9.2f}M{r['compile_s']:>11.1f}{r['step_s']:>9.3f}"
+      f"{peak:>10}"
     )
-    del state, step
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default=SMOLLM2, help="hub id, .gguf file or model folder (Llama family)")
-  ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "../../shared/data/scifact"))
+  ap.add_argument("--data", default=common.data_path("scifact"), help="a BEIR folder (default: $LASPAR_DATA/scifact)")
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--lengths", type=int, nargs="+", default=[256])
   ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best of each counts")

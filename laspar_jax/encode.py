@@ -41,7 +41,15 @@ def _model_shards(mesh: Mesh | None, dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _encode_fn(graphdef, kind: str, k: int, min_weight: float, compute_dtype: str, mesh: Mesh | None = None):
+def _encode_fn(
+  graphdef,
+  kind: str,
+  k: int,
+  min_weight: float,
+  compute_dtype: str,
+  mesh: Mesh | None = None,
+  matmul_precision: str = "default",
+):
   def fn(state, ids_bl, mask_bl):
     encoder = nnx.merge(graphdef, state)
     rep_bv = encoder(ids_bl, mask_bl, kind=kind)
@@ -49,7 +57,7 @@ def _encode_fn(graphdef, kind: str, k: int, min_weight: float, compute_dtype: st
       return sparsify.sharded_topk(rep_bv, k, mesh, "model", min_weight=min_weight)
     return sparsify.topk(rep_bv, k, min_weight=min_weight)
 
-  return platform.jit(fn, compute_dtype=compute_dtype)
+  return platform.jit(fn, compute_dtype=compute_dtype, matmul_precision=matmul_precision)
 
 
 def encode_sparse(
@@ -95,7 +103,7 @@ def encode_sparse(
   max_length = max_length or (cfg.query_max_len if kind == "query" else cfg.doc_max_len)
   graphdef, state = nnx.split(encoder)
   shard_mesh = mesh if _model_shards(mesh, encoder.output_dim) > 1 else None
-  fn = _encode_fn(graphdef, kind, int(k), float(min_weight), cfg.dtype, shard_mesh)
+  fn = _encode_fn(graphdef, kind, int(k), float(min_weight), cfg.dtype, shard_mesh, cfg.matmul_precision)
   bar = tqdm(total=total, desc=f"encode {kind}s", unit=kind, disable=not progress)
   it = iter(texts)
   while True:

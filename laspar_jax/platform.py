@@ -29,10 +29,25 @@ defaults. Forward+backward is unchanged, so the train step keeps the defaults.
 backend and plain `jax.jit` elsewhere. An XLA that no longer knows an option
 makes the first call fall back to plain `jax.jit` with a warning, never an
 error.
+
+Matmul precision (`EncoderConfig.matmul_precision`, config `model.matmul_precision`):
+"default" leaves JAX's default (on GPUs fp32 dots run as TF32, on TPUs as
+one bf16 pass), "tf32" asks for TF32 (GPU; 3 bf16 passes on TPU), "highest"
+for full fp32 products. It is applied around the jitted call
+(`jit(..., matmul_precision=)`, `jit_boundary`), never in model code;
+dots with bf16 operands are not affected.
+
+Persistent compilation cache: `init_compilation_cache()` (called by `jit` and
+`jit_boundary`) points JAX's persistent cache at `$LASPAR_COMPILATION_CACHE`,
+default `~/.cache/laspar_jax/jax_cache` (`$XDG_CACHE_HOME` honoured); "off"
+turns it off, and a `jax_compilation_cache_dir` the user set is left alone.
+The tests turn it off (conftest).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +62,14 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # YNNPACK for individual dots only (its AMX / AVX512-BF16 kernels); the rest is XLA codegen.
 CPU_BF16_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
+# model.matmul_precision -> jax.default_matmul_precision value (None: JAX's default, no context).
+MATMUL_PRECISIONS = {"default": None, "tf32": "tensorfloat32", "highest": "highest"}
+
+CACHE_ENV = "LASPAR_COMPILATION_CACHE"
+CACHE_OFF = ("0", "off", "false", "no", "none")
+# Computations that compile faster than this are not written to the cache (JAX's default is 1 s).
+CACHE_MIN_COMPILE_SECS = 0.5
+
 
 def compiler_options(backend: str | None = None, compute_dtype: Any = jnp.float32) -> dict[str, Any] | None:
   """Options for an inference computation in `compute_dtype` on `backend` (None: XLA defaults)."""
@@ -56,33 +79,135 @@ def compiler_options(backend: str | None = None, compute_dtype: Any = jnp.float3
   return dict(CPU_BF16_OPTIONS if jnp.dtype(compute_dtype) == jnp.bfloat16 else CPU_OPTIONS)
 
 
+def matmul_precision(name: str = "default") -> contextlib.AbstractContextManager:
+  """The context in which a jitted call traces with `name`'s matmul precision.
+
+  Args:
+    name: "default", "tf32" or "highest" (see the module docstring).
+
+  Returns:
+    `jax.default_matmul_precision(...)`, or a null context for "default".
+
+  Raises:
+    ValueError: an unknown name.
+  """
+  if name not in MATMUL_PRECISIONS:
+    raise ValueError(f"unknown matmul_precision {name!r}; known: {', '.join(MATMUL_PRECISIONS)}")
+  value = MATMUL_PRECISIONS[name]
+  return contextlib.nullcontext() if value is None else jax.default_matmul_precision(value)
+
+
+class _Precise:
+  """A jitted callable traced (called and lowered) under one matmul precision."""
+
+  def __init__(self, jitted: Callable, precision: str):
+    matmul_precision(precision)  # validates the name now
+    self._jitted, self.precision = jitted, precision
+
+  def __call__(self, *args, **kwargs):
+    with matmul_precision(self.precision):
+      return self._jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with matmul_precision(self.precision):
+      return self._jitted.lower(*args, **kwargs)
+
+
+def jit_boundary(jitted: Callable, matmul_precision: str = "default") -> Callable:
+  """A `jax.jit` result at the platform boundary: compilation cache on, called and lowered at `matmul_precision`.
+
+  Args:
+    jitted: a jitted function (e.g. the train step).
+    matmul_precision: "default", "tf32" or "highest".
+
+  Returns:
+    `jitted` itself for "default", else a wrapper with the same `__call__` and `lower`.
+  """
+  init_compilation_cache()
+  wrapped = _Precise(jitted, matmul_precision)  # validates the name
+  return jitted if matmul_precision == "default" else wrapped
+
+
 class _Jitted:
   """jax.jit with compiler options, falling back to plain jit if XLA rejects them."""
 
-  def __init__(self, fn: Callable, options: dict[str, Any] | None, jit_kwargs: dict[str, Any]):
+  def __init__(self, fn: Callable, options: dict[str, Any] | None, jit_kwargs: dict[str, Any], precision: str):
+    init_compilation_cache()
     self._plain = jax.jit(fn, **jit_kwargs)
     self._tuned = jax.jit(fn, compiler_options=options, **jit_kwargs) if options else None
-    self.options = options
+    self.options, self.precision = options, precision
+    matmul_precision(precision)  # validates the name now
 
   def __call__(self, *args, **kwargs):
-    if self._tuned is None:
-      return self._plain(*args, **kwargs)
-    try:
-      return self._tuned(*args, **kwargs)
-    except jax.errors.JaxRuntimeError as e:
-      if not any(name in str(e) for name in self.options):
-        raise
-      warnings.warn(f"XLA rejected compiler options {self.options} ({e}); using defaults", RuntimeWarning, stacklevel=2)
-      self._tuned = None
-      return self._plain(*args, **kwargs)
+    with matmul_precision(self.precision):
+      if self._tuned is None:
+        return self._plain(*args, **kwargs)
+      try:
+        return self._tuned(*args, **kwargs)
+      except jax.errors.JaxRuntimeError as e:
+        if not any(name in str(e) for name in self.options):
+          raise
+        warnings.warn(
+          f"XLA rejected compiler options {self.options} ({e}); using defaults", RuntimeWarning, stacklevel=2
+        )
+        self._tuned = None
+        return self._plain(*args, **kwargs)
 
   def lower(self, *args, **kwargs):
-    return (self._tuned or self._plain).lower(*args, **kwargs)
+    with matmul_precision(self.precision):
+      return (self._tuned or self._plain).lower(*args, **kwargs)
 
 
-def jit(fn: Callable, *, compute_dtype: Any = jnp.float32, **jit_kwargs) -> Callable:
-  """`jax.jit(fn, **jit_kwargs)` with `compiler_options(compute_dtype=...)` on CPU."""
-  return _Jitted(fn, compiler_options(compute_dtype=compute_dtype), jit_kwargs)
+def jit(fn: Callable, *, compute_dtype: Any = jnp.float32, matmul_precision: str = "default", **jit_kwargs) -> Callable:
+  """`jax.jit(fn, **jit_kwargs)` with `compiler_options(compute_dtype=...)` on CPU, traced under `matmul_precision`."""
+  return _Jitted(fn, compiler_options(compute_dtype=compute_dtype), jit_kwargs, matmul_precision)
+
+
+def compilation_cache_dir(setting: str | None = None) -> str | None:
+  """The persistent compilation cache folder, or None when the cache is off.
+
+  Args:
+    setting: a folder, "" (the default folder) or an off word ("off", "0",
+      "false", "no", "none"); None reads `$LASPAR_COMPILATION_CACHE`.
+
+  Returns:
+    An absolute folder, or None.
+  """
+  setting = os.environ.get(CACHE_ENV, "") if setting is None else setting
+  if setting.strip().lower() in CACHE_OFF:
+    return None
+  if setting:
+    return os.path.abspath(os.path.expanduser(setting))
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "laspar_jax", "jax_cache")
+
+
+def init_compilation_cache(setting: str | None = None) -> str | None:
+  """Turns on JAX's persistent compilation cache (see `compilation_cache_dir`); idempotent.
+
+  A cache folder already set in JAX's config (`JAX_COMPILATION_CACHE_DIR`, or
+  the user's `jax.config.update`) wins over ours.
+
+  Args:
+    setting: as `compilation_cache_dir` (None: the environment).
+
+  Returns:
+    The folder in use, or None when off.
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  path = compilation_cache_dir(setting)
+  if path is None:
+    return None
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    warnings.warn(f"compilation cache {path} unusable ({e}); compiling without it", RuntimeWarning, stacklevel=2)
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
+  return path
 
 
 def attention_impl(requested: str = "auto", backend: str | None = None) -> str:

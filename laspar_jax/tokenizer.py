@@ -422,6 +422,19 @@ class Tokenizer:
     cap = 100 * max_length  # chars; no token spans 100: a huge text is cut before it is tokenized whole
     texts = [t if len(t) <= cap else t[:cap] if self.truncation_side == "right" else t[-cap:] for t in texts]
     rows = [e.ids for e in self._truncating_tokenizer(max_length).encode_batch(texts)]
+    return self.pad_rows(rows, max_length=max_length)
+
+  def pad_rows(self, rows: Sequence[Sequence[int]], *, max_length: int | None = None) -> dict[str, np.ndarray]:
+    """Pads token-id rows (already truncated) into a batch exactly as `__call__` does.
+
+    Args:
+      rows: token ids per text, special tokens included, at most max_length each.
+      max_length: the truncation length the rows were made with (default: self.max_length).
+
+    Returns:
+      {"input_ids", "attention_mask", "token_type_ids"} as `__call__`.
+    """
+    max_length = max_length or self.max_length
     longest = max((len(r) for r in rows), default=1)
     need = min(max(longest, 1), max_length)
     length = next((b for b in self.buckets if need <= b <= max_length), max_length)

@@ -6,6 +6,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No persistent compilation cache in tests (a test that needs it turns it on itself).
+os.environ.setdefault("LASPAR_COMPILATION_CACHE", "off")
 
 import pathlib  # noqa: E402
 import sys  # noqa: E402

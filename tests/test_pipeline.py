@@ -149,3 +149,18 @@ def test_worker_error_reaches_consumer(setup):
   p = pl.TrainPipeline(bad, c, tok, batch_size=8, n_neg=2, q_len=16, d_len=32, prefetch=2)
   with pytest.raises(KeyError, match="no-such-doc"):
     next(p)
+
+
+def test_token_cache_gives_the_tokenizers_batches(setup):
+  """Cached token ids (second epoch: all hits) pad to exactly the tokenizer's batches, left padding too."""
+  _, tok, _ = setup
+  try:
+    for side in ("right", "left"):
+      tok.padding_side = side
+      cached, plain = _pipe(setup, prefetch=0), _pipe(setup, prefetch=0)
+      plain._q_tokens.enabled = plain._d_tokens.enabled = False  # pylint: disable=protected-access
+      for a, b in zip(_take(cached, 2 * cached.steps_per_epoch), _take(plain, 2 * plain.steps_per_epoch)):
+        _eq(a, b)
+      assert cached._d_tokens._rows and not plain._d_tokens._rows  # pylint: disable=protected-access
+  finally:
+    tok.padding_side = "right"

@@ -77,3 +77,64 @@ def test_default_backend_only_in_platform():
   root = pathlib.Path(platform.__file__).parent
   users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "default_backend(" in p.read_text())
   assert users == ["platform.py"]
+
+
+def _dot_precisions(fn, *args) -> list[str]:
+  return [line for line in fn.lower(*args).as_text().splitlines() if "dot_general" in line]
+
+
+def test_matmul_precision_at_the_jit_boundary():
+  a = jnp.ones((8, 8), jnp.float32)
+  mm = lambda x, y: x @ y
+  assert all("DEFAULT" in line for line in _dot_precisions(platform.jit(mm), a, a))
+  assert all("HIGHEST" in line for line in _dot_precisions(platform.jit(mm, matmul_precision="highest"), a, a))
+  assert all("HIGH," in line for line in _dot_precisions(platform.jit(mm, matmul_precision="tf32"), a, a))
+  step = platform.jit_boundary(jax.jit(mm), "highest")
+  assert all("HIGHEST" in line for line in _dot_precisions(step, a, a))
+  np.testing.assert_allclose(np.asarray(step(a, a)), 8.0)
+  plain = jax.jit(mm)
+  assert platform.jit_boundary(plain) is plain  # "default": nothing wrapped
+  with pytest.raises(ValueError, match="matmul_precision 'fp8'"):
+    platform.jit(mm, matmul_precision="fp8")
+
+
+def test_matmul_precision_is_a_checked_config_field():
+  from configs import laspar  # pylint: disable=g-import-not-at-top
+  from laspar_jax import config_check  # pylint: disable=g-import-not-at-top
+
+  c = laspar.get_config("runlocal")
+  assert c.model.matmul_precision == "default"
+  c.model.matmul_precision = "tf16"
+  with pytest.raises(ValueError, match="model.matmul_precision"):
+    config_check.check_config(c)
+
+
+def test_compilation_cache_setting(monkeypatch, tmp_path):
+  monkeypatch.delenv(platform.CACHE_ENV, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert platform.compilation_cache_dir() == str(tmp_path / "xdg" / "laspar_jax" / "jax_cache")  # on by default
+  monkeypatch.setenv(platform.CACHE_ENV, "off")
+  assert platform.compilation_cache_dir() is None
+  assert platform.init_compilation_cache() is None  # tests run with it off (conftest)
+  monkeypatch.setenv(platform.CACHE_ENV, str(tmp_path / "mine"))
+  assert platform.compilation_cache_dir() == str(tmp_path / "mine")
+  assert platform.compilation_cache_dir("OFF") is None and platform.compilation_cache_dir("0") is None
+
+
+def test_compilation_cache_writes_entries(tmp_path):
+  """Turned on, a compiled computation lands in the folder; a folder the user set in JAX wins."""
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    assert old[0] is None
+    assert platform.init_compilation_cache(str(tmp_path / "cache")) == str(tmp_path / "cache")
+    assert platform.init_compilation_cache(str(tmp_path / "other")) == str(tmp_path / "cache")  # already set: kept
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(jnp.arange(7.0)).block_until_ready()
+    assert any((tmp_path / "cache").iterdir())
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    cc.reset_cache()

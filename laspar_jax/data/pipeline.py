@@ -19,7 +19,8 @@ truncated by the tokenizer.
 
 Prefetch. A background thread builds the next `prefetch` batches while the
 step runs; each queued batch carries the state after it, so get_state()
-always describes the batches the caller has received.
+always describes the batches the caller has received. Each query and
+document is tokenized once (`TokenCache`); later batches gather and pad.
 
 Batch (numpy, local rows; B = batch_size / P, n = n_neg):
   q_input_ids, q_attention_mask       int32 [B, q_len]
@@ -61,6 +62,35 @@ def _doc_lookup(docs) -> Callable[[str], str]:
   if callable(docs):
     return docs
   raise TypeError("docs must be a Collection, a {doc_id: text} mapping or a callable")
+
+
+class TokenCache:
+  """Token ids of texts by key, tokenized once: later batches only look them up and pad.
+
+  A batch equals the tokenizer's output on the same texts (`Tokenizer.pad_rows`
+  pads the cached rows as a call would). One cache serves one kind of text at
+  one max_length and prefix. Misses of a batch are tokenized in one call; at
+  most `max_entries` rows are kept (then misses are not stored).
+  """
+
+  def __init__(self, tokenizer, max_entries: int = 500_000):
+    self.tokenizer, self.max_entries = tokenizer, max_entries
+    self._rows: dict[Any, np.ndarray] = {}
+    self.enabled = hasattr(tokenizer, "pad_rows")
+
+  def __call__(self, keys: Sequence[Any], text: Callable[[Any], str], *, max_length: int, prefix: str) -> Batch:
+    """The tokenized batch of the texts of `keys` (`text(key)` is read only on a miss)."""
+    if not self.enabled:
+      return self.tokenizer([text(k) for k in keys], max_length=max_length, prefix=prefix)
+    rows = {k: self._rows.get(k) for k in keys}
+    missing = [k for k, r in rows.items() if r is None]
+    if missing:
+      out = self.tokenizer([text(k) for k in missing], max_length=max_length, prefix=prefix)
+      for k, ids_l, mask_l in zip(missing, out["input_ids"], out["attention_mask"]):
+        rows[k] = ids_l[mask_l == 1]
+        if len(self._rows) < self.max_entries:
+          self._rows[k] = rows[k]
+    return self.tokenizer.pad_rows([rows[k] for k in keys], max_length=max_length)
 
 
 class TrainPipeline:
@@ -136,6 +166,8 @@ class TrainPipeline:
     self._queue: queue.Queue | None = None
     self._stop: threading.Event | None = None
     self._order_cache: tuple[int, np.ndarray] | None = None
+    # Token ids by text, tokenized once (the host pipeline then only gathers and pads).
+    self._q_tokens, self._d_tokens = TokenCache(tokenizer), TokenCache(tokenizer)
 
   # --------------------------------------------------------------------------- state
 
@@ -169,7 +201,7 @@ class TrainPipeline:
   def batch_at(self, epoch: int, step: int) -> Batch:
     """This host's share of global batch (epoch, step)."""
     seed, n = self._state["seed"], self.n_neg
-    q_texts, d_ids, scores = [], [], []
+    q_ids, d_ids, scores = [], [], []
     for j in self.example_indices(epoch, step):
       e = self.examples[j]
       pool = len(e.neg_ids)
@@ -177,12 +209,12 @@ class TrainPipeline:
         pick = np.arange(n)
       else:
         pick = np.random.default_rng([seed, epoch, 1, int(j)]).choice(pool, n, replace=False)
-      q_texts.append(self.queries[e.qid])
+      q_ids.append(e.qid)
       d_ids += [e.pos_id] + [e.neg_ids[k] for k in pick]
       if self.with_scores:
         scores.append([e.teacher_scores[0]] + [e.teacher_scores[1 + k] for k in pick])
-    q = self.tokenizer(q_texts, max_length=self.q_len, prefix=self.query_prefix)
-    d = self.tokenizer([self._doc(i) for i in d_ids], max_length=self.d_len, prefix=self.doc_prefix)
+    q = self._q_tokens(q_ids, self.queries.__getitem__, max_length=self.q_len, prefix=self.query_prefix)
+    d = self._d_tokens(d_ids, self._doc, max_length=self.d_len, prefix=self.doc_prefix)
     pad = self.tokenizer.pad_id
     batch = {
       "q_input_ids": _pad(q["input_ids"], self.q_len, pad),

@@ -88,6 +88,8 @@ class EncoderConfig:
       (multi_token; the defaults are the reference's).
     bidirectional: bidirectional attention in a decoder-only backbone (OPT, Llama
       family; an error for the others).
+    matmul_precision: fp32 matmul precision of the jitted calls ("default", "tf32",
+      "highest"; `platform.matmul_precision`), applied at the jit boundary.
     prompt: zero-shot prompt preset (`prompts.PRESETS`; "" = no prompt). Texts are
       composed with it by the tokenizer (`Tokenizer.encode_with_offsets`); the
       max lengths then count the prompt too, as the reference's.
@@ -122,6 +124,7 @@ class EncoderConfig:
   decoding: str = "plain"
   decoding_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   bidirectional: bool = False
+  matmul_precision: str = "default"
   prompt: str = ""
   prompt_pool: str = "all"
   in_text_filter: bool = False
@@ -184,6 +187,7 @@ _NEW_FIELDS = {
   "decoding": "plain",
   "decoding_kwargs": {},
   "bidirectional": False,
+  "matmul_precision": "default",
   "prompt": "",
   "prompt_pool": "all",
   "in_text_filter": False,
