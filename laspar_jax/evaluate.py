@@ -17,11 +17,10 @@ relevant but not retrieved.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ir_measures
@@ -32,6 +31,7 @@ from laspar_jax import encode as encode_lib
 from laspar_jax import io_utils
 from laspar_jax.data import formats
 from laspar_jax.data import sources
+from laspar_jax.data.collection import CutCorpus
 from laspar_jax.index import Index
 
 DEFAULT_MEASURES = ("RR@10", "nDCG@10", "R@100", "R@1000")
@@ -284,19 +284,11 @@ def evaluate_encoder(
     "n_queries": len(qids),
     "active_q": float(np.mean(np.sum(q_val > 0, axis=1))) if len(qids) else 0.0,
     "active_d": float(index.n_postings / max(index.n_docs, 1)),
+    "flops_per_query": eff.get("flops_per_query", index.stats(q_idx, q_val).get("flops_per_query")),  # measured
   }
 
 
-class FirstDocs:
-  """The first `n` documents of a collection (a cut corpus for quick evaluation)."""
-
-  def __init__(self, collection: Any, n: int):
-    self._coll = collection
-    self.num_docs = min(n, collection.num_docs)
-    self.name = f"{collection.name}[:{n}]"
-
-  def docs(self) -> Iterator[sources.Doc]:
-    return itertools.islice(self._coll.docs(), self.num_docs)
+FirstDocs = CutCorpus  # the cut corpus of config.eval.max_docs: judged documents of the evaluated queries kept
 
 
 def evaluate_config(
@@ -318,7 +310,7 @@ def evaluate_config(
     per document), index_seconds and eval_seconds (both from the start of indexing).
   """
   coll = sources.load_collection(ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False)))
-  docs = FirstDocs(coll, ev.max_docs) if ev.max_docs else coll
+  docs = FirstDocs(coll, ev.max_docs, ev.max_queries) if ev.max_docs else coll
   out_dir = io_utils.as_path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
@@ -353,6 +345,7 @@ def evaluate_config(
     out["metrics"],
     active_q=out["active_q"],
     active_d=out["active_d"],
+    flops_per_query=out["flops_per_query"],  # measured on these queries (launch/report.py shows it)
     index_seconds=t_index,
     eval_seconds=time.time() - t0,
   )

@@ -118,6 +118,19 @@ def latest_eval(workdir: io_utils.PathLike) -> tuple[int | None, dict[str, float
   return steps[-1], json.loads((eval_dir / str(steps[-1]) / METRICS_NAME).read_text())
 
 
+def model_name(encoder_config: Mapping[str, Any], recipe: Mapping[str, Any] | None = None) -> str:
+  """A model's name from what it is: laspar-<head>[-D<dims>]-<backbone>[-<training data>]."""
+  head = str(encoder_config.get("head") or "sparse")
+  dim = encoder_config.get("latent_dim")
+  base = _get(recipe or {}, "model.backbone") or encoder_config.get("backbone") or ""
+  parts = ["laspar", head.replace("_", "-")]
+  if head.startswith("latent") and isinstance(dim, int) and dim > 0:
+    parts.append(f"D{dim}")
+  parts.append(os.path.basename(os.path.normpath(str(base))) if base else "")
+  parts.append(_dataset_name(_get(recipe or {}, "data.collection")) or "")
+  return "-".join(p.replace("/", "-") for p in parts if p)
+
+
 def model_card(
   encoder_config: Mapping[str, Any],
   *,
@@ -157,7 +170,7 @@ def model_card(
     front += ["metrics:"] + [f"- {json.dumps(k)}" for k in measures]
   front.append("---")
 
-  title = repo_id.split("/")[-1] if repo_id else folder_name
+  title = repo_id.split("/")[-1] if repo_id else model_name(encoder_config, recipe)
   width = "vocabulary" if head in ("mlm", "lm") else f"D = {dim:,}" if isinstance(dim, int) else "?"
   lines = [
     f"# {title}",

@@ -7,7 +7,8 @@ An experiment config (`configs/decoder/*.py`) is a module with `VARIANTS`
   W/<variant>/study.json     the variant's config digest (written first)
   W/<variant>/               `train_lib`'s workdir: config.json, checkpoints/, tb/, history.jsonl, encoder/
   W/<variant>/eval/<step>/   index/, run.trec, metrics.json (the layout `laspar_jax/report.py` reads)
-  W/<variant>/result.json    written atomically when the variant ends ("ok" or "failed")
+  W/<variant>/result.json    written atomically when the variant ends ("ok", "suspect" or "failed")
+  W/<variant>/wall.json      wall seconds over the variant's attempts (a resumed variant counts them all)
 
 A variant with a non-empty `config.zeroshot.preset` is not trained: the
 zero-shot path (`zeroshot.evaluate_zeroshot`) indexes and evaluates it in
@@ -19,7 +20,8 @@ changed), or any folder with `rerun=True`, is moved to
 W/superseded/<variant>-<old digest> and the variant starts afresh; a folder of
 the same digest without an "ok" result (killed or failed) resumes, training
 from its last checkpoint. A failing variant is recorded (status "failed",
-the error) and the next one runs.
+the error) and the next one runs; one whose every measure is 0 is "suspect"
+(finished, but nothing relevant was retrieved), not "ok".
 
 Then W/results.md and W/results.csv: one row per variant of VARIANTS that has
 a result, in VARIANTS order: each measure of `config.eval.measures`, FLOPS per
@@ -67,6 +69,8 @@ from laspar_jax.models import sparse_encoder
 RESULT = "result.json"
 STAMP = "study.json"
 SUPERSEDED = "superseded"
+WALL = "wall.json"  # wall seconds of the variant's attempts so far (and the running one's start)
+FINISHED = ("ok", "suspect")  # results a rerun skips ("suspect": every measure is 0)
 ModuleSpec = str | os.PathLike | types.ModuleType
 
 
@@ -208,15 +212,16 @@ def _run_one(
   """One variant: skip, or (re)start its folder, run it and write result.json."""
   lead = distributed.is_lead()
   res: dict[str, Any] = {"variant": variant, "config_arg": arg}
-  t0 = time.time()
+  t0, spent = time.time(), None
   try:
     config = variant_config(module, variant, arg, overrides)
     res["config_digest"] = digest = config_digest(config)
     done = read_json(vdir / RESULT)
-    if not rerun and done and done.get("status") == "ok" and done.get("config_digest") == digest:
+    if not rerun and done and done.get("status") in FINISHED and done.get("config_digest") == digest:
       _say(f"{variant}: finished before (config {digest}), skipped")
       return {**done, "status": "skipped"}
     _prepare(vdir, digest, rerun, lead)
+    spent = _wall_before(vdir, lead)  # earlier attempts of this variant (killed or failed), then this one
     res["kind"] = "zeroshot" if is_zeroshot(config) else "trained"
     _say(f"{variant}: {res['kind']}, config {digest}, in {vdir}")
     out = (
@@ -227,15 +232,60 @@ def _run_one(
     if out.get("preempted"):
       return {**res, "status": "preempted", "steps": out.get("steps")}
     res.update(out, status="ok")
+    why = _suspect(res)
+    if why:  # a table of zeros, or of tie-breaks, is not a result
+      res.update(status="suspect", note=why)
+      _say(f"{variant}: suspect: {why}")
   except Exception as e:  # pylint: disable=broad-except  (one failing variant must not stop the study)
     res.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     _say(f"{variant}: FAILED: {res['error']}")
-  res["wall_seconds"] = time.time() - t0
+  res["wall_seconds"] = time.time() - t0 + (spent or 0.0)
+  if lead and spent is not None:
+    io_utils.write_text_atomic(vdir / WALL, json.dumps({"seconds": res["wall_seconds"]}))
   res["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   if lead:
     io_utils.write_text_atomic(vdir / RESULT, json.dumps(res, indent=1, default=str))
   distributed.barrier(f"laspar_study_{variant}")
   return res
+
+
+def _suspect(res: Mapping[str, Any]) -> str:
+  """Why a finished variant's figures mean nothing ("" when they may): all measures 0, or no ranking at all."""
+  if res.get("metrics") and not any(res["metrics"].values()):
+    return "every measure is 0: no relevant document retrieved (check the collection cut and the model)"
+  run = res.get("run")
+  if run and io_utils.is_local(run) and os.path.exists(run):
+    scores: dict[str, set[str]] = {}
+    with open(run) as f:
+      for line in f:
+        parts = line.split()
+        if len(parts) >= 5:
+          scores.setdefault(parts[0], set()).add(parts[4])
+    if scores and all(len(s) == 1 for s in scores.values()):
+      return (
+        "every retrieved document scores the same for each query: the measures come from tie-breaking, "
+        "not from the model (e.g. texts the tokenizer cannot read)"
+      )
+  return ""
+
+
+def _wall_before(vdir: Any, lead: bool) -> float:
+  """Wall seconds of the variant's earlier attempts, and marks this attempt's start (W/<variant>/wall.json).
+
+  A killed attempt counts until the last file it wrote in the folder (its
+  last checkpoint or log line); what came after was lost and is redone.
+  """
+  rec = read_json(vdir / WALL) or {}
+  spent = float(rec.get("seconds", 0.0))
+  if "started" in rec and io_utils.is_local(vdir):  # an attempt that did not finish
+    last = max(
+      (os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(os.fspath(vdir)) for f in fs if f != WALL),
+      default=rec["started"],
+    )
+    spent += max(0.0, last - float(rec["started"]))
+  if lead:
+    io_utils.write_text_atomic(vdir / WALL, json.dumps({"seconds": spent, "started": time.time()}))
+  return spent
 
 
 def _prepare(vdir: Any, digest: str, rerun: bool, lead: bool) -> None:
@@ -268,7 +318,7 @@ def _train_index_evaluate(config: ml_collections.ConfigDict, vdir: Any, *, progr
   encoder, tokenizer = sparse_encoder.load_encoder(os.fspath(vdir / "encoder"))
   ev = config.eval
   coll = sources.load_collection(ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False)))
-  docs = evaluate.FirstDocs(coll, ev.max_docs) if ev.max_docs else coll
+  docs = evaluate.FirstDocs(coll, ev.max_docs, ev.max_queries) if ev.max_docs else coll
   out_dir = vdir / "eval" / str(trained["step"])
   t1 = time.time()
   index = distributed_index.index_collection(
@@ -397,7 +447,7 @@ def table_rows(
       current = config_digest(variant_config(module, v, arg, overrides))
     except Exception:  # pylint: disable=broad-except  (a variant whose config no longer builds)
       current = None
-    if res.get("status") == "ok" and res.get("config_digest") != current:
+    if res.get("status") in FINISHED and res.get("config_digest") != current:
       res["status"] = "stale"
     rows.append(res)
   return rows
@@ -452,12 +502,17 @@ def write_tables(root: Any, rows: Sequence[Mapping[str, Any]], *, title: str = "
     "",
     "FLOPS/query: multiply-adds of term-at-a-time scoring (the sum of the posting-list lengths of "
     "each query's dims), mean over the evaluated queries; active dims: mean nonzero dims per query / "
-    "per document of the index. stale: finished with an earlier config of the variant.",
+    "per document of the index. stale: finished with an earlier config of the variant. suspect: finished, "
+    "but every measure is 0 (no relevant document retrieved: check the collection cut and the model). "
+    "wall s: the whole variant, summed over its attempts (a killed one counts until its last write).",
     "",
   ]
   failed = [r for r in rows if r.get("status") == "failed"]
   if failed:
     md += ["## Failed variants", ""] + [f"- {r['variant']}: `{r.get('error', '')}`" for r in failed] + [""]
+  suspect = [r for r in rows if r.get("status") == "suspect"]
+  if suspect:
+    md += ["## Suspect variants", ""] + [f"- {r['variant']}: {r.get('note', '')}" for r in suspect] + [""]
   io_utils.write_text_atomic(root / "results.md", "\n".join(md))
   buf = io.StringIO()
   writer = csv.writer(buf, lineterminator="\n")

@@ -154,3 +154,12 @@ def test_launcher(saved, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"exported to {out}" in proc.stdout
   assert "| nDCG@10 | 0.5 |" in (out / "README.md").read_text()
+
+
+def test_model_card_titled_with_the_model_name():
+  cfg = {"head": "latent_attention", "latent_dim": 131072, "backbone": "/x/all-MiniLM-L6-v2"}
+  recipe = {"model": {"backbone": "sentence-transformers/all-MiniLM-L6-v2"}, "data": {"collection": "/d/scifact"}}
+  name = export.model_name(cfg, recipe)
+  assert name == "laspar-latent-attention-D131072-all-MiniLM-L6-v2-scifact"
+  card = export.model_card(cfg, folder_name="out_folder", recipe=recipe)
+  assert f"# {name}\n" in card and "# out_folder" not in card

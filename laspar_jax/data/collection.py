@@ -48,3 +48,31 @@ class Collection(abc.ABC):
       f"{type(self).__name__}({self.name!r}, docs={self.num_docs}, queries={len(self.queries)}, "
       f"judged={len(self.qrels)}, qrels={sum(map(len, self.qrels.values()))})"
     )
+
+
+class CutCorpus:
+  """A cut corpus for quick evaluation that keeps every judged document of the evaluated queries.
+
+  The evaluated queries are the first `max_queries` judged ones by id (as
+  `evaluate.evaluate_encoder` picks them; 0: all). Streamed in corpus order:
+  each document judged for one of them, plus the first other documents, `n`
+  in all (more when the judged ones alone are more). Without the judged
+  documents a cut corpus can hold no relevant document at all, and every
+  measure reads 0.
+  """
+
+  def __init__(self, collection: Collection, n: int, max_queries: int = 0):
+    qids = sorted(collection.judged_queries)[: max_queries or None]
+    self._coll = collection
+    self._keep = {d for q in qids for d in collection.qrels[q]}
+    self.num_docs = min(max(int(n), len(self._keep)), collection.num_docs)
+    self.name = f"{collection.name}[{self.num_docs} docs: judged + first]"
+
+  def docs(self) -> Iterator[Doc]:
+    extra = self.num_docs - len(self._keep)  # room for documents nobody judged
+    for doc in self._coll.docs():
+      if doc.doc_id in self._keep:
+        yield doc
+      elif extra > 0:
+        extra -= 1
+        yield doc
