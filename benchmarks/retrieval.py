@@ -1,12 +1,16 @@
-"""Retrieval latency and recall on a synthetic learned-sparse collection.
+"""Retrieval latency, recall and index size on a synthetic learned-sparse collection.
 
-Times, in one run and on the same data, laspar_jax exact search, its
-approximate mode (a few budgets), PISA MaxScore (pyterrier-pisa) and Seismic
-(pyseismic-lsr), one thread each; recall@k is against exact search.
+Times, in one run and on the same data, laspar_jax exact search over the raw
+(version 1) index, exact and approximate (block-max, theta) search over the
+compressed (version 2) index with 8-bit and float32 impacts, the version-1
+approximate mode (--legacy_approx), PISA MaxScore / BMW (pyterrier-pisa) and
+Seismic (pyseismic-lsr), one thread each; recall@k is against exact search
+over the raw float32 index (and, for approximate modes, against exact search
+over the same index). Index sizes on disk are printed against PISA's.
 
   python benchmarks/retrieval.py                                 # 1M docs, D=30522 and 4194304
   python benchmarks/retrieval.py --n_docs 100000 --dims 30522    # smaller
-  python benchmarks/retrieval.py --engines exact,approx          # no external engines
+  python benchmarks/retrieval.py --engines exact,blocked,approx  # no external engines
 
 Indexes are cached under --workdir by collection spec.
 """
@@ -25,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from laspar_jax.index import Index, build_index  # noqa: E402
 from laspar_jax.index.backends import PisaBackend, SeismicBackend  # noqa: E402
+from laspar_jax.index.compress import compress_index  # noqa: E402
 from laspar_jax.index.synthetic import SyntheticCollection, SyntheticSpec  # noqa: E402
 
 
@@ -59,11 +64,24 @@ def run_dim(args, dim: int) -> list[dict]:
   work.mkdir(parents=True, exist_ok=True)
   tag = f"n{spec.n_docs}_d{dim}_s{spec.seed}"
   path = work / f"laspar_{tag}"
+  if args.legacy_approx:
+    path = work / f"laspar_approx_{tag}"
   if not path.exists():
     t = time.time()
-    build_index(col.doc_batches(20_000), path, dim, approx=True, ram_budget_bytes=3 << 30)
+    build_index(col.doc_batches(20_000), path, dim, approx=args.legacy_approx, ram_budget_bytes=3 << 30)
     print(f"[D={dim}] laspar index built in {time.time() - t:.0f}s", flush=True)
   ix = Index.load(path, verify="size")
+  sizes = {"laspar raw float32 (v1)": _postings_bytes(ix)}
+  blocked = {}
+  if "blocked" in args.engines:
+    for vd in ("uint8", "float32"):
+      bpath = work / f"laspar_blocked_{vd}_{tag}"
+      if not bpath.exists():
+        t = time.time()
+        compress_index(path, bpath, value_dtype=vd)
+        print(f"[D={dim}] compressed ({vd}) in {time.time() - t:.0f}s", flush=True)
+      blocked[vd] = Index.load(bpath, verify="size")
+      sizes[f"laspar blocked {vd} (v2)"] = _postings_bytes(blocked[vd])
   q_idx, q_val = col.queries()
   st = ix.stats(q_idx, q_val)
   print(
@@ -84,7 +102,19 @@ def run_dim(args, dim: int) -> list[dict]:
     dict(engine="laspar exact", dim=dim, mean_ms=ms.mean(), p99_ms=np.percentile(ms, 99), batch_ms=batch_ms, recall=1.0)
   )
   print(out[-1], flush=True)
-  if "approx" in args.engines:
+  for vd, bix in blocked.items():
+    fn = lambda qi, qv: bix.search(qi, qv, k=k, threads=1)  # noqa: E731
+    b_rows, _, ms = _time_per_query(fn, q_idx, q_val)
+    out.append(_row(f"blocked {vd} exact", dim, ms, _recall(ref_rows, b_rows, k)))
+    print(out[-1], flush=True)
+    if vd != "uint8":
+      continue
+    for theta in args.thetas:
+      fn = lambda qi, qv: bix.search(qi, qv, k=k, threads=1, mode="approx", theta=theta)  # noqa: E731
+      rows, _, ms = _time_per_query(fn, q_idx, q_val)
+      out.append(_row(f"blocked {vd} approx th={theta}", dim, ms, _recall(ref_rows, rows, k), _recall(b_rows, rows, k)))
+      print(out[-1], flush=True)
+  if "approx" in args.engines and args.legacy_approx:
     for budget, n_cand in [(2000, 200), (5000, 300), (5000, 500), (10000, 500)]:
       fn = lambda qi, qv: ix.search(
         qi,
@@ -115,6 +145,12 @@ def run_dim(args, dim: int) -> list[dict]:
         print(f"[D={dim}] PISA index built in {time.time() - t:.0f}s", flush=True)
       else:
         pisa = PisaBackend(ppath)
+      pfiles = {f.name: f.stat().st_size for f in ppath.rglob("*") if f.is_file()}
+      print(f"[D={dim}] PISA files: {pfiles}", flush=True)
+      # What PISA queries: the compressed index, its block-max (wand) data and lexicons; inv.* is
+      # the uncompressed intermediate pyterrier-pisa leaves beside it.
+      sizes["PISA (query-time files)"] = sum(v for n, v in pfiles.items() if not n.startswith("inv."))
+      sizes["PISA (whole directory)"] = sum(pfiles.values())
       for algo in ("maxscore", "block_max_wand"):
         pisa.search(q_idx[:2], q_val[:2], k=k, query_algorithm=algo)
         t = time.perf_counter()
@@ -163,7 +199,31 @@ def run_dim(args, dim: int) -> list[dict]:
         del sei
       except Exception as e:
         print(f"[D={dim}] Seismic failed: {type(e).__name__}: {e}", flush=True)
+  print(f"\n[D={dim}] index size on disk (postings + block directory + doc ids):", flush=True)
+  ref = sizes.get("PISA (query-time files)")
+  for name, b in sizes.items():
+    ratio = f"  {b / ref:.2f}x PISA" if ref else ""
+    print(f"  {name:48s} {b / 1e6:10.1f} MB{ratio}", flush=True)
+  for r in out:
+    r["sizes"] = sizes
   return out
+
+
+def _postings_bytes(ix) -> int:
+  """Bytes of every file of a laspar index (postings, directory, doc ids and lengths)."""
+  return ix.size_bytes()
+
+
+def _row(engine, dim, ms, recall, recall_same=float("nan")):
+  return dict(
+    engine=engine,
+    dim=dim,
+    mean_ms=float(ms.mean()),
+    p99_ms=float(np.percentile(ms, 99)),
+    batch_ms=float("nan"),
+    recall=recall,
+    recall_same=recall_same,
+  )
 
 
 def main(argv=None):
@@ -173,7 +233,9 @@ def main(argv=None):
   p.add_argument("--dims", default="30522,4194304")
   p.add_argument("--k", type=int, default=10)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--engines", default="exact,approx,pisa,seismic")
+  p.add_argument("--engines", default="exact,blocked,approx,pisa,seismic")
+  p.add_argument("--thetas", type=lambda s: [float(x) for x in s.split(",")], default=[1.05, 1.1, 1.2, 1.5])
+  p.add_argument("--legacy_approx", action="store_true", help="also the version-1 impact-ordered approx mode")
   p.add_argument("--seismic_threads", type=int, default=2, help="build threads")
   p.add_argument("--seismic_lv", action="store_true")
   p.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp") + "/laspar_bench")
@@ -185,11 +247,15 @@ def main(argv=None):
     f"\nn_docs={args.n_docs} n_queries={args.n_queries} k={args.k}; single thread; "
     "mean/p99 = one query per call, batch = all queries in one call"
   )
-  print(f"{'engine':32s} {'D':>9s} {'mean ms':>8s} {'p99 ms':>8s} {'batch ms':>8s} {'R@' + str(args.k):>6s}")
+  print(
+    f"{'engine':32s} {'D':>9s} {'mean ms':>8s} {'p99 ms':>8s} {'batch ms':>8s} {'R@' + str(args.k):>6s} {'R same':>6s}"
+  )
   for r in rows:
     print(
       f"{r['engine']:32s} {r['dim']:9d} {r['mean_ms']:8.2f} {r['p99_ms']:8.2f} {r['batch_ms']:8.2f} {r['recall']:6.3f}"
+      f" {r.get('recall_same', float('nan')):6.3f}"
     )
+  print("R@k: against exact search over the raw float32 index; R same: against exact search over the same index")
 
 
 if __name__ == "__main__":

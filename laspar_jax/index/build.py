@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from laspar_jax.index import compress
 from laspar_jax.index import format as fmt
 from laspar_jax.index import quantize as quant
 from laspar_jax.index import spill
@@ -52,6 +53,7 @@ class IndexWriter:
     approx: bool = False,
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
+    posting_format: str = "raw",
   ):
     """Creates `<path>.tmp-<pid>` to build into.
 
@@ -68,7 +70,16 @@ class IndexWriter:
         value_dtype this needs an explicit quant_scale.
       overwrite: replace an existing index at `path` (atomically, at close).
       metadata: extra JSON-able info for the manifest.
+      posting_format: "raw" (format version 1: uint32 rows + values) or
+        "blocked" (version 2: bit-packed row gaps in blocks of 128 with per-block
+        max impacts, see compress.py; searched with block-max pruning, and its
+        approximate mode needs no extra structures, so approx must be False).
     """
+    if posting_format not in ("raw", "blocked"):
+      raise ValueError(f"posting_format must be raw|blocked, got {posting_format!r}")
+    if posting_format == "blocked" and approx:
+      raise ValueError("approx=True writes version-1 structures; a blocked index prunes by block maxima instead")
+    self.posting_format = posting_format
     if value_dtype not in fmt.VALUE_DTYPES:
       raise ValueError(f"value_dtype must be one of {fmt.VALUE_DTYPES}, got {value_dtype!r}")
     if dim <= 0 or dim > np.iinfo(np.int32).max:
@@ -239,6 +250,14 @@ class IndexWriter:
       files["fwd_dims.npy"] = self._fwd_dims.close()
       files["fwd_weights.npy"] = self._fwd_vals.close()
     shutil.rmtree(self.tmp / "runs")
+    if self.posting_format == "blocked":
+      rows = np.load(self.tmp / "rows.npy", mmap_mode="r") if self.n_postings else np.zeros(0, np.uint32)
+      vals = np.load(self.tmp / "weights.npy", mmap_mode="r") if self.n_postings else np.zeros(0, out_dtype)
+      files.update(compress.write_blocked(self.tmp, offsets, rows, lambda p0, p1: vals[p0:p1], out_dtype))
+      del rows, vals
+      for name in ("rows.npy", "weights.npy"):
+        (self.tmp / name).unlink()
+        del files[name]
     nonempty = counts_total > 0
     manifest = {
       "format": fmt.FORMAT_NAME,
@@ -263,6 +282,8 @@ class IndexWriter:
       "created_unix": time.time(),
       "metadata": self.metadata,
     }
+    if self.posting_format == "blocked":
+      manifest = compress.blocked_manifest(manifest, files, self.value_dtype, scale)
     fmt.write_manifest(self.tmp, manifest)
     fmt.fsync_dir(self.tmp)
     self._closed = True
@@ -281,16 +302,7 @@ class IndexWriter:
     return w.close()
 
   def _commit(self) -> None:
-    old = None
-    if self.path.exists():
-      if not self.overwrite:
-        raise FileExistsError(f"{self.path} appeared during the build")
-      old = self.path.parent / f"{self.path.name}.old-{os.getpid()}"
-      os.rename(self.path, old)
-    os.rename(self.tmp, self.path)
-    fmt.fsync_dir(self.path.parent)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+    fmt.commit_dir(self.tmp, self.path, self.overwrite)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -1,6 +1,7 @@
 """On-disk format of the inverted index: a directory of .npy arrays plus manifest.json.
 
-Layout of `<index>/` (format version 1)::
+Layout of `<index>/` (format version 1; version 2 replaces rows/weights with
+the compressed block files of `compress.py`)::
 
   manifest.json      format, version, D, n_docs, n_postings, value dtype, quant
                      scale, encoder hash, per-file byte size + blake2b, stats
@@ -35,6 +36,9 @@ import numpy as np
 
 FORMAT_NAME = "laspar-inverted-index"
 FORMAT_VERSION = 1
+# Version 2: compressed ("blocked") postings, see compress.py; doc files as in version 1.
+FORMAT_VERSION_BLOCKED = 2
+FORMAT_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_BLOCKED)
 MANIFEST = "manifest.json"
 VALUE_DTYPES = ("float32", "float16", "uint8", "uint16")
 _HASH_CHUNK = 1 << 24
@@ -179,10 +183,12 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     raise IndexCorruptError(f"{path}: not valid JSON ({e})") from e
   if manifest.get("format") != FORMAT_NAME:
     raise IndexFormatError(f"{path}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}")
-  if manifest.get("format_version") != FORMAT_VERSION:
+  if manifest.get("format_version") not in FORMAT_VERSIONS:
     raise IndexFormatError(
-      f"{path}: format_version {manifest.get('format_version')} is not supported (this code reads {FORMAT_VERSION})"
+      f"{path}: format_version {manifest.get('format_version')} is not supported (this code reads {FORMAT_VERSIONS})"
     )
+  if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("dim"), int):
+    raise IndexCorruptError(f"{path}: 'files' or 'dim' missing or of the wrong type")
   return manifest
 
 
@@ -262,6 +268,20 @@ def remove_stale_tmp_dirs(path: str | os.PathLike) -> list[pathlib.Path]:
       shutil.rmtree(cand, ignore_errors=True)
       removed.append(cand)
   return removed
+
+
+def commit_dir(tmp: pathlib.Path, path: pathlib.Path, overwrite: bool) -> None:
+  """Renames a complete `tmp` directory to `path` (replacing an old one only if `overwrite`)."""
+  old = None
+  if path.exists():
+    if not overwrite:
+      raise FileExistsError(f"{path} appeared during the build")
+    old = path.parent / f"{path.name}.old-{os.getpid()}"
+    os.rename(path, old)
+  os.rename(tmp, path)
+  fsync_dir(path.parent)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def fsync_dir(path: pathlib.Path) -> None:

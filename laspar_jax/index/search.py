@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from laspar_jax.index import blocked_kernels, codec
 from laspar_jax.index import format as fmt
 from laspar_jax.index import kernels
 from laspar_jax.index import quantize as quant
@@ -41,6 +42,15 @@ def queries_to_csr(q_idx_bk: Any, q_val_bk: Any, dim: int) -> tuple[np.ndarray, 
   q_ptr = np.zeros(q_idx_bk.shape[0] + 1, np.int64)
   np.cumsum(mask_bk.sum(axis=1), out=q_ptr[1:])
   return q_ptr, q_dims, q_val_bk[mask_bk]
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+  """numba has no float16: float16 arrays travel as their uint16 bits, decoded by the table."""
+  return x.view(np.uint16) if x.dtype == np.float16 else x
+
+
+# Rows per accumulator window of the blocked search (fits L1 with the decode buffers).
+_WINDOW = 4096
 
 
 def _weight_table(dtype: np.dtype, scale: float | None) -> np.ndarray:
@@ -82,8 +92,22 @@ class Index:
     self.n_postings = int(manifest["n_postings"])
     self.quant_scale = manifest.get("quant_scale")
     self.offsets = arrays["offsets.npy"]
-    self.rows = arrays["rows.npy"]
-    self.weights = arrays["weights.npy"]
+    self.blocked = manifest.get("posting_format") == "blocked"
+    self.rows = arrays.get("rows.npy")
+    self.weights = arrays.get("weights.npy")
+    if self.blocked:
+      self.blk_words = arrays["blk_words.npy"]
+      self.blk_last = arrays["blk_last.npy"]
+      self.blk_width = arrays["blk_width.npy"]
+      self.blk_max = arrays["blk_max.npy"]
+      self.weights = arrays["impacts.npy"]  # stored values, one per posting, as in version 1
+      self.blk_ptr, self.blk_word, self.dim_max = codec.derive(
+        np.asarray(self.offsets), np.asarray(self.blk_last), np.asarray(self.blk_width), _bits(self.blk_max)
+      )
+      if self.blk_word[-1] + 2 != self.blk_words.shape[0] or self.blk_ptr[-1] != self.blk_last.shape[0]:
+        raise fmt.IndexCorruptError(
+          f"{path / 'blk_words.npy'}: its length disagrees with blk_width.npy, blk_last.npy and offsets.npy"
+        )
     self.doc_lengths = arrays["doc_lengths.npy"]
     self._doc_ids_raw = arrays["doc_ids.npy"]
     self.impact_rows = arrays.get("impact_rows.npy")
@@ -116,9 +140,13 @@ class Index:
     manifest = fmt.read_manifest(path)
     fmt.verify_files(path, manifest, verify)
     arrays = {name: fmt.load_array(path, name, entry) for name, entry in manifest["files"].items()}
+    postings = "impacts.npy" if manifest.get("posting_format") == "blocked" else "rows.npy"
+    for name in ("offsets.npy", postings, "doc_ids.npy", "doc_lengths.npy"):
+      if name not in arrays:
+        raise fmt.IndexCorruptError(f"{path / fmt.MANIFEST}: does not list {name}")
     if (
       arrays["offsets.npy"].shape[0] != manifest["dim"] + 1
-      or (arrays["rows.npy"].shape[0] != manifest["n_postings"])
+      or (arrays[postings].shape[0] != manifest["n_postings"])
       or (arrays["doc_ids.npy"].shape[0] != manifest["n_docs"])
     ):
       raise fmt.IndexCorruptError(f"{path}: array lengths disagree with the manifest")
@@ -145,6 +173,8 @@ class Index:
     with self._lock:
       if self._pool:
         return self._pool.pop()
+    if self.blocked:  # a window-sized accumulator: nothing of size N or D per thread
+      return _Scratch(_WINDOW, 1)
     return _Scratch(self.n_docs, self.dim)
 
   def _put_scratch(self, s: _Scratch) -> None:
@@ -161,6 +191,8 @@ class Index:
     mode: str = "exact",
     budget: int = 50_000,
     n_cand: int = 200,
+    theta: float = 1.5,
+    exact_below: int = 20_000,
   ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k documents for a batch of sparse queries.
 
@@ -169,11 +201,14 @@ class Index:
       q_val_bk: [B, K] weights; entries <= 0 are ignored.
       k: documents per query.
       threads: worker threads (None = os.cpu_count()).
-      mode: "exact" (term-at-a-time, equals brute force) or "approx"
-        (impact-ordered, about `budget` postings per query, then exact
-        re-scoring of the `n_cand` best candidates).
-      budget: approx: postings read per query from the weight-sorted lists.
-      n_cand: approx: candidates re-scored exactly (>= k).
+      mode: "exact" (equals brute force) or "approx". Version 1: impact-ordered,
+        about `budget` postings per query, then exact re-scoring of the `n_cand`
+        best candidates. Compressed (version 2): block-max pruning against
+        theta x the k-th score.
+      budget: approx, version 1: postings read per query from the weight-sorted lists.
+      n_cand: approx, version 1: candidates re-scored exactly (>= k).
+      theta: approx, compressed: pruning factor (1 = exact; larger = faster, lower recall).
+      exact_below: approx, compressed: queries with fewer postings than this run exact.
 
     Returns:
       doc_rows_bk int64 [B, k] best first (-1 past the matches) and
@@ -181,7 +216,7 @@ class Index:
     """
     if mode not in ("exact", "approx"):
       raise ValueError(f"mode must be exact|approx, got {mode!r}")
-    if mode == "approx" and self.impact_rows is None:
+    if mode == "approx" and self.impact_rows is None and not self.blocked:
       raise ValueError("mode='approx' needs an index built with approx=True")
     q_ptr, q_dims, q_w = queries_to_csr(q_idx_bk, q_val_bk, self.dim)
     nq = q_ptr.size - 1
@@ -197,7 +232,11 @@ class Index:
       try:
         s.ensure(k, max(n_cand, k))
         sub_ptr = q_ptr[lo : hi + 1]
-        self._run(mode, sub_ptr, q_dims, q_w, k, budget, max(n_cand, k), s, out_rows[lo:hi], out_scores[lo:hi])
+        if self.blocked:
+          th = theta if mode == "approx" else 1.0
+          self._run_blocked(sub_ptr, q_dims, q_w, k, th, exact_below, s, out_rows[lo:hi], out_scores[lo:hi])
+        else:
+          self._run(mode, sub_ptr, q_dims, q_w, k, budget, max(n_cand, k), s, out_rows[lo:hi], out_scores[lo:hi])
       finally:
         self._put_scratch(s)
 
@@ -207,6 +246,76 @@ class Index:
       with concurrent.futures.ThreadPoolExecutor(threads) as ex:
         list(ex.map(run, bounds[:-1], bounds[1:]))
     return out_rows, out_scores
+
+  def _run_blocked(self, q_ptr, q_dims, q_w, k, theta, exact_below, s, out_rows, out_scores):
+    blocked_kernels.search(
+      self.offsets,
+      self.blk_ptr,
+      self.blk_word,
+      self.blk_last,
+      self.blk_width,
+      _bits(self.blk_max),
+      self.blk_words,
+      _bits(self.weights),
+      self._table,
+      _bits(self.dim_max),
+      q_ptr,
+      q_dims,
+      q_w,
+      k,
+      float(theta),
+      int(exact_below),
+      _WINDOW,
+      s.acc,
+      s.heap_s,
+      s.heap_r,
+      out_rows,
+      out_scores,
+    )
+
+  # -- exchange
+  def to_ciff(self, path: str | os.PathLike, **kwargs: Any) -> pathlib.Path:
+    """Exports as a CIFF file (see `ciff.export_ciff` for kwargs)."""
+    from laspar_jax.index import ciff  # pylint: disable=g-import-not-at-top  (protobuf only when used)
+
+    return ciff.export_ciff(self, path, **kwargs)
+
+  @classmethod
+  def from_ciff(cls, ciff_path: str | os.PathLike, path: str | os.PathLike, **kwargs: Any) -> "Index":
+    """Builds an index at `path` from a CIFF file and opens it (kwargs: `ciff.import_ciff`)."""
+    from laspar_jax.index import ciff  # pylint: disable=g-import-not-at-top  (protobuf only when used)
+
+    return cls.load(ciff.import_ciff(ciff_path, path, **kwargs))
+
+  def compress(self, path: str | os.PathLike, **kwargs: Any) -> "Index":
+    """Writes a compressed (version 2) copy at `path` and opens it (kwargs: `compress.compress_index`)."""
+    from laspar_jax.index import compress  # pylint: disable=g-import-not-at-top  (cycle)
+
+    return Index.load(compress.compress_index(self.path, path, **kwargs))
+
+  # -- raw access (both versions)
+  @property
+  def value_dtype(self) -> np.dtype:
+    """dtype of the stored impacts."""
+    return self.weights.dtype
+
+  def stored_range(self, p0: int, p1: int) -> np.ndarray:
+    """Stored values (codes) of postings [p0, p1)."""
+    return np.asarray(self.weights[p0:p1])
+
+  def weights_range(self, p0: int, p1: int) -> np.ndarray:
+    """float32 weights of postings [p0, p1) (dequantized)."""
+    return quant.decode_weights(self.stored_range(p0, p1), self.quant_scale)
+
+  def rows_array(self, d0: int = 0, d1: int | None = None) -> np.ndarray:
+    """uint32 doc rows of the postings of dims [d0, d1) (decoded for a compressed index)."""
+    d1 = self.dim if d1 is None else d1
+    p0, p1 = int(self.offsets[d0]), int(self.offsets[d1])
+    if not self.blocked:
+      return self.rows[p0:p1]
+    out = np.empty(p1 - p0, np.uint32)
+    codec.decode_all(np.asarray(self.offsets), self.blk_words, self.blk_ptr, self.blk_word, self.blk_width, d0, d1, out)
+    return out
 
   def _run(self, mode, q_ptr, q_dims, q_w, k, budget, n_cand, s, out_rows, out_scores):
     def bits(x):  # numba has no float16: pass the bits, decoded by the table
@@ -296,9 +405,9 @@ class Index:
 
   def brute_force(self, q_idx_bk: Any, q_val_bk: Any) -> np.ndarray:
     """Dense [B, N] float64 scores from the postings (for tests; small indexes)."""
-    w = quant.decode_weights(np.asarray(self.weights), self.quant_scale).astype(np.float64)
+    w = self.weights_range(0, self.n_postings).astype(np.float64)
     x_nd = sp.csc_matrix(
-      (w, np.asarray(self.rows).astype(np.int64), np.asarray(self.offsets)), shape=(self.n_docs, self.dim)
+      (w, np.asarray(self.rows_array()).astype(np.int64), np.asarray(self.offsets)), shape=(self.n_docs, self.dim)
     )
     q_ptr, q_dims, q_w = queries_to_csr(q_idx_bk, q_val_bk, self.dim)
     q_bd = sp.csr_matrix((q_w.astype(np.float64), q_dims, q_ptr), shape=(q_ptr.size - 1, self.dim))
