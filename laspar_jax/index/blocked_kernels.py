@@ -4,15 +4,13 @@ Documents are scored in windows of `window` rows. For each window every
 query term's blocks that overlap it are known from the block directory
 (`blk_last`), and their largest impact bounds what the term can add to any
 document of the window (q_t x block max). A window whose bound sum cannot
-reach the current k-th score is skipped without decoding anything. Otherwise
-the terms are added one at a time (largest list bound first) into a
-window-sized accumulator, decoding each block once (kept in a per-term buffer
-while it spans several windows); before each term, if the window's best
-partial score plus the remaining terms' bounds cannot reach the k-th score,
-the rest of the window is skipped (MaxScore's argument, at window
-granularity). With theta = 1 this is exact; theta > 1 prunes against
-theta x the k-th score (approximate, faster). No array of size N or D is
-touched per query: the accumulator is `window` floats.
+reach the current k-th score is skipped without decoding anything (block-max
+pruning at window granularity). Otherwise every term's blocks are added into
+a window-sized accumulator: a block inside the window is decoded and added in
+one pass; a block that reaches past it is decoded once into a per-term buffer
+and consumed over the windows it spans. With theta = 1 this is exact;
+theta > 1 prunes against theta x the k-th score (approximate, faster). No
+array of size N or D is touched per query: the accumulator is `window` floats.
 """
 
 from __future__ import annotations
@@ -89,8 +87,6 @@ def search(
   dec_blk = np.empty(nmax, np.int64)
   dec_pos = np.empty(nmax, np.int64)
   dec_n = np.empty(nmax, np.int64)
-  order = np.empty(nmax, np.int64)
-  ubq = np.empty(nmax, np.float32)
   ubw = np.empty(nmax, np.float32)
   buf = np.empty(nmax * BLOCK, np.int64)
   for qi in range(q_ptr.size - 1):
@@ -104,13 +100,6 @@ def search(
       bend[t] = blk_ptr[d + 1]
       dec_blk[t] = -1
       total += offsets[d + 1] - offsets[d]
-      ubq[t] = q_w[a + t] * weight(dim_max, table, d) if bend[t] > cur[t] else np.float32(0.0)
-      # Insertion into `order`, largest list bound first.
-      j = t
-      while j > 0 and ubq[order[j - 1]] < ubq[t]:
-        order[j] = order[j - 1]
-        j -= 1
-      order[j] = t
     th = np.float32(theta if total >= exact_below else 1.0) * np.float32(1.0 - _EPS)
     n = 0
     w0 = np.int64(0)
@@ -141,52 +130,64 @@ def search(
       full = n == k
       thr = heap_s[0] if full else np.float32(0.0)
       pruned = full and ub_sum < th * thr
-      m_acc = np.float32(0.0)
       added = 0
       if not pruned:
-        rem = ub_sum
-        for j in range(nt):
-          t = order[j]
-          if full and m_acc + rem < th * thr:
-            pruned = True
-            break
-          rem -= ubw[t]
+        for t in range(nt):
           if ubw[t] == 0.0:
             continue
           d = q_dims[a + t]
           w = q_w[a + t]
           b = cur[t]
+          base = t * BLOCK
           while b < bend[t]:
             p_blk = offsets[d] + (b - bptr[t]) * BLOCK
+            if dec_blk[t] != b and blk_last[b] < w1:
+              # The whole block lies in the window: decode and add in one pass.
+              nb = min(BLOCK, offsets[d + 1] - p_blk)
+              r = np.int64(blk_last[b - 1]) if b > bptr[t] else np.int64(-1)
+              width = blk_width[b]
+              if width == 0:
+                for i in range(nb):
+                  r += 1
+                  acc[r - w0] += w * weight(impacts, table, p_blk + i)
+              else:
+                mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
+                wd = np.uint64(width)
+                bit = np.uint64(blk_word[b]) * np.uint64(32)
+                for i in range(nb):
+                  j = bit >> np.uint64(5)
+                  x = np.uint64(words[j]) | (np.uint64(words[j + np.uint64(1)]) << np.uint64(32))
+                  r += np.int64((x >> (bit & np.uint64(31))) & mask) + 1
+                  acc[r - w0] += w * weight(impacts, table, p_blk + i)
+                  bit += wd
+              added += nb
+              b += 1
+              continue
             if dec_blk[t] != b:
               nb = min(BLOCK, offsets[d + 1] - p_blk)
               prev = np.int64(blk_last[b - 1]) if b > bptr[t] else np.int64(-1)
-              decode_block(words, blk_word[b], blk_width[b], nb, prev, buf[t * BLOCK : t * BLOCK + nb])
+              decode_block(words, blk_word[b], blk_width[b], nb, prev, buf[base : base + nb])
               dec_blk[t] = b
               dec_pos[t] = 0
               dec_n[t] = nb
             i = dec_pos[t]
             nb = dec_n[t]
-            base = t * BLOCK
             while i < nb and buf[base + i] < w0:
               i += 1
+            i0 = i
             while i < nb:
               r = buf[base + i]
               if r >= w1:
                 break
-              s = acc[r - w0] + w * weight(impacts, table, p_blk + i)
-              acc[r - w0] = s
-              m_acc = max(m_acc, s)
+              acc[r - w0] += w * weight(impacts, table, p_blk + i)
               i += 1
-            added += i - dec_pos[t]
+            added += i - i0
             dec_pos[t] = i
             if i < nb:
               break
             b += 1
           cur[t] = b
-      if pruned:
-        acc[:window] = 0.0
-      elif added:
+      if added:
         for c0 in range(0, window, 64):
           if n == k:
             mx = np.float32(0.0)

@@ -69,8 +69,10 @@ _MSG = _messages()
 Header, Posting, PostingsList, DocRecord = (_MSG[n] for n in ("Header", "Posting", "PostingsList", "DocRecord"))
 
 
-def _open(path: pathlib.Path, mode: str) -> BinaryIO:
-  return gzip.open(path, mode) if path.suffix == ".gz" else open(path, mode)
+def _open(path: pathlib.Path, mode: str, gz: bool | None = None) -> BinaryIO:
+  """Opens `path`, through gzip when `gz` (default: the name ends in .gz)."""
+  gz = path.suffix == ".gz" if gz is None else gz
+  return gzip.open(path, mode) if gz else open(path, mode)
 
 
 def _write(f: BinaryIO, msg: Any) -> None:
@@ -84,7 +86,11 @@ class _Reader:
 
   def __init__(self, path: pathlib.Path):
     self.path = path
-    self.data = _open(path, "rb").read()
+    try:
+      with _open(path, "rb") as f:
+        self.data = f.read()
+    except (OSError, EOFError) as e:  # gzip's BadGzipFile is an OSError
+      raise fmt.IndexCorruptError(f"{path}: cannot be read ({e})") from e
     self.pos = 0
     self.count = 0
 
@@ -127,7 +133,7 @@ def export_ciff(index: Any, path: str | os.PathLike, *, scale: float = 100.0, de
   lengths = np.asarray(index.doc_lengths)
   desc = (description + " " if description else "") + f"laspar_jax index; quant_scale={tf_scale!r}"
   try:
-    with _open(tmp, "wb") as f:
+    with _open(tmp, "wb", gz=path.suffix == ".gz") as f:
       _write(
         f,
         Header(
