@@ -78,7 +78,7 @@ def run_dim(args, dim: int) -> list[dict]:
       bpath = work / f"laspar_blocked_{vd}_{tag}"
       if not bpath.exists():
         t = time.time()
-        compress_index(path, bpath, value_dtype=vd)
+        compress_index(ix, bpath, value_dtype=vd)
         print(f"[D={dim}] compressed ({vd}) in {time.time() - t:.0f}s", flush=True)
       blocked[vd] = Index.load(bpath, verify="size")
       sizes[f"laspar blocked {vd} (v2)"] = _postings_bytes(blocked[vd])

@@ -110,8 +110,8 @@ def test_compress_index_matches_raw_and_is_smaller(tmp_path):
   r8, _ = u8.search(q_idx, q_val, k=20)
   assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(r8, r_raw)]) > 0.8
   with pytest.raises(FileExistsError):
-    compress_index(tmp_path / "raw", tmp_path / "u8")
-  again = Index.load(compress_index(tmp_path / "u8", tmp_path / "u8b", value_dtype="uint8"))  # from version 2
+    compress_index(raw, tmp_path / "u8")
+  again = Index.load(compress_index(u8, tmp_path / "u8b", value_dtype="uint8"))  # from version 2
   np.testing.assert_array_equal(again.search(q_idx, q_val, k=20)[0], r8)
 
 

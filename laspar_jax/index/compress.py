@@ -94,12 +94,12 @@ def write_blocked(
 
 
 def compress_index(
-  src: str | os.PathLike, dst: str | os.PathLike, *, value_dtype: str = "uint8", overwrite: bool = False
+  ix: Any, dst: str | os.PathLike, *, value_dtype: str = "uint8", overwrite: bool = False
 ) -> pathlib.Path:
-  """Writes a compressed (version 2) copy of the index at `src` to `dst`.
+  """Writes a compressed (version 2) copy of an open index to `dst` (also `Index.compress`).
 
   Args:
-    src: an index directory (either version).
+    ix: an open `Index` (either version).
     dst: the new index directory (written as `<dst>.tmp-<pid>`, renamed when complete).
     value_dtype: stored impacts: "uint8" (linear, scale = max weight / 255 in the manifest),
       "uint16", "float16" or "float32". An already quantized source keeps its codes and scale
@@ -109,11 +109,8 @@ def compress_index(
   Returns:
     The path of the new index.
   """
-  from laspar_jax.index.search import Index  # pylint: disable=g-import-not-at-top  (cycle)
-
   if value_dtype not in fmt.VALUE_DTYPES:
     raise ValueError(f"value_dtype must be one of {fmt.VALUE_DTYPES}, got {value_dtype!r}")
-  ix = Index.load(src, verify="size")
   dst = pathlib.Path(dst)
   if dst.exists() and not overwrite:
     raise FileExistsError(f"{dst} exists (pass overwrite=True to replace it)")

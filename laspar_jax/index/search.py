@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from laspar_jax.index import blocked_kernels, codec
+from laspar_jax.index import blocked_kernels, codec, compress
 from laspar_jax.index import format as fmt
 from laspar_jax.index import kernels
 from laspar_jax.index import quantize as quant
@@ -289,9 +289,7 @@ class Index:
 
   def compress(self, path: str | os.PathLike, **kwargs: Any) -> "Index":
     """Writes a compressed (version 2) copy at `path` and opens it (kwargs: `compress.compress_index`)."""
-    from laspar_jax.index import compress  # pylint: disable=g-import-not-at-top  (cycle)
-
-    return Index.load(compress.compress_index(self.path, path, **kwargs))
+    return Index.load(compress.compress_index(self, path, **kwargs))
 
   # -- raw access (both versions)
   @property
