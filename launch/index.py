@@ -34,6 +34,8 @@ _VALUE_DTYPE = flags.DEFINE_enum("value_dtype", "float32", ["float32", "float16"
 _RAM_BUDGET_GB = flags.DEFINE_float("ram_budget_gb", 4.0, "memory target of the index build")
 _APPROX = flags.DEFINE_bool("approx", False, "also write the approximate-search structures")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing index")
+# H2 (issue 21): the compressed posting format (index/compress.py); "blocked" + uint8 = 8-bit impacts.
+_POSTING_FORMAT = flags.DEFINE_enum("posting_format", "raw", ["raw", "blocked"], "raw (v1) or compressed blocks (v2)")
 
 
 def main(argv):
@@ -51,6 +53,7 @@ def main(argv):
     approx=_APPROX.value,
     ram_budget_bytes=int(_RAM_BUDGET_GB.value * 2**30),
     overwrite=_OVERWRITE.value,
+    posting_format=_POSTING_FORMAT.value,  # H2 (issue 21)
   )
   if distributed.is_lead():
     print(f"index written to {path}")

@@ -212,3 +212,26 @@ def test_blocked_inconsistent_directory_and_manifest(tmp_path):
   (path / fmt.MANIFEST).write_text(json.dumps(m))
   with pytest.raises(IndexCorruptError, match="manifest.json"):
     Index.load(path)
+
+
+def test_parts_merge_into_a_blocked_index(tmp_path):
+  from laspar_jax.index.merge import PartWriter, merge_parts  # noqa: PLC0415
+
+  rng = np.random.default_rng(6)
+  dim = 400
+  idx, val = _docs(rng, 900, dim, 15)
+  parts = []
+  for p, (lo, hi) in enumerate([(0, 500), (500, 900)]):
+    with PartWriter(tmp_path / f"part{p}", dim, value_dtype="uint8", quant_scale=0.01, posting_format="blocked") as w:
+      for ids, i_bk, v_bk in _batches(idx[lo:hi], val[lo:hi], 100):
+        w.add([f"p{p}-{x}" for x in ids], i_bk, v_bk)
+    parts.append(tmp_path / f"part{p}")
+  merged = Index.load(merge_parts(parts, tmp_path / "merged"), verify="full")
+  single = Index.load(
+    build_index(
+      _batches(idx, val), tmp_path / "single", dim, value_dtype="uint8", quant_scale=0.01, posting_format="blocked"
+    )
+  )
+  assert merged.blocked and merged.n_postings == single.n_postings
+  q_idx, q_val = _queries(rng, dim)
+  np.testing.assert_array_equal(merged.search(q_idx, q_val, k=10)[0], single.search(q_idx, q_val, k=10)[0])

@@ -66,6 +66,7 @@ class PartWriter(IndexWriter):
       "value_dtype": self.value_dtype,
       "quant_scale": self.quant_scale,
       "approx": self.impact_order,
+      "posting_format": self.posting_format,
       "run_dtype": self._run_dtype.str,
       "n_docs": self.n_docs,
       "n_postings": self.n_postings,
@@ -155,8 +156,8 @@ def merge_parts(
   parts = [read_part(p) for p in dirs]
   first = parts[0]
   for d, p in zip(dirs, parts):
-    for key in ("dim", "value_dtype", "quant_scale", "approx", "encoder_hash"):
-      if p[key] != first[key]:
+    for key in ("dim", "value_dtype", "quant_scale", "approx", "encoder_hash", "posting_format"):
+      if p.get(key) != first.get(key):
         raise ValueError(f"{d}: {key}={p[key]!r} differs from {dirs[0]}'s {first[key]!r}")
   with _MergeWriter(
     path,
@@ -166,6 +167,7 @@ def merge_parts(
     ram_budget_bytes=ram_budget_bytes,
     encoder_hash=first["encoder_hash"],
     approx=first["approx"],
+    posting_format=first.get("posting_format", "raw"),
     overwrite=overwrite,
     metadata=first["metadata"] if metadata is None else metadata,
   ) as w:
