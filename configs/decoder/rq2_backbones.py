@@ -1,15 +1,20 @@
 r"""RQ2: which backbone and read-out mode make the best learned sparse retriever?
 
-Rows (MarginMSE on MiniLM-L-6 cross-encoder margins, FLOPS, study optimizer per family;
-see configs/decoder/common.py for the shared settings and arguments):
+Rows (MarginMSE on MiniLM-L-6 cross-encoder margins, FLOPS, "Query "/"Passage " prefixes, 250 tokens;
+the reference file and every setting of each row: configs/decoder/REFERENCE.md; shared settings and
+arguments: configs/decoder/common.py):
 
-  distilbert_splade_max   DistilBERT SPLADE-max (the encoder baseline), FLOPS q/d 0.1/0.08, no prefixes
-  flan_t5_encoder         Flan-T5-base encoder only, the LM head on encoder states, FLOPS 0.1/0.08
+  distilbert_splade_max   DistilBERT SPLADE-max (the encoder baseline), FLOPS q/d 0.1/0.08, lr 1e-6,
+                          clip 0.3, batch 16, 150k steps
+  flan_t5_encoder         Flan-T5-base encoder only, the LM head on encoder states, FLOPS 0.1/0.08,
+                          batch 32, 600k steps
   flan_t5_multi_token     Flan-T5-base encoder-decoder, multi-token decoding (teacher-forced on
-                          shift_right(x), every decoder position pooled), FLOPS 0.01/0.01 (the study's best)
-  flan_t5_decoder_stack   Flan-T5-base decoder stack alone (no cross-attention), FLOPS 0.01/0.01 (ours:
-                          the paper gives no weights for this row)
-  opt_350m                OPT-350m decoder-only (causal, BOS not pooled), FLOPS on documents only, 0.1
+                          shift_right(x), every decoder position pooled), FLOPS 0.01/0.01 (the study's best),
+                          batch 16, 600k steps
+  flan_t5_decoder_stack   Flan-T5-base decoder stack alone (no cross-attention), FLOPS 0.01/0.01 (the
+                          reference YAML's), batch 16, 600k steps
+  opt_350m                OPT-350m decoder-only (causal, BOS not pooled), FLOPS on documents only, 0.1,
+                          warm-up 100k; lr 1e-6 cosine, clip 0.3, batch 16, 160k steps
   controlled_<row>        the same model under one budget for all rows (AdamW 1e-5, batch 32, 30k steps)
 
 Without `variant=` the config is flan_t5_multi_token. Extra arguments: common.ARGS
@@ -36,14 +41,37 @@ from configs import common as base
 from configs.decoder import common
 
 T5, OPT = "google/flan-t5-base", "facebook/opt-350m"
+DISTILBERT = "distilbert/distilbert-base-uncased"
 ROWS = {
   "distilbert_splade_max": common.Row(
-    "RQ2 DistilBERT SPLADE-max", "distilbert/distilbert-base-uncased", flops=(0.1, 0.08)
+    "RQ2 DistilBERT SPLADE-max",
+    DISTILBERT,
+    flops=(0.1, 0.08),
+    ref="mlm_encoder_only_distll_splade_max.yaml",
+    steps=150_000,
+    lr=1e-6,
+    clip=0.3,
   ),
-  "flan_t5_encoder": common.Row("RQ2 Flan-T5-base encoder-only", T5, flops=(0.1, 0.08)),
-  "flan_t5_multi_token": common.Row("RQ2 Flan-T5-base encoder-decoder, multi-token", T5, decoding="multi_token"),
-  "flan_t5_decoder_stack": common.Row("RQ2 Flan-T5-base decoder stack alone", T5, decoding="decoder_stack"),
-  "opt_350m": common.Row("RQ2 OPT-350m decoder-only", OPT, flops=(0.0, 0.1)),
+  "flan_t5_encoder": common.Row(
+    "RQ2 Flan-T5-base encoder-only", T5, flops=(0.1, 0.08), ref="mlm_encoder_only_t5_base_0.1_0.08.yaml", batch=32
+  ),
+  "flan_t5_multi_token": common.Row(
+    "RQ2 Flan-T5-base encoder-decoder, multi-token",
+    T5,
+    decoding="multi_token",
+    ref="mlm_encoder_decoder_multi_t5_base_0.01.yaml",
+  ),
+  "flan_t5_decoder_stack": common.Row(
+    "RQ2 Flan-T5-base decoder stack alone", T5, decoding="decoder_stack", ref="mlm_decoder_only_t5_base_0.01.yaml"
+  ),
+  "opt_350m": common.Row(
+    "RQ2 OPT-350m decoder-only",
+    OPT,
+    flops=(0.0, 0.1),
+    ref="mlm_decoder_only_opt3.5_0.1.yaml",
+    steps=160_000,
+    flops_warmup=100_000,
+  ),
 }
 VARIANTS: tuple[str, ...] = tuple(ROWS) + tuple(f"controlled_{r}" for r in ROWS)
 DEFAULT = "flan_t5_multi_token"
