@@ -96,7 +96,7 @@ def test_multi_token(name, drop_first, mask_eos, tmp_path):
     pool[dec_ids == 1] = 0  # </s>
   assert (dec_ids == 1).any() and pool.sum() < mask.sum() + len(mask)
   # transformers' own LM logits of the teacher-forced decoder
-  want = _np_pool(ref["logits_right"], pool, special=tok.special_ids)
+  want = _np_pool(ref["logits_right"], pool)  # T5 keeps special tokens (the family's rule)
   got = np.asarray(_rep(enc, ids, mask))
   _close(got, want)
   if name == "t5_flan" and drop_first:  # the decoding fields travel with the saved encoder
@@ -116,7 +116,7 @@ def test_single_token_vocab_and_mlp():
   start = np.zeros((len(ids), 1), np.int32)
   enc_bld = np.asarray(model.encode(ids, mask))
   dec_b1d = np.asarray(model.decode(start, np.ones_like(start), enc_bld, mask))
-  want_q = _np_pool(_np_logits(model.lm_head, dec_b1d), np.ones((len(ids), 1)), special=tok.special_ids)
+  want_q = _np_pool(_np_logits(model.lm_head, dec_b1d), np.ones((len(ids), 1)))
   _close(_rep(enc, ids, mask, "query"), want_q)
   # the MLP head weighs each input token from its encoder state plus the decoder state
   want_d = _np_mlp(enc_bld + dec_b1d, mask, ids, enc.doc_head, tok.vocab_size, "max")
@@ -130,9 +130,13 @@ def test_single_token_vocab_and_mlp():
 def test_encoder_only_and_decoder_stack(name):
   ref = _ref(name)
   ids, mask = ref["ids_right"], ref["mask_right"]
-  for mode, states in (("plain", ref["enc_right"]), ("decoder_stack", ref["dec_alone_right"])):
-    enc, tok = _build(name, head="mlm", decoding=mode, head_kwargs={"pooling": "sum"})
-    want = _np_pool(_np_logits(enc.query_backbone.lm_head, states), mask, "sum", tok.special_ids)
+  # decoder_stack with shift=False (ours before): the decoder stack over x, transformers' states.
+  for mode, states, kw in (
+    ("plain", ref["enc_right"], {}),
+    ("decoder_stack", ref["dec_alone_right"], {"shift": False}),
+  ):
+    enc, tok = _build(name, head="mlm", decoding=mode, head_kwargs={"pooling": "sum"}, decoding_kwargs=kw)
+    want = _np_pool(_np_logits(enc.query_backbone.lm_head, states), mask, "sum")
     _close(_rep(enc, ids, mask, "query"), want)
 
 
@@ -268,7 +272,7 @@ def test_tiled_vocab_head_equals_untiled_on_a_decoder(name, pooling):
   V = model.vocab_size
   h = _states(model, ids, mask)
   coef = jnp.asarray(np.random.default_rng(0).normal(size=(ids.shape[0], V)), jnp.float32)
-  head = heads.VocabHead(heads.vocab.AT_CALL, vocab=V, pooling=pooling, tile=48)  # 3 tiles, padded
+  head = heads.VocabHead(vocab=V, pooling=pooling, tile=48)  # 3 tiles, padded
 
   def tiled(m, h):
     return (head(h, mask, ids, projection=m.lm_head) * coef).sum()
@@ -316,8 +320,12 @@ def test_modes_a_family_cannot_do(tiny_bert_path):
     build(FIXTURES / "t5_flan", decoding="multi-token")
   with pytest.raises(ValueError, match="drop_frist"):
     build(FIXTURES / "t5_flan", decoding="multi_token", decoding_kwargs={"drop_frist": False})
-  enc, _ = build(tiny_bert_path)  # plain on BERT: no skip ids, unchanged read-out
-  assert enc.skip_ids == () and enc.config.decoding == "plain"
+  enc, tok = build(tiny_bert_path)  # plain on BERT: the family's rule skips special positions
+  assert enc.skip_ids == tuple(sorted(int(i) for i in tok.special_ids)) and enc.config.decoding == "plain"
+  enc, _ = build(tiny_bert_path, special_tokens="dims")  # ours before: no skip ids, special dims zeroed
+  assert enc.skip_ids == () and enc.query_head.special_ids == tuple(int(i) for i in tok.special_ids)
+  with pytest.raises(ValueError, match="token_ids"):
+    build(FIXTURES / "t5_flan", decoding="multi_token", decoding_kwargs={"token_ids": "next"})
 
 
 def test_fingerprints_and_defaults():

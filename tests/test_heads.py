@@ -282,8 +282,16 @@ def test_make_head_and_partition_specs():
     heads.make_head("nope", d=DM, D=D, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="needs D"):
     heads.make_head("latent_max", d=DM, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="needs projection"):
-    heads.make_head("mlm", d=DM, vocab=64)
+  with pytest.raises(ValueError, match="needs vocab"):
+    heads.make_head("mlm", d=DM)
+  bare = heads.make_head("mlm", d=DM, vocab=64)  # the projection comes with each call
+  h, m = jnp.ones((1, 2, DM)), jnp.ones((1, 2))
+  with pytest.raises(ValueError, match="pass projection="):
+    bare(h, m)
+  np.testing.assert_array_equal(
+    bare(h, m, projection=_projection(64)), heads.VocabHead(_projection(64), vocab=64)(h, m)
+  )
+  assert not bare.per_token and heads.make_head("mlp", d=DM, vocab=64, rngs=nnx.Rngs(0)).per_token
   head = heads.make_head("mlm", vocab=64, projection=_projection(64), special_ids=[1, 2])
   assert head.special_ids == (1, 2)
   head = heads.make_head("mlm", vocab=64, projection=_projection(64), **{"pooling": "sum"})

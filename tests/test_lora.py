@@ -73,7 +73,7 @@ def test_fresh_adapters_change_nothing_and_carry_axes():
   model = _bert()
   ids, mask = _inputs()
   want = model(ids, mask)
-  n = lora.apply_lora(model, targets=lora.DEFAULT_TARGETS["bert"], rank=4, alpha=8, rngs=nnx.Rngs(1))
+  n = lora.apply_lora(model, targets=lora.default_targets("bert"), rank=4, alpha=8, rngs=nnx.Rngs(1))
   assert n == 2 * 6
   np.testing.assert_array_equal(model(ids, mask), want)
   layer = model.layers[0]
@@ -221,7 +221,7 @@ def test_scanned_layers_adapt_and_merge():
   ids = ids % 64
   with pytest.raises(ValueError, match="scanned"):
     lora.apply_lora(model, targets=("q_proj",), rank=2, alpha=4, dropout=0.1, rngs=nnx.Rngs(1))
-  assert lora.apply_lora(model, targets=lora.DEFAULT_TARGETS["llama"], rank=2, alpha=4, rngs=nnx.Rngs(1)) == 7
+  assert lora.apply_lora(model, targets=lora.default_targets("llama"), rank=2, alpha=4, rngs=nnx.Rngs(1)) == 7
   q = model.layers.layer.self_attn.q_proj
   assert q.lora_a.get_value().shape == (3, 32, 2) and layers.logical_axes(q.lora_a) == ("layers", "embed", None)
   _randomize_b(model)

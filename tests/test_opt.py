@@ -11,7 +11,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from laspar_jax import mesh as mesh_lib
-from laspar_jax.models import hf_weights, opt
+from laspar_jax.models import hf_weights, opt, opt_params
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -61,7 +61,7 @@ def test_remat_and_bidirectional():
   ref = np.load(FIXTURES / "opt_pre" / "reference.npz")
   ids, mask = jnp.asarray(ref["ids_right"]), jnp.asarray(ref["mask_right"])
   h, _ = _forward(ld.model, ids, mask)
-  names = opt.checkpoint_names(ld.config)
+  names = opt_params.checkpoint_names(ld.config)
   for cfg, remat in ((ld.config, True), (dataclasses.replace(ld.config, bidirectional=True), False)):
     other = nnx.eval_shape(lambda: opt.build(cfg, rngs=nnx.Rngs(0), remat=remat))
     hf_weights.load_tensors(other, str(FIXTURES / "opt_pre"), names)

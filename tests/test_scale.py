@@ -58,7 +58,7 @@ def _abstract(hf: dict, *, scan: bool = False, lora_rank: int = 0) -> nnx.Module
     model.lm_head = family.lm_head(model, cfg, rngs=nnx.Rngs(1))
     if lora_rank:
       lora.apply_lora(
-        model, targets=lora.DEFAULT_TARGETS["llama"], rank=lora_rank, alpha=2 * lora_rank, rngs=nnx.Rngs(2)
+        model, targets=lora.default_targets("llama"), rank=lora_rank, alpha=2 * lora_rank, rngs=nnx.Rngs(2)
       )
     return model
 

@@ -123,7 +123,10 @@ def test_heads_per_side_on_a_shared_backbone(tiny_path, tmp_path):
 def test_fingerprint_unchanged_by_new_fields():
   # Values of configs written before doc_head / doc_head_kwargs / attention_impl existed.
   assert EncoderConfig().fingerprint() == "c2c1d601c3101175"
-  assert EncoderConfig(head="mlm", seed=3).fingerprint() == "ea58c36b24c7aafe"
+  # special_tokens "dims" is what configs written before the field did: their fingerprints stay.
+  assert EncoderConfig(head="mlm", seed=3, special_tokens="dims").fingerprint() == "ea58c36b24c7aafe"
+  assert EncoderConfig(head="mlm", seed=3).fingerprint() != "ea58c36b24c7aafe"  # the family rule reads differently
+  assert EncoderConfig(special_tokens="keep").fingerprint() == "c2c1d601c3101175"  # no effect on a latent head
   assert EncoderConfig(doc_head="latent_max").fingerprint() != EncoderConfig().fingerprint()
 
 
@@ -134,7 +137,7 @@ def test_head_width_mismatch_and_shared_vocab_doc_head(tiny_path, tmp_path):
     )
   # A vocabulary document head of its own on a shared backbone (refused before the projection
   # was handed to the head at call time): one lm_head, under query_backbone.
-  cfg = EncoderConfig(backbone=str(tiny_path), head="mlm", doc_head_kwargs={"pooling": "sum"})
+  cfg = EncoderConfig(backbone=str(tiny_path), head="mlm", doc_head_kwargs={"pooling": "sum"}, special_tokens="dims")
   enc, tok = sparse_encoder.build_encoder(cfg)
   params = nnx.to_pure_dict(nnx.state(enc, nnx.Param))
   assert set(params) == {"query_backbone"} and "lm_head" in params["query_backbone"]
@@ -156,7 +159,12 @@ def test_head_width_mismatch_and_shared_vocab_doc_head(tiny_path, tmp_path):
 
 def test_vocab_heads_use_the_backbone_lm_head(tiny_path, tmp_path):
   cfg = EncoderConfig(
-    backbone=str(tiny_path), head="mlm", towers="separate", seed=3, doc_head_kwargs={"pooling": "sum", "tile": 1024}
+    backbone=str(tiny_path),
+    head="mlm",
+    towers="separate",
+    seed=3,
+    doc_head_kwargs={"pooling": "sum", "tile": 1024},
+    special_tokens="dims",
   )
   enc, tok = sparse_encoder.build_encoder(cfg)
   params = nnx.to_pure_dict(nnx.state(enc, nnx.Param))

@@ -14,15 +14,22 @@ gradients reach the embeddings.
 
 A *family* says how to build one kind of backbone and read its Hugging Face
 checkpoints: `config_from_hf` (config.json -> the model's config), `build`,
-`lm_head` and `checkpoint_names` (HF tensor name -> our parameter path),
-the last living beside the model (e.g. `bert.py`). A family module calls
-`register(Family(...))` at import; `hf_weights.load` dispatches on
-config.json's `model_type` through `FAMILIES`.
+`lm_head` and `checkpoint_names` (HF tensor name -> our parameter path, in
+the family's `*_params.py` beside the model), and everything the rest of the
+library asks about a family: whether it is decoder-only, the read-out modes
+it allows (`decoding.MODES`), its default LoRA targets, the GGUF
+architectures it reads, its known hub configs and its special-token rule.
+A new family is one model file, one name-map file and its `register(Family(...))`
+call; `BUILTIN` names the modules imported on the first registry lookup
+(`family_for_type`, `family_of`, `families`), so no caller imports a family
+module for its side effect.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -129,6 +136,9 @@ class CheckpointNames:
   optional: tuple[str, ...] = ()
 
 
+SPECIAL_RULES = ("keep", "positions")
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """One model family.
@@ -140,7 +150,17 @@ class Family:
     build: (config, *, rngs, dtype, remat, attention_impl) -> backbone without `lm_head`.
     lm_head: (backbone, config, *, rngs) -> its VocabProjection, freshly initialised
       (tied to the backbone's embeddings when the config ties them).
-    checkpoint_names: (config, *, lm_head: bool) -> CheckpointNames.
+    checkpoint_names: (config, *, lm_head: bool) -> CheckpointNames (the family's name-map module).
+    model_class: the class `build` returns (`family_of(model)` looks it up).
+    decoder_only: a causal LM (its read-outs skip BOS; `set_bidirectional` applies).
+    modes: the read-out modes of `decoding.MODES` it allows ("plain" always).
+    lora_targets: default LoRA target attribute names (every attention and MLP projection).
+    gguf_architectures: GGUF `general.architecture` -> (model_type, whether llama.cpp
+      permuted the q/k rows).
+    known_configs: hub id -> config.json dict of models that build abstractly without a download.
+    special_tokens: the reference's rule for special tokens in sparse read-outs: "keep"
+      (T5: special ids are ordinary dims) or "positions" (BERT, OPT, Llama: special
+      positions are not pooled).
   """
 
   name: str
@@ -149,9 +169,23 @@ class Family:
   build: Callable[..., nnx.Module]
   lm_head: Callable[..., nnx.Module]
   checkpoint_names: Callable[..., CheckpointNames]
+  model_class: type | None = None
+  decoder_only: bool = False
+  modes: tuple[str, ...] = ("plain",)
+  lora_targets: tuple[str, ...] = ()
+  gguf_architectures: Mapping[str, tuple[str, bool]] = dataclasses.field(default_factory=dict)
+  known_configs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  special_tokens: str = "positions"
+
+  def __post_init__(self):
+    if self.special_tokens not in SPECIAL_RULES:
+      raise ValueError(f"family {self.name!r}: special_tokens must be one of {SPECIAL_RULES}")
+    if "plain" not in self.modes:
+      raise ValueError(f"family {self.name!r}: modes must include 'plain'")
 
 
-FAMILIES: dict[str, Family] = {}
+FAMILIES: dict[str, Family] = {}  # model_type -> Family
+BUILTIN = ("bert", "t5", "opt", "llama")  # modules under laspar_jax.models that register a family
 
 
 def register(family: Family) -> Family:
@@ -166,3 +200,71 @@ def register(family: Family) -> Family:
       raise ValueError(f"model_type {model_type!r} is already served by family {other.name!r}")
     FAMILIES[model_type] = family
   return family
+
+
+def families() -> dict[str, Family]:
+  """FAMILIES (model_type -> Family) with the built-in families registered."""
+  for module in BUILTIN:
+    importlib.import_module(f"laspar_jax.models.{module}")
+  return FAMILIES
+
+
+def family_for_type(model_type: str) -> Family:
+  """The family serving a config.json `model_type`; KeyError (listing the known ones) if none."""
+  fams = families()
+  if model_type not in fams:
+    raise KeyError(f"model_type {model_type!r} is not supported; known: {sorted(fams)}")
+  return fams[model_type]
+
+
+def family_named(name: str) -> Family:
+  """The family called `name` ("bert", "t5", ...) or serving the model_type `name`; KeyError if none."""
+  fams = families()
+  for fam in fams.values():
+    if fam.name == name:
+      return fam
+  if name in fams:
+    return fams[name]
+  raise KeyError(f"no model family {name!r}; known: {sorted({f.name for f in fams.values()})}")
+
+
+def family_of(model: Any) -> Family:
+  """The family of a backbone instance (by its registered `model_class`); KeyError if none."""
+  for fam in families().values():
+    if fam.model_class is not None and isinstance(model, fam.model_class):
+      return fam
+  raise KeyError(f"{type(model).__name__} is not the model class of a registered family")
+
+
+def known_config(hub_id: str) -> dict[str, Any] | None:
+  """A copy of the config.json dict a family knows for `hub_id`, or None."""
+  for fam in families().values():
+    if hub_id in fam.known_configs:
+      return copy.deepcopy(dict(fam.known_configs[hub_id]))
+  return None
+
+
+def gguf_architecture(arch: str) -> tuple[str, bool] | None:
+  """(model_type, q/k rows permuted) of a GGUF `general.architecture`, or None."""
+  for fam in families().values():
+    if arch in fam.gguf_architectures:
+      return fam.gguf_architectures[arch]
+  return None
+
+
+def set_bidirectional(model: nnx.Module, on: bool) -> None:
+  """Makes a decoder-only backbone's self-attention bidirectional (True) or causal (False), in place.
+
+  As building it with `config.bidirectional = on` (the config is replaced too):
+  every submodule with a `causal` attribute gets `causal = not on`.
+
+  Raises:
+    ValueError: the backbone's family is not decoder-only.
+  """
+  fam = family_of(model)
+  if not fam.decoder_only:
+    raise ValueError(f"bidirectional attention is an option of decoder-only backbones, not the {fam.name!r} family")
+  model.config = dataclasses.replace(model.config, bidirectional=bool(on))
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and hasattr(node, "causal"):
+      node.causal = not on

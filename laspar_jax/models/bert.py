@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from laspar_jax.models import attention, backbone, bert_params, layers
+from laspar_jax.models import attention, backbone, bert_params, known_configs, layers
 
 
 def gelu_erf(x: jax.Array) -> jax.Array:
@@ -260,5 +260,9 @@ FAMILY = backbone.register(
     build=build,
     lm_head=make_lm_head,
     checkpoint_names=bert_params.checkpoint_names,
+    model_class=BertModel,
+    lora_targets=("query", "key", "value", "attn_out", "mlp_in", "mlp_out"),
+    known_configs=known_configs.for_model_types("bert", "distilbert"),
+    special_tokens="positions",
   )
 )

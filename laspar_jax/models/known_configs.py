@@ -148,3 +148,8 @@ def known_config(name: str) -> dict[str, Any] | None:
   """A copy of the config.json dict of a known hub id, or None."""
   cfg = KNOWN_CONFIGS.get(name)
   return None if cfg is None else copy.deepcopy(cfg)
+
+
+def for_model_types(*model_types: str) -> dict[str, dict[str, Any]]:
+  """The known configs whose `model_type` is one of `model_types` (a family's `known_configs`)."""
+  return {hub_id: cfg for hub_id, cfg in KNOWN_CONFIGS.items() if cfg["model_type"] in model_types}

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from laspar_jax.models import attention, backbone, layers, llama_params
+from laspar_jax.models import attention, backbone, known_configs, layers, llama_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,14 +177,6 @@ class LlamaModel(backbone.ConfigBacked, nnx.Module):
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
     self.lm_head: layers.LMHead | None = nnx.data(None)  # data: a head may be attached later
 
-  def set_bidirectional(self, on: bool) -> None:
-    """Makes self-attention bidirectional (True) or causal (False), as building with
-    `config.bidirectional = on` does (for a model already loaded)."""
-    self.config = dataclasses.replace(self.config, bidirectional=bool(on))
-    for _, node in nnx.iter_graph(self):
-      if isinstance(node, LlamaAttention):
-        node.causal = not on
-
   @property
   def hidden_size(self) -> int:
     return self.config.hidden_size
@@ -240,5 +232,12 @@ FAMILY = backbone.register(
     build=build,
     lm_head=make_lm_head,
     checkpoint_names=llama_params.checkpoint_names,
+    model_class=LlamaModel,
+    decoder_only=True,
+    modes=("plain", "echo", "last_token"),
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    gguf_architectures={"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False)},
+    known_configs=known_configs.for_model_types("llama", "qwen2", "mistral"),
+    special_tokens="positions",
   )
 )

@@ -29,31 +29,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from laspar_jax.models import layers
+from laspar_jax.models import backbone, layers
 
 LORA_NAMES = ("lora_a", "lora_b")  # parameter names the optimizer labels "lora"
 SKIPPED = ("lm_head",)  # submodules never adapted
 
-# Family name (`backbone.Family.name`) -> default target attribute names: every
-# attention and MLP projection of a block (peft's "all-linear" minus the LM head).
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-  "bert": ("query", "key", "value", "attn_out", "mlp_in", "mlp_out"),
-  "t5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
-  "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-  "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-for _name in ("qwen2", "mistral"):
-  DEFAULT_TARGETS[_name] = DEFAULT_TARGETS["llama"]
-
 
 def default_targets(family: str) -> tuple[str, ...]:
-  """The default target names of a family ("bert", "t5", "opt", "llama", "qwen2", "mistral")."""
-  if family not in DEFAULT_TARGETS:
-    raise ValueError(
-      f"no default LoRA targets for family {family!r}; known: {sorted(DEFAULT_TARGETS)}; "
-      "list the target attribute names explicitly"
-    )
-  return DEFAULT_TARGETS[family]
+  """The default target names of a family (`backbone.Family.lora_targets`; by family name or model_type).
+
+  Raises:
+    ValueError: no such family, or it lists no default targets.
+  """
+  try:
+    targets = backbone.family_named(family).lora_targets
+  except KeyError as e:
+    raise ValueError(f"no default LoRA targets for family {family!r} ({e.args[0]}); list the target names") from e
+  if not targets:
+    raise ValueError(f"family {family!r} lists no default LoRA targets; list the target attribute names explicitly")
+  return targets
 
 
 class LoRADense(nnx.Module):
@@ -140,6 +134,41 @@ def apply_lora(
   for parent, name, child in found:
     setattr(parent, name, LoRADense(child, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs))
   return len(found)
+
+
+LORA_KEYS = ("rank", "alpha", "dropout", "targets")  # keys of an encoder config's `lora` dict
+
+
+def apply_lora_config(model: nnx.Module, spec: dict[str, Any], *, seed: int) -> int:
+  """`apply_lora` from an encoder config's `lora` dict: {"rank", "alpha", "dropout", "targets"}.
+
+  Args:
+    model: a backbone of a registered family (its `lora_targets` serve "default").
+    spec: rank (required), alpha (default rank), dropout (0), targets ("default" or names).
+    seed: lora_a draws from `nnx.Rngs(params=seed)`.
+
+  Returns:
+    The number of layers adapted.
+
+  Raises:
+    ValueError: unknown keys or no rank.
+  """
+  spec = dict(spec)
+  unknown = sorted(set(spec) - set(LORA_KEYS))
+  if unknown or "rank" not in spec:
+    raise ValueError(f"EncoderConfig.lora = {spec}: expected the keys {sorted(LORA_KEYS)} (rank required)")
+  targets = spec.get("targets", "default")
+  if targets == "default":
+    targets = default_targets(backbone.family_of(model).name)
+  rank = int(spec["rank"])
+  return apply_lora(
+    model,
+    targets=targets,
+    rank=rank,
+    alpha=float(spec.get("alpha", rank)),
+    dropout=float(spec.get("dropout", 0.0)),
+    rngs=nnx.Rngs(params=seed),
+  )
 
 
 def merge_lora(module: nnx.Module) -> nnx.Module:

@@ -9,22 +9,20 @@ ReLU FFN (fc1, fc2); LM head tied to `embed_tokens`.
 
 The backbone output h_btd is HF's `last_hidden_state`: after the final norm
 and after `project_out`, so `hidden_size` is `word_embed_proj_dim` (the space
-the LM head works in). Submodules carry HF's names (see `checkpoint_names`).
+the LM head works in). Submodules carry HF's names (the name map is `opt_params.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from laspar_jax.models import attention, backbone, layers
+from laspar_jax.models import attention, backbone, known_configs, layers, opt_params
 
-_T, _I = backbone.transpose, backbone.identity
 POSITION_OFFSET = 2
 
 
@@ -145,14 +143,6 @@ class OPTModel(backbone.ConfigBacked, nnx.Module):
     self.final_layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps) if final else None
     self.lm_head: layers.LMHead | None = nnx.data(None)  # data: a head may be attached later
 
-  def set_bidirectional(self, on: bool) -> None:
-    """Makes self-attention bidirectional (True) or causal (False), as building with
-    `config.bidirectional = on` does (for a model already loaded)."""
-    self.config = dataclasses.replace(self.config, bidirectional=bool(on))
-    for _, node in nnx.iter_graph(self):
-      if isinstance(node, OPTAttention):
-        node.causal = not on
-
   @property
   def hidden_size(self) -> int:
     return self.config.word_embed_proj_dim
@@ -205,54 +195,6 @@ def make_lm_head(model: OPTModel, cfg: OPTConfig, *, rngs: nnx.Rngs) -> layers.L
   return layers.LMHead(cfg.word_embed_proj_dim, cfg.vocab_size, tied=model.embed_tokens, rngs=rngs)
 
 
-_LAYER = {
-  "self_attn.q_proj": ("self_attn", "q_proj"),
-  "self_attn.k_proj": ("self_attn", "k_proj"),
-  "self_attn.v_proj": ("self_attn", "v_proj"),
-  "self_attn.out_proj": ("self_attn", "out_proj"),
-  "fc1": ("fc1",),
-  "fc2": ("fc2",),
-}
-_NORMS = ("self_attn_layer_norm", "final_layer_norm")
-
-
-def canonical(name: str) -> str:
-  """Strips the "model." / "decoder." prefixes (OPTForCausalLM, OPTModel, OPTDecoder checkpoints)."""
-  for pre in ("model.", "decoder."):
-    if name.startswith(pre):
-      name = name[len(pre) :]
-  return name
-
-
-def checkpoint_names(cfg: OPTConfig, *, lm_head: bool = False) -> backbone.CheckpointNames:
-  """HF OPT tensor names (canonical: without "model.decoder.") -> OPTModel parameter paths.
-
-  The LM head is tied, so `lm_head.weight` (when stored) is ignored.
-  """
-  del lm_head  # tied: nothing of its own to load
-  m = {
-    "embed_tokens.weight": (("embed_tokens", "embedding"), _I),
-    "embed_positions.weight": (("embed_positions", "embedding"), _I),
-  }
-  if cfg.word_embed_proj_dim != cfg.hidden_size:
-    m["project_in.weight"] = (("project_in", "kernel"), _T)
-    m["project_out.weight"] = (("project_out", "kernel"), _T)
-  if cfg.do_layer_norm_before and not cfg.remove_final_layer_norm:
-    m["final_layer_norm.weight"] = (("final_layer_norm", "scale"), _I)
-    m["final_layer_norm.bias"] = (("final_layer_norm", "bias"), _I)
-  for i in range(cfg.num_hidden_layers):
-    for hf, ours in _LAYER.items():
-      m[f"layers.{i}.{hf}.weight"] = (("layers", i, *ours, "kernel"), _T)
-      if cfg.enable_bias:
-        m[f"layers.{i}.{hf}.bias"] = (("layers", i, *ours, "bias"), _I)
-    for norm in _NORMS:
-      m[f"layers.{i}.{norm}.weight"] = (("layers", i, norm, "scale"), _I)
-      m[f"layers.{i}.{norm}.bias"] = (("layers", i, norm, "bias"), _I)
-  return backbone.CheckpointNames(
-    params=m, canonical=canonical, ignored=re.compile(r"^(lm_head\.weight$)"), optional=("lm_head",)
-  )
-
-
 FAMILY = backbone.register(
   backbone.Family(
     name="opt",
@@ -260,6 +202,12 @@ FAMILY = backbone.register(
     config_from_hf=OPTConfig.from_hf_dict,
     build=build,
     lm_head=make_lm_head,
-    checkpoint_names=checkpoint_names,
+    checkpoint_names=opt_params.checkpoint_names,
+    model_class=OPTModel,
+    decoder_only=True,
+    modes=("plain", "echo", "last_token"),
+    lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    known_configs=known_configs.for_model_types("opt"),
+    special_tokens="positions",
   )
 )

@@ -14,9 +14,17 @@ each call, so no head holds a module of the backbone.
 
 `EncoderConfig.decoding` picks the read-out (`decoding.MODES`: "plain",
 T5's "multi_token" / "single_token" / "decoder_stack", decoder-only "echo" /
-"last_token"); `bidirectional` drops the causal mask of OPT / Llama-family
-backbones. Decoder-only backbones never pool their BOS position in the
-"plain", "echo" and "last_token" modes.
+"last_token"; the family lists the ones it allows); `bidirectional` drops the
+causal mask of OPT / Llama-family backbones. Decoder-only backbones never pool
+their BOS position in the "plain", "echo" and "last_token" modes.
+
+Special tokens (`EncoderConfig.special_tokens`, for vocabulary-dim heads):
+"family" (default) is the reference's rule of the backbone's family
+(`backbone.Family.special_tokens`: T5 keeps them, BERT/OPT/Llama skip special
+positions); "dims" (ours before; how older saved encoders load) zeroes the
+special ids' dims. Two "mlp" heads on a shared backbone share one Linear, as
+the reference's single encoder (its parameters under `query_head`);
+`doc_head_kwargs={"separate_linear": True}` gives documents their own (ours before).
 
 `EncoderConfig` says how to build it; `build_encoder` loads the backbone's
 real weights (then wraps its projections in LoRA adapters when
@@ -33,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -42,7 +49,6 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 from flax import nnx
-from safetensors import safe_open
 
 from laspar_jax import io_utils
 from laspar_jax.models import backbone as backbone_lib
@@ -50,12 +56,17 @@ from laspar_jax.models import decoding as decoding_lib
 from laspar_jax.models import heads as heads_lib
 from laspar_jax.models import hf_weights
 from laspar_jax.models import lora as lora_lib
-from laspar_jax.models.heads import vocab as vocab_head
+from laspar_jax.models.encoder_files import (
+  BACKBONE_FILES,
+  CONFIG_NAME,
+  PARAMS_NAME,
+  legacy_names,
+  legacy_read_out,
+  local_folder,
+  read_params,
+)
 from laspar_jax.tokenizer import Tokenizer
 
-CONFIG_NAME = "encoder_config.json"
-PARAMS_NAME = "params.safetensors"
-BACKBONE_FILES = ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -88,6 +99,8 @@ class EncoderConfig:
       (multi_token; the defaults are the reference's).
     bidirectional: bidirectional attention in a decoder-only backbone (OPT, Llama
       family; an error for the others).
+    special_tokens: "family" (the reference's rule of the backbone's family), "dims",
+      "positions" or "keep" (see the module docstring).
     matmul_precision: fp32 matmul precision of the jitted calls ("default", "tf32",
       "highest"; `platform.matmul_precision`), applied at the jit boundary.
     prompt: zero-shot prompt preset (`prompts.PRESETS`; "" = no prompt). Texts are
@@ -124,6 +137,7 @@ class EncoderConfig:
   decoding: str = "plain"
   decoding_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
   bidirectional: bool = False
+  special_tokens: str = "family"
   matmul_precision: str = "default"
   prompt: str = ""
   prompt_pool: str = "all"
@@ -156,8 +170,16 @@ class EncoderConfig:
     of an encoder folder has the fingerprint of the original.
     """
     d = {k: v for k, v in self.to_dict().items() if k not in _NEW_FIELDS or v != _NEW_FIELDS[k]}
+    if not self.vocab_dims():  # the special-token rule changes nothing for latent or dense heads
+      d.pop("special_tokens", None)
     d["backbone"] = backbone_identity(self.backbone)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+  def vocab_dims(self) -> bool:
+    """Whether the heads' dims are vocabulary ids (mlm, mlp): the special-token rule applies."""
+    return any(
+      "special_ids" in heads_lib.HEADS[name].accepts for name, _ in self.head_specs() if name in heads_lib.HEADS
+    )
 
   def head_specs(self) -> tuple[tuple[str, dict[str, Any]], tuple[str, dict[str, Any]]]:
     """((query head name, kwargs), (document head name, kwargs))."""
@@ -187,6 +209,7 @@ _NEW_FIELDS = {
   "decoding": "plain",
   "decoding_kwargs": {},
   "bidirectional": False,
+  "special_tokens": "dims",  # the behaviour before the field existed: fingerprints of old configs stay
   "matmul_precision": "default",
   "prompt": "",
   "prompt_pool": "all",
@@ -195,9 +218,9 @@ _NEW_FIELDS = {
   "term_cap": 0,
   "impacts": "float",
 }
-_DECODING_KEYS = {"drop_first", "mask_eos"}
+_DECODING_KEYS = {"drop_first", "mask_eos", "shift", "token_ids"}
+SPECIAL_TOKENS = ("family", "dims", "positions", "keep")
 _BOS_MODES = ("plain", "echo", "last_token")  # decoder-only read-outs that leave BOS out
-_LORA_KEYS = {"rank", "alpha", "dropout", "targets"}
 
 
 class SparseEncoder(nnx.Module):
@@ -252,6 +275,7 @@ class SparseEncoder(nnx.Module):
     deterministic: bool = True,
     rngs: nnx.Rngs | None = None,
     topk: int | None = None,
+    text_mask_bl: jax.Array | None = None,
   ) -> jax.Array:
     """rep_bv float32 [B, D] for queries (kind="query") or documents (kind="doc").
 
@@ -262,12 +286,13 @@ class SparseEncoder(nnx.Module):
       deterministic: disables dropout.
       rngs: dropout stream when training.
       topk: keep each row's top-k dims (training-time masking); None keeps all.
+      text_mask_bl: [B, L] text flags of prompted inputs (`config.prompt`); pooled
+        positions are limited to the text when `config.prompt_pool` is "text".
 
     Returns:
       float32 [B, D].
     """
     backbone, head = self.backbone(kind), self.head(kind)
-    vocab = isinstance(head, heads_lib.VocabHead)
     with lora_lib.lora_dropout(backbone, None if deterministic else rngs):
       h_btd, mask_bt, ids_bt = decoding_lib.read(
         backbone,
@@ -275,13 +300,13 @@ class SparseEncoder(nnx.Module):
         attention_mask_bl,
         mode=self.config.decoding,
         skip_ids=self.skip_ids,
-        per_token=not vocab,
+        per_token=head.per_token,
+        text_mask_bt=text_mask_bl if self.config.prompt_pool == "text" else None,
         deterministic=deterministic,
         rngs=rngs,
         **self.config.decoding_kwargs,
       )
-    extra = {"projection": backbone.vocab_projection()} if vocab else {}
-    return head(h_btd, mask_bt, ids_bt, topk=topk, **extra)
+    return head(h_btd, mask_bt, ids_bt, projection=getattr(backbone, "lm_head", None), topk=topk)
 
 
 def build_encoder(cfg: EncoderConfig, *, weights: bool = True) -> tuple[SparseEncoder, Tokenizer]:
@@ -307,43 +332,33 @@ def _make_head(
   spec: tuple[str, dict[str, Any]], loaded: hf_weights.Loaded, cfg: EncoderConfig, seed: int
 ) -> nnx.Module:
   name, kwargs = spec[0], dict(spec[1])
+  kwargs.pop("separate_linear", None)  # read by _build
   backbone = loaded.model
-  projection = None
   if heads_lib.uses_vocab(name):
     backbone.vocab_projection()  # raises when the backbone has no vocabulary head
-    projection = vocab_head.AT_CALL  # SparseEncoder hands it the backbone's projection at each call
-  special_ids = kwargs.pop("special_ids", loaded.tokenizer.special_ids)  # head_kwargs win
+  # SparseEncoder hands every head the backbone's projection at each call (the head holds none).
+  dims = special_rule(cfg, loaded) == "dims"
+  special_ids = kwargs.pop("special_ids", loaded.tokenizer.special_ids if dims else ())  # head_kwargs win
   return heads_lib.make_head(
     name,
     d=backbone.hidden_size,
     D=cfg.latent_dim,
     vocab=backbone.vocab_size,
     rngs=nnx.Rngs(params=seed),
-    projection=projection,
     special_ids=special_ids,
     **kwargs,
   )
 
 
-def _apply_lora(cfg: EncoderConfig, loaded: hf_weights.Loaded, seed: int) -> None:
-  """Wraps the backbone's target projections in LoRA adapters (cfg.lora), drawing A from `seed`."""
-  spec = dict(cfg.lora)
-  unknown = sorted(set(spec) - _LORA_KEYS)
-  if unknown or "rank" not in spec:
-    raise ValueError(f"EncoderConfig.lora = {spec}: expected the keys {sorted(_LORA_KEYS)} (rank required)")
-  targets = spec.get("targets", "default")
-  if targets == "default":
-    model_type = loaded.hf_config.get("model_type", "bert")
-    targets = lora_lib.default_targets(backbone_lib.FAMILIES[model_type].name)
-  rank = int(spec["rank"])
-  lora_lib.apply_lora(
-    loaded.model,
-    targets=targets,
-    rank=rank,
-    alpha=float(spec.get("alpha", rank)),
-    dropout=float(spec.get("dropout", 0.0)),
-    rngs=nnx.Rngs(params=seed),
-  )
+def special_rule(cfg: EncoderConfig, loaded: hf_weights.Loaded) -> str:
+  """The special-token rule in force: "dims", "positions" or "keep" (cfg.special_tokens, or the family's)."""
+  if cfg.special_tokens not in SPECIAL_TOKENS:
+    raise ValueError(f"EncoderConfig.special_tokens must be one of {SPECIAL_TOKENS}, got {cfg.special_tokens!r}")
+  if not cfg.vocab_dims():
+    return "keep"  # latent and dense heads: every position pooled, no vocabulary dims
+  if cfg.special_tokens != "family":
+    return cfg.special_tokens
+  return backbone_lib.family_of(loaded.model).special_tokens
 
 
 def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
@@ -372,11 +387,18 @@ def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
     query = doc = load(q_vocab or d_vocab, cfg.seed if q_vocab else cfg.seed + 1)
   skip_ids = _read_out(cfg, query, *((doc,) if separate else ()))
   if cfg.lora:  # adapters draw from seed + 2 (query / shared backbone) and seed + 3 (document)
-    _apply_lora(cfg, query, cfg.seed + 2)
+    lora_lib.apply_lora_config(query.model, cfg.lora, seed=cfg.seed + 2)
     if separate:
-      _apply_lora(cfg, doc, cfg.seed + 3)
+      lora_lib.apply_lora_config(doc.model, cfg.lora, seed=cfg.seed + 3)
   query_head = _make_head(q_spec, query, cfg, cfg.seed)
   doc_head = None if not separate and d_spec == q_spec else _make_head(d_spec, doc, cfg, cfg.seed + 1)
+  if (
+    doc_head is not None
+    and not separate
+    and q_spec[0] == d_spec[0] == "mlp"
+    and not d_spec[1].get("separate_linear", False)
+  ):
+    doc_head.linear = query_head.linear  # one Linear serves both sides, as the reference's shared encoder
   if doc_head is not None and heads_lib.output_dim(doc_head) != heads_lib.output_dim(query_head):
     raise ValueError(
       f"the query head {q_spec[0]!r} gives {heads_lib.output_dim(query_head)} dims and the document "
@@ -392,19 +414,18 @@ def _read_out(cfg: EncoderConfig, *loaded: hf_weights.Loaded) -> tuple[int, ...]
   unknown = sorted(set(cfg.decoding_kwargs) - _DECODING_KEYS)
   if unknown:
     raise ValueError(f"EncoderConfig.decoding_kwargs {unknown}: known keys {sorted(_DECODING_KEYS)}")
+  if cfg.decoding_kwargs.get("token_ids", "target") not in decoding_lib.TOKEN_IDS:
+    raise ValueError(f"EncoderConfig.decoding_kwargs token_ids must be one of {decoding_lib.TOKEN_IDS}")
   skip: set[int] = set()
   for ld in loaded:
     decoding_lib.check_mode(ld.model, cfg.decoding)
     if cfg.bidirectional:
-      if not hasattr(ld.model, "set_bidirectional"):
-        raise ValueError(
-          f"bidirectional attention is an option of decoder-only backbones (OPT, "
-          f"Llama family), not the {decoding_lib.family(ld.model)!r} family"
-        )
-      ld.model.set_bidirectional(True)
-    if decoding_lib.is_decoder_only(ld.model) and cfg.decoding in _BOS_MODES:
+      backbone_lib.set_bidirectional(ld.model, True)
+    if backbone_lib.family_of(ld.model).decoder_only and cfg.decoding in _BOS_MODES:
       bos = ld.hf_config.get("bos_token_id")
       skip.update(int(i) for i in (bos if isinstance(bos, (list, tuple)) else [bos]) if i is not None)
+    if special_rule(cfg, ld) == "positions":
+      skip.update(int(i) for i in ld.tokenizer.special_ids)
   return tuple(sorted(skip))
 
 
@@ -448,38 +469,6 @@ def save_encoder(
   return os.fspath(path)
 
 
-def _local_folder(folder: epath.Path) -> str:
-  """A local copy of a remote encoder folder's small files (config and tokenizer)."""
-  local = epath.Path(tempfile.mkdtemp(prefix="laspar_encoder_"))
-  for name in (CONFIG_NAME,) + BACKBONE_FILES:
-    if (folder / name).exists():
-      (folder / name).copy(local / name)
-  return os.fspath(local)
-
-
-def _read_params(params_file: epath.Path) -> dict[str, np.ndarray]:
-  try:
-    if io_utils.is_local(params_file):
-      with safe_open(os.fspath(params_file), framework="np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-    return safetensors.numpy.load(params_file.read_bytes())
-  except Exception as e:
-    raise hf_weights.CheckpointError(f"{params_file}: cannot read encoder parameters ({e})") from e
-
-
-def _legacy_names(saved: dict[str, np.ndarray], cfg: EncoderConfig) -> dict[str, np.ndarray]:
-  """Renames parameters saved in the tower layout ({query,doc}_tower.{backbone,head}.*)."""
-  if not any(k.startswith(("query_tower.", "doc_tower.")) for k in saved):
-    return saved
-  head = "backbone.lm_head" if heads_lib.uses_vocab(cfg.head) else "head"  # the MLM head moved
-  out = {}
-  for name, arr in saved.items():
-    side, _, rest = name.partition("_tower.")
-    part, _, tail = rest.partition(".")
-    out[f"{side}_{head if part == 'head' else part}.{tail}"] = arr
-  return out
-
-
 def load_encoder(path_or_id: str | os.PathLike, **overrides: Any) -> tuple[SparseEncoder, Tokenizer]:
   """Loads an encoder folder written by `save_encoder`, or builds a fresh one.
 
@@ -499,14 +488,16 @@ def load_encoder(path_or_id: str | os.PathLike, **overrides: Any) -> tuple[Spars
   folder = epath.Path(p)
   if not (folder / CONFIG_NAME).exists():
     return build_encoder(EncoderConfig(**{"backbone": p, **overrides}))
-  d = json.loads((folder / CONFIG_NAME).read_text())
+  d = legacy_read_out(json.loads((folder / CONFIG_NAME).read_text()))
   d.update(overrides)
   # The folder carries the backbone config and tokenizer.
-  d["backbone"] = p if io_utils.is_local(p) else _local_folder(folder)
+  d["backbone"] = p if io_utils.is_local(p) else local_folder(folder)
   cfg = EncoderConfig.from_dict(d)
-  encoder, tok = build_encoder(cfg, weights=False)
   params_file = folder / PARAMS_NAME
-  saved = _legacy_names(_read_params(params_file), cfg)
+  saved = legacy_names(read_params(params_file), heads_lib.uses_vocab(cfg.head))
+  if any(k.startswith("doc_head.linear.") for k in saved) and cfg.head == "mlp" and cfg.towers == "shared":
+    cfg = dataclasses.replace(cfg, doc_head_kwargs={**cfg.doc_head_kwargs, "separate_linear": True})  # saved before
+  encoder, tok = build_encoder(cfg, weights=False)
   flat = nnx.to_flat_state(nnx.state(encoder, nnx.Param))
   expected = {".".join(map(str, path)) for path, _ in flat}
   if expected != set(saved):

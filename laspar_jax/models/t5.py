@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from laspar_jax.models import attention, backbone, layers, t5_params
+from laspar_jax.models import attention, backbone, known_configs, layers, t5_params
 
 MODES = ("encoder", "encoder_decoder", "decoder")
 
@@ -493,5 +493,10 @@ FAMILY = backbone.register(
     build=build,
     lm_head=make_lm_head,
     checkpoint_names=t5_params.checkpoint_names,
+    model_class=T5Model,
+    modes=("plain", "multi_token", "single_token", "decoder_stack"),
+    lora_targets=("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+    known_configs=known_configs.for_model_types("t5", "mt5"),
+    special_tokens="keep",
   )
 )

@@ -1,7 +1,11 @@
 """Sparse heads: hidden states h_btd (mask m_bt, ids ids_bt) -> representation rep_bv.
 
-Every head is an NNX module called as
-`head(h_btd, mask_bt, ids_bt=None, *, topk=None) -> rep_bv` (float32):
+Every head is an NNX module called the same way,
+`head(h_btd, mask_bt, ids_bt, *, projection=None, topk=None) -> rep_bv`
+(float32; `projection` is the backbone's vocabulary projection, used by heads
+with `uses_projection`, ignored by the others), and declares `per_token`:
+whether it needs one state per input token at its id (mlp, latent, dense) or
+pools vocabulary logits (mlm), which picks the read-out's pooled ids:
 
 - `latent.py`: `LatentAttentionHead` (LASPAR default), `LatentSumHead`,
   `LatentMaxHead` over a learned latent space of width D;
@@ -71,7 +75,7 @@ def _head_class(name: str) -> type[nnx.Module]:
 
 def uses_vocab(name: str) -> bool:
   """True if the head named `name` needs the backbone's vocabulary projection."""
-  return "projection" in _head_class(name).needs
+  return bool(_head_class(name).uses_projection)
 
 
 def make_head(
@@ -94,7 +98,8 @@ def make_head(
     D: latent width (latent heads).
     vocab: vocabulary size (mlm, mlp).
     rngs: nnx.Rngs (latent and mlp heads).
-    projection: the backbone's vocabulary projection (mlm).
+    projection: a vocabulary projection for the mlm head to hold (standalone use; None:
+      given to each call, as `SparseEncoder` does).
     special_ids: token ids whose dims the mlm and mlp heads zero (kwargs may override).
     **kwargs: passed to the head's constructor (pooling, tile, clamp, ...).
 
@@ -102,11 +107,13 @@ def make_head(
     The head module.
   """
   cls = _head_class(name)
-  given = dict(d=d, D=D, vocab=vocab, rngs=rngs, projection=projection, special_ids=special_ids)
+  given = dict(d=d, D=D, vocab=vocab, rngs=rngs, special_ids=special_ids)
   missing = [k for k in cls.needs if given[k] is None]
   if missing:
     raise ValueError(f"head {name!r} needs {', '.join(missing)}")
   args = {k: given[k] for k in cls.needs + cls.accepts if given[k] is not None}
+  if projection is not None and cls.uses_projection:
+    args["projection"] = projection
   return cls(**{**args, **kwargs})
 
 

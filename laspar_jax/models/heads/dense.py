@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,6 +16,8 @@ class DenseHead(nnx.Module):
 
   needs = ("d",)  # what `make_head` must provide
   accepts: tuple[str, ...] = ()
+  uses_projection = False
+  per_token = True  # one state per input token (single_token read-out)
 
   def __init__(self, d: int, *, pooling: str = "mean", normalize: bool = True):
     if pooling not in ("mean", "cls"):
@@ -27,10 +31,16 @@ class DenseHead(nnx.Module):
     return self.d
 
   def __call__(
-    self, h_btd: jax.Array, mask_bt: jax.Array, ids_bt: jax.Array | None = None, *, topk: int | None = None
+    self,
+    h_btd: jax.Array,
+    mask_bt: jax.Array,
+    ids_bt: jax.Array | None = None,
+    *,
+    projection: Any = None,
+    topk: int | None = None,
   ) -> jax.Array:
-    """e_bd float32 [B, d]. ids_bt and topk are accepted and ignored (dense)."""
-    del ids_bt, topk
+    """e_bd float32 [B, d]. ids_bt, projection and topk are accepted and ignored (dense)."""
+    del ids_bt, projection, topk
     h = h_btd.astype(jnp.float32)
     if self.pooling == "cls":
       e = h[:, 0]

@@ -57,6 +57,8 @@ class _LatentHead(nnx.Module):
 
   needs = ("d", "D", "rngs")  # what `make_head` must provide
   accepts: tuple[str, ...] = ()
+  uses_projection = False
+  per_token = True  # one state per input token (single_token read-out)
 
   def __init__(
     self,
@@ -97,6 +99,7 @@ class _LatentHead(nnx.Module):
     mask_bt: jax.Array,
     ids_bt: jax.Array | None = None,
     *,
+    projection: Any = None,
     topk: int | None = None,
     topk_mode: str = "gather",
   ) -> jax.Array:
@@ -106,6 +109,7 @@ class _LatentHead(nnx.Module):
       h_btd: backbone hidden states [B, L, d].
       mask_bt: [B, L] attention mask.
       ids_bt: token ids (unused by latent heads).
+      projection: a vocabulary projection (unused by latent heads).
       topk: keep each row's top-k activations (before normalization, which then
         runs over the kept entries only). None: keep all.
       topk_mode: "gather": choose indices on stop-gradient scores and recompute
@@ -116,7 +120,7 @@ class _LatentHead(nnx.Module):
     Returns:
       float32 [B, D].
     """
-    del ids_bt
+    del ids_bt, projection
     if topk is None or topk >= self.D:
       s = self._clamp(self.scores(h_btd, mask_bt))
     elif topk_mode == "mask":

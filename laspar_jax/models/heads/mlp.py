@@ -45,6 +45,8 @@ class MLPHead(nnx.Module):
 
   needs = ("d", "vocab", "rngs")  # what `make_head` must provide
   accepts = ("special_ids",)  # provided by `make_head` when given (kwargs override)
+  uses_projection = False
+  per_token = True  # weights each pooled token at its id
 
   def __init__(
     self,
@@ -86,7 +88,13 @@ class MLPHead(nnx.Module):
     return jnp.where(keep_bt, jax.nn.relu(z_bt), 0.0)
 
   def __call__(
-    self, h_btd: jax.Array, mask_bt: jax.Array, ids_bt: jax.Array | None = None, *, topk: int | None = None
+    self,
+    h_btd: jax.Array,
+    mask_bt: jax.Array,
+    ids_bt: jax.Array | None = None,
+    *,
+    projection: Any = None,
+    topk: int | None = None,
   ) -> jax.Array:
     """rep_bv float32 [B, V].
 
@@ -94,11 +102,13 @@ class MLPHead(nnx.Module):
       h_btd: hidden states [B, L, d] (one per input token).
       mask_bt: [B, L], nonzero for tokens to weight.
       ids_bt: int [B, L] token ids, where each weight is placed (required).
+      projection: a vocabulary projection (unused: no expansion).
       topk: keep each row's top-k entries (training-time masking); None keeps all.
 
     Returns:
       float32 [B, V]; zero outside the row's (non-special, unmasked) ids.
     """
+    del projection
     if ids_bt is None:
       raise ValueError("MLPHead needs ids_bt (the token ids its weights are placed at)")
     if ids_bt.shape != mask_bt.shape or h_btd.shape[:2] != mask_bt.shape:

@@ -4,14 +4,13 @@ w_bv = pool_t log1p(relu(transform(h_t) W + c)) over unmasked tokens, pool =
 max or sum, with W [d, V] and c [V] the backbone's vocabulary projection
 (`backbone.vocab_projection()`: BERT's `cls.predictions`, tied or not to the
 word embeddings; identity transform for plain LM heads). The projection is
-either held by reference (NNX keeps the shared reference through split/merge)
-or, built with `projection=AT_CALL`, passed to each call
-(`head(h, mask, ids, projection=backbone.vocab_projection())`), as
-`SparseEncoder` does: the head then holds no module of the backbone, so any
-head may sit on either side of a shared backbone. Either way the parameters
-live once, in the backbone, under `lm_head`, and gradients reach them and the
-tied embeddings. The vocabulary is processed in strided tiles
-(`tiled.token_pool`): never B x L x V. Dims of `special_ids` are zeroed.
+passed to each call (`head(h, mask, ids, projection=backbone.lm_head)`), as
+`SparseEncoder` does for every head: the head then holds no module of the
+backbone, so any head may sit on either side of a shared backbone, and the
+parameters live once, in the backbone, under `lm_head` (gradients reach them
+and the tied embeddings). A standalone head may hold one instead
+(`VocabHead(projection, vocab=...)`). The vocabulary is processed in strided
+tiles (`tiled.token_pool`): never B x L x V. Dims of `special_ids` are zeroed.
 """
 
 from __future__ import annotations
@@ -27,8 +26,6 @@ from flax import nnx
 from laspar_jax.models.backbone import VocabProjection
 from laspar_jax.models.heads import tiled
 
-AT_CALL = "at_call"  # `VocabHead(AT_CALL, ...)`: the projection comes with each call
-
 
 class VocabHead(nnx.Module):
   """SPLADE head on a vocabulary projection: rep_bv = pool_t log1p(relu(logit_tv)).
@@ -37,20 +34,22 @@ class VocabHead(nnx.Module):
   `kernel_dv() -> [d, V]` and `bias_v() -> [V] | None` (`backbone.VocabProjection`).
 
   Args (constructor):
-    projection: the backbone's `vocab_projection()` (held by reference), or
-      `AT_CALL` (given to each call instead).
+    projection: a projection held by reference (standalone use), or None: given
+      to each call (`projection=`), as `SparseEncoder` does.
     vocab: V.
     special_ids: token ids whose dims are zeroed.
     pooling: "max" or "sum" over unmasked tokens.
     tile, token_chunk, backward, dtype: see `tiled.token_pool`.
   """
 
-  needs = ("projection", "vocab")  # what `make_head` must provide
+  needs = ("vocab",)  # what `make_head` must provide
   accepts = ("special_ids",)  # provided by `make_head` when given (kwargs override)
+  uses_projection = True  # pools the backbone's vocabulary logits
+  per_token = False  # reads pooled states' logits; the pooled ids do not matter
 
   def __init__(
     self,
-    projection: VocabProjection | str,
+    projection: VocabProjection | None = None,
     *,
     vocab: int,
     special_ids: Sequence[int] = (),
@@ -62,10 +61,6 @@ class VocabHead(nnx.Module):
   ):
     if pooling not in ("max", "sum"):
       raise ValueError(f"pooling must be 'max' or 'sum', got {pooling!r}")
-    if isinstance(projection, str):
-      if projection != AT_CALL:
-        raise ValueError(f"projection must be a VocabProjection or {AT_CALL!r}, got {projection!r}")
-      projection = None
     self.projection = projection
     self.vocab = vocab
     self.pooling = pooling
@@ -85,8 +80,8 @@ class VocabHead(nnx.Module):
     mask_bt: jax.Array,
     ids_bt: jax.Array | None = None,
     *,
-    topk: int | None = None,
     projection: VocabProjection | None = None,
+    topk: int | None = None,
   ) -> jax.Array:
     """rep_bv float32 [B, V].
 
@@ -103,7 +98,7 @@ class VocabHead(nnx.Module):
     del ids_bt
     projection = self.projection if projection is None else projection
     if projection is None:
-      raise ValueError("this VocabHead was built with projection=AT_CALL: pass projection=")
+      raise ValueError("this VocabHead holds no projection: pass projection= (the backbone's lm_head)")
     t_btd = projection.transform(h_btd)
     w_dv = projection.kernel_dv()
     if w_dv.shape[1] != self.vocab:
