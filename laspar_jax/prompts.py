@@ -7,7 +7,9 @@ assistant turn's opening). Presets:
 
   reference   Decoder4LSR's RQ1 prompts, verbatim (`REFERENCE_QUERY_PREFIX`,
               `REFERENCE_DOC_PREFIX`; no suffix); pooled over the text positions.
-  promptreps  PromptReps: `<s>[INST] Passage: "` + text + `". Use one most
+  promptreps  PromptReps (ielab/PromptReps prompts/mistralai/Mistral-7B-Instruct-v0.2/*.txt):
+              `<s>[INST] You are an AI assistant that can understand human
+              language. Passage: "` + text + `". Use one most
               important word to represent the passage in retrieval task. Make
               sure your word is in lowercase. [/INST]The word is: "`; read off
               at the last token.
@@ -57,6 +59,7 @@ PROMPTREPS_INSTRUCTION = (
   "Use one most important word to represent the {kind} in retrieval task. Make sure your word is in lowercase."
 )
 PROMPTREPS_REPLY = 'The word is: "'
+PROMPTREPS_SYSTEM = "You are an AI assistant that can understand human language."
 _MARK = "\ue000laspar-text\ue000"  # private-use marker locating the text in a rendered chat template
 KINDS = ("query", "doc")
 
@@ -96,7 +99,7 @@ class Preset:
     return self.query if kind == "query" else self.doc
 
 
-def _promptreps(label: str, kind: str, bos: str = "<s>[INST] ") -> Template:
+def _promptreps(label: str, kind: str, bos: str = f"<s>[INST] {PROMPTREPS_SYSTEM} ") -> Template:
   return Template(
     prefix=f'{bos}{label}: "', suffix=f'". {PROMPTREPS_INSTRUCTION.format(kind=kind)} [/INST]' + PROMPTREPS_REPLY
   )

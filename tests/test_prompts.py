@@ -47,7 +47,8 @@ def test_presets_verbatim():
   )
   assert ref.query.suffix == ref.doc.suffix == "" and ref.decoding == "plain" and ref.pool == "text"
   pr = prompts.get_preset("promptreps")
-  assert pr.doc.prefix == '<s>[INST] Passage: "' and pr.decoding == "last_token"
+  assert pr.doc.prefix == '<s>[INST] You are an AI assistant that can understand human language. Passage: "'
+  assert pr.decoding == "last_token"
   assert pr.doc.suffix.endswith(
     "Use one most important word to represent the passage in retrieval task. Make "
     'sure your word is in lowercase. [/INST]The word is: "'
