@@ -330,6 +330,8 @@ def scifact(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> ml_co
   if not a.scores:
     c.data.teacher, c.data.teacher_scores = "none", ""
     c.loss.distill, c.loss.ranking = "", "inbatch_ce"
+  if not a.calibration:  # the MS MARCO calibration of the RankLLaMA rows does not carry over
+    c.data.teacher_calibration, c.data.teacher_calibration_reference = "none", ""
   c.train.total_steps, c.train.log_every, c.train.checkpoint_every = 200, 10, 100
   c.optim.warmup_steps = 20
   c.loss.reg_warmup_steps = 100
