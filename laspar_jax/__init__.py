@@ -24,7 +24,7 @@ _API = {
   "load_encoder": ("laspar_jax.models.sparse_encoder", "load_encoder"),
   "save_encoder": ("laspar_jax.models.sparse_encoder", "save_encoder"),
   "encode_sparse": ("laspar_jax.encode", "encode_sparse"),
-  "build_index": ("laspar_jax.encode", "index_collection"),
+  "build_index": ("laspar_jax.distributed_index", "index_collection"),
   "Index": ("laspar_jax.index.search", "Index"),
   "search": ("laspar_jax.index.search", "search"),
   "evaluate_encoder": ("laspar_jax.evaluate", "evaluate_encoder"),

@@ -2,8 +2,9 @@
 
 Texts are encoded in length-sorted windows (less padding, fewer shapes) and
 given back in input order. Used by indexing, search and evaluation.
-`index_collection` streams a collection's documents through `encode_sparse`
-into `laspar_jax.index.IndexWriter` (the index itself knows no encoder).
+`doc_batches` streams a collection's documents through `encode_sparse`;
+`distributed_index.index_collection` writes them into an index (on one or
+many hosts; the index itself knows no encoder).
 """
 
 from __future__ import annotations
@@ -12,11 +13,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
-import os
-import pathlib
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,9 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from laspar_jax import index as index_lib
-from laspar_jax import io_utils
-from laspar_jax import platform, sparsify
+from laspar_jax import platform, prompts, sparsify, zeroshot
 from laspar_jax.data import sources
 from laspar_jax.tokenizer import Tokenizer
 from laspar_jax.models.sparse_encoder import SparseEncoder
@@ -49,15 +44,41 @@ def _encode_fn(
   compute_dtype: str,
   mesh: Mesh | None = None,
   matmul_precision: str = "default",
+  filtered: bool = False,
+  impacts: str = "float",
 ):
-  def fn(state, ids_bl, mask_bl):
+  def fn(state, ids_bl, mask_bl, text_bl, allowed_bv):
     encoder = nnx.merge(graphdef, state)
-    rep_bv = encoder(ids_bl, mask_bl, kind=kind)
+    rep_bv = encoder(ids_bl, mask_bl, kind=kind, text_mask_bl=text_bl)
+    rep_bv, fell_back_b = zeroshot.filter_and_scale(rep_bv, allowed_bv if filtered else None, impacts)
     if mesh is not None:  # D sharded on 'model': per-shard top-k, then top-k of the candidates
-      return sparsify.sharded_topk(rep_bv, k, mesh, "model", min_weight=min_weight)
-    return sparsify.topk(rep_bv, k, min_weight=min_weight)
+      return *sparsify.sharded_topk(rep_bv, k, mesh, "model", min_weight=min_weight), fell_back_b
+    return *sparsify.topk(rep_bv, k, min_weight=min_weight), fell_back_b
 
   return platform.jit(fn, compute_dtype=compute_dtype, matmul_precision=matmul_precision)
+
+
+def new_stats() -> dict[str, Any]:
+  """A truncation/fallback tally for `encode_sparse(stats=...)`: texts, cut, max_length, fallbacks."""
+  return {"texts": 0, "cut": 0, "max_length": 0, "fallbacks": 0}
+
+
+def tokenize(
+  encoder: SparseEncoder, tokenizer: Tokenizer, texts: list[str], *, kind: str, max_length: int
+) -> tuple[list[list[int]], list[list[int]] | None, np.ndarray]:
+  """Token rows of texts as the encoder reads them: prompted (`config.prompt`) or with the side's prefix.
+
+  Returns:
+    (rows, text flags per row or None without a prompt, cut_b bool [B]).
+  """
+  cfg = encoder.config
+  if cfg.prompt:
+    preset = prompts.get_preset(cfg.prompt)
+    composed, cut_b = prompts.compose(tokenizer, texts, preset=preset, kind=kind, max_length=max_length)
+    return [r[0] for r in composed], [r[1] for r in composed], cut_b
+  prefix = cfg.query_prefix if kind == "query" else cfg.doc_prefix
+  rows, cut_b = tokenizer.encode_rows(texts, max_length=max_length, prefix=prefix)
+  return rows, None, cut_b
 
 
 def encode_sparse(
@@ -74,56 +95,90 @@ def encode_sparse(
   total: int | None = None,
   progress: bool = False,
   mesh: Mesh | None = None,
+  stats: dict[str, Any] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Encodes texts to their top-k sparse rows, in input order.
+
+  Zero-shot settings of the encoder's config (`zeroshot.py`: prompt, in-text
+  filter, term cap, impacts) apply here; with the in-text filter and
+  `term_cap` 0 a row keeps every in-text term, so rows may be wider than k.
 
   Args:
     encoder: the sparse encoder.
     tokenizer: its tokenizer.
     texts: strings (any iterable; consumed in windows of batch_size * window).
-    kind: "query" or "doc" (tower, prefix and default max length).
+    kind: "query" or "doc" (tower, prefix or prompt, and default max length).
     k: dims kept per row.
     batch_size: rows per jitted call (the last batch is padded to it).
-    max_length: truncation (default: the config's query/doc max length).
+    max_length: truncation (default: the config's query/doc max length), prompt included.
     min_weight: weights <= this become 0.
     window: batches per length-sorted window.
     total: number of texts (for the progress bar).
-    progress: show a tqdm bar.
+    progress: show a tqdm bar (advanced by tokens within each window, so its
+      estimate holds although each window is encoded shortest first).
     mesh: the encoder's device mesh; when it has a 'model' axis of size > 1
       that divides D, the top-k runs per D-shard and then over the shards'
       candidates (`sparsify.sharded_topk`, equal to the global top-k), so no
       device gathers the full B x D output.
+    stats: a `new_stats()` dict, updated with the texts seen, the texts cut at
+      max_length and the in-text filter's fallbacks.
 
   Yields:
-    (idx_bk int32 [b, k], val_bk float32 [b, k]) per batch of up to batch_size
-    texts; rows with fewer than k positive weights carry 0 in the tail.
+    (idx_bk int32 [b, w], val_bk float32 [b, w]) per batch of up to batch_size
+    texts (w = k, or wider under the in-text filter, equal within a window);
+    rows with fewer positive weights carry 0 in the tail.
   """
   cfg = encoder.config
-  prefix = cfg.query_prefix if kind == "query" else cfg.doc_prefix
+  zeroshot.check_config(cfg)
   max_length = max_length or (cfg.query_max_len if kind == "query" else cfg.doc_max_len)
   graphdef, state = nnx.split(encoder)
   shard_mesh = mesh if _model_shards(mesh, encoder.output_dim) > 1 else None
-  fn = _encode_fn(graphdef, kind, int(k), float(min_weight), cfg.dtype, shard_mesh, cfg.matmul_precision)
+  k = min(int(k), encoder.output_dim)
+  filt = zeroshot.InTextFilter(tokenizer, encoder.output_dim, match=cfg.filter_match) if cfg.in_text_filter else None
+  stats = new_stats() if stats is None else stats
+  stats["max_length"] = max_length
   bar = tqdm(total=total, desc=f"encode {kind}s", unit=kind, disable=not progress)
   it = iter(texts)
   while True:
     chunk = [t for _, t in zip(range(batch_size * window), it)]
     if not chunk:
       break
-    order = np.argsort([len(t) for t in chunk], kind="stable")
-    idx_nk = np.zeros((len(chunk), min(k, encoder.output_dim)), np.int32)
+    rows, flags, cut_b = tokenize(encoder, tokenizer, chunk, kind=kind, max_length=max_length)
+    stats["texts"] += len(chunk)
+    stats["cut"] += int(cut_b.sum())
+    allowed = None if filt is None else filt.allowed_ids(chunk)
+    w = k if allowed is None else min(zeroshot.width(max(map(len, allowed)), k, cfg.term_cap), encoder.output_dim)
+    fn = _encode_fn(
+      graphdef, kind, w, float(min_weight), cfg.dtype, shard_mesh, cfg.matmul_precision, filt is not None, cfg.impacts
+    )
+    order = np.argsort([len(t) for t in chunk], kind="stable")  # by characters, as always
+    window_tokens, done, seen = max(sum(len(r) for r in rows), 1), 0, bar.n
+    idx_nk = np.zeros((len(chunk), w), np.int32)
     val_nk = np.zeros(idx_nk.shape, np.float32)
     for s in range(0, len(chunk), batch_size):
-      rows = order[s : s + batch_size]
-      b = tokenizer([chunk[i] for i in rows], max_length=max_length, prefix=prefix)
-      pad = batch_size - len(rows)
+      sel = order[s : s + batch_size]
+      b = tokenizer.pad(
+        [rows[i] for i in sel], max_length=max_length, flags=None if flags is None else [flags[i] for i in sel]
+      )
+      pad = batch_size - len(sel)
       ids, mask = b["input_ids"], b["attention_mask"]
+      text = b.get("text_mask", mask)
       if pad:
         ids = np.pad(ids, ((0, pad), (0, 0)), constant_values=tokenizer.pad_id)
-        mask = np.pad(mask, ((0, pad), (0, 0)))
-      i_bk, v_bk = jax.device_get(fn(state, ids, mask))
-      idx_nk[rows], val_nk[rows] = i_bk[: len(rows)], v_bk[: len(rows)]
-      bar.update(len(rows))
+        mask, text = np.pad(mask, ((0, pad), (0, 0))), np.pad(text, ((0, pad), (0, 0)))
+      allowed_bv = None
+      if allowed is not None:
+        allowed_bv = np.zeros((batch_size, encoder.output_dim), bool)
+        for j, i in enumerate(sel):
+          allowed_bv[j, allowed[i]] = True
+      i_bk, v_bk, fb_b = jax.device_get(fn(state, ids, mask, text, allowed_bv))
+      fb_b = np.asarray(fb_b[: len(sel)]) & (allowed is not None)
+      idx_nk[sel], val_nk[sel] = i_bk[: len(sel)], v_bk[: len(sel)]
+      if allowed is not None:
+        val_nk[sel] = zeroshot.cap_rows(val_nk[sel], fb_b, k, cfg.term_cap)
+        stats["fallbacks"] += int(fb_b.sum())
+      done += sum(len(rows[i]) for i in sel)
+      bar.update(round(seen + len(chunk) * done / window_tokens) - bar.n)  # texts, advanced by tokens
     for s in range(0, len(chunk), batch_size):
       yield idx_nk[s : s + batch_size], val_nk[s : s + batch_size]
   bar.close()
@@ -186,6 +241,9 @@ def doc_batches(
   min_weight: float = 0.0,
   mesh: Mesh | None = None,
   window: int = 16,
+  progress: bool = False,
+  total: int | None = None,
+  stats: dict[str, Any] | None = None,
 ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
   """Encodes a doc stream once: (doc ids, idx_bk, val_bk) per batch, in stream order.
 
@@ -209,97 +267,9 @@ def doc_batches(
     min_weight=min_weight,
     mesh=mesh,
     window=window,
+    progress=progress,
+    total=total,
+    stats=stats,
   ):
     ids = [pending.popleft() for _ in range(idx_bk.shape[0])]
     yield ids, np.asarray(idx_bk), np.asarray(val_bk)
-
-
-def index_collection(
-  encoder: SparseEncoder,
-  tokenizer: Tokenizer,
-  docs: Any,
-  path: str | os.PathLike,
-  *,
-  k_doc: int = 512,
-  batch_size: int = 32,
-  value_dtype: str = "float32",
-  approx: bool = False,
-  ram_budget_bytes: int = 4 << 30,
-  overwrite: bool = False,
-  progress: bool = True,
-  max_length: int | None = None,
-  min_weight: float = 0.0,
-  dim: int | None = None,
-  mesh: Mesh | None = None,
-  **writer_kwargs: Any,
-) -> pathlib.Path:
-  """Encodes every document and writes the inverted index at `path`.
-
-  Args:
-    encoder: the sparse encoder (e.g. from `sparse_encoder.load_encoder`).
-    tokenizer: its tokenizer.
-    docs: a `data.sources.Collection` (its `.docs()` is streamed; its `name`
-      and `num_docs` go to the manifest and progress bar) or an iterable of
-      `Doc`.
-    path: index directory.
-    k_doc: dims kept per document.
-    batch_size: documents per jitted encoder call.
-    value_dtype: stored weights: float32 | float16 | uint8 | uint16.
-    approx: also write the structures of `Index.search(mode="approx")`.
-    ram_budget_bytes: memory target of the index build.
-    overwrite: replace an existing index (atomically, when complete).
-    progress: show a tqdm bar.
-    max_length: document truncation (default: the encoder config's).
-    min_weight: weights <= this are dropped.
-    dim: D (default: read from the encoder / tokenizer).
-    mesh: passed to `encode_sparse` (two-stage top-k when D is sharded).
-    **writer_kwargs: more `IndexWriter` arguments (quant_scale, encoder_hash,
-      metadata).
-
-  Returns:
-    The index path. Encode throughput (docs/s) and the encoder's
-    `params_digest` ("encoder_params") are stored in the manifest metadata.
-
-  Raises:
-    ValueError: the corpus has no document (nothing is written).
-  """
-  dim = dim or encoder_dim(encoder, tokenizer)
-  writer_kwargs.setdefault("encoder_hash", encoder_fingerprint(encoder))
-  meta = dict(writer_kwargs.pop("metadata", None) or {})
-  meta.update(collection=getattr(docs, "name", None), k_doc=k_doc)
-  if (digest := params_digest(encoder)) is not None:
-    meta["encoder_params"] = digest
-  stream = docs.docs() if hasattr(docs, "docs") else iter(docs)
-  try:
-    first = next(stream)
-  except StopIteration:
-    raise ValueError(
-      f"the corpus {getattr(docs, 'name', '')!r} has no documents: no index written at {os.fspath(path)}"
-    ) from None
-  stream = itertools.chain([first], stream)
-  batches = doc_batches(
-    encoder, tokenizer, stream, k=k_doc, batch_size=batch_size, max_length=max_length, min_weight=min_weight, mesh=mesh
-  )
-  bar = tqdm(total=getattr(docs, "num_docs", None), unit="doc", desc="index", disable=not progress)
-  t0 = time.time()
-  with (
-    io_utils.disk_space_errors(path, "the index"),
-    index_lib.IndexWriter(
-      path,
-      dim,
-      value_dtype=value_dtype,
-      approx=approx,
-      ram_budget_bytes=ram_budget_bytes,
-      overwrite=overwrite,
-      metadata=meta,
-      **writer_kwargs,
-    ) as w,
-  ):
-    for ids, idx_bk, val_bk in batches:
-      w.add(ids, idx_bk, val_bk)
-      bar.update(len(ids))
-    encode_s = time.time() - t0
-    w.metadata["encode_seconds"] = encode_s
-    w.metadata["encode_docs_per_second"] = w.n_docs / max(encode_s, 1e-9)
-  bar.close()
-  return w.path

@@ -27,6 +27,7 @@ import ir_measures
 import ml_collections
 import numpy as np
 
+from laspar_jax import distributed, distributed_index
 from laspar_jax import encode as encode_lib
 from laspar_jax import io_utils
 from laspar_jax.data import formats
@@ -121,8 +122,8 @@ def efficiency_report(
   meta = index.manifest.get("metadata", {})
   nq = q_idx_bk.shape[0]
   rep = {
-    "mean_active_dims_query": st["mean_query_length"],
-    "mean_active_dims_doc": st["mean_doc_length"],
+    "active_q": st["mean_query_length"],
+    "active_d": st["mean_doc_length"],
     "flops_per_query": st["flops_per_query"],
     "flops_expected_doc_query": st["flops_expected_doc_query"],
     "index_bytes": st["index_bytes"],
@@ -148,8 +149,14 @@ def encode_queries(
   k_query: int = 128,
   batch_size: int = 64,
   max_length: int | None = None,
+  stats: dict[str, Any] | None = None,
 ) -> tuple[list[str], np.ndarray, np.ndarray, float]:
-  """Encodes queries (in the mapping's order) -> (qids, idx_bk, val_bk, seconds)."""
+  """Encodes queries (in the mapping's order) -> (qids, idx_bk, val_bk, seconds).
+
+  Rows of different widths (the in-text filter keeps every in-text term) are
+  padded with zero weights to the widest. `stats` (`encode.new_stats()`) gets
+  the truncation tally.
+  """
   qids = list(queries)
   t = time.perf_counter()
   parts = list(
@@ -161,12 +168,16 @@ def encode_queries(
       k=k_query,
       batch_size=batch_size,
       max_length=max_length,
+      stats=stats,
     )
   )
   secs = time.perf_counter() - t
   if not parts:
     return qids, np.zeros((0, 1), np.int32), np.zeros((0, 1), np.float32), secs
-  return (qids, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), secs)
+  w = max(p[0].shape[1] for p in parts)
+  idx = np.concatenate([np.pad(p[0], ((0, 0), (0, w - p[0].shape[1]))) for p in parts])
+  val = np.concatenate([np.pad(p[1], ((0, 0), (0, w - p[1].shape[1]))) for p in parts])
+  return qids, idx, val, secs
 
 
 def format_report(metrics: Mapping[str, float], efficiency: Mapping[str, float]) -> str:
@@ -265,9 +276,11 @@ def evaluate_encoder(
   if not judged:
     raise ValueError(f"{collection!r} has no judged queries")
   qids = sorted(judged)[: max_queries or None]
+  stats = encode_lib.new_stats()
   qids, q_idx, q_val, enc_s = encode_queries(
-    encoder, tokenizer, {q: judged[q] for q in qids}, k_query=k_query, batch_size=batch_size
+    encoder, tokenizer, {q: judged[q] for q in qids}, k_query=k_query, batch_size=batch_size, stats=stats
   )
+  print(f"truncation: {stats['cut']} of {stats['texts']} queries cut at {stats['max_length']} tokens")
   k = min(k, index.n_docs)
   rows, scores = index.search(q_idx, q_val, k=k, threads=threads, **search_kwargs)
   run = results_to_run(index, qids, rows, scores)
@@ -285,6 +298,9 @@ def evaluate_encoder(
     "active_q": float(np.mean(np.sum(q_val > 0, axis=1))) if len(qids) else 0.0,
     "active_d": float(index.n_postings / max(index.n_docs, 1)),
     "flops_per_query": eff.get("flops_per_query", index.stats(q_idx, q_val).get("flops_per_query")),  # measured
+    "queries_cut": stats["cut"],
+    "queries_max_length": stats["max_length"],
+    "query_filter_fallbacks": stats["fallbacks"],
   }
 
 
@@ -292,62 +308,165 @@ FirstDocs = CutCorpus  # the cut corpus of config.eval.max_docs: judged document
 
 
 def evaluate_config(
-  encoder: Any, tokenizer: Any, ev: ml_collections.ConfigDict, out_dir: io_utils.PathLike, *, progress: bool = True
-) -> dict[str, float]:
-  """Training-time evaluation from `config.eval`: index the corpus, then `evaluate_encoder`.
+  encoder: Any,
+  tokenizer: Any,
+  ev: ml_collections.ConfigDict,
+  out_dir: io_utils.PathLike,
+  *,
+  progress: bool = True,
+  efficiency: bool = False,
+  all_hosts: bool = False,
+  bm25: bool = False,
+  verbose: bool = False,
+  collection: Any = None,
+  index_path: io_utils.PathLike | None = None,
+) -> dict[str, Any]:
+  """THE evaluation of an encoder: collection -> index -> search -> measures -> files.
 
-  Writes OUT_DIR/index, OUT_DIR/run.trec and OUT_DIR/metrics.json.
+  Used by training (periodic and final evaluation), the study runner (trained
+  and zero-shot variants) and `launch/evaluate.py`. Writes OUT_DIR/index,
+  OUT_DIR/run.trec and OUT_DIR/metrics.json (`flat_metrics` of the report).
 
   Args:
-    encoder, tokenizer: the sparse encoder.
+    encoder, tokenizer: the sparse encoder (trained or zero-shot).
     ev: config.eval (collection, split, q_topk, d_topk, batch_size, measures,
       max_queries, max_docs, search_threads; optional strict).
     out_dir: where the index, the run and the metrics go (local or gs://).
     progress: tqdm bar while indexing.
+    efficiency: time the searches (`efficiency_report`).
+    all_hosts: every process takes part in the index build (call it on every
+      host; only process 0 evaluates, the others return {}); else this process
+      builds the whole index (training's evaluation on the lead host).
+    bm25: also evaluate BM25 on the same corpus and queries ("bm25" sub-report).
+    verbose: print the report.
+    collection: the loaded collection (default: loaded from `ev`).
+    index_path: where the index goes (default OUT_DIR/index; replaced when there).
 
   Returns:
-    {measure: value} plus active_q, active_d (mean dims per query / postings
-    per document), index_seconds and eval_seconds (both from the start of indexing).
+    {"metrics", "active_q", "active_d", "flops_per_query", "n_queries",
+    "run_path", "index", "efficiency", "index_seconds", "eval_seconds",
+    "docs_cut", "docs_encoded", "docs_max_length", "queries_cut",
+    "queries_max_length", ...} (and "bm25").
   """
-  coll = sources.load_collection(ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False)))
+  coll = collection or sources.load_collection(
+    ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False))
+  )
   docs = FirstDocs(coll, ev.max_docs, ev.max_queries) if ev.max_docs else coll
   out_dir = io_utils.as_path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
-  path = encode_lib.index_collection(
+  one = {} if all_hosts else {"process_index": 0, "process_count": 1}
+  path = distributed_index.index_collection(
     encoder,
     tokenizer,
     docs,
-    os.fspath(out_dir / "index"),
+    os.fspath(index_path or out_dir / "index"),
     k_doc=ev.d_topk,
     batch_size=ev.batch_size,
     dim=encoder.output_dim,
     progress=progress,
     overwrite=True,
+    **one,
   )
   t_index = time.time() - t0
+  if all_hosts and not distributed.is_lead():
+    return {}
+  index = Index.load(path)
   out = evaluate_encoder(
     encoder,
     tokenizer,
     coll,
-    path,
+    index,
     k=1000,
     k_query=ev.q_topk,
     measures=ev.measures.split(","),
     run_path=out_dir / "run.trec",
     batch_size=ev.batch_size,
     threads=ev.search_threads or None,
-    verbose=False,
+    verbose=verbose,
     max_queries=ev.max_queries or None,
-    efficiency=False,
+    efficiency=efficiency,
   )
-  res = dict(
-    out["metrics"],
-    active_q=out["active_q"],
-    active_d=out["active_d"],
-    flops_per_query=out["flops_per_query"],  # measured on these queries (launch/report.py shows it)
+  meta = index.manifest.get("metadata", {})
+  out.update(
+    index=os.fspath(path),
     index_seconds=t_index,
     eval_seconds=time.time() - t0,
+    **{k: meta[k] for k in ("docs_cut", "docs_encoded", "docs_max_length", "docs_filter_fallbacks") if k in meta},
   )
-  io_utils.write_text_atomic(out_dir / "metrics.json", json.dumps(res, indent=1))
-  return res
+  if bm25:
+    qids = sorted(coll.judged_queries)[: ev.max_queries or None]
+    out["bm25"] = bm25_report(coll, qids, measures=ev.measures.split(","), run_path=out_dir / "run.bm25.trec")
+  io_utils.write_text_atomic(out_dir / "metrics.json", json.dumps(flat_metrics(out), indent=1))
+  return out
+
+
+def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+  """The numbers of an `evaluate_config` report, flat: each measure, active_q, active_d, flops_per_query, seconds."""
+  keys = ("active_q", "active_d", "flops_per_query", "index_seconds", "eval_seconds", "docs_cut", "queries_cut")
+  return dict(report["metrics"], **{k: float(report[k]) for k in keys if report.get(k) is not None})
+
+
+def bm25_report(
+  collection: Any,
+  qids: Sequence[str],
+  *,
+  measures: Sequence[str],
+  k: int = 1000,
+  k1: float = 0.9,
+  b: float = 0.4,
+  run_path: io_utils.PathLike | None = None,
+) -> dict[str, Any]:
+  """BM25 (bm25s, English stop words, no stemming; Anserini's k1/b) on the collection's queries `qids`.
+
+  Returns:
+    {"metrics", "run_path", "n_queries", "flops_per_query" (mean over queries of the document
+    frequencies of their distinct terms), "active_q", "active_d" (distinct terms)}.
+  """
+  import bm25s  # pylint: disable=g-import-not-at-top  (1.4 s on its own; only for the baseline)
+
+  ids, texts = [], []
+  for d in collection.docs():
+    ids.append(d.doc_id)
+    texts.append(sources.doc_text(d))
+  corpus = bm25s.tokenize(texts, stopwords="en", show_progress=False)
+  retriever = bm25s.BM25(k1=k1, b=b)
+  retriever.index(corpus, show_progress=False)
+  df = np.zeros(len(corpus.vocab), np.int64)
+  doc_terms = [np.unique(np.asarray(t, np.int64)) for t in corpus.ids]
+  for t in doc_terms:
+    df[t] += 1
+  q_tokens = bm25s.tokenize(
+    [collection.queries[q] for q in qids], stopwords="en", return_ids=False, show_progress=False
+  )
+  terms = [sorted({corpus.vocab[w] for w in q if w in corpus.vocab}) for q in q_tokens]
+  kk = min(k, len(ids))
+  run: Run = {}
+  keep = [i for i, t in enumerate(terms) if t]  # bm25s cannot retrieve for a query without known terms
+  if keep:
+    rows_qk, scores_qk = retriever.retrieve([q_tokens[i] for i in keep], k=kk, show_progress=False)
+    for j, i in enumerate(keep):
+      run[qids[i]] = {ids[r]: float(s) for r, s in zip(rows_qk[j], scores_qk[j]) if s > 0}
+  metrics = evaluate_run(run, {q: collection.qrels[q] for q in qids}, measures)
+  if run_path is not None:
+    run_path = formats.write_trec_run(run, run_path, "bm25")
+  return {
+    "metrics": metrics,
+    "run_path": run_path,
+    "n_queries": len(qids),
+    "flops_per_query": float(np.mean([df[t].sum() for t in terms])) if terms else 0.0,
+    "active_q": float(np.mean([len(t) for t in terms])) if terms else 0.0,
+    "active_d": float(np.mean([t.size for t in doc_terms])) if doc_terms else 0.0,
+  }
+
+
+def format_table(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+  """Reports side by side as a markdown table: measures, FLOPS/query, active dims per query and document."""
+  measures = list(rows[0][1]["metrics"]) if rows else []
+  head = ["system", *measures, "FLOPS/q", "active q", "active d"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for label, r in rows:
+    cells = [f"{r['metrics'].get(m, float('nan')):.4f}" for m in measures]
+    cells += [f"{r.get('flops_per_query') or 0:.4g}", f"{r.get('active_q') or 0:.1f}", f"{r.get('active_d') or 0:.1f}"]
+    lines.append("| " + " | ".join([label, *cells]) + " |")
+  return "\n".join(lines)

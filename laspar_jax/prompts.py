@@ -6,7 +6,7 @@ tokenizer's own chat template (chat presets, `reply` appended after the
 assistant turn's opening). Presets:
 
   reference   Decoder4LSR's RQ1 prompts, verbatim (`REFERENCE_QUERY_PREFIX`,
-              `REFERENCE_DOC_PREFIX`; no suffix); pooled over the text positions.
+              `REFERENCE_DOC_PREFIX`; no suffix).
   promptreps  PromptReps (ielab/PromptReps prompts/mistralai/Mistral-7B-Instruct-v0.2/*.txt):
               `<s>[INST] You are an AI assistant that can understand human
               language. Passage: "` + text + `". Use one most
@@ -17,13 +17,13 @@ assistant turn's opening). Presets:
   promptreps_chat  the PromptReps instruction through the chat template, the
               assistant reply opened with `The word is: "`; last token.
   none        the text alone (with the tokenizer's own special tokens, e.g. BERT's
-              [CLS] X [SEP]); pooled over every position (an MLM such as SPLADE).
+              [CLS] X [SEP]), as an MLM such as SPLADE reads it.
 
 Composition (`compose`) tokenizes the whole prompted string once (so the
 tokens at the prompt/text boundary are those the model sees for the joined
 string, e.g. "Query: cells" -> ":", "Ġcells") and uses the character offsets
 to tell prompt from text: a token is a text token when its span overlaps the
-text's characters. The text is then cut to `max_text_len` text tokens, the
+text's characters. The text is then cut so the row fits `max_length` tokens, the
 suffix kept whole. Special tokens the tokenizer adds itself (its
 post-processor's BOS, [CLS] / [SEP]) are kept; when the prompt already starts
 with that BOS (e.g. "<s>" in a Llama / Mistral vocabulary) the added one is
@@ -82,8 +82,7 @@ class Preset:
     query / doc: the two sides' templates.
     chat: render the user message through the tokenizer's chat template.
     decoding: the default read-off ("plain": pool over positions; "last_token").
-    pool: the default positions pooled by "plain": "text" (the text's tokens
-      only) or "all" (every real position, as SPLADE pools).
+      Which positions are pooled is `EncoderConfig.prompt_pool`.
   """
 
   name: str
@@ -91,7 +90,6 @@ class Preset:
   doc: Template
   chat: bool = False
   decoding: str = "plain"
-  pool: str = "text"
 
   def template(self, kind: str) -> Template:
     if kind not in KINDS:
@@ -123,7 +121,7 @@ PRESETS: dict[str, Preset] = {
     chat=True,
     decoding="last_token",
   ),
-  "none": Preset("none", Template(), Template(), pool="all"),
+  "none": Preset("none", Template(), Template()),
 }
 
 
@@ -157,8 +155,8 @@ def prompt_strings(tokenizer: Any, preset: Preset, kind: str) -> tuple[str, str]
 
 
 def compose(
-  tokenizer: Any, texts: Sequence[str], *, preset: Preset, kind: str, max_text_len: int
-) -> list[tuple[list[int], list[int]]]:
+  tokenizer: Any, texts: Sequence[str], *, preset: Preset, kind: str, max_length: int
+) -> tuple[list[tuple[list[int], list[int]]], np.ndarray]:
   """Tokenizes prompted texts: per text (ids, text flags), unpadded (see the module docstring).
 
   Args:
@@ -166,60 +164,12 @@ def compose(
     texts: the queries or passages.
     preset: the prompt preset.
     kind: "query" or "doc".
-    max_text_len: text tokens kept per text (the prompt is not counted).
+    max_length: tokens per row, prompt and special tokens included (the text is cut to fit).
 
   Returns:
-    Per text: the token ids (prompt, text and the tokenizer's special tokens)
-    and flags (1 at the text's tokens, 0 elsewhere), same length.
+    (rows, cut_b): per text the token ids (prompt, text and the tokenizer's
+    special tokens) and flags (1 at the text's tokens, 0 elsewhere), same
+    length; bool [B] True where the text was cut.
   """
   before, after = prompt_strings(tokenizer, preset, kind)
-  cap = 100 * max(max_text_len, 1)  # chars; a huge text is cut before it is tokenized whole
-  texts = [t[:cap] for t in texts]
-  raw = tokenizer._tok  # pylint: disable=protected-access  (offsets and the special-token mask)
-  encodings = raw.encode_batch([before + t + after for t in texts], add_special_tokens=True)
-  start = len(before)
-  rows = []
-  for text, enc in zip(texts, encodings):
-    end = start + len(text)
-    ids, flags, n_text = [], [], 0
-    for tid, (s, e), special in zip(enc.ids, enc.offsets, enc.special_tokens_mask):
-      is_text = not special and s < end and e > start
-      if is_text:
-        n_text += 1
-        if n_text > max_text_len:
-          continue
-      ids.append(tid)
-      flags.append(int(is_text))
-    if len(ids) > 1 and ids[0] == ids[1] and enc.special_tokens_mask[0] and not flags[1]:
-      ids, flags = ids[1:], flags[1:]  # the prompt writes the BOS the tokenizer adds: keep one
-    rows.append((ids, flags))
-  return rows
-
-
-def bucket_length(n: int, multiple: int = 32) -> int:
-  """n rounded up to a multiple of `multiple` (at least `multiple`)."""
-  return max(-(-n // multiple), 1) * multiple
-
-
-def pad_rows(
-  rows: Sequence[tuple[list[int], list[int]]], *, pad_id: int, length: int | None = None, multiple: int = 32
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Right-pads composed rows.
-
-  Args:
-    rows: (ids, text flags) per text, as `compose` returns.
-    pad_id: the padding id.
-    length: padded length (default: the longest row rounded up by `bucket_length`).
-    multiple: the rounding of the default length.
-
-  Returns:
-    (ids_bl, mask_bl, text_bl), int32 [B, L].
-  """
-  length = length or bucket_length(max((len(r[0]) for r in rows), default=1), multiple)
-  ids_bl = np.full((len(rows), length), pad_id, np.int32)
-  mask_bl = np.zeros((len(rows), length), np.int32)
-  text_bl = np.zeros((len(rows), length), np.int32)
-  for i, (ids, flags) in enumerate(rows):
-    n = min(len(ids), length)
-    ids_bl[i, :n], mask_bl[i, :n], text_bl[i, :n] = ids[:n], 1, flags[:n]
-  return ids_bl, mask_bl, text_bl
+  return tokenizer.encode_with_offsets(texts, before=before, after=after, max_length=max_length)

@@ -10,8 +10,9 @@ An experiment config (`configs/decoder/*.py`) is a module with `VARIANTS`
   W/<variant>/result.json    written atomically when the variant ends ("ok", "suspect" or "failed")
   W/<variant>/wall.json      wall seconds over the variant's attempts (a resumed variant counts them all)
 
-A variant with a non-empty `config.zeroshot.preset` is not trained: the
-zero-shot path (`zeroshot.evaluate_zeroshot`) indexes and evaluates it in
+A variant with a non-empty `config.zeroshot.preset` or `config.train.total_steps`
+0 is not trained: its encoder (`zeroshot.encoder_fields` of the section, or
+`config.model`) goes through `evaluate.evaluate_config` in
 W/<variant>/eval/0/.
 
 Reruns: a variant whose result.json is "ok" with the digest of its current
@@ -56,14 +57,12 @@ import tqdm
 
 from laspar_jax import config_lib
 from laspar_jax import distributed
-from laspar_jax import distributed_index
 from laspar_jax import encode
 from laspar_jax import evaluate
 from laspar_jax import io_utils
 from laspar_jax import report
 from laspar_jax import train_lib
 from laspar_jax import zeroshot
-from laspar_jax.data import sources
 from laspar_jax.models import sparse_encoder
 
 RESULT = "result.json"
@@ -140,9 +139,11 @@ def read_json(path: io_utils.PathLike) -> dict[str, Any] | None:
 
 
 def is_zeroshot(config: ml_collections.ConfigDict) -> bool:
-  """True when the variant is evaluated zero-shot (`config.zeroshot.preset` set)."""
+  """True when the variant is not trained: `config.zeroshot.preset` set, or `config.train.total_steps` 0."""
   zs = config.get("zeroshot")
-  return bool(zs is not None and zs.get("preset"))
+  if zs is not None and zs.get("preset"):
+    return True
+  return config.get("train") is not None and config.train.get("total_steps", 1) == 0
 
 
 def run_study(
@@ -306,7 +307,7 @@ def _prepare(vdir: Any, digest: str, rerun: bool, lead: bool) -> None:
 
 
 def _train_index_evaluate(config: ml_collections.ConfigDict, vdir: Any, *, progress: bool) -> dict[str, Any]:
-  """train_lib in `vdir`, then the saved encoder indexes the corpus and is evaluated (`config.eval`)."""
+  """train_lib in `vdir`, then the saved encoder through `evaluate.evaluate_config` (every host indexes)."""
   config = config.copy_and_resolve_references()
   config.train.final_eval = False  # evaluated below, with the efficiency report
   t0 = time.time()
@@ -316,116 +317,66 @@ def _train_index_evaluate(config: ml_collections.ConfigDict, vdir: Any, *, progr
   distributed.barrier("laspar_study_trained")
   t_train = time.time() - t0
   encoder, tokenizer = sparse_encoder.load_encoder(os.fspath(vdir / "encoder"))
-  ev = config.eval
-  coll = sources.load_collection(ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False)))
-  docs = evaluate.FirstDocs(coll, ev.max_docs, ev.max_queries) if ev.max_docs else coll
   out_dir = vdir / "eval" / str(trained["step"])
-  t1 = time.time()
-  index = distributed_index.index_collection(
-    encoder,
-    tokenizer,
-    docs,
-    os.fspath(out_dir / "index"),
-    k_doc=ev.d_topk,
-    batch_size=ev.batch_size,
-    dim=encoder.output_dim,
-    progress=progress and distributed.is_lead(),
-    overwrite=True,
-  )
-  t2 = time.time()
   res = {
     "steps": int(trained["step"]),
     "train_seconds": t_train,
-    "index_seconds": t2 - t1,
     "encoder": os.fspath(vdir / "encoder"),
-    "index": os.fspath(index),
     "encoder_fingerprint": encode.encoder_fingerprint(encoder),
     "encoder_params": encode.params_digest(encoder),
     "train_metrics": trained["train"],
   }
-  if distributed.is_lead():
-    out = evaluate.evaluate_encoder(
-      encoder,
-      tokenizer,
-      coll,
-      index,
-      k=1000,
-      k_query=ev.q_topk,
-      measures=ev.measures.split(","),
-      run_path=out_dir / "run.trec",
-      batch_size=ev.batch_size,
-      threads=ev.search_threads or None,
-      verbose=False,
-      max_queries=ev.max_queries or None,
-      efficiency=True,
-    )
-    res.update(_measures(out), eval_seconds=time.time() - t2)
-    _write_metrics(out_dir, res)
+  out = evaluate.evaluate_config(
+    encoder,
+    tokenizer,
+    config.eval,
+    out_dir,
+    progress=progress and distributed.is_lead(),
+    efficiency=True,
+    all_hosts=True,
+  )
+  res.update(_measures(out))
   return res
 
 
 def _zeroshot(config: ml_collections.ConfigDict, vdir: Any, *, progress: bool) -> dict[str, Any]:
-  """The zero-shot path: `zeroshot.evaluate_zeroshot` indexes and evaluates in vdir/eval/0 (process 0 only)."""
-  if not distributed.is_lead():
-    return {"steps": 0}
-  zcfg = zeroshot.ZeroShotConfig.from_dict(config.zeroshot)
-  ev = config.eval
-  coll = sources.load_collection(ev.collection, split=ev.split or None, strict=bool(ev.get("strict", False)))
-  out_dir = vdir / "eval" / "0"
-  out_dir.mkdir(parents=True, exist_ok=True)
-  t0 = time.time()
-  out = zeroshot.evaluate_zeroshot(
-    zcfg,
-    coll,
-    os.fspath(out_dir / "index"),
-    measures=ev.measures.split(","),
-    k=1000,
-    run_path=out_dir / "run.trec",
-    max_queries=ev.max_queries or None,
-    progress=progress,
-    threads=ev.search_threads or None,
+  """An untrained (zero-shot) encoder of the config through `evaluate.evaluate_config` in vdir/eval/0.
+
+  The encoder is `config.model` (`config_lib.encoder_fields`), or, for configs
+  with a `zeroshot` section, `zeroshot.encoder_fields` of it.
+  """
+  config = config.copy_and_resolve_references()
+  if config.get("zeroshot") is not None and config.zeroshot.get("preset"):
+    fields, ev = zeroshot.encoder_fields(config.zeroshot)
+    config.eval.update(ev)
+  else:
+    fields = config_lib.encoder_fields(config)
+  cfg = sparse_encoder.EncoderConfig(**fields)
+  encoder, tokenizer = sparse_encoder.build_encoder(cfg)
+  out = evaluate.evaluate_config(
+    encoder,
+    tokenizer,
+    config.eval,
+    vdir / "eval" / "0",
+    progress=progress and distributed.is_lead(),
+    efficiency=True,
+    all_hosts=True,
   )
-  res = {
-    "steps": 0,
-    "eval_seconds": time.time() - t0,
-    "index": os.fspath(out_dir / "index"),
-    "encoder_fingerprint": zcfg.fingerprint(),
-    "fallback_queries": out.get("fallback_queries"),
-    "fallback_docs": out.get("fallback_docs"),
-    **_measures(out),
-  }
-  _write_metrics(out_dir, res)
-  return res
+  return {"steps": 0, "encoder_fingerprint": cfg.fingerprint(), **_measures(out)}
 
 
 def _measures(out: Mapping[str, Any]) -> dict[str, Any]:
-  """Metrics and efficiency of an `evaluate_encoder` / `evaluate_zeroshot` report, flat."""
-  eff = dict(out.get("efficiency") or {})
-
-  def pick(*keys: str) -> float | None:
-    for src in (out, eff):
-      for k in keys:
-        if src.get(k) is not None:
-          return float(src[k])
-    return None
-
+  """What a variant's result keeps of an `evaluate.evaluate_config` report (empty on the other hosts)."""
+  if not out:
+    return {}
+  keep = ("flops_per_query", "active_q", "active_d", "n_queries", "index", "index_seconds", "eval_seconds")
+  keep += ("docs_cut", "docs_max_length", "queries_cut", "queries_max_length")
   return {
     "metrics": {k: float(v) for k, v in out["metrics"].items()},
-    "flops_per_query": pick("flops_per_query"),
-    "mean_active_q": pick("mean_active_q", "mean_active_dims_query", "active_q"),
-    "mean_active_d": pick("mean_active_d", "mean_active_dims_doc", "active_d"),
-    "n_queries": out.get("n_queries"),
+    **{k: out.get(k) for k in keep},
     "run": os.fspath(out["run_path"]) if out.get("run_path") else None,
-    "efficiency": {k: v for k, v in eff.items() if isinstance(v, (int, float))},
+    "efficiency": {k: v for k, v in (out.get("efficiency") or {}).items() if isinstance(v, (int, float))},
   }
-
-
-def _write_metrics(out_dir: Any, res: Mapping[str, Any]) -> None:
-  """eval/<step>/metrics.json as training writes it (report.py reads measured FLOPS from it)."""
-  flat = dict(
-    res["metrics"], active_q=res["mean_active_q"], active_d=res["mean_active_d"], flops_per_query=res["flops_per_query"]
-  )
-  io_utils.write_text_atomic(out_dir / "metrics.json", json.dumps(flat, indent=1))
 
 
 # ----------------------------------------------------------------------------- the results table
@@ -479,8 +430,8 @@ def _table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]
         r.get("status", ""),
         *(_cell(m.get(k), ".4f") for k in measures),
         _cell(r.get("flops_per_query"), ".4g"),
-        _cell(r.get("mean_active_q"), ".1f"),
-        _cell(r.get("mean_active_d"), ".1f"),
+        _cell(r.get("active_q"), ".1f"),
+        _cell(r.get("active_d"), ".1f"),
         _cell(r.get("steps"), "d"),
         _cell(r.get("wall_seconds"), ".0f"),
       ]

@@ -27,13 +27,13 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import gguf
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import numpy as np
 import tokenizers
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+
+from laspar_jax import gguf_tokenizer as gguf_tokenizer_lib
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
 
@@ -55,107 +55,10 @@ def _read_json(path: str) -> dict[str, Any]:
       raise ValueError(f"{path}: cannot parse ({e})") from e
 
 
-# tokenizer.ggml.pre -> the split regex of that vocabulary (as transformers' GGUF conversion).
-_LLAMA3_SPLIT = (
-  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GGUF_SPLITS = {
-  **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), _LLAMA3_SPLIT),
-  **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
-}
-_CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
-
-
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  """The metadata of a GGUF file as Python values (arrays as lists).
-
-  Raises:
-    ValueError: not a readable GGUF file.
-  """
-  try:
-    reader = gguf.GGUFReader(os.fspath(path))
-  except Exception as e:  # gguf raises ValueError / struct errors on bad files
-    raise ValueError(f"{path}: cannot read GGUF file ({e})") from e
-  return {k: f.contents() for k, f in reader.fields.items()}
-
-
-def _byte_alphabet() -> dict[int, str]:
-  """GPT-2's byte -> printable character table (bytes_to_unicode)."""
-  keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-  extra = [b for b in range(256) if b not in keep]
-  return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
-
-
-def gguf_tokenizer(meta: dict[str, Any], source: str = "") -> tokenizers.Tokenizer:
-  """A `tokenizers.Tokenizer` from GGUF metadata (byte-level BPE, tokenizer.ggml.model "gpt2").
-
-  Built as transformers builds it from a GGUF file: BPE over the tokens and
-  merges, byte-level pre-tokenizer (with the split regex of
-  `tokenizer.ggml.pre` where transformers knows one) and decoder, control
-  tokens added as special tokens, user-defined ones as added tokens, BOS/EOS
-  added when `tokenizer.ggml.add_bos_token` / `add_eos_token` say so.
-
-  Raises:
-    ValueError: another tokenizer model (e.g. sentencepiece "llama"), or no tokens.
-  """
-  kind = meta.get("tokenizer.ggml.model")
-  tokens = meta.get("tokenizer.ggml.tokens")
-  if kind != "gpt2" or not tokens:
-    raise ValueError(f"{source}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
-  alphabet = _byte_alphabet()
-  spelled = set(alphabet.values())
-  vocab = {
-    (t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8"))): i for i, t in enumerate(tokens)
-  }
-  merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
-  tok = tokenizers.Tokenizer(
-    models.BPE(
-      vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False
-    )
-  )
-  split = _GGUF_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-  if split is None:
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  else:
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-      [
-        pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-      ]
-    )
-  tok.decoder = decoders.ByteLevel()
-  types = meta.get("tokenizer.ggml.token_type") or ()
-  tok.add_special_tokens(
-    [
-      AddedToken(t, normalized=False, special=True)
-      for t, k in zip(tokens, types)
-      if k == _CONTROL and set(t) <= spelled
-    ]
-  )
-  tok.add_tokens(
-    [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab]
-  )
-  bos, eos = (_special(meta, k) for k in ("bos_token_id", "eos_token_id"))
-  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token")) and bos is not None
-  add_eos = bool(meta.get("tokenizer.ggml.add_eos_token")) and eos is not None
-  single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
-  pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
-  specials = {t: vocab[t] for t, on in ((bos, add_bos), (eos, add_eos)) if on}
-  tok.post_processor = processors.TemplateProcessing(
-    single=" ".join(single), pair=" ".join(pair), special_tokens=list(specials.items())
-  )
-  return tok
-
-
-def _special(meta: dict[str, Any], key: str) -> str | None:
-  """The token string of a special id in GGUF metadata (tokenizer.ggml.<key>)."""
-  tid, tokens = meta.get(f"tokenizer.ggml.{key}"), meta.get("tokenizer.ggml.tokens") or []
-  return tokens[tid] if tid is not None and 0 <= tid < len(tokens) else None
+_byte_alphabet = gguf_tokenizer_lib.byte_alphabet
+gguf_tokenizer = gguf_tokenizer_lib.gguf_tokenizer
+read_gguf_metadata = gguf_tokenizer_lib.read_gguf_metadata
+_special = gguf_tokenizer_lib.special_token
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -290,7 +193,9 @@ class Tokenizer:
         raise ValueError(f"{tj}: cannot parse tokenizer: {e}") from e
       src = tj
     elif os.path.exists(vt):
-      tok = tokenizers.BertWordPieceTokenizer(vt, lowercase=cfg.get("do_lower_case", True))._tokenizer
+      tok = tokenizers.Tokenizer.from_str(
+        tokenizers.BertWordPieceTokenizer(vt, lowercase=cfg.get("do_lower_case", True)).to_str()
+      )
       src = vt
     else:
       ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf")) if os.path.isdir(path) else []
@@ -418,30 +323,138 @@ class Tokenizer:
       `pad_id` on `padding_side`.
     """
     max_length = max_length or self.max_length
+    rows, _ = self.encode_rows(texts, max_length=max_length, prefix=prefix)
+    return self.pad(rows, max_length=max_length)
+
+  def encode_rows(
+    self, texts: Sequence[str], *, max_length: int | None = None, prefix: str = ""
+  ) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids per text, truncated as `__call__` truncates, and which texts were cut.
+
+    Args:
+      texts: the strings.
+      max_length: truncation length (default: self.max_length), special tokens included.
+      prefix: prepended to every text.
+
+    Returns:
+      (rows, cut_b): the ids per text (unpadded) and bool [B], True where the text lost tokens.
+    """
+    max_length = max_length or self.max_length
     texts = [prefix + t for t in texts] if prefix else list(texts)
     cap = 100 * max_length  # chars; no token spans 100: a huge text is cut before it is tokenized whole
+    long_b = np.asarray([len(t) > cap for t in texts], bool)
     texts = [t if len(t) <= cap else t[:cap] if self.truncation_side == "right" else t[-cap:] for t in texts]
-    rows = [e.ids for e in self._truncating_tokenizer(max_length).encode_batch(texts)]
-    return self.pad_rows(rows, max_length=max_length)
+    encs = self._truncating_tokenizer(max_length).encode_batch(texts)
+    cut_b = np.asarray([bool(e.overflowing) for e in encs], bool) | long_b
+    return [e.ids for e in encs], cut_b
 
-  def pad_rows(self, rows: Sequence[Sequence[int]], *, max_length: int | None = None) -> dict[str, np.ndarray]:
+  def encode_with_offsets(
+    self, texts: Sequence[str], *, before: str = "", after: str = "", max_length: int | None = None
+  ) -> tuple[list[tuple[list[int], list[int]]], np.ndarray]:
+    """Tokenizes `before + text + after` once per text, flags the text's tokens, cuts the text to fit.
+
+    The whole string is tokenized (so tokens at the prompt/text boundary are the
+    ones the model sees for the joined string); a token is a text token when its
+    character span overlaps the text. The text is cut (on the right) so the row,
+    prompt and special tokens included, fits `max_length`; the prompt stays whole.
+    When `before` writes the BOS the tokenizer adds itself (e.g. "<s>" of a Llama
+    vocabulary) the added one is dropped, so there is never a second BOS.
+
+    Args:
+      texts: the texts.
+      before / after: the strings around each text (a prompt).
+      max_length: tokens per row, everything included (default: self.max_length).
+
+    Returns:
+      (rows, cut_b): per text (ids, text flags) of the same length, and bool [B]
+      True where the text lost tokens.
+
+    Raises:
+      ValueError: the prompt alone leaves no room for text.
+    """
+    max_length = max_length or self.max_length
+    cap = 100 * max(max_length, 1)  # chars; a huge text is cut before it is tokenized whole
+    long_b = np.asarray([len(t) > cap for t in texts], bool)
+    texts = [t[:cap] for t in texts]
+    encodings = self._tok.encode_batch([before + t + after for t in texts], add_special_tokens=True)
+    start = len(before)
+    rows, cut = [], []
+    for text, enc in zip(texts, encodings):
+      end = start + len(text)
+      is_text = [not sp and s < end and e > start for (s, e), sp in zip(enc.offsets, enc.special_tokens_mask)]
+      ids, flags = list(enc.ids), [int(t) for t in is_text]
+      if len(ids) > 1 and ids[0] == ids[1] and enc.special_tokens_mask[0] and not flags[1]:
+        ids, flags = ids[1:], flags[1:]  # the prompt writes the BOS the tokenizer adds: keep one
+      budget = max_length - (len(ids) - sum(flags))
+      if budget <= 0 and text:
+        raise ValueError(
+          f"{self.source or 'tokenizer'}: the prompt alone takes {len(ids) - sum(flags)} tokens of {max_length}"
+        )
+      n_text, keep = 0, []
+      for f in flags:
+        n_text += f
+        keep.append(not f or n_text <= budget)
+      cut.append(n_text > budget)
+      rows.append(([i for i, k in zip(ids, keep) if k], [f for f, k in zip(flags, keep) if k]))
+    return rows, np.asarray(cut, bool) | long_b
+
+  def pad(
+    self,
+    rows: Sequence[Sequence[int]],
+    *,
+    max_length: int | None = None,
+    flags: Sequence[Sequence[int]] | None = None,
+    length: int | None = None,
+  ) -> dict[str, np.ndarray]:
     """Pads token-id rows (already truncated) into a batch exactly as `__call__` does.
+
+    Rows go on `padding_side`, the length is the smallest bucket holding the
+    longest row (at most max_length).
 
     Args:
       rows: token ids per text, special tokens included, at most max_length each.
       max_length: the truncation length the rows were made with (default: self.max_length).
+      flags: per row 0/1 per token (e.g. `encode_with_offsets`' text flags), padded alike
+        into "text_mask".
+      length: a fixed padded length instead of the bucket.
 
     Returns:
-      {"input_ids", "attention_mask", "token_type_ids"} as `__call__`.
+      {"input_ids", "attention_mask", "token_type_ids"} int32 [B, L] (and "text_mask" with flags).
     """
     max_length = max_length or self.max_length
     longest = max((len(r) for r in rows), default=1)
     need = min(max(longest, 1), max_length)
-    length = next((b for b in self.buckets if need <= b <= max_length), max_length)
+    length = length or next((b for b in self.buckets if need <= b <= max_length), max(max_length, need))
     ids_bl = np.full((len(rows), length), self.pad_id, np.int32)
     mask_bl = np.zeros((len(rows), length), np.int32)
+    text_bl = np.zeros((len(rows), length), np.int32)
     for i, r in enumerate(rows):
       span = slice(length - len(r), length) if self.padding_side == "left" else slice(0, len(r))
       ids_bl[i, span] = r
       mask_bl[i, span] = 1
-    return {"input_ids": ids_bl, "attention_mask": mask_bl, "token_type_ids": np.zeros_like(ids_bl)}
+      if flags is not None:
+        text_bl[i, span] = flags[i]
+    out = {"input_ids": ids_bl, "attention_mask": mask_bl, "token_type_ids": np.zeros_like(ids_bl)}
+    if flags is not None:
+      out["text_mask"] = text_bl
+    return out
+
+  def pad_rows(self, rows: Sequence[Sequence[int]], *, max_length: int | None = None) -> dict[str, np.ndarray]:
+    """`pad(rows, max_length=...)` (the data pipeline's name)."""
+    return self.pad(rows, max_length=max_length)
+
+  def vocab(self) -> dict[str, int]:
+    """token string -> id (added tokens included)."""
+    return self._tok.get_vocab()
+
+  def id_to_token(self, i: int) -> str | None:
+    """The token string of id `i`."""
+    return self._tok.id_to_token(int(i))
+
+  def encode_plain(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids per text without special tokens and without truncation."""
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode_batch(self, rows: Sequence[Sequence[int]]) -> list[str]:
+    """Token ids back to text, per row (special tokens skipped)."""
+    return self._tok.decode_batch([list(r) for r in rows])

@@ -36,14 +36,19 @@ QRELS_LAYOUT = flags.DEFINE_enum(
   "qrels layout (default: detected from the content)",
 )
 KEYWORDS = flags.DEFINE_bool("keywords", False, "SMART collections: add the .K keywords to the document text")
-flags.mark_flags_as_required(["index"])
 
 
-def setup():
-  """Initialises multi-host JAX when asked; returns the loaded config (or None)."""
+def setup(encoder_needed: bool = True):
+  """Initialises multi-host JAX when asked; returns the loaded config (or None).
+
+  Args:
+    encoder_needed: --encoder or --config and --index must be given (not for a BM25-only run).
+  """
   distributed_flags.initialize()
-  if ENCODER.value is None and CONFIG.value is None:
+  if encoder_needed and ENCODER.value is None and CONFIG.value is None:
     raise app.UsageError("give --encoder or --config")
+  if encoder_needed and INDEX.value is None:
+    raise app.UsageError("give --index")
   return CONFIG.value
 
 

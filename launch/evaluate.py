@@ -29,11 +29,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
+from etils import epath  # noqa: E402
 
 import encoder_flags as ef  # noqa: E402  (launch/encoder_flags.py)
-from laspar_jax import distributed, io_utils, prompts, zeroshot  # noqa: E402
-from laspar_jax.evaluate import DEFAULT_MEASURES, evaluate_encoder  # noqa: E402
+from laspar_jax import distributed, evaluate, io_utils, prompts, zeroshot  # noqa: E402
+from laspar_jax.evaluate import DEFAULT_MEASURES  # noqa: E402
+from laspar_jax.models import sparse_encoder  # noqa: E402
 
 _RUN = flags.DEFINE_string("run", None, "TREC run file to write")
 _K_QUERY = flags.DEFINE_integer("k_query", None, "dims kept per query (default config.eval.q_topk, else 128)")
@@ -55,73 +58,105 @@ _ALLOW_MISMATCH = flags.DEFINE_bool(
 _ZEROSHOT = flags.DEFINE_enum(
   "zeroshot", None, sorted(prompts.PRESETS), "zero-shot mode with this prompt preset (--encoder: the backbone)"
 )
-_BM25 = flags.DEFINE_bool("bm25", False, "zero-shot mode: also evaluate BM25 on the same queries")
+_BM25 = flags.DEFINE_bool("bm25", False, "BM25 on the same queries: alone (no --encoder/--config) or beside")
 _DECODING = flags.DEFINE_string("decoding", "", "zero-shot read-off mode (default: the preset's)")
-_POOL = flags.DEFINE_enum("pool", "", ["", "text", "all"], "zero-shot pooled positions (default: the preset's)")
-_K_DOC = flags.DEFINE_integer("k_doc", None, "zero-shot: dims kept per document (default 128)")
-_DOC_MAX_LEN = flags.DEFINE_integer("doc_max_len", 256, "zero-shot: document text tokens kept")
-_QUERY_MAX_LEN = flags.DEFINE_integer("query_max_len", 64, "zero-shot: query text tokens kept")
+_POOL = flags.DEFINE_enum("pool", "all", ["text", "all"], "zero-shot pooled positions: prompt + text (all) or text")
+_K_DOC = flags.DEFINE_integer("k_doc", None, "zero-shot: dims kept per document (default config.eval.d_topk, else 128)")
+_DOC_MAX_LEN = flags.DEFINE_integer("doc_max_len", 250, "zero-shot: document tokens kept, prompt included")
+_QUERY_MAX_LEN = flags.DEFINE_integer("query_max_len", 250, "zero-shot: query tokens kept, prompt included")
+_TERM_CAP = flags.DEFINE_integer("term_cap", 0, "zero-shot, in-text filter: dims kept (0: every in-text term)")
+_IMPACTS = flags.DEFINE_enum("impacts", "int100", ["int100", "float"], "zero-shot impacts: int(w*100) or float")
+_SPECIAL = flags.DEFINE_enum("special_tokens", "", ["", "family", "dims", "positions", "keep"], "special-token rule")
 _IN_TEXT = flags.DEFINE_bool(
   "in_text_filter", False, "zero-shot: keep only ids occurring in the text (stop words removed)"
 )
 _FILTER_MATCH = flags.DEFINE_enum("filter_match", "string", ["string", "id"], "zero-shot in-text filter rule")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "zero-shot compute dtype")
-_MAX_QUERIES = flags.DEFINE_integer("max_queries", None, "zero-shot: the first judged queries only")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "zero-shot: rebuild the index even if it exists")
+_MAX_QUERIES = flags.DEFINE_integer("max_queries", None, "the first judged queries only")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "zero-shot: replace the index at --index if there is one")
 
 
-def zeroshot_main():
-  """--zeroshot: index, evaluate and print the table (zero-shot beside BM25)."""
-  if ef.ENCODER.value is None:
-    raise app.UsageError("--zeroshot needs --encoder (the backbone: folder, .gguf or hub id)")
-  k_query = _K_QUERY.value or 128
-  zcfg = zeroshot.ZeroShotConfig(
-    backbone=ef.ENCODER.value,
+def _eval_section(c) -> ml_collections.ConfigDict:
+  """config.eval with the explicit flags applied (flags only: the defaults of a zero-shot run)."""
+  ev = ml_collections.ConfigDict(dict(c.eval) if c is not None else {})
+  ev.q_topk = ef.setting(_K_QUERY, c, "eval.q_topk", 128)
+  ev.d_topk = _K_DOC.value or (c.eval.get("d_topk", 128) if c is not None else 128)
+  ev.batch_size = ef.setting(_BATCH_SIZE, c, "eval.batch_size", 16)
+  ev.measures = ",".join(_MEASURES.value) if _MEASURES.value else ev.get("measures", ",".join(DEFAULT_MEASURES))
+  ev.search_threads = ef.setting(_THREADS, c, "eval.search_threads", 0)
+  ev.max_queries = _MAX_QUERIES.value or ev.get("max_queries", 0)
+  ev.max_docs = ev.get("max_docs", 0)
+  return ev
+
+
+def zeroshot_main(c):
+  """--zeroshot: a prompted SparseEncoder through `evaluate.evaluate_config` (index, search, measures, files)."""
+  backbone = ef.ENCODER.value or (c.model.backbone if c is not None else None)
+  if backbone is None:
+    raise app.UsageError("--zeroshot needs --encoder (the backbone: folder, .gguf or hub id) or --config")
+  z = dict(
+    backbone=backbone,
     preset=_ZEROSHOT.value,
     decoding=_DECODING.value,
-    pool=_POOL.value,
+    prompt_pool=_POOL.value,
     query_max_len=_QUERY_MAX_LEN.value,
     doc_max_len=_DOC_MAX_LEN.value,
     in_text_filter=_IN_TEXT.value,
     filter_match=_FILTER_MATCH.value,
-    topk=_K_DOC.value or 128,
-    query_topk=k_query,
+    term_cap=_TERM_CAP.value,
+    impacts=_IMPACTS.value,
     dtype=_DTYPE.value,
-    batch_size=_BATCH_SIZE.value or 16,
   )
-  out = zeroshot.evaluate_zeroshot(
-    zcfg,
-    ef.collection(None, default_split="test"),
-    ef.INDEX.value,
-    measures=_MEASURES.value or list(DEFAULT_MEASURES),
-    k=_K.value,
-    run_path=_RUN.value,
+  if _SPECIAL.value:
+    z["special_tokens"] = _SPECIAL.value
+  fields, _ = zeroshot.encoder_fields(z)
+  index = epath.Path(ef.INDEX.value)
+  if (index / "manifest.json").exists() and not _OVERWRITE.value:
+    raise app.UsageError(f"{index} holds an index; pass --overwrite to rebuild it")
+  encoder, tokenizer = sparse_encoder.build_encoder(sparse_encoder.EncoderConfig(**fields))
+  out_dir = epath.Path(_RUN.value).parent if _RUN.value else index.parent / f"{index.name}.eval"
+  out = evaluate.evaluate_config(
+    encoder,
+    tokenizer,
+    _eval_section(c),
+    out_dir,
+    efficiency=True,
     bm25=_BM25.value,
-    max_queries=_MAX_QUERIES.value,
-    overwrite=_OVERWRITE.value,
-    threads=_THREADS.value or None,
+    collection=ef.collection(c, default_split="test"),
+    index_path=index,
   )
-  print(zeroshot.format_table(out))
+  if _RUN.value and os.fspath(out_dir / "run.trec") != _RUN.value:
+    (out_dir / "run.trec").rename(_RUN.value)
+    out["run_path"] = _RUN.value
+  return out, f"zero-shot {_ZEROSHOT.value}", fields
+
+
+def _report(out, label, fields=None):
+  rows = [(label, out)] + ([("BM25", out["bm25"])] if "bm25" in out else [])
+  print(evaluate.format_table(rows))
   if _JSON.value:
-    io_utils.write_text_atomic(_JSON.value, json.dumps(out, indent=1, default=str))
+    io_utils.write_text_atomic(_JSON.value, json.dumps({**out, "encoder": fields}, indent=1, default=str))
 
 
 def main(argv):
   del argv
-  c = ef.setup()
+  c = ef.setup(encoder_needed=not (_BM25.value and not _ZEROSHOT.value))
   if not distributed.is_lead():  # evaluation is one host's work: the others must not write the same run
     return
   if _ZEROSHOT.value:
-    if c is not None:
-      raise app.UsageError("--zeroshot takes flags only (no --config)")
-    zeroshot_main()
+    _report(*zeroshot_main(c))
+    return
+  measures = _MEASURES.value or ef.setting(_MEASURES, c, "eval.measures", ",".join(DEFAULT_MEASURES)).split(",")
+  coll = ef.collection(c, default_split="test")
+  if _BM25.value and ef.ENCODER.value is None and c is None:  # the baseline on its own
+    qids = sorted(coll.judged_queries)[: _MAX_QUERIES.value or None]
+    _report(evaluate.bm25_report(coll, qids, measures=measures, k=_K.value, run_path=_RUN.value), "BM25")
     return
   encoder, tokenizer = ef.encoder_and_tokenizer(c)
-  measures = _MEASURES.value or ef.setting(_MEASURES, c, "eval.measures", ",".join(DEFAULT_MEASURES)).split(",")
-  out = evaluate_encoder(
+  out = evaluate.evaluate_encoder(
     encoder,
     tokenizer,
-    ef.collection(c, default_split="test"),
+    coll,
     ef.INDEX.value,
     k=_K.value,
     k_query=ef.setting(_K_QUERY, c, "eval.q_topk", 128),
@@ -132,9 +167,12 @@ def main(argv):
     mode=_MODE.value,
     verify=_VERIFY.value,
     allow_encoder_mismatch=_ALLOW_MISMATCH.value,
+    max_queries=_MAX_QUERIES.value,
   )
-  if _JSON.value:
-    io_utils.write_text_atomic(_JSON.value, json.dumps(out, indent=1, default=str))
+  if _BM25.value:
+    qids = sorted(coll.judged_queries)[: _MAX_QUERIES.value or None]
+    out["bm25"] = evaluate.bm25_report(coll, qids, measures=measures, k=_K.value)
+  _report(out, "encoder")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import tiny_bert  # noqa: E402
 
-from laspar_jax import encode, mesh as mesh_lib  # noqa: E402
+from laspar_jax import distributed_index, encode, mesh as mesh_lib  # noqa: E402
 from laspar_jax.data.sources import Doc, doc_text  # noqa: E402
 from laspar_jax.index import Index  # noqa: E402
 from laspar_jax.models import sparse_encoder  # noqa: E402
@@ -52,7 +52,7 @@ def test_sharded_topk_path_equals_global(encoder):
 def test_index_collection_holds_the_encoded_postings(encoder, tmp_path):
   enc, tok = encoder
   docs = [Doc(f"d{i}", "", t) for i, t in enumerate(TEXTS)]
-  path = encode.index_collection(enc, tok, docs, tmp_path / "ix", k_doc=32, batch_size=4, progress=False)
+  path = distributed_index.index_collection(enc, tok, docs, tmp_path / "ix", k_doc=32, batch_size=4, progress=False)
   ix = Index.load(path)
   assert ix.doc_ids.tolist() == [d.doc_id for d in docs] and ix.dim == enc.output_dim
   assert ix.manifest["encoder_hash"] == encode.encoder_fingerprint(enc)
@@ -65,7 +65,7 @@ def test_index_collection_holds_the_encoded_postings(encoder, tmp_path):
   q_val = np.ones_like(q_idx, np.float32)
   np.testing.assert_allclose(ix.brute_force(q_idx, q_val), dense[:, q_idx].sum(-1).T, rtol=1e-5)
   with pytest.raises(FileExistsError):
-    encode.index_collection(enc, tok, docs, tmp_path / "ix", progress=False)
+    distributed_index.index_collection(enc, tok, docs, tmp_path / "ix", progress=False)
 
 
 def test_encoder_dim():

@@ -13,7 +13,7 @@ from laspar_jax import encode as encode_lib
 from laspar_jax import evaluate
 from laspar_jax.data import formats
 from laspar_jax.data.sources import Doc
-from laspar_jax.encode import index_collection
+from laspar_jax.distributed_index import index_collection
 from laspar_jax.index import Index
 
 QRELS = {"q1": {"d1": 1, "d2": 0}, "q2": {"d3": 2}, "q3": {"d4": 1}}
@@ -110,7 +110,7 @@ def test_build_and_evaluate_with_fake_encoder(tmp_path, monkeypatch, capsys):
   assert out["active_q"] == pytest.approx((1 + 2 + 3) / 3)
   assert out["active_d"] == pytest.approx(ix.n_postings / 5)
   eff = out["efficiency"]
-  assert eff["mean_active_dims_query"] == pytest.approx((1 + 2 + 3) / 3)
+  assert eff["active_q"] == pytest.approx((1 + 2 + 3) / 3)
   assert eff["latency_mean_ms"] > 0 and eff["index_bytes"] > 0 and eff["qps_single_thread"] > 0
   assert "encode_docs_per_second" in eff
   assert "effectiveness" in capsys.readouterr().out
@@ -171,7 +171,9 @@ def test_training_evaluation_counts_empty_queries_as_zero(tmp_path, monkeypatch,
       search_threads=1,
     )
   )
-  res = evaluate.evaluate_config(_FakeEncoder(), None, ev, tmp_path / "eval" / "3", progress=False)
+  res = evaluate.flat_metrics(
+    evaluate.evaluate_config(_FakeEncoder(), None, ev, tmp_path / "eval" / "3", progress=False)
+  )
   out = tmp_path / "eval" / "3"
   assert json.loads((out / "metrics.json").read_text()) == res
   assert Index.load(out / "index").n_docs == (max_docs or len(docs))

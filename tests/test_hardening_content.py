@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import tiny_bert  # noqa: E402
 
-from laspar_jax import encode, evaluate, io_utils  # noqa: E402
+from laspar_jax import distributed_index, encode, evaluate, io_utils  # noqa: E402
 from laspar_jax.data.formats import Doc  # noqa: E402
 from laspar_jax.index import Index  # noqa: E402
 from laspar_jax.models import sparse_encoder  # noqa: E402
@@ -30,7 +30,7 @@ def saved(tmp_path_factory, minilm_path):
 def test_copied_encoder_folder_is_the_same_encoder(saved, tmp_path):
   folder, _ = saved
   enc, tok = sparse_encoder.load_encoder(str(folder))
-  ix = encode.index_collection(enc, tok, DOCS, tmp_path / "ix", k_doc=16, batch_size=4)
+  ix = distributed_index.index_collection(enc, tok, DOCS, tmp_path / "ix", k_doc=16, batch_size=4)
   copy = tmp_path / "elsewhere" / "encoder_copy"
   shutil.copytree(folder, copy)
   enc2, _ = sparse_encoder.load_encoder(str(copy))
@@ -45,7 +45,7 @@ def test_copied_encoder_folder_is_the_same_encoder(saved, tmp_path):
 def test_copied_encoder_with_other_weights_refused(saved, tmp_path):
   folder, _ = saved
   enc, tok = sparse_encoder.load_encoder(str(folder))
-  ix = encode.index_collection(enc, tok, DOCS, tmp_path / "ix", k_doc=16, batch_size=4)
+  ix = distributed_index.index_collection(enc, tok, DOCS, tmp_path / "ix", k_doc=16, batch_size=4)
   copy = tmp_path / "copy"
   shutil.copytree(folder, copy)
   from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
@@ -81,7 +81,7 @@ def test_full_disk_during_index_build_names_the_path(saved, tmp_path, monkeypatc
 
   monkeypatch.setattr(build.IndexWriter, "add", _no_space)
   with pytest.raises(OSError, match=r"ix: no space left on device") as e:
-    encode.index_collection(enc, tok, DOCS, tmp_path / "ix", k_doc=16, batch_size=4)
+    distributed_index.index_collection(enc, tok, DOCS, tmp_path / "ix", k_doc=16, batch_size=4)
   assert e.value.errno == errno.ENOSPC
   assert not any(p.name.startswith("ix") for p in tmp_path.iterdir())  # nothing half-written left
 

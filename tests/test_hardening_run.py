@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from laspar_jax import encode, evaluate, io_utils, metric_writers, teacher, train_lib, workdir_lock
+from laspar_jax import distributed_index, encode, evaluate, io_utils, metric_writers, teacher, train_lib, workdir_lock
 from laspar_jax.tokenizer import Tokenizer
 from configs import laspar
 
@@ -166,7 +166,7 @@ class _NoDocs:
 
 def test_empty_corpus_is_an_error(tmp_path):
   with pytest.raises(ValueError, match="has no documents"):
-    encode.index_collection(object(), None, _NoDocs(), tmp_path / "ix", dim=16, progress=False)
+    distributed_index.index_collection(object(), None, _NoDocs(), tmp_path / "ix", dim=16, progress=False)
   assert not (tmp_path / "ix").exists()
 
 

@@ -46,9 +46,9 @@ def test_import_is_lazy_and_names_resolve():
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
-  from laspar_jax import encode, evaluate, index, models
+  from laspar_jax import distributed_index, encode, evaluate, index, models
 
-  assert laspar_jax.build_index is encode.index_collection
+  assert laspar_jax.build_index is distributed_index.index_collection
   assert laspar_jax.load_encoder is models.sparse_encoder.load_encoder
   assert laspar_jax.search is index.search.search and laspar_jax.Index is index.Index
   assert laspar_jax.evaluate_encoder is evaluate.evaluate_encoder

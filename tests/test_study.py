@@ -111,7 +111,7 @@ def test_rq2_two_variants_end_to_end_then_rerun_skips(setup):
     assert r["status"] == "ok" and r["kind"] == "trained" and r["steps"] == 3
     assert set(r["metrics"]) == {"nDCG@10", "RR@10", "R@100"}
     assert all(math.isfinite(x) for x in r["metrics"].values())
-    assert r["flops_per_query"] > 0 and 0 < r["mean_active_q"] <= 16 and 0 < r["mean_active_d"] <= 32
+    assert r["flops_per_query"] > 0 and 0 < r["active_q"] <= 16 and 0 < r["active_d"] <= 32
     assert r["encoder_fingerprint"] and r["wall_seconds"] > 0
     assert (w / v / "encoder" / "encoder_config.json").is_file()
     assert (w / v / "eval" / "3" / "run.trec").is_file() and (w / v / "eval" / "3" / "metrics.json").is_file()
@@ -137,14 +137,14 @@ def test_rq2_two_variants_end_to_end_then_rerun_skips(setup):
 
 
 def test_zeroshot_variant_is_evaluated_without_training(setup):
-  """An rq1 variant (config.zeroshot.preset set) goes through zeroshot.evaluate_zeroshot: no train/."""
+  """An rq1 variant (config.zeroshot.preset set) goes through evaluate.evaluate_config untrained: no train/."""
   root, _ = setup
   w = root / "rq1"
   rq1 = REPO / "configs" / "decoder" / "rq1_zeroshot.py"
   (r,) = study.run_study(rq1, f"tiny,data={root / 'tiny_beir'}", w, variants=["opt_350m"], progress=False)
   assert r["status"] == "ok" and r["kind"] == "zeroshot" and r["steps"] == 0, r.get("traceback")
   assert set(r["metrics"]) == {"nDCG@10", "RR@10", "R@100"} and all(map(math.isfinite, r["metrics"].values()))
-  assert r["flops_per_query"] > 0 and r["mean_active_q"] > 0 and r["mean_active_d"] > 0
+  assert r["flops_per_query"] > 0 and r["active_q"] > 0 and r["active_d"] > 0
   assert (w / "opt_350m" / "eval" / "0" / "run.trec").is_file() and not (w / "opt_350m" / "checkpoints").exists()
   assert json.loads((w / "opt_350m" / "eval" / "0" / "metrics.json").read_text())["flops_per_query"] > 0
   assert [x["variant"] for x in csv.DictReader((w / "results.csv").open())] == ["opt_350m"]
@@ -175,8 +175,8 @@ def test_skip_resume_and_supersede_rules(setup, tmp_path, monkeypatch):
       "steps": int(config.train.total_steps),
       "metrics": {"nDCG@10": 0.5},
       "flops_per_query": 3.0,
-      "mean_active_q": 2.0,
-      "mean_active_d": 4.0,
+      "active_q": 2.0,
+      "active_d": 4.0,
     }
 
   monkeypatch.setattr(study, "_train_index_evaluate", fake)

@@ -1,7 +1,7 @@
 """Inverted index: streaming out-of-core build, versioned checksummed format, fast search.
 
 Pure numpy/numba: nothing here imports the encoder, the data layer or JAX
-(the encoder -> index glue is `laspar_jax.encode.index_collection`).
+(the encoder -> index glue is `laspar_jax.distributed_index.index_collection`).
 """
 
 from laspar_jax.index.build import IndexWriter, build_index
