@@ -309,6 +309,6 @@ def _evaluate_state(
   encoder = _encoder_from_state(graphdef, rest, state)
   if not lead:
     return {}
-  res = evaluate.evaluate_config(encoder, tokenizer, config.eval, workdir / "eval" / str(step), progress=True)
+  res = evaluate.flat_metrics(evaluate.evaluate_config(encoder, tokenizer, config.eval, workdir / "eval" / str(step)))
   _say(lead, f"eval at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
   return res
