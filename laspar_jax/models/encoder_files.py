@@ -63,8 +63,8 @@ def legacy_read_out(d: dict[str, Any]) -> dict[str, Any]:
   """An encoder_config.json written before the reference read-outs: keep its behaviour.
 
   Such configs have no `special_tokens` (they zeroed special dims: "dims"); their
-  decoder_stack fed x unshifted and their multi_token mlp weights sat at the
-  decoder inputs.
+  decoder_stack fed x unshifted, their multi_token mlp weights sat at the
+  decoder inputs and two mlp heads on a shared backbone had a Linear each.
   """
   if "special_tokens" in d:
     return d
@@ -75,4 +75,7 @@ def legacy_read_out(d: dict[str, Any]) -> dict[str, Any]:
   if d.get("decoding") == "multi_token" and "mlp" in (d.get("head"), d.get("doc_head")):
     kw.setdefault("token_ids", "decoder_input")
   d["decoding_kwargs"] = kw
+  two_mlp = d.get("head") == "mlp" and d.get("doc_head") in ("", None, "mlp") and d.get("doc_head_kwargs")
+  if two_mlp and d.get("towers", "shared") == "shared":
+    d["doc_head_kwargs"] = {**d["doc_head_kwargs"], "separate_linear": True}
   return d

@@ -23,7 +23,7 @@ Special tokens (`EncoderConfig.special_tokens`, for vocabulary-dim heads):
 (`backbone.Family.special_tokens`: T5 keeps them, BERT/OPT/Llama skip special
 positions); "dims" (ours before; how older saved encoders load) zeroes the
 special ids' dims. Two "mlp" heads on a shared backbone share one Linear, as
-the reference's single encoder (its parameters under `query_head`);
+the reference's single encoder (saved once, under `doc_head`, NNX's first path);
 `doc_head_kwargs={"separate_linear": True}` gives documents their own (ours before).
 
 `EncoderConfig` says how to build it; `build_encoder` loads the backbone's
@@ -495,8 +495,6 @@ def load_encoder(path_or_id: str | os.PathLike, **overrides: Any) -> tuple[Spars
   cfg = EncoderConfig.from_dict(d)
   params_file = folder / PARAMS_NAME
   saved = legacy_names(read_params(params_file), heads_lib.uses_vocab(cfg.head))
-  if any(k.startswith("doc_head.linear.") for k in saved) and cfg.head == "mlp" and cfg.towers == "shared":
-    cfg = dataclasses.replace(cfg, doc_head_kwargs={**cfg.doc_head_kwargs, "separate_linear": True})  # saved before
   encoder, tok = build_encoder(cfg, weights=False)
   flat = nnx.to_flat_state(nnx.state(encoder, nnx.Param))
   expected = {".".join(map(str, path)) for path, _ in flat}
