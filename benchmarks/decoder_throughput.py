@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from configs import common  # noqa: E402
 from laspar_jax import mesh as mesh_lib  # noqa: E402
 from laspar_jax import optim, platform, train_state, train_step  # noqa: E402
-from laspar_jax.models import backbone, heads, hf_weights, lora, sparse_encoder  # noqa: E402
+from laspar_jax.models import heads, hf_weights, lora, sparse_encoder  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TOOLSENV_PYTHON = os.environ.get("LASPAR_TORCH_PYTHON", "")  # a python with torch + transformers
@@ -262,7 +262,7 @@ BIG = ("llama3_8b",)  # bf16 compute and remat
 
 def _random_encoder(name: str, hf: dict, lora_spec: dict, dtype, remat: bool):
   """A SparseEncoder of random weights: backbone + LM head + LoRA adapters + the vocabulary head."""
-  family = backbone.FAMILIES[hf["model_type"]]
+  family = hf_weights.family_of(hf, f"random:{name}")  # imports the family module on first use
   cfg = family.config_from_hf(hf)
   model = family.build(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, attention_impl=platform.attention_impl("auto"))
   model.lm_head = family.lm_head(model, cfg, rngs=nnx.Rngs(1))

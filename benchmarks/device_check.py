@@ -263,8 +263,8 @@ def run_isolated(task: str, tiny: bool, timeout: float) -> list[dict]:
   proc = subprocess.run(
     cmd + (["--tiny"] if tiny else []), capture_output=True, text=True, timeout=timeout, check=False
   )
-  if proc.returncode or not os.path.exists(out):
-    raise RuntimeError(f"{task} exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ['']}")
+  if not os.path.exists(out):  # the child died before writing (its own failures come back as FAILED rows)
+    raise RuntimeError(f"{task} exited {proc.returncode}: {' | '.join(proc.stderr.strip().splitlines()[-3:])}")
   with open(out, encoding="utf-8") as f:
     return json.load(f)["rows"]
 
@@ -294,10 +294,12 @@ def main() -> int:
   rows, failed, t0 = [], [], time.perf_counter()
   for task in args.tasks:
     try:
-      rows += run_isolated(task, args.tiny, args.timeout) if isolate else run_task(task, args.tiny)
+      got = run_isolated(task, args.tiny, args.timeout) if isolate else run_task(task, args.tiny)
     except Exception as e:  # pylint: disable=broad-except  # one failed task must not hide the others
+      got = [row(task, "FAILED", float("nan"), "", note=f"{type(e).__name__}: {str(e)[:300]}")]
+    rows += got
+    if any(r["row"] == "FAILED" for r in got):
       failed.append(task)
-      rows.append(row(task, "FAILED", float("nan"), "", note=f"{type(e).__name__}: {str(e)[:200]}"))
   dev = jax.devices()[0]
   meta = {
     "device": f"{dev.device_kind} x{jax.device_count()} ({jax.default_backend()})",
