@@ -319,13 +319,13 @@ def build_encoder(cfg: EncoderConfig, *, weights: bool = True) -> tuple[SparseEn
   Returns:
     (encoder, tokenizer); the tokenizer truncates at max(query_max_len, doc_max_len).
   """
-  if not weights:
-    return nnx.eval_shape(lambda: _build(cfg, weights=False)), _tokenizer(cfg)
-  return _build(cfg, weights=True), _tokenizer(cfg)
+  tokenizers: list[Tokenizer] = []  # the one the backbone's loader builds (never a second one)
 
+  def build() -> SparseEncoder:
+    return _build(cfg, weights=weights, tokenizers=tokenizers)
 
-def _tokenizer(cfg: EncoderConfig) -> Tokenizer:
-  return Tokenizer.from_dir(hf_weights.resolve(cfg.backbone), max_length=max(cfg.query_max_len, cfg.doc_max_len))
+  encoder = build() if weights else nnx.eval_shape(build)
+  return encoder, tokenizers[0]
 
 
 def _make_head(
@@ -361,7 +361,7 @@ def special_rule(cfg: EncoderConfig, loaded: hf_weights.Loaded) -> str:
   return backbone_lib.family_of(loaded.model).special_tokens
 
 
-def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
+def _build(cfg: EncoderConfig, *, weights: bool, tokenizers: list[Tokenizer] | None = None) -> SparseEncoder:
   if cfg.towers not in ("shared", "separate"):
     raise ValueError(f"towers must be 'shared' or 'separate', got {cfg.towers!r}")
   q_spec, d_spec = cfg.head_specs()
@@ -385,6 +385,8 @@ def _build(cfg: EncoderConfig, *, weights: bool) -> SparseEncoder:
     query, doc = load(q_vocab, cfg.seed), load(d_vocab, cfg.seed + 1)
   else:
     query = doc = load(q_vocab or d_vocab, cfg.seed if q_vocab else cfg.seed + 1)
+  if tokenizers is not None:
+    tokenizers.append(query.tokenizer)
   skip_ids = _read_out(cfg, query, *((doc,) if separate else ()))
   if cfg.lora:  # adapters draw from seed + 2 (query / shared backbone) and seed + 3 (document)
     lora_lib.apply_lora_config(query.model, cfg.lora, seed=cfg.seed + 2)
