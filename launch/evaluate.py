@@ -9,18 +9,28 @@ r"""Encodes the judged queries, searches an index, writes a TREC run, reports me
       --collection ../shared/data/scifact --split test --index /tmp/scifact_mlm_index \
       --run /tmp/scifact_mlm.run --k_query 128
 
-  # Zero-shot (RQ1): a backbone's vocabulary head over prompted texts, the index built at --index
-  # (or reused when it holds this zero-shot config's index), beside BM25 on the same queries:
+  # Zero-shot (RQ1): a backbone's vocabulary head over prompted texts, the index built at --index,
+  # beside BM25 on the same queries:
   python launch/evaluate.py --zeroshot reference --encoder HuggingFaceTB/SmolLM2-135M-Instruct \
       --in_text_filter --collection ../shared/data/scifact --split test --index /tmp/scifact_zs_ref \
       --dtype bfloat16 --bm25 --json /tmp/scifact_zs_ref.json
 
+  # BM25 alone:
+  python launch/evaluate.py --bm25 --collection ../shared/data/scifact --split test
+
 With --config, --collection/--split/--k_query/--measures/--batch_size/--threads
 default to the config's `eval` section and a missing --encoder builds the
 config's `model` (a fresh head); explicit flags win. With --zeroshot PRESET
-(`laspar_jax.prompts.PRESETS`) --encoder is the backbone, --k_doc/--k_query the
-dims kept per document/query, --doc_max_len/--query_max_len the text tokens
-kept (the prompt not counted), --batch_size the texts per call (default 16).
+(`laspar_jax.prompts.PRESETS`; "none": no prompt) the encoder is an untrained
+vocabulary head ("mlm") on the backbone (--encoder, else the config's
+`model`, whose zero-shot fields count unless a flag is given) and goes
+through `evaluate.evaluate_config` (the index built at --index, searched,
+scored, the run and metrics.json written): --k_doc/--k_query the dims kept
+per document/query, --doc_max_len/--query_max_len the tokens kept, prompt
+included (the reference's 250), --pool all|text, --in_text_filter with
+--term_cap (0: every in-text term), --impacts int100|float. The defaults are
+the reference's (JingfenQiao/Decoder4LSR, lsr/inference_zeroshot.py).
+--bm25 without --encoder/--config evaluates BM25 alone.
 """
 
 import json
@@ -34,7 +44,7 @@ from absl import app, flags  # noqa: E402
 from etils import epath  # noqa: E402
 
 import encoder_flags as ef  # noqa: E402  (launch/encoder_flags.py)
-from laspar_jax import distributed, evaluate, io_utils, prompts, zeroshot  # noqa: E402
+from laspar_jax import config_lib, distributed, evaluate, io_utils, prompts, zeroshot  # noqa: E402
 from laspar_jax.evaluate import DEFAULT_MEASURES  # noqa: E402
 from laspar_jax.models import sparse_encoder  # noqa: E402
 
@@ -110,6 +120,11 @@ def zeroshot_main(c):
   if _SPECIAL.value:
     z["special_tokens"] = _SPECIAL.value
   fields, _ = zeroshot.encoder_fields(z)
+  if c is not None:  # the config's model (its zero-shot fields too), then the flags given explicitly
+    given = {f for f in fields if f in flags.FLAGS and flags.FLAGS[f].present}
+    given |= {"prompt", "decoding"} | ({"prompt_pool"} if flags.FLAGS["pool"].present else set())
+    fields = {**config_lib.encoder_fields(c), "head": "mlm", **{k: v for k, v in fields.items() if k in given}}
+    fields["backbone"] = backbone
   index = epath.Path(ef.INDEX.value)
   if (index / "manifest.json").exists() and not _OVERWRITE.value:
     raise app.UsageError(f"{index} holds an index; pass --overwrite to rebuild it")
