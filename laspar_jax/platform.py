@@ -1,4 +1,4 @@
-"""The one place that looks at the backend: compiler options and attention choice.
+"""The one place that looks at the backend: compiler options, attention choice, precision, compilation cache.
 
 `attention_impl("auto")` picks the attention implementation a model is built
 with: the CPU-tuned kernel ("cpu") on the CPU backend, `jax.nn.dot_product_attention`
