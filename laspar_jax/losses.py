@@ -10,12 +10,14 @@ every query against all M documents of the (global) batch.
 Ranking and distillation losses take the student score matrix
 `scores_bm = rep_q_bv @ rep_d_mv.T` ([B, M], see `score_matrix`);
 regularizers take a representation `rep_bv`. Names map to functions through
-the plain dicts RANKING_LOSSES, DISTILL_LOSSES and REGULARIZERS; `total_loss`
-combines them.
+the plain dicts RANKING_LOSSES, DISTILL_LOSSES and REGULARIZERS. The terms of
+a run are resolved once (`make_terms` / `terms_from_settings` -> `LossTerm`s)
+and applied each step (`apply_terms`); `total_loss` does both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -356,6 +358,154 @@ def _doc_regularizer(
   return w_pos * r_pos + w_neg * r_neg, metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+  """One weighted term of the training loss, resolved from names once (not per step).
+
+  Attributes:
+    role: "ranking", "distill" or "reg".
+    name: a key of RANKING_LOSSES, DISTILL_LOSSES or REGULARIZERS.
+    weight: its weight (regularizers: the final weight, scaled by the warm-up each step).
+    side: "q" or "d" (regularizers only).
+    kwargs: extra keyword arguments of the loss function, as sorted (key, value) pairs.
+  """
+
+  role: str
+  name: str
+  weight: float | jax.Array
+  side: str = ""
+  kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+_TABLES = {"ranking": RANKING_LOSSES, "distill": DISTILL_LOSSES, "reg": REGULARIZERS}
+_KINDS = {"ranking": "ranking loss", "distill": "distillation loss", "reg": "regularizer"}
+
+# Which shared settings (config.loss.temperature, ...) each loss takes: a table, not branches in the step.
+TERM_SETTINGS: dict[str, tuple[str, ...]] = {
+  "inbatch_ce": ("temperature",),
+  "group_ce": ("temperature",),
+  "kl": ("temperature", "teacher_temperature"),
+  "dense_kl": ("temperature", "teacher_temperature"),
+  "flops": ("num_shards",),
+}
+
+
+def make_terms(
+  *,
+  ranking: str | None = "inbatch_ce",
+  ranking_weight: float | jax.Array = 1.0,
+  ranking_kwargs: Mapping[str, Any] | None = None,
+  distill: str | None = None,
+  distill_weight: float | jax.Array = 1.0,
+  distill_kwargs: Mapping[str, Any] | None = None,
+  regularizers: Sequence[tuple[str, str, float | jax.Array]] = (),
+  flops_num_shards: int = 1,
+) -> tuple[LossTerm, ...]:
+  """The loss terms of `total_loss`'s arguments (names checked here, once).
+
+  Raises:
+    ValueError: an unknown loss name or regularizer side.
+  """
+  terms = []
+  if ranking:
+    terms.append(_term("ranking", ranking, ranking_weight, "", ranking_kwargs))
+  if distill:
+    terms.append(_term("distill", distill, distill_weight, "", distill_kwargs))
+  for name, side, weight in regularizers:
+    if side not in ("q", "d"):
+      raise ValueError(f"regularizer side must be 'q' or 'd', got {side!r}")
+    terms.append(_term("reg", name, weight, side, {"num_shards": flops_num_shards} if name == "flops" else None))
+  return tuple(terms)
+
+
+def terms_from_settings(
+  *,
+  ranking: str | None,
+  ranking_weight: float,
+  distill: str | None,
+  distill_weight: float,
+  regularizers: Sequence[tuple[str, str, float]],
+  settings: Mapping[str, Any],
+) -> tuple[LossTerm, ...]:
+  """Loss terms with each loss given the shared settings it takes (TERM_SETTINGS).
+
+  Args:
+    ranking, ranking_weight, distill, distill_weight, regularizers: as `make_terms`.
+    settings: shared values, e.g. {"temperature": 1.0, "teacher_temperature": 1.0, "num_shards": 1}.
+  """
+  pick = lambda name: {k: settings[k] for k in TERM_SETTINGS.get(name or "", ()) if k in settings}
+  terms = make_terms(
+    ranking=ranking,
+    ranking_weight=ranking_weight,
+    ranking_kwargs=pick(ranking),
+    distill=distill,
+    distill_weight=distill_weight,
+    distill_kwargs=pick(distill),
+  )
+  regs = []
+  for name, side, weight in regularizers:
+    if side not in ("q", "d"):
+      raise ValueError(f"regularizer side must be 'q' or 'd', got {side!r}")
+    regs.append(_term("reg", name, weight, side, pick(name)))
+  return terms + tuple(regs)
+
+
+def _term(role: str, name: str, weight: Any, side: str, kwargs: Mapping[str, Any] | None) -> LossTerm:
+  if name not in _TABLES[role]:
+    raise ValueError(f"unknown {_KINDS[role]} {name!r}; known: {sorted(_TABLES[role])}")
+  return LossTerm(role, name, weight, side, tuple(sorted((kwargs or {}).items())))
+
+
+def apply_terms(
+  terms: Sequence[LossTerm],
+  *,
+  rep_q_bv: jax.Array,
+  rep_d_mv: jax.Array,
+  teacher_scores_bn: jax.Array | None = None,
+  teacher_q_be: jax.Array | None = None,
+  teacher_d_me: jax.Array | None = None,
+  reg_scale: float | jax.Array = 1.0,
+  doc_reg_weights: Sequence[float] | None = None,
+) -> LossOut:
+  """sum_t weight_t * term_t (regularizer weights times `reg_scale`); metrics as `total_loss`.
+
+  Raises:
+    ValueError: a distillation term without its teacher arrays, or bad doc_reg_weights.
+  """
+  if doc_reg_weights and len(doc_reg_weights) != 2:
+    raise ValueError(f"doc_reg_weights must be () or (pos, neg), got {doc_reg_weights!r}")
+  metrics: Metrics = {}
+  loss = jnp.zeros((), jnp.float32)
+  if any(t.role != "reg" for t in terms):
+    scores_bm = score_matrix(rep_q_bv=rep_q_bv, rep_d_mv=rep_d_mv)
+  given = {"teacher_scores_bn": teacher_scores_bn, "teacher_q_be": teacher_q_be, "teacher_d_me": teacher_d_me}
+  for t in terms:
+    kw = dict(t.kwargs)
+    if t.role == "ranking":
+      r, m = RANKING_LOSSES[t.name](scores_bm=scores_bm, **kw)
+      key, weight = f"ranking/{t.name}", t.weight
+    elif t.role == "distill":
+      inputs = {k: given[k] for k in DISTILL_INPUTS[t.name]}
+      missing = [k for k, v in inputs.items() if v is None]
+      if missing:
+        raise ValueError(f"distillation loss {t.name!r} needs {missing}")
+      r, m = DISTILL_LOSSES[t.name](scores_bm=scores_bm, **inputs, **kw)
+      key, weight = f"distill/{t.name}", t.weight
+    else:
+      if t.side == "q":
+        r, m = REGULARIZERS[t.name](rep_bv=rep_q_bv, **kw)
+      else:
+        r, m = _doc_regularizer(t.name, rep_d_mv, rep_q_bv.shape[0], kw, doc_reg_weights)
+      key, weight = f"reg/{t.side}_{t.name}", t.weight * reg_scale
+      metrics[f"{key}_weight"] = jnp.asarray(weight, jnp.float32)
+    loss = loss + weight * r
+    metrics[key] = r
+    _add(metrics, key, m)
+  metrics.update(sparsity_metrics(rep_q_bv=rep_q_bv, rep_d_mv=rep_d_mv))
+  metrics["loss"] = loss
+  return loss, metrics
+
+
 def total_loss(
   *,
   rep_q_bv: jax.Array,
@@ -403,45 +553,22 @@ def total_loss(
     doc_reg_weights: "reg/d_<name>/pos" and "/neg", the unweighted parts), and
     active_q, active_d, flops_est.
   """
-  if doc_reg_weights and len(doc_reg_weights) != 2:
-    raise ValueError(f"doc_reg_weights must be () or (pos, neg), got {doc_reg_weights!r}")
-  metrics: Metrics = {}
-  loss = jnp.zeros((), jnp.float32)
-  if ranking or distill:
-    scores_bm = score_matrix(rep_q_bv=rep_q_bv, rep_d_mv=rep_d_mv)
-  if ranking:
-    if ranking not in RANKING_LOSSES:
-      raise ValueError(f"unknown ranking loss {ranking!r}; known: {sorted(RANKING_LOSSES)}")
-    r, m = RANKING_LOSSES[ranking](scores_bm=scores_bm, **(ranking_kwargs or {}))
-    loss = loss + ranking_weight * r
-    metrics[f"ranking/{ranking}"] = r
-    _add(metrics, f"ranking/{ranking}", m)
-  if distill:
-    if distill not in DISTILL_LOSSES:
-      raise ValueError(f"unknown distillation loss {distill!r}; known: {sorted(DISTILL_LOSSES)}")
-    given = {"teacher_scores_bn": teacher_scores_bn, "teacher_q_be": teacher_q_be, "teacher_d_me": teacher_d_me}
-    inputs = {k: given[k] for k in DISTILL_INPUTS[distill]}
-    missing = [k for k, v in inputs.items() if v is None]
-    if missing:
-      raise ValueError(f"distillation loss {distill!r} needs {missing}")
-    r, m = DISTILL_LOSSES[distill](scores_bm=scores_bm, **inputs, **(distill_kwargs or {}))
-    loss = loss + distill_weight * r
-    metrics[f"distill/{distill}"] = r
-    _add(metrics, f"distill/{distill}", m)
-  for name, side, weight in regularizers:
-    if name not in REGULARIZERS:
-      raise ValueError(f"unknown regularizer {name!r}; known: {sorted(REGULARIZERS)}")
-    if side not in ("q", "d"):
-      raise ValueError(f"regularizer side must be 'q' or 'd', got {side!r}")
-    kw = {"num_shards": flops_num_shards} if name == "flops" else {}
-    if side == "q":
-      r, m = REGULARIZERS[name](rep_bv=rep_q_bv, **kw)
-    else:
-      r, m = _doc_regularizer(name, rep_d_mv, rep_q_bv.shape[0], kw, doc_reg_weights)
-    loss = loss + weight * r
-    metrics[f"reg/{side}_{name}"] = r
-    metrics[f"reg/{side}_{name}_weight"] = jnp.asarray(weight, jnp.float32)
-    _add(metrics, f"reg/{side}_{name}", m)
-  metrics.update(sparsity_metrics(rep_q_bv=rep_q_bv, rep_d_mv=rep_d_mv))
-  metrics["loss"] = loss
-  return loss, metrics
+  terms = make_terms(
+    ranking=ranking,
+    ranking_weight=ranking_weight,
+    ranking_kwargs=ranking_kwargs,
+    distill=distill,
+    distill_weight=distill_weight,
+    distill_kwargs=distill_kwargs,
+    regularizers=regularizers,
+    flops_num_shards=flops_num_shards,
+  )
+  return apply_terms(
+    terms,
+    rep_q_bv=rep_q_bv,
+    rep_d_mv=rep_d_mv,
+    teacher_scores_bn=teacher_scores_bn,
+    teacher_q_be=teacher_q_be,
+    teacher_d_me=teacher_d_me,
+    doc_reg_weights=doc_reg_weights,
+  )

@@ -99,6 +99,23 @@ class StepConfig:
   rng_impl: str = "threefry2x32"
   q_topk: int = 0
   d_topk: int = 0
+  terms: tuple[losses.LossTerm, ...] | None = None  # built from the fields above when None
+
+  def __post_init__(self):
+    if self.terms is None:  # the loss terms, resolved from names once (the step only applies them)
+      terms = losses.terms_from_settings(
+        ranking=self.ranking,
+        ranking_weight=self.ranking_weight,
+        distill=self.distill,
+        distill_weight=self.distill_weight,
+        regularizers=self.regularizers,
+        settings={
+          "temperature": self.temperature,
+          "teacher_temperature": self.teacher_temperature,
+          "num_shards": self.flops_num_shards,
+        },
+      )
+      object.__setattr__(self, "terms", terms)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, mesh: Mesh) -> "StepConfig":
@@ -141,10 +158,11 @@ def loss_fn(
       (+ teacher_scores | teacher_q, teacher_d).
     step: the optimizer step (regularizer warm-up).
     key: dropout key.
-    cfg: the static step settings.
+    cfg: the static step settings; `cfg.terms` are the loss terms (built from the
+      config once), applied here with the regularizers' warm-up.
 
   Returns:
-    (loss, metrics) as `losses.total_loss`.
+    (loss, metrics) as `losses.apply_terms`.
   """
   encoder = nnx.merge(graphdef, params, rest)
   kq, kd = jax.random.split(key)
@@ -164,27 +182,14 @@ def loss_fn(
     rngs=nnx.Rngs(dropout=kd) if cfg.dropout else None,
     topk=cfg.d_topk or None,
   )
-  regs = tuple(
-    (name, side, schedules.quadratic_warmup(step, value=lam, warmup_steps=cfg.reg_warmup_steps))
-    for name, side, lam in cfg.regularizers
-  )
-  distill_kwargs = None
-  if cfg.distill in ("kl", "dense_kl"):
-    distill_kwargs = {"temperature": cfg.temperature, "teacher_temperature": cfg.teacher_temperature}
-  return losses.total_loss(
+  return losses.apply_terms(
+    cfg.terms,
     rep_q_bv=rep_q_bv,
     rep_d_mv=rep_d_mv,
     teacher_scores_bn=batch.get("teacher_scores"),
     teacher_q_be=batch.get("teacher_q"),
     teacher_d_me=batch.get("teacher_d"),
-    ranking=cfg.ranking,
-    ranking_weight=cfg.ranking_weight,
-    ranking_kwargs={"temperature": cfg.temperature} if cfg.ranking in ("inbatch_ce", "group_ce") else None,
-    distill=cfg.distill,
-    distill_weight=cfg.distill_weight,
-    regularizers=regs,
-    distill_kwargs=distill_kwargs,
-    flops_num_shards=cfg.flops_num_shards,
+    reg_scale=schedules.quadratic_warmup(step, value=1.0, warmup_steps=cfg.reg_warmup_steps),
     doc_reg_weights=cfg.doc_reg_weights or None,
   )
 

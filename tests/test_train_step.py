@@ -108,3 +108,39 @@ def test_doc_reg_weights_under_a_data_sharded_batch():
   pos = rep_d[::G]
   per_shard = np.mean([(np.abs(x).mean(0) ** 2).sum() for x in np.split(pos, 8)])
   np.testing.assert_allclose(m["reg/d_flops/pos"], per_shard, rtol=1e-5)
+
+
+def test_step_config_builds_the_loss_terms_once():
+  """The step gets resolved LossTerms (settings picked per loss by losses.TERM_SETTINGS), no name branches."""
+  cfg = train_step.StepConfig(
+    ranking="pairwise_logistic",
+    distill="kl",
+    temperature=0.5,
+    teacher_temperature=2.0,
+    regularizers=(("flops", "q", 0.1), ("l1", "d", 0.2)),
+    flops_num_shards=4,
+  )
+  assert [(t.role, t.name, t.side, dict(t.kwargs)) for t in cfg.terms] == [
+    ("ranking", "pairwise_logistic", "", {}),  # its own temperature is not the CE temperature
+    ("distill", "kl", "", {"temperature": 0.5, "teacher_temperature": 2.0}),
+    ("reg", "flops", "q", {"num_shards": 4}),
+    ("reg", "l1", "d", {}),
+  ]
+  assert dict(train_step.StepConfig().terms[0].kwargs) == {"temperature": 1.0}  # inbatch_ce
+  with pytest.raises(ValueError, match="unknown ranking loss 'nope'"):
+    train_step.StepConfig(ranking="nope")
+  rng = np.random.default_rng(0)
+  q, d = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(8, 8)).astype(np.float32)
+  t = rng.normal(size=(4, 2)).astype(np.float32)
+  got, _ = losses.apply_terms(cfg.terms, rep_q_bv=q, rep_d_mv=d, teacher_scores_bn=t, reg_scale=0.5)
+  want, _ = losses.total_loss(
+    rep_q_bv=q,
+    rep_d_mv=d,
+    teacher_scores_bn=t,
+    ranking="pairwise_logistic",
+    distill="kl",
+    distill_kwargs={"temperature": 0.5, "teacher_temperature": 2.0},
+    regularizers=(("flops", "q", 0.05), ("l1", "d", 0.1)),
+    flops_num_shards=4,
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-6)
