@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from laspar_jax import losses
-from laspar_jax import schedules
+from laspar_jax import loss_terms, losses, schedules
 from laspar_jax.train_state import TrainState
 
 Regularizer = tuple[str, str, float]
@@ -93,17 +93,17 @@ class StepConfig:
   regularizers: tuple[Regularizer, ...] = ()
   reg_warmup_steps: int = 0
   flops_num_shards: int = 1
-  doc_reg_weights: tuple[float, ...] = ()  # () or (pos, neg): see losses.total_loss
+  doc_reg_weights: tuple[float, ...] = ()  # () or (pos, neg): see loss_terms.total_loss
   accum_steps: int = 1
   dropout: bool = False
   rng_impl: str = "threefry2x32"
   q_topk: int = 0
   d_topk: int = 0
-  terms: tuple[losses.LossTerm, ...] | None = None  # built from the fields above when None
+  terms: tuple[loss_terms.LossTerm, ...] | None = None  # built from the fields above when None
 
   def __post_init__(self):
     if self.terms is None:  # the loss terms, resolved from names once (the step only applies them)
-      terms = losses.terms_from_settings(
+      terms = loss_terms.terms_from_settings(
         ranking=self.ranking,
         ranking_weight=self.ranking_weight,
         distill=self.distill,
@@ -162,7 +162,7 @@ def loss_fn(
       config once), applied here with the regularizers' warm-up.
 
   Returns:
-    (loss, metrics) as `losses.apply_terms`.
+    (loss, metrics) as `loss_terms.apply_terms`.
   """
   encoder = nnx.merge(graphdef, params, rest)
   kq, kd = jax.random.split(key)
@@ -182,7 +182,7 @@ def loss_fn(
     rngs=nnx.Rngs(dropout=kd) if cfg.dropout else None,
     topk=cfg.d_topk or None,
   )
-  return losses.apply_terms(
+  return loss_terms.apply_terms(
     cfg.terms,
     rep_q_bv=rep_q_bv,
     rep_d_mv=rep_d_mv,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from laspar_jax import losses
+from laspar_jax import loss_terms, losses
 
 B, N, D, E = 4, 2, 64, 8
 G = 1 + N
@@ -152,7 +152,7 @@ def test_total_loss_combines_terms():
 
   @jax.jit
   def f(kw):
-    return losses.total_loss(
+    return loss_terms.total_loss(
       **kw,
       ranking="inbatch_ce",
       ranking_weight=0.5,
@@ -192,9 +192,9 @@ def test_total_loss_combines_terms():
   ref = ((rep_q != 0).mean(0) * (rep_d != 0).mean(0)).sum()
   np.testing.assert_allclose(m["flops_est"], ref, rtol=1e-5)
   with pytest.raises(ValueError, match="needs"):
-    losses.total_loss(rep_q_bv=kw["rep_q_bv"], rep_d_mv=kw["rep_d_mv"], distill="margin_mse")
+    loss_terms.total_loss(rep_q_bv=kw["rep_q_bv"], rep_d_mv=kw["rep_d_mv"], distill="margin_mse")
   with pytest.raises(ValueError, match="unknown"):
-    losses.total_loss(rep_q_bv=kw["rep_q_bv"], rep_d_mv=kw["rep_d_mv"], ranking="nope")
+    loss_terms.total_loss(rep_q_bv=kw["rep_q_bv"], rep_d_mv=kw["rep_d_mv"], ranking="nope")
 
 
 def _np_flops(w):
@@ -204,13 +204,13 @@ def _np_flops(w):
 def test_doc_reg_weights_positive_and_negative_documents():
   rep_q, rep_d, *_ = _data(4)
   pos, neg = rep_d[::G], np.delete(rep_d, np.arange(B) * G, axis=0)
-  sp, sn = losses.split_groups(jnp.asarray(rep_d), B)
+  sp, sn = loss_terms.split_groups(jnp.asarray(rep_d), B)
   np.testing.assert_array_equal(sp, pos)
   np.testing.assert_array_equal(sn, neg)
   regs = (("flops", "q", 0.3), ("flops", "d", 0.2), ("l1", "d", 0.1))
   kw = dict(rep_q_bv=jnp.asarray(rep_q), rep_d_mv=jnp.asarray(rep_d), ranking=None, regularizers=regs)
   loss, m = jax.jit(
-    lambda q, d: losses.total_loss(
+    lambda q, d: loss_terms.total_loss(
       rep_q_bv=q, rep_d_mv=d, ranking=None, regularizers=regs, doc_reg_weights=(0.25, 0.75)
     )
   )(rep_q, rep_d)
@@ -221,7 +221,7 @@ def test_doc_reg_weights_positive_and_negative_documents():
   np.testing.assert_allclose(m["reg/d_flops/pos"], _np_flops(pos), rtol=1e-5)
   np.testing.assert_allclose(m["reg/d_flops/neg"], _np_flops(neg), rtol=1e-5)
   # Per-shard FLOPS: each part keeps the shard-major order of the rows (2 shards = 2 query halves).
-  loss2, _ = losses.total_loss(**kw, doc_reg_weights=(0.5, 0.5), flops_num_shards=2)
+  loss2, _ = loss_terms.total_loss(**kw, doc_reg_weights=(0.5, 0.5), flops_num_shards=2)
   half = lambda w: np.mean([_np_flops(x) for x in np.split(w, 2)])
   ref = (
     0.3 * half(rep_q)
@@ -231,12 +231,12 @@ def test_doc_reg_weights_positive_and_negative_documents():
   np.testing.assert_allclose(loss2, ref, rtol=1e-5)
   # () and None: today's behaviour, the regularizer over all M documents.
   for off in ((), None):
-    loss0, m0 = losses.total_loss(**kw, doc_reg_weights=off)
+    loss0, m0 = loss_terms.total_loss(**kw, doc_reg_weights=off)
     np.testing.assert_allclose(m0["reg/d_flops"], _np_flops(rep_d), rtol=1e-5)
     assert "reg/d_flops/pos" not in m0
-  np.testing.assert_allclose(loss0, losses.total_loss(**kw)[0])
+  np.testing.assert_allclose(loss0, loss_terms.total_loss(**kw)[0])
   # No hard negatives (in-batch only): a clear error.
   with pytest.raises(ValueError, match="hard negatives"):
-    losses.total_loss(**dict(kw, rep_d_mv=jnp.asarray(rep_d[:B])), doc_reg_weights=(0.5, 0.5))
+    loss_terms.total_loss(**dict(kw, rep_d_mv=jnp.asarray(rep_d[:B])), doc_reg_weights=(0.5, 0.5))
   with pytest.raises(ValueError, match="pos, neg"):
-    losses.total_loss(**kw, doc_reg_weights=(0.5,))
+    loss_terms.total_loss(**kw, doc_reg_weights=(0.5,))

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from laspar_jax import losses
+from laspar_jax import loss_terms, train_step
 from laspar_jax import mesh as mesh_lib
-from laspar_jax import train_step
 
 
 def _regs(**terms):
@@ -97,7 +97,7 @@ def test_doc_reg_weights_under_a_data_sharded_batch():
   regs = (("flops", "q", 0.1), ("flops", "d", 0.2))
 
   def f(q, d):
-    return losses.total_loss(
+    return loss_terms.total_loss(
       rep_q_bv=q, rep_d_mv=d, regularizers=regs, flops_num_shards=8, doc_reg_weights=(0.25, 0.75)
     )
 
@@ -132,8 +132,8 @@ def test_step_config_builds_the_loss_terms_once():
   rng = np.random.default_rng(0)
   q, d = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(8, 8)).astype(np.float32)
   t = rng.normal(size=(4, 2)).astype(np.float32)
-  got, _ = losses.apply_terms(cfg.terms, rep_q_bv=q, rep_d_mv=d, teacher_scores_bn=t, reg_scale=0.5)
-  want, _ = losses.total_loss(
+  got, _ = loss_terms.apply_terms(cfg.terms, rep_q_bv=q, rep_d_mv=d, teacher_scores_bn=t, reg_scale=0.5)
+  want, _ = loss_terms.total_loss(
     rep_q_bv=q,
     rep_d_mv=d,
     teacher_scores_bn=t,
