@@ -20,7 +20,9 @@ truncated by the tokenizer.
 Prefetch. A background thread builds the next `prefetch` batches while the
 step runs; each queued batch carries the state after it, so get_state()
 always describes the batches the caller has received. Each query and
-document is tokenized once (`TokenCache`); later batches gather and pad.
+document is tokenized once (`TokenCache`; on one host with a bounded set of
+texts all of them before the first batch, in large batched calls); batches
+then only gather and pad.
 
 Batch (numpy, local rows; B = batch_size / P, n = n_neg):
   q_input_ids, q_attention_mask       int32 [B, q_len]
@@ -91,6 +93,12 @@ class TokenCache:
         if len(self._rows) < self.max_entries:
           self._rows[k] = rows[k]
     return self.tokenizer.pad_rows([rows[k] for k in keys], max_length=max_length)
+
+  def fill(self, keys: Sequence[Any], text: Callable[[Any], str], *, max_length: int, prefix: str) -> None:
+    """Tokenizes the texts of `keys` not cached yet, in large batched calls."""
+    todo = [k for k in keys if k not in self._rows][: max(self.max_entries - len(self._rows), 0)]
+    for i in range(0, len(todo), 1024):
+      self(todo[i : i + 1024], text, max_length=max_length, prefix=prefix)
 
 
 class TrainPipeline:
@@ -168,6 +176,7 @@ class TrainPipeline:
     self._order_cache: tuple[int, np.ndarray] | None = None
     # Token ids by text, tokenized once (the host pipeline then only gathers and pads).
     self._q_tokens, self._d_tokens = TokenCache(tokenizer), TokenCache(tokenizer)
+    self._filled = False
 
   # --------------------------------------------------------------------------- state
 
@@ -198,8 +207,21 @@ class TrainPipeline:
     lo = step * self.batch_size + self.process_index * self.local_batch_size
     return order[lo : lo + self.local_batch_size]
 
+  def _pretokenize(self) -> None:
+    """One host with a bounded set of texts: tokenizes every query and pool document up front (batched)."""
+    self._filled = True
+    n_docs = sum(1 + len(e.neg_ids) for e in self.examples)
+    if self.process_count > 1 or not self._d_tokens.enabled or n_docs > self._d_tokens.max_entries:
+      return  # hosts read only their own documents; huge pools stay lazy
+    qids = list(dict.fromkeys(e.qid for e in self.examples))
+    dids = list(dict.fromkeys(d for e in self.examples for d in (e.pos_id, *e.neg_ids)))
+    self._q_tokens.fill(qids, self.queries.__getitem__, max_length=self.q_len, prefix=self.query_prefix)
+    self._d_tokens.fill(dids, self._doc, max_length=self.d_len, prefix=self.doc_prefix)
+
   def batch_at(self, epoch: int, step: int) -> Batch:
     """This host's share of global batch (epoch, step)."""
+    if not self._filled:
+      self._pretokenize()
     seed, n = self._state["seed"], self.n_neg
     q_ids, d_ids, scores = [], [], []
     for j in self.example_indices(epoch, step):
