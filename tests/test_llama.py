@@ -4,7 +4,6 @@ import dataclasses
 import pathlib
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,6 +103,20 @@ def test_scan_layers_equals_unscanned():
   np.testing.assert_array_equal(
     np.asarray(b.layers.layer.mlp.up_proj.kernel.get_value()[1]), np.asarray(a.layers[1].mlp.up_proj.kernel.get_value())
   )
+
+
+def test_scanned_load_stacks_rows_and_names_a_missing_one(tmp_path):
+  """The name map gives (stacked path, row); the loader stacks rows in a local buffer (no views, no globals)."""
+  cfg = dataclasses.replace(hf_weights.load(FIXTURES / "llama3", weights=False).config, scan_layers=True)
+  names = llama.llama_params.checkpoint_names(cfg)
+  assert names.params["layers.1.self_attn.q_proj.weight"][0] == ("layers", "layer", "self_attn", "q_proj", "kernel")
+  assert names.params["layers.1.self_attn.q_proj.weight"][2] == 1
+  assert not hasattr(layers, "_PENDING") and not hasattr(layers.Stacked, "__getitem__")
+  tensors = load_file(FIXTURES / "llama3" / "model.safetensors")
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  model = nnx.eval_shape(lambda: llama.build(cfg, rngs=nnx.Rngs(0)))
+  with pytest.raises(hf_weights.CheckpointError, match=r"layers\.1\.mlp\.up_proj\.weight"):
+    hf_weights.load_tensors(model, "x", names, tensors=(("x", k, v) for k, v in tensors.items()))
 
 
 def test_bidirectional_sees_the_future():

@@ -119,8 +119,10 @@ class CheckpointNames:
   """How a family's checkpoint tensors map onto its parameters.
 
   Attributes:
-    params: canonical HF name -> (our parameter path, transform). Several names
-      may target one path (aliases): the first listed that the checkpoint holds wins.
+    params: canonical HF name -> (our parameter path, transform) or, for a
+      parameter stacked over layers (a leading "layers" axis, `layers.Stacked`),
+      (path, transform, row): the loader stacks the rows. Several names may
+      target one path (aliases): the first listed that the checkpoint holds wins.
     canonical: raw tensor name -> canonical name (strips prefixes, renames aliases).
     ignored: canonical names matching it are skipped (pooler, position ids, ...).
     optional: first elements of parameter paths (e.g. "lm_head") whose tensors
@@ -130,7 +132,7 @@ class CheckpointNames:
       are tied or loaded, never drawn.
   """
 
-  params: Mapping[str, tuple[tuple[str | int, ...], Transform]]
+  params: Mapping[str, tuple]
   canonical: Callable[[str], str]
   ignored: re.Pattern
   optional: tuple[str, ...] = ()

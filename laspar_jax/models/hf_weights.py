@@ -227,6 +227,11 @@ def _place(value: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules: mesh_
   return jax.device_put(np.asarray(value, np.float32), sharding)
 
 
+def _entry(entry: tuple) -> tuple[tuple, backbone.Transform, int | None]:
+  """(parameter path, transform, row) of a name-map entry; row None unless the parameter is stacked."""
+  return (entry[0], entry[1], entry[2] if len(entry) > 2 else None)
+
+
 def load_tensors(
   model: nnx.Module,
   path: str,
@@ -253,33 +258,46 @@ def load_tensors(
     CheckpointError: an unexpected, misshaped or missing tensor, or an unreadable file.
   """
   rank = {name: i for i, name in enumerate(names.params)}
-  set_by: dict[tuple, int] = {}  # parameter path -> rank of the name that set it
+  set_by: dict[tuple, int] = {}  # target (path, or (path, row)) -> rank of the name that set it
+  stacks: dict[tuple, tuple[np.ndarray, set[int]]] = {}  # stacked parameters being filled row by row
   for fname, raw, arr in read_tensors(path) if tensors is None else tensors:
     name = names.canonical(raw)
     if name not in names.params:
       if names.ignored.match(name):
         continue
       raise CheckpointError(f"{fname}: unexpected tensor {raw!r} for a {model_type or 'this'} model")
-    ours, fn = names.params[name]
-    if set_by.get(ours, len(rank)) < rank[name]:
+    ours, fn, row = _entry(names.params[name])
+    target = ours if row is None else (ours, row)
+    if set_by.get(target, len(rank)) < rank[name]:
       continue  # an earlier-listed alias already set it
     var = _get_var(model, ours)
     value = fn(arr)
-    if tuple(value.shape) != tuple(var.get_value().shape):
+    shape = tuple(var.get_value().shape)
+    want = shape if row is None else shape[1:]
+    if tuple(value.shape) != want:
+      where = ".".join(map(str, ours)) + ("" if row is None else f" row {row}")
       raise CheckpointError(
-        f"{fname}: tensor {raw!r} has shape {arr.shape}, the model expects "
-        f"{tuple(var.get_value().shape)} (after transposition) for {'.'.join(map(str, ours))}"
+        f"{fname}: tensor {raw!r} has shape {arr.shape}, the model expects {want} (after transposition) for {where}"
       )
-    var.set_value(_place(value, var, mesh, rules))
+    if row is None:
+      var.set_value(_place(value, var, mesh, rules))
+    else:  # the loader stacks rows: one host buffer per stacked parameter, placed when complete
+      buf, rows = stacks.setdefault(ours, (np.zeros(shape, np.float32), set()))
+      buf[row] = value
+      rows.add(row)
+      if len(rows) == shape[0]:
+        var.set_value(_place(stacks.pop(ours)[0], var, mesh, rules))
     del value, arr  # one tensor at a time
-    set_by[ours] = rank[name]
+    set_by[target] = rank[name]
   wanted: dict[tuple, str] = {}
-  for name, (ours, _) in names.params.items():
-    wanted.setdefault(ours, name)
+  for name, entry in names.params.items():
+    ours, _, row = _entry(entry)
+    wanted.setdefault(ours if row is None else (ours, row), name)
+  path_of = lambda target: target[0] if isinstance(target[0], tuple) else target
   for group in names.optional:
-    if not any(ours[0] == group for ours in set_by):
-      wanted = {ours: n for ours, n in wanted.items() if ours[0] != group}
-  missing_paths = sorted((n, ours) for ours, n in wanted.items() if ours not in set_by)
+    if not any(path_of(t)[0] == group for t in set_by):
+      wanted = {t: n for t, n in wanted.items() if path_of(t)[0] != group}
+  missing_paths = sorted((n, path_of(t)) for t, n in wanted.items() if t not in set_by)
   missing = [n for n, _ in missing_paths]
   if missing:
     hint = ""

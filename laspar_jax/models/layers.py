@@ -298,9 +298,10 @@ class Stacked(nnx.Module):
   The copies are built one after another from the same `make_layer` (so they
   draw the same random numbers as an unstacked list would) and stacked; one
   compiled layer body serves every layer (deep decoders compile in the time of
-  one layer). `stacked[i]` is a view of layer i whose variables read and write
-  row i, so checkpoint name maps address `("layers", i, ...)` exactly as for
-  an `nnx.List` of layers (`hf_weights.load_tensors` works unchanged).
+  one layer). The parameters live once, under `layer`, with a leading axis of
+  size n: a checkpoint name map addresses layer i's tensor as row i of
+  `("layers", "layer", ...)` and the loader stacks the rows (no views, no
+  module state of loading).
   """
 
   def __init__(self, make_layer: Callable[[], nnx.Module], n: int):
@@ -318,11 +319,6 @@ class Stacked(nnx.Module):
   def __len__(self) -> int:
     return self.num_layers
 
-  def __getitem__(self, i: int) -> "_Row":
-    if not 0 <= i < self.num_layers:
-      raise IndexError(f"layer {i} of {self.num_layers}")
-    return _Row(self.layer, i, self.num_layers)
-
   def __call__(self, h: jax.Array, *args, remat: bool = False, **kwargs) -> jax.Array:
     """Runs the layers in order: h = layer_i(h, *args, **kwargs) (no RNG streams inside)."""
     graphdef, state = nnx.split(self.layer)
@@ -332,53 +328,3 @@ class Stacked(nnx.Module):
 
     h, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, h, state)
     return h
-
-
-_PENDING: dict[int, tuple[nnx.Variable, set[int]]] = {}  # stacked variables being filled row by row
-
-
-class _Row:
-  """Layer i of a `Stacked` seen as a module: attributes lead to `_RowVariable`s."""
-
-  def __init__(self, obj: Any, i: int, n: int):
-    self._obj, self._i, self._n = obj, i, n
-
-  def __getattr__(self, name: str) -> Any:
-    attr = getattr(self._obj, name)
-    if isinstance(attr, nnx.Variable):
-      return _RowVariable(attr, self._i, self._n)
-    return _Row(attr, self._i, self._n)
-
-  def __getitem__(self, key: int) -> Any:
-    return _Row(self._obj[key], self._i, self._n)
-
-
-class _RowVariable:
-  """Row i of a stacked variable with the `get_value` / `set_value` of a per-layer one.
-
-  Rows are written into a host buffer; when every row has been set the buffer
-  becomes the variable's (device) value, so loading costs one stacked tensor
-  on the host, not a copy per row.
-  """
-
-  def __init__(self, var: nnx.Variable, i: int, n: int):
-    self.var, self.i, self.n = var, i, n
-
-  def get_value(self) -> Any:
-    value = self.var.get_value()
-    if isinstance(value, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
-    return value[self.i]
-
-  def set_value(self, row: Any) -> None:
-    value = self.var.get_value()
-    if not isinstance(value, np.ndarray):
-      dtype = np.float32 if isinstance(value, jax.ShapeDtypeStruct) else value.dtype
-      value = np.zeros(value.shape, dtype) if isinstance(value, jax.ShapeDtypeStruct) else np.array(value)
-      self.var.set_value(value)
-    value[self.i] = np.asarray(row)
-    _, done = _PENDING.setdefault(id(self.var), (self.var, set()))
-    done.add(self.i)
-    if len(done) == self.n:
-      del _PENDING[id(self.var)]
-      self.var.set_value(jnp.asarray(value))

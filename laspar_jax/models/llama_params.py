@@ -3,8 +3,9 @@
 Canonical names are the `*ForCausalLM` ones without the "model." prefix
 (`layers.{i}.self_attn.q_proj.weight`, `embed_tokens.weight`, `norm.weight`)
 and `lm_head.weight`. PyTorch Linear weights [out, in] are transposed to our
-[in, out] kernels. Scanned models (`scan_layers`) use the same paths: their
-`layers[i]` is a view of row i of the stacked parameters.
+[in, out] kernels. Scanned models (`scan_layers`) hold each parameter once,
+stacked over layers (`layers.Stacked`, under `layers.layer`): layer i's tensor
+is row i of it, and the loader stacks the rows.
 """
 
 from __future__ import annotations
@@ -54,14 +55,17 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
     The CheckpointNames; an untied head's `lm_head.weight` is required.
   """
   m = {"embed_tokens.weight": (("embed_tokens", "embedding"), _I), "norm.weight": (("norm", "scale"), _I)}
+
+  def layer(i: int, *rest: str, fn: backbone.Transform) -> tuple:
+    return (("layers", "layer", *rest), fn, i) if cfg.scan_layers else (("layers", i, *rest), fn)
+
   for i in range(cfg.num_hidden_layers):
     for lin in _LINEARS:
-      path = ("layers", i, *lin.split("."))
-      m[f"layers.{i}.{lin}.weight"] = ((*path, "kernel"), _T)
+      m[f"layers.{i}.{lin}.weight"] = layer(i, *lin.split("."), "kernel", fn=_T)
       if _has_bias(cfg, lin):
-        m[f"layers.{i}.{lin}.bias"] = ((*path, "bias"), _I)
+        m[f"layers.{i}.{lin}.bias"] = layer(i, *lin.split("."), "bias", fn=_I)
     for norm in _NORMS:
-      m[f"layers.{i}.{norm}.weight"] = (("layers", i, norm, "scale"), _I)
+      m[f"layers.{i}.{norm}.weight"] = layer(i, norm, "scale", fn=_I)
   ignored = _IGNORED
   if lm_head and not cfg.tie_word_embeddings:
     m["lm_head.weight"] = (("lm_head", "kernel"), _T)
