@@ -56,15 +56,15 @@ def test_codec_round_trip_every_width():
   rows = np.concatenate(lists).astype(np.uint32)
   vals = rng.integers(1, 255, rows.size).astype(np.uint8)
   nb = int(sum(-(-x.size // codec.BLOCK) for x in lists))
-  words = np.empty(rows.size + nb + 2, np.uint32)
+  words = np.zeros(rows.size + 2, np.uint32)
+  words[0] = 0b101  # bits a previous chunk left in the first word
   last, width, vmax = np.empty(nb, np.uint32), np.empty(nb, np.uint8), np.empty(nb, np.uint8)
-  nw, got_nb = codec.encode_lists(offsets, rows, vals, 0, len(lists), words, last, width, vmax)
-  assert got_nb == nb and width.max() == 32 and width.min() == 0
-  words[nw : nw + 2] = 0
-  blk_ptr, blk_word, dim_max = codec.derive(offsets, last, width, vmax)
-  assert blk_word[-1] == nw and blk_ptr[-1] == nb
+  n_bits, got_nb = codec.encode_lists(offsets, rows, vals, 0, len(lists), words, 3, last, width, vmax)
+  assert got_nb == nb and width.max() == 32 and width.min() == 0 and words[0] & 7 == 0b101
+  blk_ptr, blk_bit, dim_max = codec.derive(offsets, last, width, vmax)
+  assert blk_bit[-1] + 3 == n_bits and blk_ptr[-1] == nb
   out = np.empty(rows.size, np.uint32)
-  codec.decode_all(offsets, words, blk_ptr, blk_word, width, 0, len(lists), out)
+  codec.decode_all(offsets, words, blk_ptr, blk_bit + 3, width, 0, len(lists), out)
   np.testing.assert_array_equal(out, rows)
   for d in range(len(lists)):
     assert dim_max[d] == vals[offsets[d] : offsets[d + 1]].max()
@@ -156,7 +156,9 @@ def _rehash(path, name):
   (path / fmt.MANIFEST).write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("name", ["blk_words.npy", "blk_last.npy", "blk_width.npy", "blk_max.npy", "impacts.npy"])
+@pytest.mark.parametrize(
+  "name", ["dim_counts.npy", "blk_words.npy", "blk_last.npy", "blk_width.npy", "blk_max.npy", "impacts.npy"]
+)
 def test_blocked_corruption_is_caught_with_the_file_named(tmp_path, name):
   rng = np.random.default_rng(4)
   idx, val = _docs(rng, 600, 500, 10)

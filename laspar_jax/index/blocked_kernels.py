@@ -42,7 +42,7 @@ def _next_row(t, cur, bend, dec_blk, dec_pos, dec_n, buf, blk_last, blk_ptr_d):
 def search(
   offsets,
   blk_ptr,
-  blk_word,
+  blk_bit,
   blk_last,
   blk_width,
   blk_max,
@@ -66,7 +66,7 @@ def search(
   """Top-k of each query over the blocked postings.
 
   Args:
-    offsets, blk_ptr, blk_word, blk_last, blk_width, blk_max, words, impacts,
+    offsets, blk_ptr, blk_bit, blk_last, blk_width, blk_max, words, impacts,
       dim_max: the index (codec.py; blk_max / impacts / dim_max as stored codes).
     table: float32 decode table of integer codes (size 0 for float32 values).
     q_ptr, q_dims, q_w: queries in CSR form.
@@ -153,7 +153,7 @@ def search(
               else:
                 mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
                 wd = np.uint64(width)
-                bit = np.uint64(blk_word[b]) * np.uint64(32)
+                bit = np.uint64(blk_bit[b])
                 for i in range(nb):
                   j = bit >> np.uint64(5)
                   x = np.uint64(words[j]) | (np.uint64(words[j + np.uint64(1)]) << np.uint64(32))
@@ -166,7 +166,7 @@ def search(
             if dec_blk[t] != b:
               nb = min(BLOCK, offsets[d + 1] - p_blk)
               prev = np.int64(blk_last[b - 1]) if b > bptr[t] else np.int64(-1)
-              decode_block(words, blk_word[b], blk_width[b], nb, prev, buf[base : base + nb])
+              decode_block(words, blk_bit[b], blk_width[b], nb, prev, buf[base : base + nb])
               dec_blk[t] = b
               dec_pos[t] = 0
               dec_n[t] = nb

@@ -255,7 +255,7 @@ class IndexWriter:
       vals = np.load(self.tmp / "weights.npy", mmap_mode="r") if self.n_postings else np.zeros(0, out_dtype)
       files.update(compress.write_blocked(self.tmp, offsets, rows, lambda p0, p1: vals[p0:p1], out_dtype))
       del rows, vals
-      for name in ("rows.npy", "weights.npy"):
+      for name in ("rows.npy", "weights.npy", "offsets.npy"):
         (self.tmp / name).unlink()
         del files[name]
     nonempty = counts_total > 0

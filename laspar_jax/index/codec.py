@@ -3,14 +3,15 @@
 Each posting list is cut into blocks of `BLOCK` postings. A block stores its
 doc rows as gaps `row - previous_row - 1` (the previous row of a list's first
 posting is -1), bit-packed at the block's width `w` (bits of its largest gap,
-0..32) into little-endian uint32 words, each block starting on a word. Per
+0..32) into one little-endian stream of uint32 words, each block starting at
+the bit where the previous one ended (no padding). Per
 block the index keeps its last row (uint32), its width (uint8) and its largest
 impact (in the stored value dtype); impacts themselves stay one fixed-width
 value per posting (uint8 codes, float16 bits or float32), addressed by posting
 position, so a block's impacts need no decoding.
 
 Derived at load (never stored): the first block of each dim (`blk_ptr`), the
-first word of each block (`blk_word`) and the largest impact of each dim.
+first bit of each block (`blk_bit`) and the largest impact of each dim.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _bit_width(x):
 
 
 @numba.njit(nogil=True, cache=True)
-def encode_lists(offsets, rows, vals, d0, d1, out_words, out_last, out_width, out_max):
+def encode_lists(offsets, rows, vals, d0, d1, out_words, bit0, out_last, out_width, out_max):
   """Encodes the lists of dims [d0, d1) (postings offsets[d0]..offsets[d1] of rows/vals).
 
   Args:
@@ -40,14 +41,16 @@ def encode_lists(offsets, rows, vals, d0, d1, out_words, out_last, out_width, ou
     vals: stored values of the same postings (uint8/uint16 codes or float32);
       the block max compares them directly (float16 bits are monotonic).
     d0, d1: dim range.
-    out_words: uint32 buffer, >= postings + blocks of the chunk.
+    out_words: uint32 buffer, zero past word 0, >= postings + 2 words; word 0
+      holds the `bit0` bits the previous chunk left.
+    bit0: bits already used in out_words[0] (0..31).
     out_last, out_width, out_max: per-block outputs, >= blocks of the chunk.
 
   Returns:
-    (words written, blocks written).
+    (bits used from the start of out_words, blocks written).
   """
   base = offsets[d0]
-  nw = 0
+  bit = np.int64(bit0)
   nb = 0
   for d in range(d0, d1):
     p0 = offsets[d] - base
@@ -67,34 +70,29 @@ def encode_lists(offsets, rows, vals, d0, d1, out_words, out_last, out_width, ou
         if vals[p] > v_max:
           v_max = vals[p]
       w = _bit_width(g_max)
-      nwords = ((b1 - b0) * w + 31) >> 5
-      for i in range(nwords):
-        out_words[nw + i] = 0
       last = prev
-      bit = 0
       for p in range(b0, b1):
         r = np.int64(rows[p])
         g = np.uint64(r - last - 1)
         last = r
         if w:
-          j = nw + (bit >> 5)
+          j = bit >> 5
           s = bit & 31
           out_words[j] |= np.uint32((g << np.uint64(s)) & np.uint64(0xFFFFFFFF))
           if s + w > 32:
             out_words[j + 1] |= np.uint32(g >> np.uint64(32 - s))
           bit += w
-      nw += nwords
       out_last[nb] = np.uint32(last)
       out_width[nb] = w
       out_max[nb] = v_max
       nb += 1
       prev = last
-  return nw, nb
+  return bit, nb
 
 
 @numba.njit(inline="always")
-def decode_block(words, w0, width, n, prev, out):
-  """Decodes n rows of a block starting at word w0 into out[:n] (prev = row before the block)."""
+def decode_block(words, bit0, width, n, prev, out):
+  """Decodes n rows of a block starting at bit bit0 into out[:n] (prev = row before the block)."""
   r = prev
   if width == 0:
     for i in range(n):
@@ -102,48 +100,51 @@ def decode_block(words, w0, width, n, prev, out):
       out[i] = r
     return
   mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
-  bit = 0
+  wd = np.uint64(width)
+  bit = np.uint64(bit0)
   for i in range(n):
-    j = w0 + (bit >> 5)
-    s = np.uint64(bit & 31)
-    x = np.uint64(words[j]) | (np.uint64(words[j + 1]) << np.uint64(32))
-    r += np.int64((x >> s) & mask) + 1
+    j = bit >> np.uint64(5)
+    x = np.uint64(words[j]) | (np.uint64(words[j + np.uint64(1)]) << np.uint64(32))
+    r += np.int64((x >> (bit & np.uint64(31))) & mask) + 1
     out[i] = r
-    bit += width
+    bit += wd
 
 
 @numba.njit(nogil=True, cache=True)
 def derive(offsets, blk_last, blk_width, blk_max):
-  """Block pointers of each dim, first word of each block and the max code of each dim.
+  """Block pointers of each dim, first bit of each block and the max code of each dim.
 
   Returns:
-    blk_ptr int64 [D + 1], blk_word int64 [NB + 1], dim_max (blk_max dtype) [D].
+    blk_ptr int64 [D + 1], blk_bit int64 [NB + 1], dim_max (blk_max dtype) [D].
   """
   dim = offsets.size - 1
   nb = blk_last.size
   blk_ptr = np.empty(dim + 1, np.int64)
-  blk_word = np.empty(nb + 1, np.int64)
+  blk_bit = np.empty(nb + 1, np.int64)
   dim_max = np.zeros(dim, blk_max.dtype)
   b = 0
-  wd = 0
+  bits = np.int64(0)
   for d in range(dim):
     blk_ptr[d] = b
     n = offsets[d + 1] - offsets[d]
-    while n > 0:
+    while n > 0 and b < nb:
       m = min(n, BLOCK)
-      blk_word[b] = wd
-      wd += (m * np.int64(blk_width[b]) + 31) >> 5
+      blk_bit[b] = bits
+      bits += m * np.int64(blk_width[b])
       if blk_max[b] > dim_max[d]:
         dim_max[d] = blk_max[b]
       n -= m
       b += 1
+    if n > 0:  # fewer blocks than the posting counts need (a damaged directory)
+      blk_ptr[dim] = nb + 1
+      return blk_ptr, blk_bit, dim_max
   blk_ptr[dim] = b
-  blk_word[nb] = wd
-  return blk_ptr, blk_word, dim_max
+  blk_bit[min(b, nb)] = bits
+  return blk_ptr, blk_bit, dim_max
 
 
 @numba.njit(nogil=True, cache=True)
-def decode_all(offsets, words, blk_ptr, blk_word, blk_width, d0, d1, out_rows):
+def decode_all(offsets, words, blk_ptr, blk_bit, blk_width, d0, d1, out_rows):
   """Decodes the rows of dims [d0, d1) into out_rows (indexed from offsets[d0])."""
   base = offsets[d0]
   for d in range(d0, d1):
@@ -151,6 +152,6 @@ def decode_all(offsets, words, blk_ptr, blk_word, blk_width, d0, d1, out_rows):
     p = offsets[d]
     for b in range(blk_ptr[d], blk_ptr[d + 1]):
       n = min(BLOCK, offsets[d + 1] - p)
-      decode_block(words, blk_word[b], blk_width[b], n, prev, out_rows[p - base : p - base + n])
+      decode_block(words, blk_bit[b], blk_width[b], n, prev, out_rows[p - base : p - base + n])
       prev = out_rows[p - base + n - 1]
       p += n

@@ -1,9 +1,10 @@
 """Writes the compressed (format version 2, "blocked") posting files.
 
-Layout of the posting part of a version-2 index (the other files are those of
-version 1: offsets.npy, doc_ids.npy, doc_lengths.npy)::
+Layout of the posting part of a version-2 index (doc_ids.npy and
+doc_lengths.npy are those of version 1)::
 
-  blk_words.npy    uint32 [W + 2]: bit-packed row gaps of every block (codec.py), 2 zero words of padding
+  dim_counts.npy   uint32 [D]: postings of each dim (offsets are their cumulative sum, at load)
+  blk_words.npy    uint32 [ceil(bits / 32) + 2]: bit-packed row gaps of every block (codec.py), 2 zero words of padding
   blk_last.npy     uint32 [NB]: last doc row of each block
   blk_width.npy    uint8 [NB]: bits per gap of each block
   blk_max.npy      value dtype [NB]: largest stored impact of each block
@@ -67,6 +68,10 @@ def write_blocked(
   dim = offsets.size - 1
   d0 = 0
   offsets = np.asarray(offsets)
+  counts = np.diff(offsets)
+  count_dtype = np.uint32 if not counts.size or counts.max() < 2**32 else np.uint64
+  entries = {"dim_counts.npy": fmt.write_array(directory / "dim_counts.npy", counts.astype(count_dtype))}
+  carry, bit0 = np.uint32(0), 0
   while d0 < dim:
     # Largest dim range with about _CHUNK_POSTINGS postings (at least one dim).
     d1 = int(np.searchsorted(offsets, offsets[d0] + _CHUNK_POSTINGS, side="right")) - 1
@@ -75,22 +80,25 @@ def write_blocked(
     vals = np.ascontiguousarray(vals_fn(p0, p1), dtype=value_dtype)
     counts = np.diff(offsets[d0 : d1 + 1])
     n_blocks = int((-(-counts // codec.BLOCK)).sum())
-    words = np.empty(p1 - p0 + n_blocks, np.uint32)
+    words = np.zeros(p1 - p0 + 2, np.uint32)
+    words[0] = carry
     last = np.empty(n_blocks, np.uint32)
     width = np.empty(n_blocks, np.uint8)
     vmax = np.empty(n_blocks, vals.dtype)
-    nw, nb = codec.encode_lists(
-      offsets, np.ascontiguousarray(rows[p0:p1]), _codes(vals), d0, d1, words, last, width, _codes(vmax)
+    n_bits, nb = codec.encode_lists(
+      offsets, np.ascontiguousarray(rows[p0:p1]), _codes(vals), d0, d1, words, bit0, last, width, _codes(vmax)
     )
     assert nb == n_blocks
-    writers["blk_words.npy"].write(words[:nw])
+    writers["blk_words.npy"].write(words[: n_bits >> 5])  # full words; the partial one carries over
+    carry, bit0 = words[n_bits >> 5], n_bits & 31
     writers["blk_last.npy"].write(last)
     writers["blk_width.npy"].write(width)
     writers["blk_max.npy"].write(vmax)
     writers["impacts.npy"].write(vals)
     d0 = d1
-  writers["blk_words.npy"].write(np.zeros(2, np.uint32))
-  return {name: w.close() for name, w in writers.items()}
+  writers["blk_words.npy"].write(np.array([carry if bit0 else 0, 0, 0][: 3 if bit0 else 2], np.uint32))
+  entries.update({name: w.close() for name, w in writers.items()})
+  return entries
 
 
 def compress_index(
@@ -146,7 +154,6 @@ def compress_index(
       return w.astype(out_dtype)
 
     files = {}
-    files["offsets.npy"] = fmt.write_array(tmp / "offsets.npy", offsets)
     files.update(write_blocked(tmp, offsets, ix.rows_array(), vals_fn, out_dtype))
     for name in ("doc_ids.npy", "doc_lengths.npy"):
       shutil.copyfile(ix.path / name, tmp / name)

@@ -50,7 +50,7 @@ def _bits(x: np.ndarray) -> np.ndarray:
 
 
 # Rows per accumulator window of the blocked search (fits L1 with the decode buffers).
-_WINDOW = 4096
+_WINDOW = 16384
 
 
 def _weight_table(dtype: np.dtype, scale: float | None) -> np.ndarray:
@@ -101,12 +101,13 @@ class Index:
       self.blk_width = arrays["blk_width.npy"]
       self.blk_max = arrays["blk_max.npy"]
       self.weights = arrays["impacts.npy"]  # stored values, one per posting, as in version 1
-      self.blk_ptr, self.blk_word, self.dim_max = codec.derive(
+      self.blk_ptr, self.blk_bit, self.dim_max = codec.derive(
         np.asarray(self.offsets), np.asarray(self.blk_last), np.asarray(self.blk_width), _bits(self.blk_max)
       )
-      if self.blk_word[-1] + 2 != self.blk_words.shape[0] or self.blk_ptr[-1] != self.blk_last.shape[0]:
+      n_words = (int(self.blk_bit[-1]) + 31) // 32 + 2
+      if n_words != self.blk_words.shape[0] or self.blk_ptr[-1] != self.blk_last.shape[0]:
         raise fmt.IndexCorruptError(
-          f"{path / 'blk_words.npy'}: its length disagrees with blk_width.npy, blk_last.npy and offsets.npy"
+          f"{path / 'blk_words.npy'}: its length disagrees with blk_width.npy, blk_last.npy and dim_counts.npy"
         )
     self.doc_lengths = arrays["doc_lengths.npy"]
     self._doc_ids_raw = arrays["doc_ids.npy"]
@@ -140,10 +141,19 @@ class Index:
     manifest = fmt.read_manifest(path)
     fmt.verify_files(path, manifest, verify)
     arrays = {name: fmt.load_array(path, name, entry) for name, entry in manifest["files"].items()}
-    postings = "impacts.npy" if manifest.get("posting_format") == "blocked" else "rows.npy"
-    for name in ("offsets.npy", postings, "doc_ids.npy", "doc_lengths.npy"):
+    blocked = manifest.get("posting_format") == "blocked"
+    postings = "impacts.npy" if blocked else "rows.npy"
+    dims_file = "dim_counts.npy" if blocked else "offsets.npy"
+    for name in (dims_file, postings, "doc_ids.npy", "doc_lengths.npy"):
       if name not in arrays:
         raise fmt.IndexCorruptError(f"{path / fmt.MANIFEST}: does not list {name}")
+    if blocked:  # offsets from the per-dim counts (in RAM: 8 bytes per dim)
+      counts = arrays["dim_counts.npy"]
+      if counts.shape[0] != manifest["dim"]:
+        raise fmt.IndexCorruptError(f"{path / dims_file}: {counts.shape[0]} dims, the manifest says {manifest['dim']}")
+      offsets = np.zeros(manifest["dim"] + 1, np.int64)
+      np.cumsum(counts, out=offsets[1:])
+      arrays["offsets.npy"] = offsets
     if (
       arrays["offsets.npy"].shape[0] != manifest["dim"] + 1
       or (arrays[postings].shape[0] != manifest["n_postings"])
@@ -151,7 +161,7 @@ class Index:
     ):
       raise fmt.IndexCorruptError(f"{path}: array lengths disagree with the manifest")
     if int(arrays["offsets.npy"][-1]) != manifest["n_postings"]:
-      raise fmt.IndexCorruptError(f"{path / 'offsets.npy'}: last offset is not n_postings")
+      raise fmt.IndexCorruptError(f"{path / dims_file}: the postings do not add up to n_postings")
     return cls(path, manifest, arrays)
 
   # -- doc ids
@@ -251,7 +261,7 @@ class Index:
     blocked_kernels.search(
       self.offsets,
       self.blk_ptr,
-      self.blk_word,
+      self.blk_bit,
       self.blk_last,
       self.blk_width,
       _bits(self.blk_max),
@@ -312,7 +322,7 @@ class Index:
     if not self.blocked:
       return self.rows[p0:p1]
     out = np.empty(p1 - p0, np.uint32)
-    codec.decode_all(np.asarray(self.offsets), self.blk_words, self.blk_ptr, self.blk_word, self.blk_width, d0, d1, out)
+    codec.decode_all(np.asarray(self.offsets), self.blk_words, self.blk_ptr, self.blk_bit, self.blk_width, d0, d1, out)
     return out
 
   def _run(self, mode, q_ptr, q_dims, q_w, k, budget, n_cand, s, out_rows, out_scores):
