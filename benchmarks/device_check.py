@@ -9,6 +9,11 @@ On the lent GPU machine (../shared/gpu_bundle, from the project root):
   bash ../shared/gpu_bundle/make_bundle.sh                       # here, once
   source .bundle/on_gpu.sh && python benchmarks/device_check.py  # there
 
+(through the session's `run` tool: carry [".bundle"], and `--json $OUT/device_check.json`
+to get the rows back; where one command may not last the whole check, split it:
+`--tasks paper scifact encoder`, then `--tasks lora_flan_t5_base lora_opt_1.3b lora_llama3_8b`;
+a second call on a still-warm machine reads the compilation cache of the first.)
+
 Prints one table and writes it as JSON (`--json`, default
 /tmp/device_check.json). Tasks (each in its own process on an accelerator,
 so that every peak is its own; in one process on CPU, where peaks are n/a):
