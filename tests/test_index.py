@@ -111,7 +111,7 @@ def test_approx_search_recall_and_exact_rescoring(tmp_path):
   ix = Index.load(path)
   q_idx, q_val = col.queries()
   rows, scores = ix.search(q_idx, q_val, k=10)
-  a_rows, a_scores = ix.search(q_idx, q_val, k=10, mode="approx", budget=4000, n_cand=100)
+  a_rows, a_scores = ix.search(q_idx, q_val, k=10, mode="approx", budget=4000, n_cand=100, exact_below=0)
   recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, a_rows)])
   assert recall >= 0.9
   same = a_rows == rows
@@ -119,6 +119,14 @@ def test_approx_search_recall_and_exact_rescoring(tmp_path):
   # A budget above all postings makes approx exact.
   f_rows, f_scores = ix.search(q_idx, q_val, k=10, mode="approx", budget=10**9, n_cand=10)
   np.testing.assert_array_equal(f_scores, scores)
+  # Queries with few postings fall back to exact search (all of them here; half of them in the mixed case).
+  e_rows, _ = ix.search(q_idx, q_val, k=10, mode="approx", budget=4000, n_cand=100, exact_below=10**12)
+  np.testing.assert_array_equal(e_rows, rows)
+  totals = np.array([ix.postings_per_dim()[q_idx[i][q_val[i] > 0]].sum() for i in range(q_idx.shape[0])])
+  m_rows, _ = ix.search(q_idx, q_val, k=10, mode="approx", budget=4000, n_cand=100, exact_below=np.median(totals))
+  low = totals < np.median(totals)
+  np.testing.assert_array_equal(m_rows[low], rows[low])
+  np.testing.assert_array_equal(m_rows[~low], a_rows[~low])
   with pytest.raises(ValueError, match="approx"):
     Index.load(build_index(col.doc_batches(5000, stop=10), tmp_path / "plain", 5000)).search(
       q_idx, q_val, mode="approx"

@@ -202,7 +202,7 @@ class Index:
     budget: int = 50_000,
     n_cand: int = 200,
     theta: float = 1.5,
-    exact_below: int = 20_000,
+    exact_below: int | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k documents for a batch of sparse queries.
 
@@ -218,7 +218,9 @@ class Index:
       budget: approx, version 1: postings read per query from the weight-sorted lists.
       n_cand: approx, version 1: candidates re-scored exactly (>= k).
       theta: approx, compressed: pruning factor (1 = exact; larger = faster, lower recall).
-      exact_below: approx, compressed: queries with fewer postings than this run exact.
+      exact_below: approx: queries with fewer postings than this run exact search
+        instead (default: 20,000 compressed; version 1: 4 x (budget + n_cand x
+        mean doc length), the postings its re-scoring reads).
 
     Returns:
       doc_rows_bk int64 [B, k] best first (-1 past the matches) and
@@ -244,9 +246,29 @@ class Index:
         sub_ptr = q_ptr[lo : hi + 1]
         if self.blocked:
           th = theta if mode == "approx" else 1.0
-          self._run_blocked(sub_ptr, q_dims, q_w, k, th, exact_below, s, out_rows[lo:hi], out_scores[lo:hi])
-        else:
-          self._run(mode, sub_ptr, q_dims, q_w, k, budget, max(n_cand, k), s, out_rows[lo:hi], out_scores[lo:hi])
+          below = 20_000 if exact_below is None else exact_below
+          self._run_blocked(sub_ptr, q_dims, q_w, k, th, below, s, out_rows[lo:hi], out_scores[lo:hi])
+          return
+        modes = np.full(hi - lo, mode == "approx")
+        if mode == "approx":  # few postings: exact search is cheaper than the approximate machinery
+          below = exact_below
+          if below is None:
+            below = 4 * (budget + max(n_cand, k) * self.n_postings / max(self.n_docs, 1))
+          ppd = np.diff(np.asarray(self.offsets))
+          totals = np.add.reduceat(ppd[q_dims], sub_ptr[:-1]) if q_dims.size else np.zeros(hi - lo)
+          totals[np.diff(sub_ptr) == 0] = 0  # reduceat repeats the next value for empty queries
+          modes = totals >= below
+        i = 0
+        while i < hi - lo:  # runs of queries with the same mode
+          j = i + 1
+          while j < hi - lo and modes[j] == modes[i]:
+            j += 1
+          m = "approx" if modes[i] else "exact"
+          ptr = sub_ptr[i : j + 1]
+          self._run(
+            m, ptr, q_dims, q_w, k, budget, max(n_cand, k), s, out_rows[lo + i : lo + j], out_scores[lo + i : lo + j]
+          )
+          i = j
       finally:
         self._put_scratch(s)
 
