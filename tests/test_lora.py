@@ -111,16 +111,21 @@ def test_merge_equals_unmerged():
 
 
 def test_dropout_only_when_training():
+  """Adapter dropout draws from the rngs passed down the call (training), never from module state."""
   model = _bert()
   ids, mask = _inputs()
   lora.apply_lora(model, targets=("query",), rank=2, alpha=4, dropout=0.5, rngs=nnx.Rngs(1))
   _randomize_b(model, std=1.0)
   want = np.asarray(model(ids, mask))
-  with lora.lora_dropout(model, None):
-    np.testing.assert_array_equal(model(ids, mask), want)
-  with lora.lora_dropout(model, nnx.Rngs(dropout=0)):
-    assert np.abs(np.asarray(model(ids, mask)) - want).max() > 1e-3
-  assert all(m.dropout_rngs is None for m in lora.lora_modules(model))
+  np.testing.assert_array_equal(model(ids, mask, deterministic=True, rngs=nnx.Rngs(dropout=0)), want)
+  adapter = lora.lora_modules(model)[0]
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 32)), jnp.float32)
+  before = nnx.state(adapter)
+  np.testing.assert_array_equal(adapter(x), adapter(x, rngs=None))
+  dropped = adapter(x, rngs=nnx.Rngs(dropout=0))
+  assert np.abs(np.asarray(dropped) - np.asarray(adapter(x))).max() > 1e-3
+  np.testing.assert_array_equal(dropped, adapter(x, rngs=nnx.Rngs(dropout=0)))  # a function of the key
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), before, nnx.state(adapter)))
   np.testing.assert_array_equal(model(ids, mask), want)
 
 

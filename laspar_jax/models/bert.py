@@ -129,18 +129,20 @@ class BertLayer(nnx.Module):
   def __call__(self, x_btd, mask_bt, *, deterministic: bool, rngs) -> jax.Array:
     b, t, d = x_btd.shape
     split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+    r = None if deterministic else rngs  # adapters' dropout stream (lora.LoRADense), training only
     a_bthk = attention.attention(
-      split(self.query(x_btd)),
-      split(self.key(x_btd)),
-      split(self.value(x_btd)),
+      split(self.query(x_btd, rngs=r)),
+      split(self.key(x_btd, rngs=r)),
+      split(self.value(x_btd, rngs=r)),
       mask_bs=mask_bt,
       impl=self.attention_impl,
     )
     # Attention-probability dropout is folded into output dropout (same expectation);
     # fine-tuning recipes for retrieval are insensitive to the difference.
-    a_btd = layers.dropout(self.attn_out(a_bthk.reshape(b, t, d)), self.rate, deterministic=deterministic, rngs=rngs)
+    a_btd = self.attn_out(a_bthk.reshape(b, t, d), rngs=r)
+    a_btd = layers.dropout(a_btd, self.rate, deterministic=deterministic, rngs=rngs)
     x_btd = self.attn_norm(x_btd + a_btd)
-    m_btd = self.mlp_out(self.act(self.mlp_in(x_btd)))
+    m_btd = self.mlp_out(self.act(self.mlp_in(x_btd, rngs=r)), rngs=r)
     m_btd = layers.dropout(m_btd, self.rate, deterministic=deterministic, rngs=rngs)
     return self.mlp_norm(x_btd + m_btd)
 

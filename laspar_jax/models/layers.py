@@ -61,7 +61,10 @@ class Dense(nnx.Module):
     self.bias = param(jnp.zeros((out_features,)), (axes[1],)) if use_bias else None
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """x W + b. `rngs` (a dropout stream, passed while training) is for adapters
+    that wrap a Dense (`lora.LoRADense`); a plain Dense ignores it."""
+    del rngs
     # Inputs in the compute dtype, products accumulated and biased in fp32,
     # output cast back: bf16 x bf16 -> fp32 is the form XLA:CPU hands to
     # YNNPACK's AMX / AVX512-BF16 kernels (a bf16-output dot is upcast to an
@@ -170,9 +173,9 @@ class MLP(nnx.Module):
     setattr(self, names[0], Dense(features, hidden, axes=("embed", "mlp"), use_bias=use_bias, dtype=dtype, rngs=rngs))
     setattr(self, names[1], Dense(hidden, features, axes=("mlp", "embed"), use_bias=use_bias, dtype=dtype, rngs=rngs))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = ACTIVATIONS[self.act](getattr(self, self.names[0])(x))
-    return getattr(self, self.names[1])(h)
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    h = ACTIVATIONS[self.act](getattr(self, self.names[0])(x, rngs=rngs))
+    return getattr(self, self.names[1])(h, rngs=rngs)
 
 
 class GatedMLP(nnx.Module):
@@ -200,9 +203,9 @@ class GatedMLP(nnx.Module):
       setattr(self, name, Dense(features, hidden, axes=("embed", "mlp"), use_bias=use_bias, dtype=dtype, rngs=rngs))
     setattr(self, names[2], Dense(hidden, features, axes=("mlp", "embed"), use_bias=use_bias, dtype=dtype, rngs=rngs))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     gate, up, down = (getattr(self, n) for n in self.names)
-    return down(ACTIVATIONS[self.act](gate(x)) * up(x))
+    return down(ACTIVATIONS[self.act](gate(x, rngs=rngs)) * up(x, rngs=rngs), rngs=rngs)
 
 
 def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None) -> np.ndarray:

@@ -117,18 +117,18 @@ class LlamaAttention(nnx.Module):
     self.v_proj = dense(d, self.num_kv * hd, ("embed", "kv"), qkv_bias)
     self.o_proj = dense(self.num_heads * hd, d, ("heads", "embed"), cfg.attention_bias)
 
-  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
+  def __call__(self, x_btd, mask_bt, cos_btd, sin_btd, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     b, t, _ = x_btd.shape
-    q = layers.apply_rope(self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim), cos_btd, sin_btd)
-    k = layers.apply_rope(self.k_proj(x_btd).reshape(b, t, self.num_kv, self.head_dim), cos_btd, sin_btd)
-    v = self.v_proj(x_btd).reshape(b, t, self.num_kv, self.head_dim)
+    q = layers.apply_rope(self.q_proj(x_btd, rngs=rngs).reshape(b, t, self.num_heads, self.head_dim), cos_btd, sin_btd)
+    k = layers.apply_rope(self.k_proj(x_btd, rngs=rngs).reshape(b, t, self.num_kv, self.head_dim), cos_btd, sin_btd)
+    v = self.v_proj(x_btd, rngs=rngs).reshape(b, t, self.num_kv, self.head_dim)
     mask = mask_bt
     if self.causal and self.window is not None and self.window < t:
       idx = jnp.arange(t)
       near_tt = (idx[:, None] - idx[None, :]) < self.window
       mask = (mask_bt > 0)[:, None, :] & near_tt[None]
     a_bthk = attention.attention(q, k, v, mask_bs=mask, causal=self.causal, impl=self.attention_impl)
-    return self.o_proj(a_bthk.reshape(b, t, self.num_heads * self.head_dim))
+    return self.o_proj(a_bthk.reshape(b, t, self.num_heads * self.head_dim), rngs=rngs)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -143,9 +143,10 @@ class LlamaDecoderLayer(nnx.Module):
       d, cfg.intermediate_size, act=cfg.hidden_act, use_bias=cfg.mlp_bias, dtype=dtype, rngs=rngs
     )
 
-  def __call__(self, x_btd, mask_bt, cos_btd, sin_btd) -> jax.Array:
-    x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), mask_bt, cos_btd, sin_btd)
-    return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+  def __call__(self, x_btd, mask_bt, cos_btd, sin_btd, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """One block; `rngs` is the adapters' dropout stream (lora.LoRADense) while training, else None."""
+    x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), mask_bt, cos_btd, sin_btd, rngs=rngs)
+    return x_btd + self.mlp(self.post_attention_layernorm(x_btd), rngs=rngs)
 
 
 class LlamaModel(backbone.ConfigBacked, nnx.Module):
@@ -194,9 +195,10 @@ class LlamaModel(backbone.ConfigBacked, nnx.Module):
     Args:
       input_ids_bl: [B, L] token ids.
       attention_mask_bl: [B, L] 1 for real tokens, 0 for padding (either side).
-      deterministic, rngs: accepted for the backbone contract (no dropout here).
+      deterministic, rngs: the family has no dropout of its own; while training
+        (`deterministic` False) `rngs` reaches LoRA adapters' dropout.
     """
-    del deterministic, rngs
+    r = None if deterministic else rngs
     pos_bl = jnp.maximum(jnp.cumsum(attention_mask_bl.astype(jnp.int32), axis=1) - 1, 0)
     cos_bld, sin_bld = layers.rope_cos_sin(pos_bl, jnp.asarray(self.inv_freq, jnp.float32))
     x_bld = self.embed_tokens(input_ids_bl, self.dtype)
@@ -205,9 +207,9 @@ class LlamaModel(backbone.ConfigBacked, nnx.Module):
     else:
       for layer in self.layers:
         if self.remat:
-          x_bld = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x_bld, attention_mask_bl, cos_bld, sin_bld)
+          x_bld = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x_bld, attention_mask_bl, cos_bld, sin_bld, r)
         else:
-          x_bld = layer(x_bld, attention_mask_bl, cos_bld, sin_bld)
+          x_bld = layer(x_bld, attention_mask_bl, cos_bld, sin_bld, r)
     return self.norm(x_bld)
 
 

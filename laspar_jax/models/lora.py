@@ -21,7 +21,6 @@ The optimizer (`laspar_jax.optim`) trains the parameters named `lora_a` /
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -58,8 +57,7 @@ class LoRADense(nnx.Module):
     lora_a: [..., in, r] (leading axes: stacked layers).
     lora_b: [..., r, out], zeros at initialisation.
     scale: alpha / r.
-    rate: dropout rate on the adapter's input.
-    dropout_rngs: the dropout stream while `lora_dropout` is active, else None.
+    rate: dropout rate on the adapter's input (applied when a call passes `rngs`).
   """
 
   def __init__(self, base: layers.Dense, *, rank: int, alpha: float, dropout: float = 0.0, rngs: nnx.Rngs):
@@ -78,16 +76,17 @@ class LoRADense(nnx.Module):
     self.scale = float(alpha) / rank
     self.rate = float(dropout)
     self.dtype = base.dtype
-    self.dropout_rngs: nnx.Rngs | None = nnx.data(None)
 
   def delta(self) -> jax.Array:
     """(alpha / r) * A @ B, shaped like the base kernel (float32)."""
     return self.scale * jnp.matmul(self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """base(x) + scale * dropout(x) A B; dropout (rate > 0) draws from `rngs.dropout()` when rngs is given
+    (the backbone passes its dropout stream while training, None otherwise)."""
     y = self.base(x)
-    if self.dropout_rngs is not None:
-      x = layers.dropout(x, self.rate, deterministic=False, rngs=self.dropout_rngs)
+    if rngs is not None and self.rate > 0.0:
+      x = layers.dropout(x, self.rate, deterministic=False, rngs=rngs)
     z = jnp.dot(x.astype(self.dtype), self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
     z = jnp.dot(z.astype(self.dtype), self.lora_b[...].astype(self.dtype), preferred_element_type=jnp.float32)
     return (y.astype(jnp.float32) + self.scale * z).astype(y.dtype)
@@ -115,7 +114,7 @@ def apply_lora(
     targets: attribute names of the Dense layers to adapt (see `DEFAULT_TARGETS`).
     rank: r.
     alpha: the update is scaled by alpha / r.
-    dropout: dropout rate on the adapters' input (active inside `lora_dropout`).
+    dropout: dropout rate on the adapters' input (when the backbone's call passes a dropout stream).
     rngs: `rngs.params()` draws each lora_a, in a fixed (sorted path) order.
 
   Returns:
@@ -192,22 +191,6 @@ def lora_modules(module: nnx.Module) -> list[LoRADense]:
 def lora_param_count(module: nnx.Module) -> int:
   """Number of adapter parameters (lora_a and lora_b) under `module`."""
   return sum(m.lora_a.get_value().size + m.lora_b.get_value().size for m in lora_modules(module))
-
-
-@contextlib.contextmanager
-def lora_dropout(module: nnx.Module, rngs: nnx.Rngs | None) -> Iterator[None]:
-  """Turns on the adapters' dropout (drawing from `rngs.dropout()`) for the calls inside the block.
-
-  A no-op when `rngs` is None or no adapter has a dropout rate.
-  """
-  active = [m for m in lora_modules(module) if m.rate > 0.0] if rngs is not None else []
-  for m in active:
-    m.dropout_rngs = rngs
-  try:
-    yield
-  finally:
-    for m in active:
-      m.dropout_rngs = None
 
 
 def merged_flat_params(flat: dict[str, Any], scales: dict[str, float], sep: str = ".") -> dict[str, Any]:

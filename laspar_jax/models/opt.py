@@ -75,18 +75,18 @@ class OPTAttention(nnx.Module):
     self.q_proj, self.k_proj, self.v_proj = (dense(("embed", "heads")) for _ in range(3))
     self.out_proj = dense(("heads", "embed"))
 
-  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array) -> jax.Array:
+  def __call__(self, x_btd: jax.Array, mask_bt: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     b, t, d = x_btd.shape
     split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
     a_bthk = attention.attention(
-      split(self.q_proj(x_btd)),
-      split(self.k_proj(x_btd)),
-      split(self.v_proj(x_btd)),
+      split(self.q_proj(x_btd, rngs=rngs)),
+      split(self.k_proj(x_btd, rngs=rngs)),
+      split(self.v_proj(x_btd, rngs=rngs)),
       mask_bs=mask_bt,
       causal=self.causal,
       impl=self.attention_impl,
     )
-    return self.out_proj(a_bthk.reshape(b, t, d))
+    return self.out_proj(a_bthk.reshape(b, t, d), rngs=rngs)
 
 
 class OPTDecoderLayer(nnx.Module):
@@ -105,12 +105,13 @@ class OPTDecoderLayer(nnx.Module):
 
   def __call__(self, x_btd, mask_bt, *, deterministic: bool, rngs) -> jax.Array:
     drop = lambda y: layers.dropout(y, self.rate, deterministic=deterministic, rngs=rngs)
+    r = None if deterministic else rngs  # adapters' dropout stream (lora.LoRADense), training only
     h_btd = self.self_attn_layer_norm(x_btd) if self.pre_ln else x_btd
-    x_btd = x_btd + drop(self.self_attn(h_btd, mask_bt))
+    x_btd = x_btd + drop(self.self_attn(h_btd, mask_bt, rngs=r))
     if not self.pre_ln:
       x_btd = self.self_attn_layer_norm(x_btd)
     h_btd = self.final_layer_norm(x_btd) if self.pre_ln else x_btd
-    x_btd = x_btd + drop(self.fc2(layers.activation(self.act)(self.fc1(h_btd))))
+    x_btd = x_btd + drop(self.fc2(layers.activation(self.act)(self.fc1(h_btd, rngs=r)), rngs=r))
     return x_btd if self.pre_ln else self.final_layer_norm(x_btd)
 
 

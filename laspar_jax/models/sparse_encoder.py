@@ -293,19 +293,19 @@ class SparseEncoder(nnx.Module):
       float32 [B, D].
     """
     backbone, head = self.backbone(kind), self.head(kind)
-    with lora_lib.lora_dropout(backbone, None if deterministic else rngs):
-      h_btd, mask_bt, ids_bt = decoding_lib.read(
-        backbone,
-        input_ids_bl,
-        attention_mask_bl,
-        mode=self.config.decoding,
-        skip_ids=self.skip_ids,
-        per_token=head.per_token,
-        text_mask_bt=text_mask_bl if self.config.prompt_pool == "text" else None,
-        deterministic=deterministic,
-        rngs=rngs,
-        **self.config.decoding_kwargs,
-      )
+    # LoRA adapters' dropout draws from `rngs` inside the backbone (training only)
+    h_btd, mask_bt, ids_bt = decoding_lib.read(
+      backbone,
+      input_ids_bl,
+      attention_mask_bl,
+      mode=self.config.decoding,
+      skip_ids=self.skip_ids,
+      per_token=head.per_token,
+      text_mask_bt=text_mask_bl if self.config.prompt_pool == "text" else None,
+      deterministic=deterministic,
+      rngs=rngs,
+      **self.config.decoding_kwargs,
+    )
     return head(h_btd, mask_bt, ids_bt, projection=getattr(backbone, "lm_head", None), topk=topk)
 
 

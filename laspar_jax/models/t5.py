@@ -170,20 +170,27 @@ class T5Attention(nnx.Module):
     return bias_tsh.transpose(2, 0, 1)[None].astype(jnp.float32)
 
   def __call__(
-    self, x_btd: jax.Array, kv_bsd: jax.Array, mask_bs: jax.Array | None, bias_1hts: jax.Array | None, *, causal: bool
+    self,
+    x_btd: jax.Array,
+    kv_bsd: jax.Array,
+    mask_bs: jax.Array | None,
+    bias_1hts: jax.Array | None,
+    *,
+    causal: bool,
+    rngs: nnx.Rngs | None = None,
   ) -> jax.Array:
     split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, self.d_kv))
     a_bthk = attention.attention(
-      split(self.q(x_btd)),
-      split(self.k(kv_bsd)),
-      split(self.v(kv_bsd)),
+      split(self.q(x_btd, rngs=rngs)),
+      split(self.k(kv_bsd, rngs=rngs)),
+      split(self.v(kv_bsd, rngs=rngs)),
       mask_bs=mask_bs,
       bias_bhts=bias_1hts,
       causal=causal,
       scale=1.0,
       impl=self.attention_impl,
     )
-    return self.o(a_bthk.reshape(a_bthk.shape[:2] + (-1,)))
+    return self.o(a_bthk.reshape(a_bthk.shape[:2] + (-1,)), rngs=rngs)
 
 
 class T5FeedForward(nnx.Module):
@@ -206,8 +213,9 @@ class T5FeedForward(nnx.Module):
 
   def __call__(self, x_btd: jax.Array, *, deterministic: bool, rngs) -> jax.Array:
     act = layers.activation(self.act)
-    h_btf = act(self.wi_0(x_btd)) * self.wi_1(x_btd) if self.gated else act(self.wi(x_btd))
-    return self.wo(layers.dropout(h_btf, self.rate, deterministic=deterministic, rngs=rngs))
+    r = None if deterministic else rngs  # adapters' dropout stream (lora.LoRADense), training only
+    h_btf = act(self.wi_0(x_btd, rngs=r)) * self.wi_1(x_btd, rngs=r) if self.gated else act(self.wi(x_btd, rngs=r))
+    return self.wo(layers.dropout(h_btf, self.rate, deterministic=deterministic, rngs=rngs), rngs=r)
 
 
 class T5Block(nnx.Module):
@@ -241,10 +249,12 @@ class T5Block(nnx.Module):
 
   def __call__(self, x_btd, mask_bt, bias_1htt, enc_bsd, enc_mask_bs, *, deterministic: bool, rngs) -> jax.Array:
     drop = lambda y: layers.dropout(y, self.rate, deterministic=deterministic, rngs=rngs)
+    r = None if deterministic else rngs  # adapters' dropout stream (lora.LoRADense), training only
     h_btd = self.self_attn_norm(x_btd)
-    x_btd = x_btd + drop(self.self_attn(h_btd, h_btd, mask_bt, bias_1htt, causal=self.is_decoder))
+    x_btd = x_btd + drop(self.self_attn(h_btd, h_btd, mask_bt, bias_1htt, causal=self.is_decoder, rngs=r))
     if enc_bsd is not None:
-      x_btd = x_btd + drop(self.cross_attn(self.cross_attn_norm(x_btd), enc_bsd, enc_mask_bs, None, causal=False))
+      h_btd = self.cross_attn_norm(x_btd)
+      x_btd = x_btd + drop(self.cross_attn(h_btd, enc_bsd, enc_mask_bs, None, causal=False, rngs=r))
     return x_btd + drop(self.mlp(self.mlp_norm(x_btd), deterministic=deterministic, rngs=rngs))
 
 
