@@ -61,6 +61,7 @@ import pathlib
 import ml_collections
 
 from configs import common
+from laspar_jax.models import backbone as backbone_lib
 from laspar_jax.models import known_configs
 
 FIXTURES = common.REPO / "tests" / "fixtures"
@@ -116,14 +117,14 @@ def rankllama_scores_path() -> str:
 
 
 def family(backbone: str) -> str:
-  """The model_type family of a study backbone ("t5", "opt", "bert", "distilbert", "llama")."""
+  """The model_type of a study backbone ("t5", "opt", "bert", "distilbert", "llama"), asked of the family registry."""
   if backbone in _LOCAL_FAMILIES:
     return _LOCAL_FAMILIES[backbone]
-  cfg = known_configs.known_config(backbone)
+  cfg = backbone_lib.known_config(backbone)
   if cfg is None:
-    raise ValueError(
-      f"{backbone}: not a study backbone; known: {sorted(known_configs.KNOWN_CONFIGS) + sorted(_LOCAL_FAMILIES)}"
-    )
+    known = sorted(k for f in backbone_lib.families().values() for k in f.known_configs)
+    raise ValueError(f"{backbone}: not a study backbone; known: {sorted(set(known)) + sorted(_LOCAL_FAMILIES)}")
+  backbone_lib.family_for_type(cfg["model_type"])  # served by a registered family (KeyError otherwise)
   return cfg["model_type"]
 
 
