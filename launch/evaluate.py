@@ -86,22 +86,30 @@ _MAX_QUERIES = flags.DEFINE_integer("max_queries", None, "the first judged queri
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "zero-shot: replace the index at --index if there is one")
 
 
-def _eval_section(c) -> ml_collections.ConfigDict:
-  """config.eval with the explicit flags applied (flags only: the defaults of a zero-shot run)."""
-  ev = ml_collections.ConfigDict(dict(c.eval) if c is not None else {})
-  ev.q_topk = ef.setting(_K_QUERY, c, "eval.q_topk", 128)
-  ev.d_topk = _K_DOC.value or (c.eval.get("d_topk", 128) if c is not None else 128)
-  ev.batch_size = ef.setting(_BATCH_SIZE, c, "eval.batch_size", 16)
+def _eval_section(c, extra=None) -> ml_collections.ConfigDict:
+  """config.eval (updated by `extra`) with the explicit flags applied (flags only: a zero-shot run's defaults)."""
+  ev = ml_collections.ConfigDict({**(dict(c.eval) if c is not None else {}), **(extra or {})})
+  ev.q_topk = _K_QUERY.value or ev.get("q_topk", 128)
+  ev.d_topk = _K_DOC.value or ev.get("d_topk", 128)
+  ev.batch_size = _BATCH_SIZE.value or ev.get("batch_size", 16)
   ev.measures = ",".join(_MEASURES.value) if _MEASURES.value else ev.get("measures", ",".join(DEFAULT_MEASURES))
-  ev.search_threads = ef.setting(_THREADS, c, "eval.search_threads", 0)
+  ev.search_threads = _THREADS.value if _THREADS.value is not None else ev.get("search_threads", 0)
   ev.max_queries = _MAX_QUERIES.value or ev.get("max_queries", 0)
   ev.max_docs = ev.get("max_docs", 0)
   return ev
 
 
+def _config_fields(c) -> tuple[dict, dict]:
+  """(EncoderConfig fields, eval fields) of a config: its `zeroshot` section, else its `model` with an mlm head."""
+  if c.get("zeroshot") is not None and c.zeroshot.get("backbone"):
+    return zeroshot.encoder_fields(c.zeroshot)
+  return {**config_lib.encoder_fields(c), "head": "mlm"}, {}
+
+
 def zeroshot_main(c):
   """--zeroshot: a prompted SparseEncoder through `evaluate.evaluate_config` (index, search, measures, files)."""
-  backbone = ef.ENCODER.value or (c.model.backbone if c is not None else None)
+  base, ev_extra = _config_fields(c) if c is not None else ({}, {})
+  backbone = ef.ENCODER.value or base.get("backbone")
   if backbone is None:
     raise app.UsageError("--zeroshot needs --encoder (the backbone: folder, .gguf or hub id) or --config")
   z = dict(
@@ -120,11 +128,11 @@ def zeroshot_main(c):
   if _SPECIAL.value:
     z["special_tokens"] = _SPECIAL.value
   fields, _ = zeroshot.encoder_fields(z)
-  if c is not None:  # the config's model (its zero-shot fields too), then the flags given explicitly
-    given = {f for f in fields if f in flags.FLAGS and flags.FLAGS[f].present}
-    given |= {"prompt", "decoding"} | ({"prompt_pool"} if flags.FLAGS["pool"].present else set())
-    fields = {**config_lib.encoder_fields(c), "head": "mlm", **{k: v for k, v in fields.items() if k in given}}
-    fields["backbone"] = backbone
+  if c is not None:  # the config's encoder, then --zeroshot's prompt and the flags given explicitly
+    given = {f for f in fields if f in flags.FLAGS and flags.FLAGS[f].present} | {"prompt", "backbone"}
+    given |= {"decoding"} if _DECODING.value else set()
+    given |= {"prompt_pool"} if flags.FLAGS["pool"].present else set()
+    fields = {**base, **{k: v for k, v in fields.items() if k in given}}
   index = epath.Path(ef.INDEX.value)
   if (index / "manifest.json").exists() and not _OVERWRITE.value:
     raise app.UsageError(f"{index} holds an index; pass --overwrite to rebuild it")
@@ -133,7 +141,7 @@ def zeroshot_main(c):
   out = evaluate.evaluate_config(
     encoder,
     tokenizer,
-    _eval_section(c),
+    _eval_section(c, ev_extra),
     out_dir,
     efficiency=True,
     bm25=_BM25.value,
