@@ -160,14 +160,13 @@ def _random_ids(vocab: int, b: int, length: int, seed: int) -> np.ndarray:
   return ids
 
 
-def _inbatch_scores(e_q, e_d, mask_q, mask_d, xp):
-  """In-batch scores of mean-pooled, L2-normalised embeddings at temperature 0.05 (`xp`: jnp or torch)."""
+def _inbatch_scores(h_qtd, h_dtd, mask_qt, mask_dt):
+  """In-batch scores of mean-pooled, L2-normalised embeddings at temperature 0.05 (JAX)."""
   pool = lambda h, m: (h * m[..., None]).sum(1) / m.sum(1, keepdims=True)
-  q, d = pool(e_q, mask_q), pool(e_d, mask_d)
-  q = q / xp.linalg.norm(q, axis=-1, keepdims=True)
-  d = d / xp.linalg.norm(d, axis=-1, keepdims=True)
-  s = q @ d.T / 0.05
-  return s
+  q, d = pool(h_qtd, mask_qt), pool(h_dtd, mask_dt)
+  q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+  d = d / jnp.linalg.norm(d, axis=-1, keepdims=True)
+  return q @ d.T / 0.05
 
 
 def _jax_callables(model_path: str, shapes: dict, vocab: int) -> tuple[dict, np.ndarray]:
@@ -187,7 +186,7 @@ def _jax_callables(model_path: str, shapes: dict, vocab: int) -> tuple[dict, np.
     def loss(params, q_ids, q_mask, d_ids, d_mask, graphdef=graphdef, rest=rest):
       m = nnx.merge(graphdef, params, rest)
       h_q, h_d = m(q_ids, q_mask).astype(jnp.float32), m(d_ids, d_mask).astype(jnp.float32)
-      s = _inbatch_scores(h_q, h_d, q_mask.astype(jnp.float32), d_mask.astype(jnp.float32), jnp)
+      s = _inbatch_scores(h_q, h_d, q_mask.astype(jnp.float32), d_mask.astype(jnp.float32))
       return jnp.mean(jax.nn.logsumexp(s, axis=1) - jnp.diagonal(s))
 
     fwd_j = platform.jit(fwd, compute_dtype=dtype, matmul_precision=prec)
@@ -241,8 +240,10 @@ def _torch_callables(model_path: str, shapes: dict, vocab: int) -> tuple[dict, A
       with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
         h_q = base(input_ids=q_ids, attention_mask=torch.ones_like(q_ids)).last_hidden_state.float()
         h_d = base(input_ids=d_ids, attention_mask=torch.ones_like(d_ids)).last_hidden_state.float()
-      ones_q, ones_d = torch.ones(h_q.shape[:2], device=dev), torch.ones(h_d.shape[:2], device=dev)
-      s = _inbatch_scores(h_q, h_d, ones_q, ones_d, torch)
+      # the JAX loss with all-ones masks: mean pooling, L2 normalisation, temperature 0.05
+      q = torch.nn.functional.normalize(h_q.mean(1), dim=-1)
+      d = torch.nn.functional.normalize(h_d.mean(1), dim=-1)
+      s = q @ d.T / 0.05
       torch.nn.functional.cross_entropy(s, torch.arange(s.shape[0], device=dev)).backward()
       sync()
 
