@@ -451,9 +451,13 @@ class Tokenizer:
     """The token string of id `i`."""
     return self._tok.id_to_token(int(i))
 
-  def encode_plain(self, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids per text without special tokens and without truncation."""
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+  def encode_plain(self, texts: Sequence[str], *, special_tokens: bool = False) -> list[list[int]]:
+    """Token ids per text without truncation (with the post-processor's special tokens when asked)."""
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=special_tokens)]
+
+  def to_json(self) -> str:
+    """The tokenizer as tokenizer.json text (what `tokenizers.Tokenizer.from_str` reads)."""
+    return self._json
 
   def decode_batch(self, rows: Sequence[Sequence[int]]) -> list[str]:
     """Token ids back to text, per row (special tokens skipped)."""

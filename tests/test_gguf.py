@@ -162,7 +162,7 @@ def test_load_gguf_matches_safetensors(tmp_path):
   cfg, _ = gguf_lib.read(path)
   (folder / "config.json").write_text(json.dumps(cfg))
   save_file(tensors, str(folder / "model.safetensors"))
-  (folder / "tokenizer.json").write_text(Tokenizer.from_gguf(path)._tok.to_str())  # pylint: disable=protected-access
+  (folder / "tokenizer.json").write_text(Tokenizer.from_gguf(path).to_json())
   a = hf_weights.load(path, lm_head=True)
   b = hf_weights.load(str(folder), lm_head=True)
   assert a.path == path and a.hf_config["model_type"] == "llama"
@@ -178,11 +178,11 @@ def test_load_gguf_matches_safetensors(tmp_path):
 def test_gguf_tokenizer_and_chat_template(tmp_path):
   path = write_gguf(str(tmp_path / "m.gguf"), hf_tensors())
   tok = Tokenizer.from_gguf(path, max_length=16)
-  vocab = tok._tok.get_vocab()  # pylint: disable=protected-access
+  vocab = tok.vocab()
   ids = tok(["the the a<|im_end|>"])["input_ids"][0]
   assert list(ids[:6]) == [vocab["t"], vocab["he"], vocab["Ġthe"], vocab["Ġa"], 2, 0]
   assert tok.pad_id == 0 and tok.num_special_tokens == 0 and set(tok.special_ids) >= {0, 1, 2}
-  assert tok._tok.decode([vocab["Ġthe"]]) == " the"  # pylint: disable=protected-access
+  assert tok.decode_batch([[vocab["Ġthe"]]])[0] == " the"
   prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])
   assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
   assert Tokenizer.from_dir(str(tmp_path)).vocab_size == tok.vocab_size  # the folder's single .gguf
