@@ -55,7 +55,6 @@ def _read_json(path: str) -> dict[str, Any]:
       raise ValueError(f"{path}: cannot parse ({e})") from e
 
 
-_byte_alphabet = gguf_tokenizer_lib.byte_alphabet
 gguf_tokenizer = gguf_tokenizer_lib.gguf_tokenizer
 read_gguf_metadata = gguf_tokenizer_lib.read_gguf_metadata
 _special = gguf_tokenizer_lib.special_token

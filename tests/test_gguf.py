@@ -16,7 +16,8 @@ from safetensors.numpy import save_file
 
 from laspar_jax.models import gguf as gguf_lib
 from laspar_jax.models import hf_weights
-from laspar_jax.tokenizer import Tokenizer, _byte_alphabet
+from laspar_jax.gguf_tokenizer import byte_alphabet
+from laspar_jax.tokenizer import Tokenizer
 
 Q = gguf.GGMLQuantizationType
 HIDDEN, INTER, HEADS, KV, LAYERS = 64, 96, 4, 2, 2
@@ -29,7 +30,7 @@ TEMPLATE = (
 
 
 def _tokens() -> list[str]:
-  byte_tokens = list(_byte_alphabet().values())
+  byte_tokens = list(byte_alphabet().values())
   return SPECIALS + byte_tokens + [m.replace(" ", "") for m in MERGES]
 
 
