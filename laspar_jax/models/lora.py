@@ -111,7 +111,7 @@ def apply_lora(
 
   Args:
     module: a backbone (or any module; `lm_head` subtrees are skipped).
-    targets: attribute names of the Dense layers to adapt (see `DEFAULT_TARGETS`).
+    targets: attribute names of the Dense layers to adapt (see `default_targets`).
     rank: r.
     alpha: the update is scaled by alpha / r.
     dropout: dropout rate on the adapters' input (when the backbone's call passes a dropout stream).

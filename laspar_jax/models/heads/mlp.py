@@ -6,7 +6,9 @@ repeated ids are pooled by "sum" (queries, as the reference) or "max"
 (documents). Only the input's own ids can be non-zero (term weighting, no
 expansion). The scatter writes into a [B, V] zeros array (`.at[b, ids].add` /
 `.at[b, ids].max`): never B x L x V. Masked positions and `special_ids`
-contribute nothing.
+contribute nothing. On a shared backbone the query and document MLP heads
+share one Linear (`sparse_encoder`), as the reference's single encoder; each
+side keeps its pooling.
 """
 
 from __future__ import annotations
