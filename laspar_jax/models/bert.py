@@ -5,6 +5,9 @@ activations use `compute_dtype` (fp32 or bf16), with LayerNorm and softmax in
 fp32. Every parameter carries logical axis names (see `layers.py`). Weights
 come from Hugging Face checkpoints through `hf_weights.py` and the name map in
 `bert_params.py`. The optional `lm_head` is BERT's MLM head (cls.predictions).
+
+Family facts (`FAMILY`): read-out "plain"; special tokens "positions" (lsr's
+MLM encoder multiplies by 1 - special_tokens_mask: [CLS]/[SEP] are not pooled).
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ shorter than the sequence changes nothing); they apply to causal attention
 only. `scan_layers` stacks the layers (`layers.Stacked`) and runs them with
 `lax.scan`; the name map is the same. HF attention dropout is not modelled
 (the family has no hidden dropout; checkpoints use 0).
+
+Family facts (`FAMILY`): decoder-only (read-outs "plain", "echo",
+"last_token"; BOS never pooled); special tokens "positions" (as OPT in the
+reference); GGUF architectures llama, mistral, qwen2.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ ReLU FFN (fc1, fc2); LM head tied to `embed_tokens`.
 The backbone output h_btd is HF's `last_hidden_state`: after the final norm
 and after `project_out`, so `hidden_size` is `word_embed_proj_dim` (the space
 the LM head works in). Submodules carry HF's names (the name map is `opt_params.py`).
+
+Family facts (`FAMILY`): decoder-only (read-outs "plain", "echo",
+"last_token"; BOS never pooled); special tokens "positions" (the reference's
+mlm_de_multi_opt multiplies by 1 - special_tokens_mask).
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ One module, three modes (`T5Model`):
     whenever `decoder_input_ids_bl` is given.
 Attention-probability dropout is folded into the sub-layer output dropout (as
 in `bert.py`); the other dropouts sit where Hugging Face puts them.
+
+Family facts (`FAMILY`): read-outs "plain", "multi_token", "single_token",
+"decoder_stack"; special tokens "keep" (the reference pools T5's special
+positions and keeps their dims: mlm/mlp_*_t5 never use special_tokens_mask).
 """
 
 from __future__ import annotations
