@@ -164,15 +164,6 @@ def run_dim(args, dim: int) -> list[dict]:
         print(f"[D={dim}] PISA index built in {time.time() - t:.0f}s", flush=True)
       else:
         pisa = PisaBackend(ppath)
-      pfiles = {f.name: f.stat().st_size for f in ppath.rglob("*") if f.is_file()}
-      print(f"[D={dim}] PISA files: {pfiles}", flush=True)
-      # What PISA queries: the compressed index, its block-max (wand) data and lexicons; inv.* is
-      # the uncompressed intermediate pyterrier-pisa leaves beside it.
-      sizes["PISA (query-time files)"] = sum(v for n, v in pfiles.items() if not n.startswith("inv."))
-      sizes["PISA (whole directory)"] = sum(pfiles.values())
-      sizes["PISA compressed postings only (*.block_simdbp)"] = sum(
-        v for n, v in pfiles.items() if n.endswith("simdbp")
-      )
       for algo in ("maxscore", "block_max_wand"):
         pisa.search(q_idx[:2], q_val[:2], k=k, query_algorithm=algo)
         (rows, _), ms = _time_batch(lambda algo=algo: pisa.search(q_idx, q_val, k=k, query_algorithm=algo, threads=1))
@@ -188,6 +179,16 @@ def run_dim(args, dim: int) -> list[dict]:
           )
         )
         print(out[-1], flush=True)
+      # PISA writes its compressed index and block-max data at the first query: sizes after the searches.
+      pfiles = {f.name: f.stat().st_size for f in ppath.rglob("*") if f.is_file()}
+      print(f"[D={dim}] PISA files: {pfiles}", flush=True)
+      # What PISA queries: the compressed index, its block-max (wand) data and lexicons; inv.* is
+      # the uncompressed intermediate pyterrier-pisa leaves beside it.
+      sizes["PISA (query-time files)"] = sum(v for n, v in pfiles.items() if not n.startswith("inv."))
+      sizes["PISA (whole directory)"] = sum(pfiles.values())
+      sizes["PISA compressed postings only (*.block_simdbp)"] = sum(
+        v for n, v in pfiles.items() if n.endswith("simdbp")
+      )
     except Exception as e:  # report, don't hide
       print(f"[D={dim}] PISA failed: {type(e).__name__}: {e}", flush=True)
   if "seismic" in args.engines:
