@@ -86,6 +86,12 @@ def is_local(path: PathLike) -> bool:
   return "://" not in os.fspath(path)
 
 
+def absolute_path(path: PathLike) -> epath.Path:
+  """`path` as an epath.Path, made absolute when local (gs:// paths are already absolute)."""
+  p = as_path(path)
+  return as_path(os.path.abspath(os.fspath(p))) if is_local(p) else p
+
+
 @contextlib.contextmanager
 def atomic_directory(path: PathLike, *, overwrite: bool = True) -> Iterator[epath.Path]:
   """Yields a temporary sibling directory that replaces `path` when the block succeeds.

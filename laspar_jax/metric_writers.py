@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import tensorboardX
 
 from laspar_jax import io_utils
@@ -131,3 +133,8 @@ def truncate_history(path: io_utils.PathLike, step: int) -> int:
   if dropped:
     io_utils.write_text_atomic(path, "".join(keep))
   return dropped
+
+
+def mean_metrics(rows: list[Mapping[str, Any]]) -> dict[str, float]:
+  """The mean of each metric over logged steps (host values, e.g. from one `jax.device_get`)."""
+  return {k: float(np.mean([np.asarray(r[k]) for r in rows])) for k in rows[0]}

@@ -29,6 +29,7 @@ from typing import Any
 import ml_collections
 
 from laspar_jax import io_utils
+from laspar_jax.data import sources
 
 CONFIG_NAME = "config.json"
 
@@ -195,3 +196,33 @@ def check_state_shapes(saved: Mapping[str, Any] | None, target: Any, step: int, 
     f"(checkpoint only: {only_saved[:3]}, config only: {only_new[:3]}); run with the config it was "
     "written with (config.json) or in a new workdir"
   )
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Stops a run before its workdir exists when a collection is neither a folder nor downloadable now.
+
+  Raises:
+    RunRefusedError: one line naming the collection (ir_datasets id) and LASPAR_DATA.
+  """
+  wanted = [(config.data.collection, config.data.get("split") or None)]
+  if config.train.final_eval or config.train.eval_every:
+    wanted.append((config.eval.collection, config.eval.get("split") or None))
+  for spec, split in dict.fromkeys(wanted):
+    try:
+      sources.check_available(spec, split=split)
+    except sources.DataUnavailableError as e:
+      raise RunRefusedError(
+        f"{e}; set LASPAR_DATA to a folder holding the collection (e.g. scifact/ in BEIR layout: corpus.jsonl, "
+        "queries.jsonl, qrels/), or run once online"
+      ) from None
+
+
+def restore_message(directory: Any, damaged: Mapping[int, Any], restored: Any) -> str | None:
+  """Where training starts: the resumed checkpoint, and any damaged ones set aside (None: a fresh start)."""
+  aside = ", ".join(f"{s} ({p})" for s, p in sorted(damaged.items()))
+  if restored is not None:
+    extra = f"; damaged checkpoints set aside: {aside}" if aside else ""
+    return f"resumed from checkpoint {restored[2]} ({directory}){extra}"
+  if aside:
+    return f"every checkpoint in {directory} is damaged (set aside: {aside}): training restarts from step 0"
+  return None

@@ -32,7 +32,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -52,7 +51,6 @@ from laspar_jax import train_state
 from laspar_jax import train_step
 from laspar_jax import workdir_lock
 from laspar_jax.data import assemble
-from laspar_jax.data import sources
 from laspar_jax.models import sparse_encoder
 
 
@@ -69,9 +67,9 @@ def encoder_config(config: ml_collections.ConfigDict) -> sparse_encoder.EncoderC
   return sparse_encoder.EncoderConfig.from_dict({**config_lib.to_dict(config.model), "seed": int(config.seed)})
 
 
-def _say(lead: bool, msg: str) -> None:
-  """A progress line on the lead host (stdout, visible beside the tqdm bar)."""
-  if lead:
+def _say(lead: bool, msg: str | None) -> None:
+  """A progress line on the lead host (stdout, visible beside the tqdm bar); None says nothing."""
+  if lead and msg:
     tqdm.tqdm.write(f"[train] {msg}")
 
 
@@ -83,11 +81,6 @@ def _check_finite(state: train_state.TrainState, last_ckpt: int | None) -> None:
       f"that step was not applied). The last good checkpoint is step {last_ckpt}; lower the "
       f"learning rate or check the data before resuming."
     )
-
-
-def _workdir(workdir: io_utils.PathLike) -> Any:
-  path = io_utils.as_path(workdir)
-  return io_utils.as_path(os.path.abspath(os.fspath(path))) if io_utils.is_local(path) else path
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: io_utils.PathLike) -> dict[str, Any]:
@@ -112,29 +105,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: io_utils.Path
   """
   t_start = time.time()
   check_config(config)
-  _check_data(config)
-  workdir = _workdir(workdir)
+  run_config.check_data(config)
+  workdir = io_utils.absolute_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0
   with workdir_lock.workdir_lock(workdir, enabled=lead):
     if lead:
       io_utils.remove_stale_tmp(workdir)  # e.g. encoder.tmp-<pid> of a killed run
     return _train(config, workdir, lead, t_start)
-
-
-def _check_data(config: ml_collections.ConfigDict) -> None:
-  """Stops the run before its workdir exists when a collection is neither a folder nor downloadable now."""
-  wanted = [(config.data.collection, config.data.get("split") or None)]
-  if config.train.final_eval or config.train.eval_every:
-    wanted.append((config.eval.collection, config.eval.get("split") or None))
-  for spec, split in dict.fromkeys(wanted):
-    try:
-      sources.check_available(spec, split=split)
-    except sources.DataUnavailableError as e:
-      raise RunRefusedError(
-        f"{e}; set LASPAR_DATA to a folder holding the collection (e.g. scifact/ in BEIR layout: corpus.jsonl, "
-        "queries.jsonl, qrels/), or run once online"
-      ) from None
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start: float) -> dict[str, Any]:
@@ -173,7 +151,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start:
     if latest is not None:  # the backstop: array shapes the list of state-shaping fields may miss
       run_config.check_state_shapes(ckpt.array_shapes(latest), state.to_tree(), latest, ckpt.directory)
     restored = ckpt.restore_latest(state.to_tree())  # damaged steps are set aside (checkpointing)
-    _report_restore(lead, ckpt, restored)
+    _say(lead, run_config.restore_message(ckpt.directory, ckpt.damaged, restored))
     if restored is not None:
       tree, meta, start = restored
       state, data_state = train_state.TrainState.from_tree(tree), meta["data"]
@@ -216,9 +194,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start:
         if done % config.train.log_every == 0 or done == total:
           _check_finite(state, last_ckpt)
           if pending:
-            avg = {
-              k: float(np.mean(v)) for k, v in jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()
-            }
+            avg = metric_writers.mean_metrics(jax.device_get(pending))
             if done > n_last:  # throughput over the steps after compilation
               dt = time.time() - t_last
               avg["examples_per_second"] = config.optim.batch_size * accum * (done - n_last) / max(dt, 1e-9)
@@ -265,16 +241,6 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start:
     ckpt.close()
 
 
-def _report_restore(lead: bool, ckpt: checkpointing.Checkpointer, restored: Any) -> None:
-  """Says where training starts: a resumed checkpoint, and any damaged ones set aside."""
-  aside = ", ".join(f"{s} ({p})" for s, p in sorted(ckpt.damaged.items()))
-  if restored is not None:
-    extra = f"; damaged checkpoints set aside: {aside}" if aside else ""
-    _say(lead, f"resumed from checkpoint {restored[2]} ({ckpt.directory}){extra}")
-  elif aside:
-    _say(lead, f"every checkpoint in {ckpt.directory} is damaged (set aside: {aside}): training restarts from step 0")
-
-
 def _encoder_from_state(
   graphdef: nnx.GraphDef, rest: Any, state: train_state.TrainState
 ) -> sparse_encoder.SparseEncoder:
@@ -288,12 +254,10 @@ def _encoder_from_state(
 def _save_final(
   graphdef: nnx.GraphDef, rest: Any, state: train_state.TrainState, tokenizer: Any, workdir: Any, lead: bool
 ) -> str | None:
-  encoder = _encoder_from_state(graphdef, rest, state)
-  if not lead:
-    return None
-  path = sparse_encoder.save_encoder(encoder, tokenizer, os.fspath(workdir / "encoder"))
+  encoder = _encoder_from_state(graphdef, rest, state)  # every host takes part in the gather
+  path = os.fspath(sparse_encoder.save_encoder(encoder, tokenizer, os.fspath(workdir / "encoder"))) if lead else None
   _say(lead, f"saved the encoder to {path}")
-  return os.fspath(path)
+  return path
 
 
 def _evaluate_state(
