@@ -313,7 +313,7 @@ def plot_active_dims(
 
 def figure_labels(fig: Figure) -> dict[str, Any]:
   """The figure's title and each panel's title and axis labels (for report.json and tests)."""
-  title = fig._suptitle.get_text() if fig._suptitle is not None else ""  # pylint: disable=protected-access
+  title = fig.get_suptitle()  # "" when the figure has none (matplotlib >= 3.8)
   return {
     "title": title or (fig.axes[0].get_title() if fig.axes else ""),
     "axes": [{"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel()} for ax in fig.axes],

@@ -128,9 +128,12 @@ def test_splade_key_values():
   assert set(splade.get_config("reg=l1").loss.regularizers) == {"q_l1", "d_l1"}
 
 
-def test_data_root_env_override(monkeypatch):
-  monkeypatch.setenv(common.DATA_ENV, "/data/elsewhere")
-  assert laspar.get_config("runlocal").data.collection == "/data/elsewhere/scifact"
+def test_data_root_env_override(monkeypatch, tmp_path):
+  (tmp_path / "scifact").mkdir()
+  monkeypatch.setenv(common.DATA_ENV, str(tmp_path))
+  assert laspar.get_config("runlocal").data.collection == str(tmp_path / "scifact")
+  monkeypatch.setenv(common.DATA_ENV, str(tmp_path / "missing"))  # no folder: the ir_datasets id
+  assert laspar.get_config("runlocal").data.collection == "beir/scifact"
   monkeypatch.delenv(common.DATA_ENV)
   assert common.data_path("scifact") == SCIFACT
 

@@ -176,7 +176,9 @@ def test_training_evaluation_counts_empty_queries_as_zero(tmp_path, monkeypatch,
   )
   out = tmp_path / "eval" / "3"
   assert json.loads((out / "metrics.json").read_text()) == res
-  assert Index.load(out / "index").n_docs == (max_docs or len(docs))
+  judged_docs = {d for q in sorted(qrels)[: max_queries or None] for d in qrels[q]}  # a cut corpus keeps these
+  kept = set(list(docs)[:max_docs]) | judged_docs if max_docs else set(docs)
+  assert Index.load(out / "index").n_docs == len(kept)
   assert {"nDCG@10", "RR@10", "R@100", "AP", "active_q", "active_d", "index_seconds", "eval_seconds"} <= set(res)
   judged = sorted(qrels)[: max_queries or None]
   run = formats.read_trec_run(out / "run.trec")
