@@ -25,7 +25,6 @@ from laspar_jax import sparsify
 from laspar_jax.mesh import constrain
 from laspar_jax.models.heads.pooling import NEG, log_relu
 
-
 # ---------------------------------------------------------------------------
 # Training-time top-k
 # ---------------------------------------------------------------------------
