@@ -254,8 +254,8 @@ class Index:
           below = exact_below
           if below is None:
             below = 4 * (budget + max(n_cand, k) * self.n_postings / max(self.n_docs, 1))
-          ppd = np.diff(np.asarray(self.offsets))
-          totals = np.add.reduceat(ppd[q_dims], sub_ptr[:-1]) if q_dims.size else np.zeros(hi - lo)
+          lens = self.offsets[q_dims + 1] - self.offsets[q_dims]  # only the query's dims: no D-sized work
+          totals = np.add.reduceat(lens, sub_ptr[:-1]) if q_dims.size else np.zeros(hi - lo)
           totals[np.diff(sub_ptr) == 0] = 0  # reduceat repeats the next value for empty queries
           modes = totals >= below
         i = 0
