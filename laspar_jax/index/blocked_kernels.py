@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from laspar_jax.index.codec import BLOCK, decode_block
-from laspar_jax.index.kernels import _heap_drain, _heap_push, weight
+from laspar_jax.index.kernels import heap_drain, heap_push, weight
 
 # Relative slack of the pruning tests, so float rounding never prunes a document that ties.
 _EPS = 1e-5
@@ -198,7 +198,7 @@ def search(
           for r in range(c0, c0 + 64):
             s = acc[r]
             if s > 0.0:
-              n = _heap_push(heap_s, heap_r, n, k, s, w0 + r)
+              n = heap_push(heap_s, heap_r, n, k, s, w0 + r)
         acc[:window] = 0.0
       # Every term moves past the blocks that end inside this window.
       for t in range(nt):
@@ -207,4 +207,4 @@ def search(
           b += 1
         cur[t] = b
       w0 = w1
-    _heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
+    heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])

@@ -24,8 +24,6 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.internal.decoder import _DecodeVarint  # pylint: disable=protected-access
-from google.protobuf.internal.encoder import _VarintBytes  # pylint: disable=protected-access
 
 from laspar_jax.index import format as fmt
 
@@ -75,9 +73,33 @@ def _open(path: pathlib.Path, mode: str, gz: bool | None = None) -> BinaryIO:
   return gzip.open(path, mode) if gz else open(path, mode)
 
 
+def varint_bytes(n: int) -> bytes:
+  """`n` >= 0 as a protobuf base-128 varint (the length prefix of each CIFF message)."""
+  out = bytearray()
+  while True:
+    byte, n = n & 0x7F, n >> 7
+    out.append(byte | (0x80 if n else 0))
+    if not n:
+      return bytes(out)
+
+
+def decode_varint(data: bytes, pos: int) -> tuple[int, int]:
+  """(value, position after it) of the varint at `data[pos]`; IndexError when the data ends inside it."""
+  value, shift = 0, 0
+  while True:
+    byte = data[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    if not byte & 0x80:
+      return value, pos
+    shift += 7
+    if shift >= 64:
+      raise ValueError(f"varint longer than 64 bits at byte {pos}")
+
+
 def _write(f: BinaryIO, msg: Any) -> None:
   data = msg.SerializeToString()
-  f.write(_VarintBytes(len(data)))
+  f.write(varint_bytes(len(data)))
   f.write(data)
 
 
@@ -96,8 +118,8 @@ class _Reader:
 
   def read(self, cls: Any, what: str) -> Any:
     try:
-      size, self.pos = _DecodeVarint(self.data, self.pos)
-    except IndexError as e:
+      size, self.pos = decode_varint(self.data, self.pos)
+    except (IndexError, ValueError) as e:
       raise fmt.IndexCorruptError(f"{self.path}: truncated before {what} (byte {self.pos})") from e
     end = self.pos + size
     if end > len(self.data):

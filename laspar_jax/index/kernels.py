@@ -54,7 +54,7 @@ def _sift_down(hs, hr, n, i):
 
 
 @numba.njit(inline="always")
-def _heap_push(hs, hr, n, k, s, r):
+def heap_push(hs, hr, n, k, s, r):
   """Offers (s, r) to a min-heap of capacity k holding n items; returns new n."""
   if n < k:
     i = n
@@ -77,7 +77,7 @@ def _heap_push(hs, hr, n, k, s, r):
 
 
 @numba.njit(inline="always")
-def _heap_drain(hs, hr, n, out_s, out_r):
+def heap_drain(hs, hr, n, out_s, out_r):
   """Writes the heap best-first into out_* (length >= n)."""
   while n > 0:
     out_s[n - 1] = hs[0]
@@ -122,8 +122,8 @@ def _scan_block(acc, lo, hi, k, heap_s, heap_r, n):
       continue
     for r in range(c0, c1):
       s = acc[r]
-      if s > 0.0:  # _heap_push keeps it only if it beats the heap's worst
-        n = _heap_push(heap_s, heap_r, n, k, s, r)
+      if s > 0.0:  # heap_push keeps it only if it beats the heap's worst
+        n = heap_push(heap_s, heap_r, n, k, s, r)
   acc[lo:hi] = 0.0
   return n
 
@@ -170,8 +170,8 @@ def exact(offsets, rows, vals, table, q_ptr, q_dims, q_w, k, acc, touched, heap_
         r = touched[i]
         s = acc[r]
         acc[r] = 0.0
-        if s > 0.0:  # _heap_push keeps it only if it beats the heap's worst
-          n = _heap_push(heap_s, heap_r, n, k, s, r)
+        if s > 0.0:  # heap_push keeps it only if it beats the heap's worst
+          n = heap_push(heap_s, heap_r, n, k, s, r)
     else:
       # Many postings: doc blocks whose accumulator stays in L2; each list's
       # slice for the block is found by binary search (lists are row-sorted),
@@ -189,7 +189,7 @@ def exact(offsets, rows, vals, table, q_ptr, q_dims, q_w, k, acc, touched, heap_
             acc[rows[p]] += w * weight(vals, table, p)
           cursor[t - a] = p1
         n = _scan_block(acc, b0, b1, k, heap_s, heap_r, n)
-    _heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
+    heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
 
 
 @numba.njit(inline="always")
@@ -285,10 +285,10 @@ def approx(
       r = touched[i]
       s = acc[r]
       acc[r] = 0.0
-      if s > 0.0:  # _heap_push keeps it only if it beats the heap's worst
-        n = _heap_push(heap_s, heap_r, n, kc, s, r)
+      if s > 0.0:  # heap_push keeps it only if it beats the heap's worst
+        n = heap_push(heap_s, heap_r, n, kc, s, r)
     nc = n
-    _heap_drain(heap_s, heap_r, n, cand_s, cand_r)
+    heap_drain(heap_s, heap_r, n, cand_s, cand_r)
     # 4. exact re-scoring from the forward index. A bitmap over D filters the
     #    doc's dims; the few query dims sit in a small open-addressing table;
     #    per-dim terms are summed in query order, as in `exact`, so the scores
@@ -329,8 +329,8 @@ def approx(
         if v != 0.0:
           s += q_w[t] * v
           part[t - a] = 0.0
-      if s > 0.0:  # _heap_push keeps it only if it beats the heap's worst
-        n = _heap_push(heap_s, heap_r, n, k, s, r)
+      if s > 0.0:  # heap_push keeps it only if it beats the heap's worst
+        n = heap_push(heap_s, heap_r, n, k, s, r)
     for t in range(a, b):
       qbits[q_dims[t] >> 6] = np.uint64(0)
-    _heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
+    heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
