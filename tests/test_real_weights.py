@@ -84,7 +84,13 @@ def test_smollm2_chat_template(smol):
 @pytest.fixture(scope="module")
 def splade():
   return sparse_encoder.load_encoder(
-    SPLADE, head="mlm", head_kwargs={"special_ids": []}, query_max_len=128, doc_max_len=128
+    # naver's SPLADE (the transformers fixture) pools every position and keeps every dim: special_tokens="keep"
+    SPLADE,
+    head="mlm",
+    head_kwargs={"special_ids": []},
+    special_tokens="keep",
+    query_max_len=128,
+    doc_max_len=128,
   )
 
 
