@@ -20,33 +20,7 @@ TOTAL = 8
 
 
 def _cmd(tiny, shared_data, workdir):
-  over = {
-    "model.backbone": tiny,
-    "model.latent_dim": 512,
-    "model.query_max_len": 16,
-    "model.doc_max_len": 32,
-    "data.collection": shared_data / "scifact",
-    "data.teacher": "none",
-    "loss.distill": "",
-    "optim.batch_size": 8,
-    "optim.warmup_steps": 2,
-    "train.total_steps": TOTAL,
-    "train.checkpoint_every": 2,
-    "train.keep_checkpoints": 0,
-    "train.log_every": 2,
-    "train.final_eval": False,
-    "train.dropout": False,
-    "train.q_topk": 64,
-    "train.d_topk": 128,
-  }
-  return [
-    sys.executable,
-    str(REPO / "launch" / "train.py"),
-    "--config",
-    str(REPO / "configs" / "laspar.py:runlocal"),
-    "--workdir",
-    str(workdir),
-  ] + [f"--config.{k}={v}" for k, v in over.items()]
+  return tiny_bert.train_command(tiny, shared_data, workdir, TOTAL)
 
 
 def _env(cache):

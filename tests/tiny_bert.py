@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -63,3 +64,29 @@ def write_tiny_bert(
     tensors[name] = arr
   save_file(tensors, str(path / "model.safetensors"))
   return path
+
+
+def train_command(tiny: str | os.PathLike, shared_data: pathlib.Path, workdir: os.PathLike, total: int) -> list[str]:
+  """`launch/train.py` on the tiny BERT at `tiny` over SciFact: a few seconds a step, checkpoints every 2 steps."""
+  over = {
+    "model.backbone": tiny,
+    "model.latent_dim": 512,
+    "model.query_max_len": 16,
+    "model.doc_max_len": 32,
+    "data.collection": shared_data / "scifact",
+    "data.teacher": "none",
+    "loss.distill": "",
+    "optim.batch_size": 8,
+    "optim.warmup_steps": 2,
+    "train.total_steps": total,
+    "train.checkpoint_every": 2,
+    "train.keep_checkpoints": 0,
+    "train.log_every": 2,
+    "train.final_eval": False,
+    "train.dropout": False,
+    "train.q_topk": 64,
+    "train.d_topk": 128,
+  }
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, str(repo / "launch" / "train.py"), "--config", str(repo / "configs" / "laspar.py:runlocal")]
+  return cmd + ["--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in over.items()]
