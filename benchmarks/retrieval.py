@@ -2,7 +2,9 @@
 
 Times, in one run and on the same data, laspar_jax exact search over the raw
 (version 1) index, exact and approximate (block-max, theta) search over the
-compressed (version 2) index with 8-bit and float32 impacts, the version-1
+compressed (version 2) index with 8-bit and float32 impacts (approximate: block-max
+with theta, and score-at-a-time over impact-ordered heads with exact re-scoring
+from a forward index, `index/approx.py`, per --saat budget:n_cand), the version-1
 approximate mode (--legacy_approx), PISA MaxScore / BMW (pyterrier-pisa) and
 Seismic (pyseismic-lsr), one thread each; recall@k is against exact search
 over the raw float32 index (and, for approximate modes, against exact search
@@ -28,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from laspar_jax.index import Index, build_index  # noqa: E402
+from laspar_jax.index.approx import approx_bytes  # noqa: E402
 from laspar_jax.index.backends import PisaBackend, SeismicBackend  # noqa: E402
 from laspar_jax.index.compress import compress_index  # noqa: E402
 from laspar_jax.index.synthetic import SyntheticCollection, SyntheticSpec  # noqa: E402
@@ -98,10 +101,13 @@ def run_dim(args, dim: int) -> list[dict]:
       bpath = work / f"laspar_blocked_{vd}_{tag}"
       if not bpath.exists():
         t = time.time()
-        compress_index(ix, bpath, value_dtype=vd)
+        compress_index(ix, bpath, value_dtype=vd, approx="approx" in args.engines)
         print(f"[D={dim}] compressed ({vd}) in {time.time() - t:.0f}s", flush=True)
       blocked[vd] = Index.load(bpath, verify="size")
-      sizes[f"laspar blocked {vd} (v2)"] = _postings_bytes(blocked[vd])
+      extra = approx_bytes(blocked[vd].manifest)
+      sizes[f"laspar blocked {vd} (v2)"] = _postings_bytes(blocked[vd]) - extra
+      if extra:
+        sizes[f"  + {vd} approx structures (heads, forward index)"] = extra
   q_idx, q_val = col.queries()
   st = ix.stats(q_idx, q_val)
   print(
@@ -126,10 +132,19 @@ def run_dim(args, dim: int) -> list[dict]:
     b_rows, _, ms = _time_per_query(fn, q_idx, q_val)
     out.append(_row(f"blocked {vd} exact", dim, ms, _recall(ref_rows, b_rows, k)))
     print(out[-1], flush=True)
+    if bix.impact_rows is not None:
+      for budget, n_cand in args.saat:
+        fn = lambda qi, qv, b=budget, c=n_cand: bix.search(  # noqa: E731
+          qi, qv, k=k, threads=1, mode="approx", budget=b, n_cand=c
+        )
+        rows, _, ms = _time_per_query(fn, q_idx, q_val)
+        name = f"blocked {vd} approx b={budget} c={n_cand}"
+        out.append(_row(name, dim, ms, _recall(ref_rows, rows, k), _recall(b_rows, rows, k)))
+        print(out[-1], flush=True)
     if vd != "uint8":
       continue
     for theta in args.thetas:
-      fn = lambda qi, qv: bix.search(qi, qv, k=k, threads=1, mode="approx", theta=theta)  # noqa: E731
+      fn = lambda qi, qv, th=theta: bix.search(qi, qv, k=k, threads=1, mode="approx", theta=th)  # noqa: E731
       rows, _, ms = _time_per_query(fn, q_idx, q_val)
       out.append(_row(f"blocked {vd} approx th={theta}", dim, ms, _recall(ref_rows, rows, k), _recall(b_rows, rows, k)))
       print(out[-1], flush=True)
@@ -260,6 +275,12 @@ def main(argv=None):
   p.add_argument("--thetas", type=lambda s: [float(x) for x in s.split(",")], default=[1.05, 1.1, 1.2, 1.5])
   p.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="cpu: process time (shared machines)")
   p.add_argument("--reps", type=int, default=2, help="timing passes; the minimum is reported")
+  p.add_argument(
+    "--saat",
+    type=lambda s: [tuple(int(v) for v in x.split(":")) for x in s.split(",")],
+    default=[(1000, 300), (3000, 300), (3000, 1000), (10000, 1000)],
+    help="budget:n_cand pairs of the compressed index's approximate (score-at-a-time) mode",
+  )
   p.add_argument("--legacy_approx", action="store_true", help="also the version-1 impact-ordered approx mode")
   p.add_argument("--seismic_threads", type=int, default=2, help="build threads")
   p.add_argument("--seismic_lv", action="store_true")

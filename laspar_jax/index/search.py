@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from laspar_jax.index import approx as approx_lib
 from laspar_jax.index import blocked_kernels, codec, compress
 from laspar_jax.index import format as fmt
 from laspar_jax.index import kernels
@@ -61,6 +62,11 @@ def _weight_table(dtype: np.dtype, scale: float | None) -> np.ndarray:
   return np.zeros(0, np.float32)
 
 
+# exact_below default = factor x (budget + n_cand x mean doc length): v1 / compressed (measured in
+# benchmarks/retrieval.py; the compressed exact search reads postings more slowly than version 1's).
+_EXACT_BELOW_FACTOR = {False: 4.0, True: 1.0}
+
+
 class _Scratch:
   """Per-thread accumulators (reused across calls)."""
 
@@ -69,6 +75,7 @@ class _Scratch:
     self.qbits = np.zeros(dim // 64 + 1, np.uint64)
     self.touched = np.zeros(max(n_docs, 1), np.uint32)
     self.cap = 0
+    self.buffers: approx_lib.Buffers | None = None  # compressed indexes: N-sized, made at the first approx query
     self.heap_s = self.heap_r = self.cand_s = self.cand_r = None
 
   def ensure(self, k: int, n_cand: int) -> None:
@@ -116,6 +123,14 @@ class Index:
     self.fwd_offsets = arrays.get("fwd_offsets.npy")
     self.fwd_dims = arrays.get("fwd_dims.npy")
     self.fwd_weights = arrays.get("fwd_weights.npy")
+    self.impact_offsets = None
+    if self.impact_rows is not None:
+      counts = arrays.get("impact_counts.npy")  # compressed: heads of `approx_head` postings per dim
+      self.impact_offsets = self.offsets if counts is None else approx_lib.head_offsets(np.asarray(counts))
+      if int(self.impact_offsets[-1]) != self.impact_rows.shape[0] or (
+        self.fwd_offsets is not None and int(self.fwd_offsets[-1]) != self.n_postings
+      ):
+        raise fmt.IndexCorruptError(f"{path}: the approximate-search arrays disagree with the postings")
     self._table = _weight_table(self.weights.dtype, self.quant_scale)
     self._doc_ids = None
     self._pool: list[_Scratch] = []
@@ -201,7 +216,7 @@ class Index:
     mode: str = "exact",
     budget: int = 50_000,
     n_cand: int = 200,
-    theta: float = 1.5,
+    theta: float | None = None,
     exact_below: int | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k documents for a batch of sparse queries.
@@ -211,16 +226,19 @@ class Index:
       q_val_bk: [B, K] weights; entries <= 0 are ignored.
       k: documents per query.
       threads: worker threads (None = os.cpu_count()).
-      mode: "exact" (equals brute force) or "approx". Version 1: impact-ordered,
-        about `budget` postings per query, then exact re-scoring of the `n_cand`
-        best candidates. Compressed (version 2): block-max pruning against
-        theta x the k-th score.
-      budget: approx, version 1: postings read per query from the weight-sorted lists.
-      n_cand: approx, version 1: candidates re-scored exactly (>= k).
-      theta: approx, compressed: pruning factor (1 = exact; larger = faster, lower recall).
+      mode: "exact" (equals brute force) or "approx": score at a time over the
+        impact-ordered lists (version 1 built with approx=True; compressed with
+        approx=True: per-dim heads, `approx.py`), about `budget` postings per
+        query, then exact re-scoring of the `n_cand` best candidates from the
+        forward index. A compressed index without those lists (or given
+        `theta`): block-max pruning against theta x the k-th score.
+      budget: approx: postings read per query from the impact-ordered lists.
+      n_cand: approx: candidates re-scored exactly (>= k).
+      theta: approx, compressed: block-max pruning factor (default 1.5 where there
+        are no impact-ordered lists; 1 = exact; larger = faster, lower recall).
       exact_below: approx: queries with fewer postings than this run exact search
-        instead (default: 20,000 compressed; version 1: 4 x (budget + n_cand x
-        mean doc length), the postings its re-scoring reads).
+        instead (default: score at a time: F x (budget + n_cand x mean doc length),
+        the postings approx reads, F = 4 version 1, 1 compressed; block-max: 20,000).
 
     Returns:
       doc_rows_bk int64 [B, k] best first (-1 past the matches) and
@@ -229,7 +247,10 @@ class Index:
     if mode not in ("exact", "approx"):
       raise ValueError(f"mode must be exact|approx, got {mode!r}")
     if mode == "approx" and self.impact_rows is None and not self.blocked:
-      raise ValueError("mode='approx' needs an index built with approx=True")
+      raise ValueError(f"{self.path}: mode='approx' needs an index built with approx=True")
+    # Score-at-a-time over impact-ordered lists where the index has them (a compressed index: unless
+    # theta asks for block-max pruning).
+    saat = mode == "approx" and self.impact_rows is not None and (theta is None or not self.blocked)
     q_ptr, q_dims, q_w = queries_to_csr(q_idx_bk, q_val_bk, self.dim)
     nq = q_ptr.size - 1
     out_rows = np.full((nq, k), -1, np.int64)
@@ -244,16 +265,18 @@ class Index:
       try:
         s.ensure(k, max(n_cand, k))
         sub_ptr = q_ptr[lo : hi + 1]
-        if self.blocked:
-          th = theta if mode == "approx" else 1.0
+        if self.blocked and not saat:
+          th = (1.5 if theta is None else theta) if mode == "approx" else 1.0
           below = 20_000 if exact_below is None else exact_below
           self._run_blocked(sub_ptr, q_dims, q_w, k, th, below, s, out_rows[lo:hi], out_scores[lo:hi])
           return
         modes = np.full(hi - lo, mode == "approx")
         if mode == "approx":  # few postings: exact search is cheaper than the approximate machinery
           below = exact_below
-          if below is None:
-            below = 4 * (budget + max(n_cand, k) * self.n_postings / max(self.n_docs, 1))
+          if below is None:  # exact's cost ~ its postings; approx's ~ budget + re-scored postings
+            below = _EXACT_BELOW_FACTOR[self.blocked] * (
+              budget + max(n_cand, k) * self.n_postings / max(self.n_docs, 1)
+            )
           lens = self.offsets[q_dims + 1] - self.offsets[q_dims]  # only the query's dims: no D-sized work
           totals = np.add.reduceat(lens, sub_ptr[:-1]) if q_dims.size else np.zeros(hi - lo)
           totals[np.diff(sub_ptr) == 0] = 0  # reduceat repeats the next value for empty queries
@@ -351,6 +374,14 @@ class Index:
     def bits(x):  # numba has no float16: pass the bits, decoded by the table
       return x.view(np.uint16) if x.dtype == np.float16 else x
 
+    if mode == "exact" and self.blocked:
+      self._run_blocked(q_ptr, q_dims, q_w, k, 1.0, 0, s, out_rows, out_scores)
+      return
+    acc, touched, qbits = s.acc, s.touched, s.qbits
+    if mode == "approx" and self.blocked:
+      if s.buffers is None:
+        s.buffers = approx_lib.Buffers(self.n_docs, self.dim)
+      acc, touched, qbits = s.buffers.acc, s.buffers.touched, s.buffers.qbits
     if mode == "exact":
       kernels.exact(
         self.offsets,
@@ -370,7 +401,7 @@ class Index:
       )
     else:
       kernels.approx(
-        self.offsets,
+        self.impact_offsets,
         self.impact_rows,
         bits(self.impact_weights),
         self.fwd_offsets,
@@ -383,9 +414,9 @@ class Index:
         k,
         budget,
         n_cand,
-        s.acc,
-        s.touched,
-        s.qbits,
+        acc,
+        touched,
+        qbits,
         s.heap_s,
         s.heap_r,
         s.cand_s,

@@ -1,0 +1,201 @@
+"""Approximate-search structures of a compressed (version 2) index, and their writer.
+
+`compress_index(..., approx=True)` writes, beside the blocked postings::
+
+  impact_counts.npy   uint32 [D]: head length of each dim, min(postings, head)
+  impact_rows.npy     uint32 [H]: each dim's `head` highest-impact postings, impact
+                      descending (ties: row ascending)
+  impact_weights.npy  value dtype [H]: their stored impacts
+  fwd_offsets.npy     int64 [N + 1]: the forward (doc-major) index ...
+  fwd_dims.npy        uint16 (D <= 65,536) | uint32 [P]: ... each doc's dims, ascending
+  fwd_weights.npy     value dtype [P]: ... their stored impacts
+
+`Index.search(mode="approx")` then runs `kernels.approx` over them: score at a
+time over the heads (a global impact threshold keeps about `budget`
+postings with q_j * w >= tau), the `n_cand` best partial scores re-scored
+exactly from the forward index. Nothing of size N or D is allocated per
+query: the accumulator, touched list and query-dim bitmap are per-thread
+buffers (`Buffers`), reset through the touched list. Queries with few
+postings run exact search instead (`exact_below`).
+
+Why score-at-a-time and not block-max pruning: with ~30 query terms the sum
+of block maxima stays far above the k-th score, so block-max pruning skips
+nothing, while the top documents almost always carry one of the few largest
+products q_j * w (measured in `benchmarks/retrieval.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Callable
+
+import numba
+import numpy as np
+
+from laspar_jax.index import format as fmt
+
+APPROX_FILES = (
+  "impact_counts.npy",
+  "impact_rows.npy",
+  "impact_weights.npy",
+  "fwd_offsets.npy",
+  "fwd_dims.npy",
+  "fwd_weights.npy",
+)
+# Default head: postings kept per dim in impact order (>= any useful per-query budget).
+DEFAULT_HEAD = 1 << 16
+_CHUNK_POSTINGS = 1 << 23
+
+
+class Buffers:
+  """Per-thread approximate-search buffers: N-sized accumulator and touched list, a D-bit query bitmap."""
+
+  def __init__(self, n_docs: int, dim: int):
+    self.acc = np.zeros(max(n_docs, 1), np.float32)
+    self.touched = np.zeros(max(n_docs, 1), np.uint32)
+    self.qbits = np.zeros(dim // 64 + 1, np.uint64)
+
+
+@numba.njit(nogil=True, cache=True)
+def _head_counts(counts, head, out):
+  for d in range(counts.size):
+    out[d] = min(counts[d], head)
+
+
+@numba.njit(nogil=True, cache=True)
+def _heads(offsets, rows, codes, head, out_rows, out_codes):
+  """Fills each dim's head (impact desc, row asc) for the dims of this chunk; returns items written."""
+  p_base = offsets[0]
+  n = 0
+  for j in range(offsets.size - 1):
+    p0 = offsets[j] - p_base
+    p1 = offsets[j + 1] - p_base
+    m = min(p1 - p0, head)
+    if m == 0:
+      continue
+    # Stable sort on -code keeps rows ascending among equal impacts (rows are ascending in a list).
+    key = np.empty(p1 - p0, np.float64)
+    for p in range(p0, p1):
+      key[p - p0] = -np.float64(codes[p])
+    order = np.argsort(key, kind="mergesort")
+    for i in range(m):
+      out_rows[n + i] = rows[p0 + order[i]]
+      out_codes[n + i] = codes[p0 + order[i]]
+    n += m
+  return n
+
+
+@numba.njit(nogil=True, cache=True)
+def _scatter(offsets, rows, codes, d0, pos, fwd_dims, fwd_codes):
+  """Appends the postings of dims [d0, d0 + len(offsets) - 1) to their docs' forward rows."""
+  p_base = offsets[0]
+  for j in range(offsets.size - 1):
+    for p in range(offsets[j] - p_base, offsets[j + 1] - p_base):
+      r = rows[p]
+      q = pos[r]
+      fwd_dims[q] = d0 + j
+      fwd_codes[q] = codes[p]
+      pos[r] = q + 1
+
+
+def _entry(path: pathlib.Path, dtype: np.dtype, n: int) -> dict[str, Any]:
+  """Fsyncs a file written through a memory map and returns its manifest entry."""
+  with open(path, "rb+") as f:
+    os.fsync(f.fileno())
+  return {"bytes": path.stat().st_size, "blake2b": fmt.file_checksum(path), "dtype": dtype.str, "shape": [int(n)]}
+
+
+def write_approx(
+  directory: pathlib.Path,
+  offsets: np.ndarray,
+  rows: np.ndarray,
+  codes_fn: Callable[[int, int], np.ndarray],
+  doc_lengths: np.ndarray,
+  code_dtype: np.dtype,
+  value_dtype: np.dtype,
+  head: int = DEFAULT_HEAD,
+) -> dict[str, dict[str, Any]]:
+  """Writes the approximate-search files (see the module docstring) into `directory`.
+
+  Args:
+    directory: the index directory being written.
+    offsets: int64 [D + 1] posting offsets.
+    rows: uint32 [P] doc rows, ascending within a dim (memory-mapped is fine).
+    codes_fn: (p0, p1) -> stored impacts of postings [p0, p1) as comparable codes
+      (`compress._codes`: float16 as its uint16 bits).
+    doc_lengths: [N] postings per doc.
+    code_dtype: dtype of the codes.
+    value_dtype: dtype the weights files declare (the index's value dtype).
+    head: postings kept per dim in impact order.
+
+  Returns:
+    Manifest entries of the written files.
+  """
+  if head < 1:
+    raise ValueError(f"approx head must be >= 1, got {head}")
+  offsets = np.asarray(offsets, np.int64)
+  dim = offsets.size - 1
+  n_docs = int(np.asarray(doc_lengths).shape[0])
+  n_postings = int(offsets[-1])
+  counts = np.diff(offsets)
+  hcounts = np.empty(dim, np.uint32)
+  _head_counts(counts, head, hcounts)
+  entries = {"impact_counts.npy": fmt.write_array(directory / "impact_counts.npy", hcounts)}
+  fwd_offsets = np.zeros(n_docs + 1, np.int64)
+  np.cumsum(np.asarray(doc_lengths, np.int64), out=fwd_offsets[1:])
+  if int(fwd_offsets[-1]) != n_postings:
+    raise ValueError(f"doc lengths add up to {int(fwd_offsets[-1])} postings, the lists hold {n_postings}")
+  entries["fwd_offsets.npy"] = fmt.write_array(directory / "fwd_offsets.npy", fwd_offsets)
+  dims_dtype = np.dtype(np.uint16 if dim <= 1 << 16 else np.uint32)
+  value_dtype = np.dtype(value_dtype)
+  mm = {
+    name: np.lib.format.open_memmap(directory / name, mode="w+", dtype=dt, shape=(max(n, 0),))
+    for name, dt, n in (
+      ("fwd_dims.npy", dims_dtype, n_postings),
+      ("fwd_weights.npy", value_dtype, n_postings),
+    )
+  }
+  w_rows = fmt.NpyStreamWriter(directory / "impact_rows.npy", np.uint32, int(hcounts.sum(dtype=np.int64)))
+  w_vals = fmt.NpyStreamWriter(directory / "impact_weights.npy", value_dtype, int(hcounts.sum(dtype=np.int64)))
+  pos = fwd_offsets[:-1].copy()
+  fwd_dims = mm["fwd_dims.npy"].view(np.ndarray)
+  fwd_codes = mm["fwd_weights.npy"].view(np.ndarray).view(code_dtype)
+  d0 = 0
+  while d0 < dim:
+    d1 = int(np.searchsorted(offsets, offsets[d0] + _CHUNK_POSTINGS, side="right")) - 1
+    d1 = min(max(d1, d0 + 1), dim)
+    p0, p1 = int(offsets[d0]), int(offsets[d1])
+    r = np.ascontiguousarray(rows[p0:p1], dtype=np.uint32)
+    c = np.ascontiguousarray(codes_fn(p0, p1), dtype=code_dtype)
+    sub = offsets[d0 : d1 + 1]
+    n_head = int(hcounts[d0:d1].sum(dtype=np.int64))
+    h_rows = np.empty(n_head, np.uint32)
+    h_codes = np.empty(n_head, code_dtype)
+    _heads(sub, r, c, head, h_rows, h_codes)
+    w_rows.write(h_rows)
+    w_vals.write(h_codes.view(value_dtype))
+    _scatter(sub, r, c, d0, pos, fwd_dims, fwd_codes)
+    d0 = d1
+  for name, a in mm.items():
+    a.flush()
+    del a
+  mm.clear()
+  del fwd_dims, fwd_codes
+  entries["impact_rows.npy"] = w_rows.close()
+  entries["impact_weights.npy"] = w_vals.close()
+  entries["fwd_dims.npy"] = _entry(directory / "fwd_dims.npy", dims_dtype, n_postings)
+  entries["fwd_weights.npy"] = _entry(directory / "fwd_weights.npy", value_dtype, n_postings)
+  return entries
+
+
+def head_offsets(impact_counts: np.ndarray) -> np.ndarray:
+  """int64 [D + 1] offsets of the heads from their counts."""
+  out = np.zeros(impact_counts.shape[0] + 1, np.int64)
+  np.cumsum(impact_counts, out=out[1:])
+  return out
+
+
+def approx_bytes(manifest: dict[str, Any]) -> int:
+  """Bytes of the approximate-search files an index holds (0 if none)."""
+  return sum(int(e["bytes"]) for n, e in manifest["files"].items() if n in APPROX_FILES)
