@@ -14,8 +14,10 @@ assistant turn's opening). Presets:
               sure your word is in lowercase. [/INST]The word is: "`; read off
               at the last token.
   chat        the reference instruction as a user message through the chat template.
-  promptreps_chat  the PromptReps instruction through the chat template, the
-              assistant reply opened with `The word is: "`; last token.
+  promptreps_chat  the PromptReps instruction through the chat template, its system
+              message ("You are an AI assistant that can understand human
+              language.") first, the assistant reply opened with
+              `The word is: "`; last token.
   none        the text alone (with the tokenizer's own special tokens, e.g. BERT's
               [CLS] X [SEP]), as an MLM such as SPLADE reads it.
 
@@ -83,6 +85,8 @@ class Preset:
     chat: render the user message through the tokenizer's chat template.
     decoding: the default read-off ("plain": pool over positions; "last_token").
       Which positions are pooled is `EncoderConfig.prompt_pool`.
+    system: chat presets: a system message before the user message ("" = none,
+      the template's own default applies).
   """
 
   name: str
@@ -90,6 +94,7 @@ class Preset:
   doc: Template
   chat: bool = False
   decoding: str = "plain"
+  system: str = ""
 
   def template(self, kind: str) -> Template:
     if kind not in KINDS:
@@ -120,6 +125,7 @@ PRESETS: dict[str, Preset] = {
     Template('Passage: "', f'". {PROMPTREPS_INSTRUCTION.format(kind="passage")}', PROMPTREPS_REPLY),
     chat=True,
     decoding="last_token",
+    system=PROMPTREPS_SYSTEM,
   ),
   "none": Preset("none", Template(), Template()),
 }
@@ -145,8 +151,9 @@ def prompt_strings(tokenizer: Any, preset: Preset, kind: str) -> tuple[str, str]
   t = preset.template(kind)
   if not preset.chat:
     return t.prefix, t.suffix
+  system = [{"role": "system", "content": preset.system}] if preset.system else []
   rendered = tokenizer.apply_chat_template(
-    [{"role": "user", "content": t.prefix + _MARK + t.suffix}], add_generation_prompt=True
+    system + [{"role": "user", "content": t.prefix + _MARK + t.suffix}], add_generation_prompt=True
   )
   before, found, after = rendered.partition(_MARK)
   if not found:

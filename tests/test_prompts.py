@@ -116,6 +116,8 @@ def test_chat_template(smol_tok, words):
   assert ids[0] == start and ids.count(start) == 3
   before, after = prompts.prompt_strings(smol_tok, prompts.get_preset("promptreps_chat"), "doc")
   assert before.endswith('user\nPassage: "') and after.endswith('<|im_start|>assistant\nThe word is: "')
+  # PromptReps' system message replaces the template's default one (SmolLM2's "You are a helpful AI assistant named SmolLM").
+  assert before.startswith(f"<|im_start|>system\n{prompts.PROMPTREPS_SYSTEM}<|im_end|>\n") and "SmolLM" not in before
   with pytest.raises(ValueError, match="no chat template"):
     prompts.compose(words, ["w1"], preset=chat, kind="doc", max_length=4)
   templ = _bos_tokenizer(
