@@ -7,8 +7,8 @@ r"""Converts indexes: to and from CIFF, and to the compressed (version 2) format
   python launch/export_index.py --from_ciff /tmp/scifact.ciff.gz --index /tmp/from_ciff \
       --posting_format blocked --value_dtype uint8
 
-  # A version-1 index to a compressed copy:
-  python launch/export_index.py --index /tmp/laspar_scifact_index --compress /tmp/scifact_blocked
+  # A version-1 index to a compressed copy (--approx: with what mode="approx" reads):
+  python launch/export_index.py --index /tmp/laspar_scifact_index --compress /tmp/scifact_blocked --approx
 """
 
 import os
@@ -30,6 +30,9 @@ _VALUE_DTYPE = flags.DEFINE_enum(
   "value_dtype", "uint8", ["uint8", "uint16", "float16", "float32"], "stored impacts (--from_ciff, --compress)"
 )
 _POSTING_FORMAT = flags.DEFINE_enum("posting_format", "blocked", ["raw", "blocked"], "--from_ciff: the format")
+_APPROX = flags.DEFINE_bool(
+  "approx", False, "--compress: also write the approximate-search structures (impact-ordered heads, forward index)"
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing output")
 flags.mark_flags_as_required(["index"])
 flags.mark_flags_as_mutual_exclusive(["to_ciff", "from_ciff", "compress"], required=True)
@@ -55,7 +58,7 @@ def main(argv):
     path = ix.to_ciff(_TO_CIFF.value, scale=_SCALE.value)
     print(f"CIFF written to {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
   else:
-    out = ix.compress(_COMPRESS.value, value_dtype=_VALUE_DTYPE.value, overwrite=_OVERWRITE.value)
+    out = ix.compress(_COMPRESS.value, value_dtype=_VALUE_DTYPE.value, overwrite=_OVERWRITE.value, approx=_APPROX.value)
     print(f"compressed index written to {out.path}: {out.size_bytes() / 1e6:.1f} MB (was {ix.size_bytes() / 1e6:.1f})")
 
 

@@ -139,8 +139,6 @@ def test_blocked_approx_pruning(tmp_path):
 def test_writer_options_validated(tmp_path):
   with pytest.raises(ValueError, match="posting_format"):
     IndexWriter(tmp_path / "a", 10, posting_format="zip")
-  with pytest.raises(ValueError, match="approx"):
-    IndexWriter(tmp_path / "b", 10, posting_format="blocked", approx=True)
   # An empty collection and docs without postings build and search.
   path = build_index(
     iter([(["a", "b"], np.zeros((2, 3), int), np.zeros((2, 3)))]), tmp_path / "c", 10, posting_format="blocked"

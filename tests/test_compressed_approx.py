@@ -115,3 +115,27 @@ def test_approx_without_structures_says_how_to_get_them(tmp_path, raw, collectio
   np.testing.assert_array_equal(r, plain.search(q_idx, q_val, k=10)[0])
   with pytest.raises(ValueError, match="head"):
     raw.compress(tmp_path / "bad", approx=True, approx_head=0)
+
+
+def test_blocked_writer_and_merged_parts_write_the_same_structures(tmp_path, raw, collection):
+  from laspar_jax.index.merge import PartWriter, merge_parts  # noqa: PLC0415
+
+  dim, scale = collection.spec.dim, raw.compress(tmp_path / "c", approx=True).quant_scale
+  kw = dict(value_dtype="uint8", quant_scale=scale, posting_format="blocked", approx=True)
+  direct = Index.load(build_index(collection.doc_batches(1000), tmp_path / "direct", dim, **kw), verify="full")
+  parts = []
+  for p, (lo, hi) in enumerate([(0, 2500), (2500, 6000)]):
+    with PartWriter(tmp_path / f"part{p}", dim, **kw) as w:
+      for ids, i_bk, v_bk in collection.doc_batches(1000, lo, hi):
+        w.add(ids, i_bk, v_bk)
+    parts.append(tmp_path / f"part{p}")
+  merged = Index.load(merge_parts(parts, tmp_path / "merged"), verify="full")
+  compressed = Index.load(tmp_path / "c")
+  q_idx, q_val = collection.queries()
+  ref = compressed.search(q_idx, q_val, k=10, mode="approx", budget=300, n_cand=40, exact_below=0)
+  for ix in (direct, merged):
+    assert ix.manifest["approx"] and ix.impact_rows is not None
+    for name in ("impact_rows.npy", "fwd_dims.npy", "fwd_weights.npy"):
+      assert ix.manifest["files"][name]["blake2b"] == compressed.manifest["files"][name]["blake2b"]
+    got = ix.search(q_idx, q_val, k=10, mode="approx", budget=300, n_cand=40, exact_below=0)
+    np.testing.assert_array_equal(got[0], ref[0])

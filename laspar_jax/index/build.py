@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from laspar_jax.index import approx as approx_lib
 from laspar_jax.index import compress
 from laspar_jax.index import format as fmt
 from laspar_jax.index import quantize as quant
@@ -72,14 +73,13 @@ class IndexWriter:
       metadata: extra JSON-able info for the manifest.
       posting_format: "raw" (format version 1: uint32 rows + values) or
         "blocked" (version 2: bit-packed row gaps in blocks of 128 with per-block
-        max impacts, see compress.py; searched with block-max pruning, and its
-        approximate mode needs no extra structures, so approx must be False).
+        max impacts, see compress.py; searched with block-max pruning; with
+        approx, impact-ordered heads and a forward index, see approx.py).
     """
     if posting_format not in ("raw", "blocked"):
       raise ValueError(f"posting_format must be raw|blocked, got {posting_format!r}")
-    if posting_format == "blocked" and approx:
-      raise ValueError("approx=True writes version-1 structures; a blocked index prunes by block maxima instead")
     self.posting_format = posting_format
+    self.approx = bool(approx)
     if value_dtype not in fmt.VALUE_DTYPES:
       raise ValueError(f"value_dtype must be one of {fmt.VALUE_DTYPES}, got {value_dtype!r}")
     if dim <= 0 or dim > np.iinfo(np.int32).max:
@@ -92,8 +92,8 @@ class IndexWriter:
     self.quant_scale = quant_scale
     self.ram_budget_bytes = int(ram_budget_bytes)
     self.encoder_hash = encoder_hash
-    self.impact_order = approx
-    if approx and value_dtype.startswith("uint") and quant_scale is None:
+    self.impact_order = approx and posting_format == "raw"  # version 1's full impact-ordered copies
+    if self.impact_order and value_dtype.startswith("uint") and quant_scale is None:
       raise ValueError("approx=True with a quantized value_dtype needs quant_scale")
     self.overwrite = overwrite
     self.metadata = dict(metadata or {})
@@ -106,7 +106,7 @@ class IndexWriter:
       shutil.rmtree(self.tmp)
     (self.tmp / "runs").mkdir(parents=True)
     self._ids_file = open(self.tmp / "runs" / "doc_ids.txt", "wb")
-    if approx:
+    if self.impact_order:
       self._fwd_dims = fmt.NpyStreamWriter(self.tmp / "fwd_dims.npy", np.int32, None)
       self._fwd_vals = fmt.NpyStreamWriter(self.tmp / "fwd_weights.npy", self._run_dtype, None)
     self._max_id_len = 1
@@ -254,6 +254,14 @@ class IndexWriter:
       rows = np.load(self.tmp / "rows.npy", mmap_mode="r") if self.n_postings else np.zeros(0, np.uint32)
       vals = np.load(self.tmp / "weights.npy", mmap_mode="r") if self.n_postings else np.zeros(0, out_dtype)
       files.update(compress.write_blocked(self.tmp, offsets, rows, lambda p0, p1: vals[p0:p1], out_dtype))
+      if self.approx:
+        codes = compress.codes_of(vals)
+        files.update(
+          approx_lib.write_approx(
+            self.tmp, offsets, rows, lambda p0, p1: codes[p0:p1], doc_lengths, codes.dtype, out_dtype
+          )
+        )
+        del codes
       del rows, vals
       for name in ("rows.npy", "weights.npy", "offsets.npy"):
         (self.tmp / name).unlink()
@@ -284,6 +292,8 @@ class IndexWriter:
     }
     if self.posting_format == "blocked":
       manifest = compress.blocked_manifest(manifest, files, self.value_dtype, scale)
+      if self.approx:
+        manifest.update(approx=True, approx_head=approx_lib.DEFAULT_HEAD)
     fmt.write_manifest(self.tmp, manifest)
     fmt.fsync_dir(self.tmp)
     self._closed = True

@@ -34,9 +34,12 @@ BLOCKED_FILES = ("blk_words.npy", "blk_last.npy", "blk_width.npy", "blk_max.npy"
 _CHUNK_POSTINGS = 1 << 23
 
 
-def _codes(vals: np.ndarray) -> np.ndarray:
+def codes_of(vals: np.ndarray) -> np.ndarray:
   """Stored values as numba-comparable codes (float16 -> its uint16 bits, monotonic for w >= 0)."""
   return vals.view(np.uint16) if vals.dtype == np.float16 else vals
+
+
+_codes = codes_of
 
 
 def write_blocked(

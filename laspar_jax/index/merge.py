@@ -65,7 +65,7 @@ class PartWriter(IndexWriter):
       "dim": self.dim,
       "value_dtype": self.value_dtype,
       "quant_scale": self.quant_scale,
-      "approx": self.impact_order,
+      "approx": self.approx,
       "posting_format": self.posting_format,
       "run_dtype": self._run_dtype.str,
       "n_docs": self.n_docs,
