@@ -34,6 +34,7 @@ import numba
 import numpy as np
 
 from laspar_jax.index import format as fmt
+from laspar_jax.index.kernels import heap_drain, heap_push, rescore_query_order, saat_candidates, weight
 
 APPROX_FILES = (
   "impact_counts.npy",
@@ -48,13 +49,102 @@ DEFAULT_HEAD = 1 << 16
 _CHUNK_POSTINGS = 1 << 23
 
 
+# Up to this D, re-scoring reads query weights from a dense per-thread [D] array (branch-free);
+# above it, from a D-bit bitmap and a small hash table (`kernels.rescore_query_order`).
+DENSE_MAX_DIM = 1 << 20
+
+
 class Buffers:
-  """Per-thread approximate-search buffers: N-sized accumulator and touched list, a D-bit query bitmap."""
+  """Per-thread approximate-search buffers: N-sized accumulator and touched list, D-sized query weights or bits."""
 
   def __init__(self, n_docs: int, dim: int):
     self.acc = np.zeros(max(n_docs, 1), np.float32)
     self.touched = np.zeros(max(n_docs, 1), np.uint32)
-    self.qbits = np.zeros(dim // 64 + 1, np.uint64)
+    dense = dim <= DENSE_MAX_DIM
+    self.qdense = np.zeros(dim if dense else 0, np.float32)
+    self.qbits = np.zeros(0 if dense else dim // 64 + 1, np.uint64)
+    self.sink = np.zeros(1, np.int64)
+
+
+@numba.njit(nogil=True, fastmath=True)
+def _rescore_dense(fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qdense, heap_s, heap_r):
+  """Scores of candidates cand_r[:nc] from the forward index into a top-k heap; returns (size, sink).
+
+  The candidates' forward rows are touched first, in a loop of independent
+  loads that the CPU overlaps, so the scoring loop reads them from cache; the
+  scoring loop is branch-free (query weights from a dense array, zero off the
+  query). Sums run in the doc's dim order: scores equal exact search's up to
+  float32 rounding.
+  """
+  for t in range(a, b):
+    qdense[q_dims[t]] = q_w[t]
+  sink = 0
+  p0 = np.empty(nc, np.int64)
+  p1 = np.empty(nc, np.int64)
+  for i in range(nc):  # independent loads: the CPU keeps many misses in flight
+    p0[i] = fwd_offsets[cand_r[i]]
+    p1[i] = fwd_offsets[cand_r[i] + 1]
+  for i in range(nc):  # each row's first lines (a candidate has postings: its partial score is > 0)
+    sink += np.int64(fwd_dims[p0[i]]) + np.int64(fvals[p0[i]])
+  for i in range(nc):  # the rest of each row
+    for p in range(p0[i] + 16, p1[i], 16):
+      sink += np.int64(fwd_dims[p]) + np.int64(fvals[p])
+  n = 0
+  for i in range(nc):
+    r = cand_r[i]
+    s = np.float32(0.0)
+    for p in range(p0[i], p1[i]):
+      s += qdense[fwd_dims[p]] * weight(fvals, table, p)
+    if s > 0.0:  # heap_push keeps it only if it beats the heap's worst
+      n = heap_push(heap_s, heap_r, n, k, s, r)
+  for t in range(a, b):
+    qdense[q_dims[t]] = 0.0
+  return n, sink
+
+
+@numba.njit(nogil=True, cache=True)
+def search(
+  hoffsets,
+  irows,
+  ivals,
+  fwd_offsets,
+  fwd_dims,
+  fvals,
+  table,
+  q_ptr,
+  q_dims,
+  q_w,
+  k,
+  budget,
+  n_cand,
+  acc,
+  touched,
+  qdense,
+  qbits,
+  sink,
+  heap_s,
+  heap_r,
+  cand_s,
+  cand_r,
+  out_rows,
+  out_scores,
+):
+  """Approximate top-k over a compressed index's heads and forward index (see the module docstring)."""
+  kc = min(n_cand, cand_s.size)
+  for qi in range(q_ptr.size - 1):
+    a = q_ptr[qi]
+    b = q_ptr[qi + 1]
+    nc = saat_candidates(hoffsets, irows, ivals, table, q_dims, q_w, a, b, budget, kc, acc, touched, cand_r)
+    if qdense.size > 0:
+      n, z = _rescore_dense(
+        fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qdense, heap_s, heap_r
+      )
+      sink[0] += z
+    else:
+      n = rescore_query_order(
+        fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qbits, heap_s, heap_r
+      )
+    heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
 
 
 @numba.njit(nogil=True, cache=True)

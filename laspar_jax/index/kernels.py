@@ -206,6 +206,124 @@ def count_at_least(offsets, ivals, table, d, thr):
   return lo - offsets[d]
 
 
+@numba.njit(nogil=True)
+def saat_candidates(offsets, irows, ivals, table, q_dims, q_w, a, b, budget, kc, acc, touched, cand_r):
+  """Score at a time over the impact-ordered lists of query terms [a, b): the `kc` best partial scores.
+
+  A global impact threshold tau is chosen by bisection so that about `budget`
+  postings with q_j * w >= tau are read. Writes the candidates' rows (in no
+  particular order) to cand_r and returns their number; the best `kc` are
+  found by selection (O(touched)), and the accumulator is reset through the
+  touched list.
+  """
+  hi = 0.0
+  total = 0
+  for t in range(a, b):
+    d = q_dims[t]
+    if offsets[d + 1] > offsets[d]:
+      top = q_w[t] * weight(ivals, table, offsets[d])
+      if top > hi:
+        hi = top
+    total += offsets[d + 1] - offsets[d]
+  tau = 0.0
+  if total > budget:
+    lo = 0.0
+    for _ in range(50):
+      mid = 0.5 * (lo + hi)
+      cnt = 0
+      for t in range(a, b):
+        cnt += count_at_least(offsets, ivals, table, q_dims[t], mid / q_w[t])
+      if cnt > budget:
+        lo = mid
+      else:
+        hi = mid
+        if cnt * 10 >= budget * 9:
+          break
+      if hi - lo <= 1e-3 * hi:  # integer impacts: counts jump in steps; 0.1% of tau is close enough
+        break
+    tau = hi
+  nt = 0
+  for t in range(a, b):
+    d = q_dims[t]
+    w = q_w[t]
+    if tau > 0:
+      end = offsets[d] + count_at_least(offsets, ivals, table, d, tau / w)
+    else:
+      end = offsets[d + 1]
+    for p in range(offsets[d], end):
+      r = irows[p]
+      if acc[r] == 0.0:
+        touched[nt] = r
+        nt += 1
+      acc[r] += w * weight(ivals, table, p)
+  thr = np.float32(0.0)  # keep partial scores > thr, then == thr up to kc
+  if nt > kc:
+    part = np.empty(nt, np.float32)
+    for i in range(nt):
+      part[i] = acc[touched[i]]
+    thr = np.partition(part, nt - kc)[nt - kc]
+  nc = 0
+  for i in range(nt):
+    r = touched[i]
+    if acc[r] > thr and nc < kc:
+      cand_r[nc] = r
+      nc += 1
+  for i in range(nt):
+    r = touched[i]
+    if acc[r] == thr and thr > 0.0 and nc < kc:
+      cand_r[nc] = r
+      nc += 1
+    acc[r] = 0.0
+  return nc
+
+
+@numba.njit(nogil=True)
+def rescore_query_order(fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qbits, heap_s, heap_r):
+  """Exact scores of candidates cand_r[:nc] from the forward index into a top-k heap (size returned).
+
+  A bitmap over D filters the doc's dims; the few query dims sit in a small
+  open-addressing table; per-dim terms are summed in query order, as in
+  `exact`, so the scores are bitwise equal to exact search.
+  """
+  nq = b - a
+  hsize = 64
+  while hsize < 4 * nq:
+    hsize *= 2
+  hkeys = np.full(hsize, -1, np.int64)
+  hslot = np.empty(hsize, np.int64)
+  part = np.zeros(max(nq, 1), np.float32)
+  mask = hsize - 1
+  for t in range(a, b):
+    d = q_dims[t]
+    qbits[d >> 6] |= np.uint64(1) << np.uint64(d & 63)
+    h = (d * 2654435761) & mask
+    while hkeys[h] != -1 and hkeys[h] != d:
+      h = (h + 1) & mask
+    hkeys[h] = d
+    hslot[h] = t - a
+  n = 0
+  for i in range(nc):
+    r = cand_r[i]
+    for p in range(fwd_offsets[r], fwd_offsets[r + 1]):
+      d = np.int64(fwd_dims[p])
+      if (qbits[d >> 6] >> np.uint64(d & 63)) & np.uint64(1):
+        h = (d * 2654435761) & mask
+        while hkeys[h] != d:
+          h = (h + 1) & mask
+        part[hslot[h]] = weight(fvals, table, p)
+    s = np.float32(0.0)
+    for t in range(a, b):
+      v = part[t - a]
+      if v != 0.0:
+        s += q_w[t] * v
+        part[t - a] = 0.0
+    if s > 0.0:  # heap_push keeps it only if it beats the heap's worst
+      n = heap_push(heap_s, heap_r, n, k, s, r)
+  for t in range(a, b):
+    qbits[q_dims[t] >> 6] = np.uint64(0)
+  return n
+
+
 @numba.njit(nogil=True, cache=True)
 def approx(
   offsets,
@@ -231,106 +349,13 @@ def approx(
   out_rows,
   out_scores,
 ):
-  ncap = cand_s.size
-  hkeys = np.empty(64, np.int64)
-  hslot = np.empty(64, np.int64)
-  part = np.zeros(64, np.float32)
+  """Approximate top-k, version 1: `saat_candidates`, then `rescore_query_order` (scores bitwise exact)."""
+  kc = min(n_cand, cand_s.size)
   for qi in range(q_ptr.size - 1):
     a = q_ptr[qi]
     b = q_ptr[qi + 1]
-    # 1. impact threshold tau: at most (and near) `budget` postings with q_w * w >= tau.
-    hi = 0.0
-    total = 0
-    for t in range(a, b):
-      d = q_dims[t]
-      if offsets[d + 1] > offsets[d]:
-        top = q_w[t] * weight(ivals, table, offsets[d])
-        if top > hi:
-          hi = top
-      total += offsets[d + 1] - offsets[d]
-    tau = 0.0
-    if total > budget:
-      lo = 0.0
-      for _ in range(50):
-        mid = 0.5 * (lo + hi)
-        cnt = 0
-        for t in range(a, b):
-          cnt += count_at_least(offsets, ivals, table, q_dims[t], mid / q_w[t])
-        if cnt > budget:
-          lo = mid
-        else:
-          hi = mid
-          if cnt * 10 >= budget * 9:
-            break
-      tau = hi
-    # 2. partial scores from the pruned weight-sorted prefixes.
-    nt = 0
-    for t in range(a, b):
-      d = q_dims[t]
-      w = q_w[t]
-      if tau > 0:
-        end = offsets[d] + count_at_least(offsets, ivals, table, d, tau / w)
-      else:
-        end = offsets[d + 1]
-      for p in range(offsets[d], end):
-        r = irows[p]
-        if acc[r] == 0.0:
-          touched[nt] = r
-          nt += 1
-        acc[r] += w * weight(ivals, table, p)
-    # 3. best n_cand partial scores.
-    n = 0
-    kc = min(n_cand, ncap)
-    for i in range(nt):
-      r = touched[i]
-      s = acc[r]
-      acc[r] = 0.0
-      if s > 0.0:  # heap_push keeps it only if it beats the heap's worst
-        n = heap_push(heap_s, heap_r, n, kc, s, r)
-    nc = n
-    heap_drain(heap_s, heap_r, n, cand_s, cand_r)
-    # 4. exact re-scoring from the forward index. A bitmap over D filters the
-    #    doc's dims; the few query dims sit in a small open-addressing table;
-    #    per-dim terms are summed in query order, as in `exact`, so the scores
-    #    are bitwise equal to exact search.
-    nq = b - a
-    hsize = 64
-    while hsize < 4 * nq:
-      hsize *= 2
-    if hkeys.size < hsize:
-      hkeys = np.empty(hsize, np.int64)
-      hslot = np.empty(hsize, np.int64)
-    if part.size < nq:
-      part = np.zeros(nq, np.float32)
-    mask = hsize - 1
-    for i in range(hsize):
-      hkeys[i] = -1
-    for t in range(a, b):
-      d = q_dims[t]
-      qbits[d >> 6] |= np.uint64(1) << np.uint64(d & 63)
-      h = (d * 2654435761) & mask
-      while hkeys[h] != -1 and hkeys[h] != d:
-        h = (h + 1) & mask
-      hkeys[h] = d
-      hslot[h] = t - a
-    n = 0
-    for i in range(nc):
-      r = cand_r[i]
-      for p in range(fwd_offsets[r], fwd_offsets[r + 1]):
-        d = fwd_dims[p]
-        if (qbits[d >> 6] >> np.uint64(d & 63)) & np.uint64(1):
-          h = (d * 2654435761) & mask
-          while hkeys[h] != d:
-            h = (h + 1) & mask
-          part[hslot[h]] = weight(fvals, table, p)
-      s = np.float32(0.0)
-      for t in range(a, b):
-        v = part[t - a]
-        if v != 0.0:
-          s += q_w[t] * v
-          part[t - a] = 0.0
-      if s > 0.0:  # heap_push keeps it only if it beats the heap's worst
-        n = heap_push(heap_s, heap_r, n, k, s, r)
-    for t in range(a, b):
-      qbits[q_dims[t] >> 6] = np.uint64(0)
+    nc = saat_candidates(offsets, irows, ivals, table, q_dims, q_w, a, b, budget, kc, acc, touched, cand_r)
+    n = rescore_query_order(
+      fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qbits, heap_s, heap_r
+    )
     heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])

@@ -155,7 +155,8 @@ class Index:
     path = pathlib.Path(path)
     manifest = fmt.read_manifest(path)
     fmt.verify_files(path, manifest, verify)
-    arrays = {name: fmt.load_array(path, name, entry) for name, entry in manifest["files"].items()}
+    # Plain ndarray views of the maps: numba types an ndarray subclass (np.memmap) on a slow path at every call.
+    arrays = {name: fmt.load_array(path, name, entry).view(np.ndarray) for name, entry in manifest["files"].items()}
     blocked = manifest.get("posting_format") == "blocked"
     postings = "impacts.npy" if blocked else "rows.npy"
     dims_file = "dim_counts.npy" if blocked else "offsets.npy"
@@ -258,7 +259,6 @@ class Index:
     if nq == 0 or k <= 0 or self.n_docs == 0:
       return out_rows, out_scores
     threads = min(threads or os.cpu_count() or 1, nq)
-    bounds = np.linspace(0, nq, threads + 1).astype(np.int64)
 
     def run(lo, hi):
       s = self._get_scratch()
@@ -298,6 +298,7 @@ class Index:
     if threads == 1:
       run(0, nq)
     else:
+      bounds = np.linspace(0, nq, threads + 1).astype(np.int64)
       with concurrent.futures.ThreadPoolExecutor(threads) as ex:
         list(ex.map(run, bounds[:-1], bounds[1:]))
     return out_rows, out_scores
@@ -377,11 +378,37 @@ class Index:
     if mode == "exact" and self.blocked:
       self._run_blocked(q_ptr, q_dims, q_w, k, 1.0, 0, s, out_rows, out_scores)
       return
-    acc, touched, qbits = s.acc, s.touched, s.qbits
     if mode == "approx" and self.blocked:
       if s.buffers is None:
         s.buffers = approx_lib.Buffers(self.n_docs, self.dim)
-      acc, touched, qbits = s.buffers.acc, s.buffers.touched, s.buffers.qbits
+      buf = s.buffers
+      approx_lib.search(
+        self.impact_offsets,
+        self.impact_rows,
+        bits(self.impact_weights),
+        self.fwd_offsets,
+        self.fwd_dims,
+        bits(self.fwd_weights),
+        self._table,
+        q_ptr,
+        q_dims,
+        q_w,
+        k,
+        budget,
+        n_cand,
+        buf.acc,
+        buf.touched,
+        buf.qdense,
+        buf.qbits,
+        buf.sink,
+        s.heap_s,
+        s.heap_r,
+        s.cand_s,
+        s.cand_r,
+        out_rows,
+        out_scores,
+      )
+      return
     if mode == "exact":
       kernels.exact(
         self.offsets,
@@ -401,7 +428,7 @@ class Index:
       )
     else:
       kernels.approx(
-        self.impact_offsets,
+        self.offsets,
         self.impact_rows,
         bits(self.impact_weights),
         self.fwd_offsets,
@@ -414,9 +441,9 @@ class Index:
         k,
         budget,
         n_cand,
-        acc,
-        touched,
-        qbits,
+        s.acc,
+        s.touched,
+        s.qbits,
         s.heap_s,
         s.heap_r,
         s.cand_s,
