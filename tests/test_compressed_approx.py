@@ -61,6 +61,10 @@ def test_approx_equals_exact_when_nothing_is_cut_and_recalls_when_it_is(tmp_path
   r_all, s_all = ix.search(q_idx, q_val, k=10, mode="approx", budget=10**9, n_cand=ix.n_docs, exact_below=0)
   np.testing.assert_array_equal(r_all, r_ex)
   np.testing.assert_allclose(s_all, s_ex, rtol=1e-6)
+  # A dim listed twice counts twice, as in exact search.
+  q_dup, v_dup = np.concatenate([q_idx, q_idx[:, :1]], axis=1), np.concatenate([q_val, q_val[:, :1]], axis=1)
+  s_dup = ix.search(q_dup, v_dup, k=10, mode="approx", budget=10**9, n_cand=ix.n_docs, exact_below=0)[1]
+  np.testing.assert_allclose(s_dup, ix.search(q_dup, v_dup, k=10)[1], rtol=1e-5)
   r_fb, _ = ix.search(q_idx, q_val, k=10, mode="approx", budget=10, n_cand=10, exact_below=10**12)  # all exact
   np.testing.assert_array_equal(r_fb, r_ex)
   ra, sa = ix.search(q_idx, q_val, k=10, mode="approx", budget=2000, n_cand=300, exact_below=0, threads=2)
@@ -139,3 +143,24 @@ def test_blocked_writer_and_merged_parts_write_the_same_structures(tmp_path, raw
       assert ix.manifest["files"][name]["blake2b"] == compressed.manifest["files"][name]["blake2b"]
     got = ix.search(q_idx, q_val, k=10, mode="approx", budget=300, n_cand=40, exact_below=0)
     np.testing.assert_array_equal(got[0], ref[0])
+
+
+def test_large_dim_hash_table_and_its_collision_fallback(tmp_path):
+  from laspar_jax.index import approx  # noqa: PLC0415
+
+  col = SyntheticCollection(SyntheticSpec(n_docs=3000, dim=300_000, doc_len=30, n_queries=20, query_len=10, seed=5))
+  assert col.spec.dim > approx.DENSE_MAX_DIM  # the hash-table path
+  raw = Index.load(build_index(col.doc_batches(1000), tmp_path / "raw", col.spec.dim))
+  ix = raw.compress(tmp_path / "c", value_dtype="float32", approx=True)
+  q_idx, q_val = col.queries()
+  # Two dims of the same hash slot in every query: that query takes the bitmap path.
+  slot = lambda d: ((d * 2654435761) & 0xFFFFFFFF) >> 16  # noqa: E731
+  d0 = int(q_idx[0, 0])
+  twin = next(d for d in range(col.spec.dim) if d != d0 and slot(d) == slot(d0))
+  q_idx = np.concatenate([q_idx, np.tile([[d0, twin]], (q_idx.shape[0], 1))], axis=1)
+  q_val = np.concatenate([q_val, np.full((q_val.shape[0], 2), 0.5, np.float32)], axis=1)
+  for qi, qv in ((q_idx[:, :-2], q_val[:, :-2]), (q_idx, q_val)):
+    r_ex, s_ex = ix.search(qi, qv, k=10)
+    r_ap, s_ap = ix.search(qi, qv, k=10, mode="approx", budget=10**9, n_cand=ix.n_docs, exact_below=0)
+    np.testing.assert_allclose(s_ap, s_ex, rtol=1e-5)
+    assert _recall(r_ex, r_ap, 10) == 1.0

@@ -49,35 +49,57 @@ DEFAULT_HEAD = 1 << 16
 _CHUNK_POSTINGS = 1 << 23
 
 
-# Up to this D, re-scoring reads query weights from a dense per-thread [D] array (branch-free);
-# above it, from a D-bit bitmap and a small hash table (`kernels.rescore_query_order`).
-DENSE_MAX_DIM = 1 << 20
+# Re-scoring reads query weights branch-free: up to this D from a dense per-thread [D] array, above
+# it from a 2^16-slot hash table (a query whose dims collide there takes `kernels.rescore_query_order`).
+DENSE_MAX_DIM = 1 << 17
+_HASH_BITS = 16
 
 
 class Buffers:
-  """Per-thread approximate-search buffers: N-sized accumulator and touched list, D-sized query weights or bits."""
+  """Per-thread approximate-search buffers (made once per thread, reused by every query)."""
 
   def __init__(self, n_docs: int, dim: int):
     self.acc = np.zeros(max(n_docs, 1), np.float32)
     self.touched = np.zeros(max(n_docs, 1), np.uint32)
     dense = dim <= DENSE_MAX_DIM
     self.qdense = np.zeros(dim if dense else 0, np.float32)
+    self.hkeys = np.full(0 if dense else 1 << _HASH_BITS, -1, np.int64)
+    self.hvals = np.zeros(0 if dense else 1 << _HASH_BITS, np.float32)
     self.qbits = np.zeros(0 if dense else dim // 64 + 1, np.uint64)
     self.sink = np.zeros(1, np.int64)
 
 
+@numba.njit(inline="always")
+def _slot(d):
+  return ((d * 2654435761) & 0xFFFFFFFF) >> (32 - _HASH_BITS)
+
+
 @numba.njit(nogil=True, fastmath=True)
-def _rescore_dense(fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qdense, heap_s, heap_r):
+def _rescore(
+  fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qdense, hkeys, hvals, heap_s, heap_r
+):
   """Scores of candidates cand_r[:nc] from the forward index into a top-k heap; returns (size, sink).
 
-  The candidates' forward rows are touched first, in a loop of independent
+  The candidates' forward rows are touched first, in loops of independent
   loads that the CPU overlaps, so the scoring loop reads them from cache; the
-  scoring loop is branch-free (query weights from a dense array, zero off the
-  query). Sums run in the doc's dim order: scores equal exact search's up to
-  float32 rounding.
+  scoring loop is branch-free (query weights from `qdense`, or from the hash
+  table `hkeys`/`hvals` when qdense is empty; zero off the query). Sums run in
+  the doc's dim order: scores equal exact search's up to float32 rounding.
+  Returns size -1 (nothing done) when query dims collide in the hash table.
   """
+  dense = qdense.size > 0
   for t in range(a, b):
-    qdense[q_dims[t]] = q_w[t]
+    d = q_dims[t]
+    if dense:
+      qdense[d] += q_w[t]  # += : a dim listed twice counts twice, as in exact search
+    else:
+      h = _slot(d)
+      if hkeys[h] != -1:  # collision: undo, let the caller take the bitmap path
+        for u in range(a, t):
+          hkeys[_slot(q_dims[u])] = -1
+        return -1, 0
+      hkeys[h] = d
+      hvals[h] = q_w[t]
   sink = 0
   p0 = np.empty(nc, np.int64)
   p1 = np.empty(nc, np.int64)
@@ -93,12 +115,21 @@ def _rescore_dense(fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_
   for i in range(nc):
     r = cand_r[i]
     s = np.float32(0.0)
-    for p in range(p0[i], p1[i]):
-      s += qdense[fwd_dims[p]] * weight(fvals, table, p)
+    if dense:
+      for p in range(p0[i], p1[i]):
+        s += qdense[fwd_dims[p]] * weight(fvals, table, p)
+    else:
+      for p in range(p0[i], p1[i]):
+        d = np.int64(fwd_dims[p])
+        h = _slot(d)
+        s += np.float32(hkeys[h] == d) * hvals[h] * weight(fvals, table, p)
     if s > 0.0:  # heap_push keeps it only if it beats the heap's worst
       n = heap_push(heap_s, heap_r, n, k, s, r)
   for t in range(a, b):
-    qdense[q_dims[t]] = 0.0
+    if dense:
+      qdense[q_dims[t]] = 0.0
+    else:
+      hkeys[_slot(q_dims[t])] = -1
   return n, sink
 
 
@@ -120,6 +151,8 @@ def search(
   acc,
   touched,
   qdense,
+  hkeys,
+  hvals,
   qbits,
   sink,
   heap_s,
@@ -135,12 +168,11 @@ def search(
     a = q_ptr[qi]
     b = q_ptr[qi + 1]
     nc = saat_candidates(hoffsets, irows, ivals, table, q_dims, q_w, a, b, budget, kc, acc, touched, cand_r)
-    if qdense.size > 0:
-      n, z = _rescore_dense(
-        fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qdense, heap_s, heap_r
-      )
-      sink[0] += z
-    else:
+    n, z = _rescore(
+      fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qdense, hkeys, hvals, heap_s, heap_r
+    )
+    sink[0] += z
+    if n < 0:
       n = rescore_query_order(
         fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qbits, heap_s, heap_r
       )

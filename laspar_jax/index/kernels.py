@@ -292,6 +292,7 @@ def rescore_query_order(fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, 
   hkeys = np.full(hsize, -1, np.int64)
   hslot = np.empty(hsize, np.int64)
   part = np.zeros(max(nq, 1), np.float32)
+  first = np.empty(max(nq, 1), np.int64)  # a dim listed twice in a query: both read its first slot
   mask = hsize - 1
   for t in range(a, b):
     d = q_dims[t]
@@ -299,8 +300,10 @@ def rescore_query_order(fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, 
     h = (d * 2654435761) & mask
     while hkeys[h] != -1 and hkeys[h] != d:
       h = (h + 1) & mask
-    hkeys[h] = d
-    hslot[h] = t - a
+    if hkeys[h] == -1:
+      hkeys[h] = d
+      hslot[h] = t - a
+    first[t - a] = hslot[h]
   n = 0
   for i in range(nc):
     r = cand_r[i]
@@ -313,10 +316,10 @@ def rescore_query_order(fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, 
         part[hslot[h]] = weight(fvals, table, p)
     s = np.float32(0.0)
     for t in range(a, b):
-      v = part[t - a]
+      v = part[first[t - a]]
       if v != 0.0:
         s += q_w[t] * v
-        part[t - a] = 0.0
+    part[:] = 0.0
     if s > 0.0:  # heap_push keeps it only if it beats the heap's worst
       n = heap_push(heap_s, heap_r, n, k, s, r)
   for t in range(a, b):

@@ -399,6 +399,8 @@ class Index:
         buf.acc,
         buf.touched,
         buf.qdense,
+        buf.hkeys,
+        buf.hvals,
         buf.qbits,
         buf.sink,
         s.heap_s,
