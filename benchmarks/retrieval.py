@@ -278,7 +278,7 @@ def main(argv=None):
   p.add_argument(
     "--saat",
     type=lambda s: [tuple(int(v) for v in x.split(":")) for x in s.split(",")],
-    default=[(1000, 300), (3000, 300), (3000, 1000), (10000, 1000)],
+    default=[(3000, 300), (10000, 300), (10000, 500), (20000, 500), (10000, 1000)],
     help="budget:n_cand pairs of the compressed index's approximate (score-at-a-time) mode",
   )
   p.add_argument("--legacy_approx", action="store_true", help="also the version-1 impact-ordered approx mode")

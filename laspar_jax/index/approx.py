@@ -10,13 +10,14 @@
   fwd_dims.npy        uint16 (D <= 65,536) | uint32 [P]: ... each doc's dims, ascending
   fwd_weights.npy     value dtype [P]: ... their stored impacts
 
-`Index.search(mode="approx")` then runs `kernels.approx` over them: score at a
-time over the heads (a global impact threshold keeps about `budget`
-postings with q_j * w >= tau), the `n_cand` best partial scores re-scored
-exactly from the forward index. Nothing of size N or D is allocated per
-query: the accumulator, touched list and query-dim bitmap are per-thread
-buffers (`Buffers`), reset through the touched list. Queries with few
-postings run exact search instead (`exact_below`).
+`Index.search(mode="approx")` then runs `search` over them: score at a time
+over the heads (`kernels.saat_threshold`: one global impact threshold keeps
+about `budget` postings with q_j * w >= tau; the partial scores in a
+cache-sized hash table), the `n_cand` best partial scores (selection, not a
+heap) re-scored exactly from the forward index. Nothing of size N or D is
+allocated per query: the tables are per-thread buffers (`Buffers`), reset
+through the slots they touched. Queries with few postings run exact search
+instead (`Index.search`'s `exact_below`).
 
 Why score-at-a-time and not block-max pruning: with ~30 query terms the sum
 of block maxima stays far above the k-th score, so block-max pruning skips
@@ -34,7 +35,15 @@ import numba
 import numpy as np
 
 from laspar_jax.index import format as fmt
-from laspar_jax.index.kernels import heap_drain, heap_push, rescore_query_order, saat_candidates, weight
+from laspar_jax.index.kernels import (
+  heap_drain,
+  heap_push,
+  rescore_query_order,
+  saat_end,
+  saat_threshold,
+  select_top,
+  weight,
+)
 
 APPROX_FILES = (
   "impact_counts.npy",
@@ -56,11 +65,19 @@ _HASH_BITS = 16
 
 
 class Buffers:
-  """Per-thread approximate-search buffers (made once per thread, reused by every query)."""
+  """Per-thread approximate-search buffers (made once per thread, reused by every query).
+
+  The partial scores live in an open-addressing table of >= 2 x min(budget,
+  N) slots (rows as keys: it stays in cache where an N-sized accumulator
+  would not); query weights in a dense [D] array or a hash table (see
+  DENSE_MAX_DIM).
+  """
 
   def __init__(self, n_docs: int, dim: int):
-    self.acc = np.zeros(max(n_docs, 1), np.float32)
-    self.touched = np.zeros(max(n_docs, 1), np.uint32)
+    self.n_docs = n_docs
+    self.akeys = np.zeros(0, np.int64)
+    self.avals = np.zeros(0, np.float32)
+    self.aslots = np.zeros(0, np.int64)
     dense = dim <= DENSE_MAX_DIM
     self.qdense = np.zeros(dim if dense else 0, np.float32)
     self.hkeys = np.full(0 if dense else 1 << _HASH_BITS, -1, np.int64)
@@ -68,10 +85,53 @@ class Buffers:
     self.qbits = np.zeros(0 if dense else dim // 64 + 1, np.uint64)
     self.sink = np.zeros(1, np.int64)
 
+  def ensure(self, budget: int) -> None:
+    """Sizes the partial-score table for `budget` postings per query."""
+    need = 2 * max(1, min(int(budget), self.n_docs))
+    if self.akeys.size < need:
+      size = 1 << max(10, (need - 1).bit_length())
+      self.akeys = np.full(size, -1, np.int64)
+      self.avals = np.zeros(size, np.float32)
+      self.aslots = np.zeros(size // 2, np.int64)
+
 
 @numba.njit(inline="always")
 def _slot(d):
   return ((d * 2654435761) & 0xFFFFFFFF) >> (32 - _HASH_BITS)
+
+
+@numba.njit(nogil=True)
+def _saat_hashed(hoffsets, irows, ivals, table, q_dims, q_w, a, b, budget, kc, akeys, avals, aslots, cand_r):
+  """`kernels.saat_candidates` with the partial scores in an open-addressing table keyed by row."""
+  tau = saat_threshold(hoffsets, ivals, table, q_dims, q_w, a, b, budget)
+  mask = akeys.size - 1
+  bits = 0
+  while (1 << bits) < akeys.size:
+    bits += 1
+  shift = 64 - bits
+  nt = 0
+  for t in range(a, b):
+    d = q_dims[t]
+    w = q_w[t]
+    for p in range(hoffsets[d], saat_end(hoffsets, ivals, table, d, w, tau)):
+      r = np.int64(irows[p])
+      h = ((r * np.int64(-7046029254386353131)) >> shift) & mask  # Fibonacci hashing on the high bits
+      while akeys[h] != r and akeys[h] != -1:
+        h = (h + 1) & mask
+      if akeys[h] == -1:
+        akeys[h] = r
+        avals[h] = 0.0
+        aslots[nt] = h
+        nt += 1
+      avals[h] += w * weight(ivals, table, p)
+  rows = np.empty(nt, np.int64)
+  scores = np.empty(nt, np.float32)
+  for i in range(nt):
+    h = aslots[i]
+    rows[i] = akeys[h]
+    scores[i] = avals[h]
+    akeys[h] = -1
+  return select_top(rows, scores, nt, kc, cand_r)
 
 
 @numba.njit(nogil=True, fastmath=True)
@@ -148,8 +208,9 @@ def search(
   k,
   budget,
   n_cand,
-  acc,
-  touched,
+  akeys,
+  avals,
+  aslots,
   qdense,
   hkeys,
   hvals,
@@ -167,7 +228,7 @@ def search(
   for qi in range(q_ptr.size - 1):
     a = q_ptr[qi]
     b = q_ptr[qi + 1]
-    nc = saat_candidates(hoffsets, irows, ivals, table, q_dims, q_w, a, b, budget, kc, acc, touched, cand_r)
+    nc = _saat_hashed(hoffsets, irows, ivals, table, q_dims, q_w, a, b, budget, kc, akeys, avals, aslots, cand_r)
     n, z = _rescore(
       fwd_offsets, fwd_dims, fvals, table, q_dims, q_w, a, b, cand_r, nc, k, qdense, hkeys, hvals, heap_s, heap_r
     )

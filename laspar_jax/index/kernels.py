@@ -207,14 +207,10 @@ def count_at_least(offsets, ivals, table, d, thr):
 
 
 @numba.njit(nogil=True)
-def saat_candidates(offsets, irows, ivals, table, q_dims, q_w, a, b, budget, kc, acc, touched, cand_r):
-  """Score at a time over the impact-ordered lists of query terms [a, b): the `kc` best partial scores.
+def saat_threshold(offsets, ivals, table, q_dims, q_w, a, b, budget):
+  """Global impact threshold tau: about (at most) `budget` postings of query terms [a, b) have q_j * w >= tau.
 
-  A global impact threshold tau is chosen by bisection so that about `budget`
-  postings with q_j * w >= tau are read. Writes the candidates' rows (in no
-  particular order) to cand_r and returns their number; the best `kc` are
-  found by selection (O(touched)), and the accumulator is reset through the
-  touched list.
+  Bisection over the impact-ordered lists (0 when all postings fit the budget).
   """
   hi = 0.0
   total = 0
@@ -225,56 +221,79 @@ def saat_candidates(offsets, irows, ivals, table, q_dims, q_w, a, b, budget, kc,
       if top > hi:
         hi = top
     total += offsets[d + 1] - offsets[d]
-  tau = 0.0
-  if total > budget:
-    lo = 0.0
-    for _ in range(50):
-      mid = 0.5 * (lo + hi)
-      cnt = 0
-      for t in range(a, b):
-        cnt += count_at_least(offsets, ivals, table, q_dims[t], mid / q_w[t])
-      if cnt > budget:
-        lo = mid
-      else:
-        hi = mid
-        if cnt * 10 >= budget * 9:
-          break
-      if hi - lo <= 1e-3 * hi:  # integer impacts: counts jump in steps; 0.1% of tau is close enough
+  if total <= budget:
+    return 0.0
+  lo = 0.0
+  for _ in range(50):
+    mid = 0.5 * (lo + hi)
+    cnt = 0
+    for t in range(a, b):
+      cnt += count_at_least(offsets, ivals, table, q_dims[t], mid / q_w[t])
+    if cnt > budget:
+      lo = mid
+    else:
+      hi = mid
+      if cnt * 10 >= budget * 9:
         break
-    tau = hi
+    if hi - lo <= 1e-3 * hi:  # integer impacts: counts jump in steps; 0.1% of tau is close enough
+      break
+  return hi
+
+
+@numba.njit(inline="always")
+def saat_end(offsets, ivals, table, d, w, tau):
+  """End of the postings of impact-ordered list d with w * impact >= tau."""
+  if tau > 0:
+    return offsets[d] + count_at_least(offsets, ivals, table, d, tau / w)
+  return offsets[d + 1]
+
+
+@numba.njit(nogil=True)
+def select_top(rows, scores, nt, kc, cand_r):
+  """Rows of the kc best of scores[:nt] (> 0; in no particular order) into cand_r; returns their number.
+
+  Selection (O(nt)), not a heap: scores above the kc-th best, then ties of it.
+  """
+  thr = np.float32(0.0)
+  if nt > kc:
+    thr = np.partition(scores[:nt].copy(), nt - kc)[nt - kc]
+  nc = 0
+  for i in range(nt):
+    if scores[i] > thr and nc < kc:
+      cand_r[nc] = rows[i]
+      nc += 1
+  if thr > 0.0:
+    for i in range(nt):
+      if scores[i] == thr and nc < kc:
+        cand_r[nc] = rows[i]
+        nc += 1
+  return nc
+
+
+@numba.njit(nogil=True)
+def saat_candidates(offsets, irows, ivals, table, q_dims, q_w, a, b, budget, kc, acc, touched, cand_r):
+  """Score at a time over the impact-ordered lists of query terms [a, b): the `kc` best partial scores.
+
+  Reads the postings with q_j * w >= `saat_threshold` into an N-sized
+  accumulator, writes the candidates' rows to cand_r (`select_top`) and
+  returns their number; the accumulator is reset through the touched list.
+  """
+  tau = saat_threshold(offsets, ivals, table, q_dims, q_w, a, b, budget)
   nt = 0
   for t in range(a, b):
     d = q_dims[t]
     w = q_w[t]
-    if tau > 0:
-      end = offsets[d] + count_at_least(offsets, ivals, table, d, tau / w)
-    else:
-      end = offsets[d + 1]
-    for p in range(offsets[d], end):
+    for p in range(offsets[d], saat_end(offsets, ivals, table, d, w, tau)):
       r = irows[p]
       if acc[r] == 0.0:
         touched[nt] = r
         nt += 1
       acc[r] += w * weight(ivals, table, p)
-  thr = np.float32(0.0)  # keep partial scores > thr, then == thr up to kc
-  if nt > kc:
-    part = np.empty(nt, np.float32)
-    for i in range(nt):
-      part[i] = acc[touched[i]]
-    thr = np.partition(part, nt - kc)[nt - kc]
-  nc = 0
+  scores = np.empty(nt, np.float32)
   for i in range(nt):
-    r = touched[i]
-    if acc[r] > thr and nc < kc:
-      cand_r[nc] = r
-      nc += 1
-  for i in range(nt):
-    r = touched[i]
-    if acc[r] == thr and thr > 0.0 and nc < kc:
-      cand_r[nc] = r
-      nc += 1
-    acc[r] = 0.0
-  return nc
+    scores[i] = acc[touched[i]]
+    acc[touched[i]] = 0.0
+  return select_top(touched, scores, nt, kc, cand_r)
 
 
 @numba.njit(nogil=True)

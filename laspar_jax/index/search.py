@@ -215,8 +215,8 @@ class Index:
     *,
     threads: int | None = 1,
     mode: str = "exact",
-    budget: int = 50_000,
-    n_cand: int = 200,
+    budget: int = 10_000,
+    n_cand: int = 500,
     theta: float | None = None,
     exact_below: int | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
@@ -382,6 +382,7 @@ class Index:
       if s.buffers is None:
         s.buffers = approx_lib.Buffers(self.n_docs, self.dim)
       buf = s.buffers
+      buf.ensure(budget)
       approx_lib.search(
         self.impact_offsets,
         self.impact_rows,
@@ -396,8 +397,9 @@ class Index:
         k,
         budget,
         n_cand,
-        buf.acc,
-        buf.touched,
+        buf.akeys,
+        buf.avals,
+        buf.aslots,
         buf.qdense,
         buf.hkeys,
         buf.hvals,
