@@ -80,7 +80,13 @@ _SPECIAL = flags.DEFINE_enum("special_tokens", "", ["", "family", "dims", "posit
 _IN_TEXT = flags.DEFINE_bool(
   "in_text_filter", False, "zero-shot: keep only ids occurring in the text (stop words removed)"
 )
-_FILTER_MATCH = flags.DEFINE_enum("filter_match", "string", ["string", "id"], "zero-shot in-text filter rule")
+_FILTER_MATCH = flags.DEFINE_enum(
+  "filter_match",
+  "id",
+  ["id", "string"],
+  "zero-shot in-text filter rule: id (the filtered text's token ids, the reference's) or string (ours: every "
+  "vocabulary id whose token string, without the word marker and lowercased, is a filtered text token's)",
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "zero-shot compute dtype")
 _MAX_QUERIES = flags.DEFINE_integer("max_queries", None, "the first judged queries only")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "zero-shot: replace the index at --index if there is one")
