@@ -62,9 +62,11 @@ def _weight_table(dtype: np.dtype, scale: float | None) -> np.ndarray:
   return np.zeros(0, np.float32)
 
 
-# exact_below default = factor x (budget + n_cand x mean doc length): v1 / compressed (measured in
-# benchmarks/retrieval.py; the compressed exact search reads postings more slowly than version 1's).
-_EXACT_BELOW_FACTOR = {False: 4.0, True: 1.0}
+# exact_below default, in postings: what approx costs (budget + n_cand x mean doc length, times a
+# factor: version 1 / compressed) less what exact costs whatever the query (compressed: a pass over
+# the N docs' windows, ~N/8 postings' worth). Measured in benchmarks/retrieval.py.
+_EXACT_BELOW_FACTOR = {False: 4.0, True: 2.0}
+_EXACT_FIXED_PER_DOC = {False: 0.0, True: 1 / 8}
 
 
 class _Scratch:
@@ -239,7 +241,8 @@ class Index:
         are no impact-ordered lists; 1 = exact; larger = faster, lower recall).
       exact_below: approx: queries with fewer postings than this run exact search
         instead (default: score at a time: F x (budget + n_cand x mean doc length),
-        the postings approx reads, F = 4 version 1, 1 compressed; block-max: 20,000).
+        the postings approx reads, F = 4 version 1; compressed F = 2, less N / 8 for
+        the pass over the docs that exact search makes anyway; block-max: 20,000).
 
     Returns:
       doc_rows_bk int64 [B, k] best first (-1 past the matches) and
@@ -274,8 +277,9 @@ class Index:
         if mode == "approx":  # few postings: exact search is cheaper than the approximate machinery
           below = exact_below
           if below is None:  # exact's cost ~ its postings; approx's ~ budget + re-scored postings
-            below = _EXACT_BELOW_FACTOR[self.blocked] * (
-              budget + max(n_cand, k) * self.n_postings / max(self.n_docs, 1)
+            below = (
+              _EXACT_BELOW_FACTOR[self.blocked] * (budget + max(n_cand, k) * self.n_postings / max(self.n_docs, 1))
+              - _EXACT_FIXED_PER_DOC[self.blocked] * self.n_docs
             )
           lens = self.offsets[q_dims + 1] - self.offsets[q_dims]  # only the query's dims: no D-sized work
           totals = np.add.reduceat(lens, sub_ptr[:-1]) if q_dims.size else np.zeros(hi - lo)
