@@ -65,7 +65,7 @@ def _weight_table(dtype: np.dtype, scale: float | None) -> np.ndarray:
 # exact_below default, in postings: what approx costs (budget + n_cand x mean doc length, times a
 # factor: version 1 / compressed) less what exact costs whatever the query (compressed: a pass over
 # the N docs' windows, ~N/8 postings' worth). Measured in benchmarks/retrieval.py.
-_EXACT_BELOW_FACTOR = {False: 4.0, True: 2.0}
+_EXACT_BELOW_FACTOR = {False: 4.0, True: 3.0}
 _EXACT_FIXED_PER_DOC = {False: 0.0, True: 1 / 8}
 
 
@@ -241,7 +241,7 @@ class Index:
         are no impact-ordered lists; 1 = exact; larger = faster, lower recall).
       exact_below: approx: queries with fewer postings than this run exact search
         instead (default: score at a time: F x (budget + n_cand x mean doc length),
-        the postings approx reads, F = 4 version 1; compressed F = 2, less N / 8 for
+        the postings approx reads, F = 4 version 1; compressed F = 3, less N / 8 for
         the pass over the docs that exact search makes anyway; block-max: 20,000).
 
     Returns:
