@@ -206,6 +206,17 @@ def count_at_least(offsets, ivals, table, d, thr):
   return lo - offsets[d]
 
 
+@numba.njit(nogil=True, cache=True)
+def query_postings(offsets, q_ptr, q_dims):
+  """int64 [B]: postings of each query's dims (the cost of exact search)."""
+  out = np.zeros(q_ptr.size - 1, np.int64)
+  for qi in range(q_ptr.size - 1):
+    for t in range(q_ptr[qi], q_ptr[qi + 1]):
+      d = q_dims[t]
+      out[qi] += offsets[d + 1] - offsets[d]
+  return out
+
+
 @numba.njit(nogil=True)
 def saat_threshold(offsets, ivals, table, q_dims, q_w, a, b, budget):
   """Global impact threshold tau: about (at most) `budget` postings of query terms [a, b) have q_j * w >= tau.

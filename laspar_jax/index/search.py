@@ -281,10 +281,7 @@ class Index:
               _EXACT_BELOW_FACTOR[self.blocked] * (budget + max(n_cand, k) * self.n_postings / max(self.n_docs, 1))
               - _EXACT_FIXED_PER_DOC[self.blocked] * self.n_docs
             )
-          lens = self.offsets[q_dims + 1] - self.offsets[q_dims]  # only the query's dims: no D-sized work
-          totals = np.add.reduceat(lens, sub_ptr[:-1]) if q_dims.size else np.zeros(hi - lo)
-          totals[np.diff(sub_ptr) == 0] = 0  # reduceat repeats the next value for empty queries
-          modes = totals >= below
+          modes = kernels.query_postings(self.offsets, sub_ptr, q_dims) >= below  # one call: per-query cost matters
         i = 0
         while i < hi - lo:  # runs of queries with the same mode
           j = i + 1
