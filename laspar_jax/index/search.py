@@ -268,13 +268,8 @@ class Index:
       try:
         s.ensure(k, max(n_cand, k))
         sub_ptr = q_ptr[lo : hi + 1]
-        if self.blocked and not saat:
-          th = (1.5 if theta is None else theta) if mode == "approx" else 1.0
-          below = 20_000 if exact_below is None else exact_below
-          self._run_blocked(sub_ptr, q_dims, q_w, k, th, below, s, out_rows[lo:hi], out_scores[lo:hi])
-          return
-        modes = np.full(hi - lo, mode == "approx")
-        if mode == "approx":  # few postings: exact search is cheaper than the approximate machinery
+        modes = None
+        if saat:  # few postings: exact search is cheaper than the approximate machinery
           below = exact_below
           if below is None:  # exact's cost ~ its postings; approx's ~ budget + re-scored postings
             below = (
@@ -282,6 +277,15 @@ class Index:
               - _EXACT_FIXED_PER_DOC[self.blocked] * self.n_docs
             )
           modes = kernels.query_postings(self.offsets, sub_ptr, q_dims) >= below  # one call: per-query cost matters
+          if not modes.any():
+            modes = None  # all exact: the exact path as is
+        if self.blocked and modes is None:
+          th = (1.5 if theta is None else theta) if mode == "approx" and not saat else 1.0
+          below = 20_000 if exact_below is None else exact_below
+          self._run_blocked(sub_ptr, q_dims, q_w, k, th, below, s, out_rows[lo:hi], out_scores[lo:hi])
+          return
+        if modes is None:
+          modes = np.full(hi - lo, mode == "approx" and not saat)
         i = 0
         while i < hi - lo:  # runs of queries with the same mode
           j = i + 1
