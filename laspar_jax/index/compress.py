@@ -124,7 +124,7 @@ def compress_index(
       when the dtype is the same.
     overwrite: replace an existing `dst`.
     approx: also write the approximate-search structures (`approx.py`: per-dim
-      impact-ordered heads and a forward index; about 1.5-2x the postings' size).
+      impact-ordered heads and a forward index; about 3x the 8-bit postings on disk).
     approx_head: postings per dim kept in impact order.
 
   Returns:
