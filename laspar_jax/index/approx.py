@@ -241,6 +241,47 @@ def search(
     heap_drain(heap_s, heap_r, n, out_scores[qi], out_rows[qi])
 
 
+def run(ix: Any, table: np.ndarray, q_ptr, q_dims, q_w, k: int, budget: int, n_cand: int, s: Any, out_rows, out_scores):
+  """`search` over an open compressed `Index` with approx structures, `s` its per-thread scratch (heaps)."""
+  if s.buffers is None:
+    s.buffers = Buffers(ix.n_docs, ix.dim)
+  buf = s.buffers
+  buf.ensure(budget)
+
+  def bits(x):  # numba has no float16: pass the bits, decoded by the table
+    return x.view(np.uint16) if x.dtype == np.float16 else x
+
+  search(
+    ix.impact_offsets,
+    ix.impact_rows,
+    bits(ix.impact_weights),
+    ix.fwd_offsets,
+    ix.fwd_dims,
+    bits(ix.fwd_weights),
+    table,
+    q_ptr,
+    q_dims,
+    q_w,
+    k,
+    budget,
+    n_cand,
+    buf.akeys,
+    buf.avals,
+    buf.aslots,
+    buf.qdense,
+    buf.hkeys,
+    buf.hvals,
+    buf.qbits,
+    buf.sink,
+    s.heap_s,
+    s.heap_r,
+    s.cand_s,
+    s.cand_r,
+    out_rows,
+    out_scores,
+  )
+
+
 @numba.njit(nogil=True, cache=True)
 def _head_counts(counts, head, out):
   for d in range(counts.size):

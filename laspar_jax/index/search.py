@@ -384,39 +384,7 @@ class Index:
       self._run_blocked(q_ptr, q_dims, q_w, k, 1.0, 0, s, out_rows, out_scores)
       return
     if mode == "approx" and self.blocked:
-      if s.buffers is None:
-        s.buffers = approx_lib.Buffers(self.n_docs, self.dim)
-      buf = s.buffers
-      buf.ensure(budget)
-      approx_lib.search(
-        self.impact_offsets,
-        self.impact_rows,
-        bits(self.impact_weights),
-        self.fwd_offsets,
-        self.fwd_dims,
-        bits(self.fwd_weights),
-        self._table,
-        q_ptr,
-        q_dims,
-        q_w,
-        k,
-        budget,
-        n_cand,
-        buf.akeys,
-        buf.avals,
-        buf.aslots,
-        buf.qdense,
-        buf.hkeys,
-        buf.hvals,
-        buf.qbits,
-        buf.sink,
-        s.heap_s,
-        s.heap_r,
-        s.cand_s,
-        s.cand_r,
-        out_rows,
-        out_scores,
-      )
+      approx_lib.run(self, self._table, q_ptr, q_dims, q_w, k, budget, n_cand, s, out_rows, out_scores)
       return
     if mode == "exact":
       kernels.exact(
