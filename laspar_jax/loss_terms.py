@@ -123,7 +123,19 @@ def make_terms(
   regularizers: Sequence[tuple[str, str, float | jax.Array]] = (),
   flops_num_shards: int = 1,
 ) -> tuple[LossTerm, ...]:
-  """The loss terms of `total_loss`'s arguments (names checked here, once).
+  """The loss terms of a step (names checked here, once), for `apply_terms`.
+
+  Args:
+    ranking: a key of RANKING_LOSSES, or None.
+    ranking_weight: its weight.
+    ranking_kwargs: extra arguments (temperature, margin, in_batch, ...).
+    distill: a key of DISTILL_LOSSES, or None.
+    distill_weight: its weight.
+    distill_kwargs: extra arguments (temperature, teacher_temperature).
+    regularizers: (name, side, weight) triples, name a key of REGULARIZERS,
+      side "q" or "d", weight already scheduled for this step (may be traced),
+      e.g. (("flops", "q", lam_q_t), ("flops", "d", lam_d_t)).
+    flops_num_shards: `num_shards` for the FLOPS regularizer.
 
   Raises:
     ValueError: an unknown loss name or regularizer side.
@@ -235,17 +247,12 @@ def total_loss(
   teacher_scores_bn: jax.Array | None = None,
   teacher_q_be: jax.Array | None = None,
   teacher_d_me: jax.Array | None = None,
-  ranking: str | None = "inbatch_ce",
-  ranking_weight: float | jax.Array = 1.0,
-  ranking_kwargs: Mapping[str, Any] | None = None,
-  distill: str | None = None,
-  distill_weight: float | jax.Array = 1.0,
-  distill_kwargs: Mapping[str, Any] | None = None,
-  regularizers: Sequence[tuple[str, str, float | jax.Array]] = (),
-  flops_num_shards: int = 1,
   doc_reg_weights: Sequence[float] | None = None,
+  **term_kwargs: Any,
 ) -> LossOut:
   """ranking_weight * ranking + distill_weight * distill + sum_r weight_r * reg_r.
+
+  `apply_terms(make_terms(**term_kwargs), ...)` in one call (tests, notebooks).
 
   Args:
     rep_q_bv: query representations [B, D].
@@ -253,20 +260,12 @@ def total_loss(
     teacher_scores_bn: cross-encoder scores [B, 1 + n] (margin_mse, kl).
     teacher_q_be: dense-teacher query embeddings [B, E] (dense_kl, dense_mse).
     teacher_d_me: dense-teacher document embeddings [M, E].
-    ranking: a key of RANKING_LOSSES, or None.
-    ranking_weight: its weight.
-    ranking_kwargs: extra arguments (temperature, margin, in_batch, ...).
-    distill: a key of DISTILL_LOSSES, or None.
-    distill_weight: its weight.
-    distill_kwargs: extra arguments (temperature, teacher_temperature).
-    regularizers: (name, side, weight) triples, name a key of REGULARIZERS,
-      side "q" or "d", weight already scheduled for this step (may be traced),
-      e.g. (("flops", "q", lam_q_t), ("flops", "d", lam_d_t)).
-    flops_num_shards: `num_shards` for the FLOPS regularizer.
     doc_reg_weights: None or () (every document regularizer over all M
       documents), or (pos, neg): each document regularizer is
       pos * reg(positives [B, D]) + neg * reg(hard negatives [B * n, D])
       (needs n >= 1; e.g. (0.5, 0.5), or the reference's (0.25, 0.75)).
+    **term_kwargs: `make_terms`'s arguments (ranking, distill, regularizers and
+      their weights and kwargs, flops_num_shards).
 
   Returns:
     (loss, metrics): metrics hold "loss", every term unweighted
@@ -275,16 +274,7 @@ def total_loss(
     doc_reg_weights: "reg/d_<name>/pos" and "/neg", the unweighted parts), and
     active_q, active_d, flops_est.
   """
-  terms = make_terms(
-    ranking=ranking,
-    ranking_weight=ranking_weight,
-    ranking_kwargs=ranking_kwargs,
-    distill=distill,
-    distill_weight=distill_weight,
-    distill_kwargs=distill_kwargs,
-    regularizers=regularizers,
-    flops_num_shards=flops_num_shards,
-  )
+  terms = make_terms(**term_kwargs)
   return apply_terms(
     terms,
     rep_q_bv=rep_q_bv,

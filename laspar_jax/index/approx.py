@@ -84,7 +84,7 @@ class Buffers:
     self.hkeys = np.full(0 if dense else 1 << _HASH_BITS, -1, np.int64)
     self.hvals = np.zeros(0 if dense else 1 << _HASH_BITS, np.float32)
     self.qbits = np.zeros(0 if dense else dim // 64 + 1, np.uint64)
-    self.sink = np.zeros(1, np.int64)
+    self.sink = np.zeros(1, np.int64)  # the touch loops' sum, stored so the compiler keeps those loads
 
   def ensure(self, budget: int) -> None:
     """Sizes the partial-score table for `budget` postings per query."""
@@ -348,7 +348,7 @@ def write_approx(
     offsets: int64 [D + 1] posting offsets.
     rows: uint32 [P] doc rows, ascending within a dim (memory-mapped is fine).
     codes_fn: (p0, p1) -> stored impacts of postings [p0, p1) as comparable codes
-      (`compress._codes`: float16 as its uint16 bits).
+      (`compress.codes_of`: float16 as its uint16 bits).
     doc_lengths: [N] postings per doc.
     code_dtype: dtype of the codes.
     value_dtype: dtype the weights files declare (the index's value dtype).

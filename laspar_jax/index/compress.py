@@ -39,9 +39,6 @@ def codes_of(vals: np.ndarray) -> np.ndarray:
   return vals.view(np.uint16) if vals.dtype == np.float16 else vals
 
 
-_codes = codes_of
-
-
 def write_blocked(
   directory: pathlib.Path,
   offsets: np.ndarray,
@@ -90,7 +87,7 @@ def write_blocked(
     width = np.empty(n_blocks, np.uint8)
     vmax = np.empty(n_blocks, vals.dtype)
     n_bits, nb = codec.encode_lists(
-      offsets, np.ascontiguousarray(rows[p0:p1]), _codes(vals), d0, d1, words, bit0, last, width, _codes(vmax)
+      offsets, np.ascontiguousarray(rows[p0:p1]), codes_of(vals), d0, d1, words, bit0, last, width, codes_of(vmax)
     )
     assert nb == n_blocks
     writers["blk_words.npy"].write(words[: n_bits >> 5])  # full words; the partial one carries over
@@ -169,13 +166,13 @@ def compress_index(
     files = {}
     files.update(write_blocked(tmp, offsets, ix.rows_array(), vals_fn, out_dtype))
     if approx:
-      code_dtype = _codes(np.zeros(0, out_dtype)).dtype
+      code_dtype = codes_of(np.zeros(0, out_dtype)).dtype
       files.update(
         approx_lib.write_approx(
           tmp,
           offsets,
           ix.rows_array(),
-          lambda p0, p1: _codes(np.ascontiguousarray(vals_fn(p0, p1), dtype=out_dtype)),
+          lambda p0, p1: codes_of(np.ascontiguousarray(vals_fn(p0, p1), dtype=out_dtype)),
           np.asarray(ix.doc_lengths),
           code_dtype,
           out_dtype,
