@@ -63,7 +63,8 @@ import decoder_throughput  # noqa: E402
 import encoder_throughput  # noqa: E402
 import full_size_step  # noqa: E402
 from configs import laspar  # noqa: E402
-from laspar_jax import checkpointing, mesh as mesh_lib, train_lib, train_step  # noqa: E402
+from laspar_jax import checkpointing, platform, train_lib, train_step  # noqa: E402
+from laspar_jax import mesh as mesh_lib  # noqa: E402
 from laspar_jax.data import assemble  # noqa: E402
 from laspar_jax.models import sparse_encoder  # noqa: E402
 
@@ -295,7 +296,7 @@ def main() -> int:
   ap.add_argument("--timeout", type=float, default=600, help="seconds per isolated task")
   ap.add_argument("--quiet", action="store_true", help="no table (the JSON only)")
   args = ap.parse_args()
-  isolate = args.isolate == "yes" or (args.isolate == "auto" and jax.default_backend() != "cpu")
+  isolate = args.isolate == "yes" or (args.isolate == "auto" and platform.backend() != "cpu")
   rows, failed, t0 = [], [], time.perf_counter()
   for task in args.tasks:
     try:
@@ -307,7 +308,7 @@ def main() -> int:
       failed.append(task)
   dev = jax.devices()[0]
   meta = {
-    "device": f"{dev.device_kind} x{jax.device_count()} ({jax.default_backend()})",
+    "device": f"{dev.device_kind} x{jax.device_count()} ({platform.backend()})",
     "jax": jax.__version__,
     "tiny": args.tiny,
     "isolated": isolate,

@@ -71,6 +71,11 @@ CACHE_OFF = ("0", "off", "false", "no", "none")
 CACHE_MIN_COMPILE_SECS = 0.5
 
 
+def backend() -> str:
+  """The default JAX backend ("cpu", "gpu", "tpu"): the one place the code asks."""
+  return jax.default_backend()
+
+
 def compiler_options(backend: str | None = None, compute_dtype: Any = jnp.float32) -> dict[str, Any] | None:
   """Options for an inference computation in `compute_dtype` on `backend` (None: XLA defaults)."""
   backend = backend or jax.default_backend()
