@@ -36,6 +36,7 @@ import numpy as np
 
 from laspar_jax.index import format as fmt
 from laspar_jax.index.kernels import (
+  codes_of,
   heap_drain,
   heap_push,
   rescore_query_order,
@@ -248,16 +249,13 @@ def run(ix: Any, table: np.ndarray, q_ptr, q_dims, q_w, k: int, budget: int, n_c
   buf = s.buffers
   buf.ensure(budget)
 
-  def bits(x):  # numba has no float16: pass the bits, decoded by the table
-    return x.view(np.uint16) if x.dtype == np.float16 else x
-
   search(
     ix.impact_offsets,
     ix.impact_rows,
-    bits(ix.impact_weights),
+    codes_of(ix.impact_weights),
     ix.fwd_offsets,
     ix.fwd_dims,
-    bits(ix.fwd_weights),
+    codes_of(ix.fwd_weights),
     table,
     q_ptr,
     q_dims,
@@ -348,7 +346,7 @@ def write_approx(
     offsets: int64 [D + 1] posting offsets.
     rows: uint32 [P] doc rows, ascending within a dim (memory-mapped is fine).
     codes_fn: (p0, p1) -> stored impacts of postings [p0, p1) as comparable codes
-      (`compress.codes_of`: float16 as its uint16 bits).
+      (`kernels.codes_of`: float16 as its uint16 bits).
     doc_lengths: [N] postings per doc.
     code_dtype: dtype of the codes.
     value_dtype: dtype the weights files declare (the index's value dtype).

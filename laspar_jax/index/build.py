@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from laspar_jax.index import approx as approx_lib
-from laspar_jax.index import compress
+from laspar_jax.index import compress, spill
 from laspar_jax.index import format as fmt
 from laspar_jax.index import quantize as quant
-from laspar_jax.index import spill
+from laspar_jax.index.kernels import codes_of
 
 _RUN_VAL_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "uint16": np.uint16}
 
@@ -255,7 +255,7 @@ class IndexWriter:
       vals = np.load(self.tmp / "weights.npy", mmap_mode="r") if self.n_postings else np.zeros(0, out_dtype)
       files.update(compress.write_blocked(self.tmp, offsets, rows, lambda p0, p1: vals[p0:p1], out_dtype))
       if self.approx:
-        codes = compress.codes_of(vals)
+        codes = codes_of(vals)
         files.update(
           approx_lib.write_approx(
             self.tmp, offsets, rows, lambda p0, p1: codes[p0:p1], doc_lengths, codes.dtype, out_dtype

@@ -29,14 +29,10 @@ from laspar_jax.index import approx as approx_lib
 from laspar_jax.index import codec
 from laspar_jax.index import format as fmt
 from laspar_jax.index import quantize as quant
+from laspar_jax.index.kernels import codes_of
 
 BLOCKED_FILES = ("blk_words.npy", "blk_last.npy", "blk_width.npy", "blk_max.npy", "impacts.npy")
 _CHUNK_POSTINGS = 1 << 23
-
-
-def codes_of(vals: np.ndarray) -> np.ndarray:
-  """Stored values as numba-comparable codes (float16 -> its uint16 bits, monotonic for w >= 0)."""
-  return vals.view(np.uint16) if vals.dtype == np.float16 else vals
 
 
 def write_blocked(

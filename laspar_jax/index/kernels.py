@@ -88,6 +88,12 @@ def heap_drain(hs, hr, n, out_s, out_r):
     _sift_down(hs, hr, n, 0)
 
 
+def codes_of(vals: np.ndarray) -> np.ndarray:
+  """Stored values as numba-comparable codes: float16 (which numba lacks) as its uint16 bits,
+  monotonic for w >= 0 and decoded by the weight table; other dtypes as they are."""
+  return vals.view(np.uint16) if vals.dtype == np.float16 else vals
+
+
 def weight(vals, table, p):
   """Weight of posting p: vals[p] (float) or table[vals[p]] (integer codes)."""
   raise NotImplementedError  # only called from numba code (see the overload)

@@ -22,9 +22,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from laspar_jax.index import approx as approx_lib
-from laspar_jax.index import blocked_kernels, codec, compress
+from laspar_jax.index import blocked_kernels, codec, compress, kernels
 from laspar_jax.index import format as fmt
-from laspar_jax.index import kernels
 from laspar_jax.index import quantize as quant
 
 
@@ -43,11 +42,6 @@ def queries_to_csr(q_idx_bk: Any, q_val_bk: Any, dim: int) -> tuple[np.ndarray, 
   q_ptr = np.zeros(q_idx_bk.shape[0] + 1, np.int64)
   np.cumsum(mask_bk.sum(axis=1), out=q_ptr[1:])
   return q_ptr, q_dims, q_val_bk[mask_bk]
-
-
-def _bits(x: np.ndarray) -> np.ndarray:
-  """numba has no float16: float16 arrays travel as their uint16 bits, decoded by the table."""
-  return x.view(np.uint16) if x.dtype == np.float16 else x
 
 
 # Rows per accumulator window of the blocked search (fits L1 with the decode buffers).
@@ -111,7 +105,7 @@ class Index:
       self.blk_max = arrays["blk_max.npy"]
       self.weights = arrays["impacts.npy"]  # stored values, one per posting, as in version 1
       self.blk_ptr, self.blk_bit, self.dim_max = codec.derive(
-        np.asarray(self.offsets), np.asarray(self.blk_last), np.asarray(self.blk_width), _bits(self.blk_max)
+        np.asarray(self.offsets), np.asarray(self.blk_last), np.asarray(self.blk_width), kernels.codes_of(self.blk_max)
       )
       n_words = (int(self.blk_bit[-1]) + 31) // 32 + 2
       if n_words != self.blk_words.shape[0] or self.blk_ptr[-1] != self.blk_last.shape[0]:
@@ -315,11 +309,11 @@ class Index:
       self.blk_bit,
       self.blk_last,
       self.blk_width,
-      _bits(self.blk_max),
+      kernels.codes_of(self.blk_max),
       self.blk_words,
-      _bits(self.weights),
+      kernels.codes_of(self.weights),
       self._table,
-      _bits(self.dim_max),
+      kernels.codes_of(self.dim_max),
       q_ptr,
       q_dims,
       q_w,
@@ -377,9 +371,6 @@ class Index:
     return out
 
   def _run(self, mode, q_ptr, q_dims, q_w, k, budget, n_cand, s, out_rows, out_scores):
-    def bits(x):  # numba has no float16: pass the bits, decoded by the table
-      return x.view(np.uint16) if x.dtype == np.float16 else x
-
     if mode == "exact" and self.blocked:
       self._run_blocked(q_ptr, q_dims, q_w, k, 1.0, 0, s, out_rows, out_scores)
       return
@@ -390,7 +381,7 @@ class Index:
       kernels.exact(
         self.offsets,
         self.rows,
-        bits(self.weights),
+        kernels.codes_of(self.weights),
         self._table,
         q_ptr,
         q_dims,
@@ -407,10 +398,10 @@ class Index:
       kernels.approx(
         self.offsets,
         self.impact_rows,
-        bits(self.impact_weights),
+        kernels.codes_of(self.impact_weights),
         self.fwd_offsets,
         self.fwd_dims,
-        bits(self.fwd_weights),
+        kernels.codes_of(self.fwd_weights),
         self._table,
         q_ptr,
         q_dims,

@@ -20,6 +20,7 @@ import numpy as np
 
 from laspar_jax.index import format as fmt
 from laspar_jax.index import quantize as quant
+from laspar_jax.index.kernels import codes_of
 
 
 @numba.njit(nogil=True, cache=True)
@@ -72,11 +73,6 @@ def impact_order_kernel(offsets_local, keys, rows, vals, out_rows, out_vals):
       out_vals[a + t] = vals[a + order[t]]
 
 
-def bits_view(arr: np.ndarray) -> np.ndarray:
-  """float16 arrays are seen by numba as uint16 (it has no float16)."""
-  return arr.view(np.uint16) if arr.dtype == np.float16 else arr
-
-
 @dataclasses.dataclass
 class Run:
   """One spilled run: rows and values sorted by dim descending, on disk."""
@@ -104,7 +100,7 @@ def write_run(prefix: pathlib.Path, dims: np.ndarray, rows: np.ndarray, vals: np
   """
   if dims.size >= np.iinfo(np.int32).max:
     raise ValueError("a run holds >= 2**31 postings; lower ram_budget_bytes")
-  s_rows, s_vals, counts = spill_sort(dims, rows, bits_view(vals), dim)
+  s_rows, s_vals, counts = spill_sort(dims, rows, codes_of(vals), dim)
   rp, vp = prefix.with_suffix(".rows"), prefix.with_suffix(".vals")
   s_rows.tofile(rp)
   s_vals.tofile(vp)
@@ -170,7 +166,7 @@ def merge_runs(
       b_vals = np.fromfile(r.vals_path, run_dtype, count=m, offset=isz * start)
       if r.row_offset:
         b_rows += np.uint32(r.row_offset)
-      merge_block(out_rows, bits_view(out_vals), cursor, b_rows, bits_view(b_vals), counts_chunk)
+      merge_block(out_rows, codes_of(out_vals), cursor, b_rows, codes_of(b_vals), counts_chunk)
       r.consumed += m
       os.truncate(r.rows_path, 4 * start)
       os.truncate(r.vals_path, isz * start)
@@ -184,7 +180,7 @@ def merge_runs(
       i_rows = np.empty_like(out_rows)
       i_vals = np.empty_like(out_vals)
       impact_order_kernel(
-        offsets[d0 : d1 + 1] - offsets[d0], keys, out_rows, bits_view(out_vals), i_rows, bits_view(i_vals)
+        offsets[d0 : d1 + 1] - offsets[d0], keys, out_rows, codes_of(out_vals), i_rows, codes_of(i_vals)
       )
       del keys
       w_irows.write(i_rows)
