@@ -220,13 +220,12 @@ def search(
   sink,
   heap_s,
   heap_r,
-  cand_s,
   cand_r,
   out_rows,
   out_scores,
 ):
   """Approximate top-k over a compressed index's heads and forward index (see the module docstring)."""
-  kc = min(n_cand, cand_s.size)
+  kc = min(n_cand, cand_r.size)
   for qi in range(q_ptr.size - 1):
     a = q_ptr[qi]
     b = q_ptr[qi + 1]
@@ -273,7 +272,6 @@ def run(ix: Any, table: np.ndarray, q_ptr, q_dims, q_w, k: int, budget: int, n_c
     buf.sink,
     s.heap_s,
     s.heap_r,
-    s.cand_s,
     s.cand_r,
     out_rows,
     out_scores,

@@ -383,13 +383,12 @@ def approx(
   qbits,
   heap_s,
   heap_r,
-  cand_s,
   cand_r,
   out_rows,
   out_scores,
 ):
   """Approximate top-k, version 1: `saat_candidates`, then `rescore_query_order` (scores bitwise exact)."""
-  kc = min(n_cand, cand_s.size)
+  kc = min(n_cand, cand_r.size)
   for qi in range(q_ptr.size - 1):
     a = q_ptr[qi]
     b = q_ptr[qi + 1]

@@ -72,7 +72,7 @@ class _Scratch:
     self.touched = np.zeros(max(n_docs, 1), np.uint32)
     self.cap = 0
     self.buffers: approx_lib.Buffers | None = None  # compressed indexes: N-sized, made at the first approx query
-    self.heap_s = self.heap_r = self.cand_s = self.cand_r = None
+    self.heap_s = self.heap_r = self.cand_r = None
 
   def ensure(self, k: int, n_cand: int) -> None:
     cap = max(k, n_cand, 1)
@@ -80,7 +80,6 @@ class _Scratch:
       self.cap = cap
       self.heap_s = np.zeros(cap, np.float32)
       self.heap_r = np.zeros(cap, np.int64)
-      self.cand_s = np.zeros(cap, np.float32)
       self.cand_r = np.zeros(cap, np.int64)
 
 
@@ -414,7 +413,6 @@ class Index:
         s.qbits,
         s.heap_s,
         s.heap_r,
-        s.cand_s,
         s.cand_r,
         out_rows,
         out_scores,
