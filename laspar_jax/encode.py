@@ -2,6 +2,9 @@
 
 Texts are encoded in length-sorted windows (less padding, fewer shapes) and
 given back in input order. Used by indexing, search and evaluation.
+Batches are padded to the tokenizer's length buckets (one compile per
+bucket); the top-k runs on the device, and batch i + 1 is padded and
+dispatched before batch i is fetched, so host work overlaps device work.
 `doc_batches` streams a collection's documents through `encode_sparse`;
 `distributed_index.index_collection` writes them into an index (on one or
 many hosts; the index itself knows no encoder).
@@ -23,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from laspar_jax import platform, prompts, sparsify, zeroshot
+from laspar_jax import platform, prefetch, prompts, sparsify, zeroshot
 from laspar_jax.data import sources
 from laspar_jax.tokenizer import Tokenizer
 from laspar_jax.models.sparse_encoder import SparseEncoder
@@ -155,23 +158,9 @@ def encode_sparse(
     window_tokens, done, seen = max(sum(len(r) for r in rows), 1), 0, bar.n
     idx_nk = np.zeros((len(chunk), w), np.int32)
     val_nk = np.zeros(idx_nk.shape, np.float32)
-    for s in range(0, len(chunk), batch_size):
-      sel = order[s : s + batch_size]
-      b = tokenizer.pad(
-        [rows[i] for i in sel], max_length=max_length, flags=None if flags is None else [flags[i] for i in sel]
-      )
-      pad = batch_size - len(sel)
-      ids, mask = b["input_ids"], b["attention_mask"]
-      text = b.get("text_mask", mask)
-      if pad:
-        ids = np.pad(ids, ((0, pad), (0, 0)), constant_values=tokenizer.pad_id)
-        mask, text = np.pad(mask, ((0, pad), (0, 0))), np.pad(text, ((0, pad), (0, 0)))
-      allowed_bv = None
-      if allowed is not None:
-        allowed_bv = np.zeros((batch_size, encoder.output_dim), bool)
-        for j, i in enumerate(sel):
-          allowed_bv[j, allowed[i]] = True
-      i_bk, v_bk, fb_b = jax.device_get(fn(state, ids, mask, text, allowed_bv))
+    padded = _padded(tokenizer, rows, flags, order, batch_size, max_length, allowed, encoder.output_dim)
+    for sel, out in prefetch.one_ahead((sel, fn(state, *arrays)) for sel, *arrays in padded):
+      i_bk, v_bk, fb_b = jax.device_get(out)
       fb_b = np.asarray(fb_b[: len(sel)]) & (allowed is not None)
       idx_nk[sel], val_nk[sel] = i_bk[: len(sel)], v_bk[: len(sel)]
       if allowed is not None:
@@ -182,6 +171,36 @@ def encode_sparse(
     for s in range(0, len(chunk), batch_size):
       yield idx_nk[s : s + batch_size], val_nk[s : s + batch_size]
   bar.close()
+
+
+def _padded(
+  tokenizer: Tokenizer,
+  rows: list[list[int]],
+  flags: list[list[int]] | None,
+  order: np.ndarray,
+  batch_size: int,
+  max_length: int,
+  allowed: list[np.ndarray] | None,
+  dim: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+  """(rows of the batch, ids_bl, mask_bl, text_bl, allowed_bv) per batch of `order`, padded to batch_size rows."""
+  for s in range(0, len(order), batch_size):
+    sel = order[s : s + batch_size]
+    b = tokenizer.pad(
+      [rows[i] for i in sel], max_length=max_length, flags=None if flags is None else [flags[i] for i in sel]
+    )
+    pad = batch_size - len(sel)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    text = b.get("text_mask", mask)
+    if pad:
+      ids = np.pad(ids, ((0, pad), (0, 0)), constant_values=tokenizer.pad_id)
+      mask, text = np.pad(mask, ((0, pad), (0, 0))), np.pad(text, ((0, pad), (0, 0)))
+    allowed_bv = None
+    if allowed is not None:
+      allowed_bv = np.zeros((batch_size, dim), bool)
+      for j, i in enumerate(sel):
+        allowed_bv[j, allowed[i]] = True
+    yield sel, ids, mask, text, allowed_bv
 
 
 # ----------------------------------------------------------------------------- encoder -> index

@@ -1,4 +1,4 @@
-"""Device prefetch for the train loop: the next step's batch is on the device while the current step runs.
+"""Device prefetch: the next step's batch is on the device while the current step runs.
 
 `device_batches(pipe, accum, mesh)` turns the host pipeline (numpy batches,
 built ahead in its own thread, `data.pipeline`) into global `jax.Array`s
@@ -11,7 +11,7 @@ resume replays exactly the batches the stopped run had not used).
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -49,3 +49,21 @@ def device_batches(
     if not buf:
       return
     yield buf.popleft()
+
+
+def one_ahead(items: Iterable[Any]) -> Iterator[Any]:
+  """Yields item i only after item i + 1 has been taken from `items`.
+
+  With items that dispatch device work when taken (e.g. `(rows, jitted(batch))`
+  pairs), batch i + 1 is running on the device while the caller fetches and
+  post-processes batch i: host and device work overlap.
+  """
+  it = iter(items)
+  try:
+    prev = next(it)
+  except StopIteration:
+    return
+  for item in it:
+    yield prev
+    prev = item
+  yield prev

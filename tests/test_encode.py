@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import tiny_bert  # noqa: E402
 
-from laspar_jax import distributed_index, encode, mesh as mesh_lib  # noqa: E402
+from laspar_jax import distributed_index, encode, mesh as mesh_lib, prefetch  # noqa: E402
 from laspar_jax.data.sources import Doc, doc_text  # noqa: E402
 from laspar_jax.index import Index  # noqa: E402
 from laspar_jax.models import sparse_encoder  # noqa: E402
@@ -75,3 +75,26 @@ def test_encoder_dim():
   assert encode.encoder_dim(_E()) == 77
   with pytest.raises(ValueError, match="pass dim="):
     encode.encoder_dim(object())
+
+
+def test_one_ahead_takes_the_next_batch_before_giving_this_one():
+  taken = []
+
+  def items():
+    for i in range(3):
+      taken.append(i)
+      yield i
+
+  seen = [(x, list(taken)) for x in prefetch.one_ahead(items())]
+  assert seen == [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
+  assert list(prefetch.one_ahead(iter([]))) == []
+
+
+def test_batches_in_flight_give_the_rows_of_one_batch_at_a_time(encoder):
+  """Several batches per window (dispatched one ahead) give the same rows as one text per batch, in input order."""
+  enc, tok = encoder
+  idx, val = _encode(enc, tok)  # batch_size 4: two batches in the window, the second padded
+  for i, text in enumerate(TEXTS):
+    ((one_idx, one_val),) = encode.encode_sparse(enc, tok, [text], kind="doc", k=32, batch_size=4)
+    np.testing.assert_array_equal(one_idx[0], idx[i])
+    np.testing.assert_allclose(one_val[0], val[i], rtol=1e-5, atol=1e-6)
