@@ -138,7 +138,7 @@ def evaluation(collection: str, **overrides: Any) -> ml_collections.ConfigDict:
   c.split = ""
   c.q_topk = 128
   c.d_topk = 512
-  c.batch_size = 64
+  c.batch_size = 0  # texts per encoder call; 0: 64 on CPU, 256 on GPU / TPU (platform.encode_batch_size)
   c.measures = "nDCG@10,RR@10,R@100,R@1000"
   c.max_queries = 0  # 0: all judged queries
   c.max_docs = 0  # 0: the full corpus

@@ -64,7 +64,7 @@ _RULES: tuple[_Rule, ...] = (
   ("data.teacher_calibration", lambda v: v in training.CALIBRATIONS, f"one of {list(training.CALIBRATIONS)}"),
   ("eval.q_topk", lambda v: v >= 1, ">= 1"),
   ("eval.d_topk", lambda v: v >= 1, ">= 1"),
-  ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+  ("eval.batch_size", lambda v: v >= 0, ">= 0 (0: the platform's default)"),
   ("eval.max_queries", lambda v: v >= 0, ">= 0 (0: all)"),
   ("eval.max_docs", lambda v: v >= 0, ">= 0 (0: all)"),
   ("eval.search_threads", lambda v: v >= 0, ">= 0 (0: all cores)"),

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from laspar_jax import distributed, encode, io_utils
+from laspar_jax import distributed, encode, io_utils, platform
 from laspar_jax import index as index_lib
 from laspar_jax.index import merge as merge_lib
 
@@ -90,7 +90,7 @@ def index_collection(
       also any iterable of `Doc`.
     path: index directory.
     k_doc: dims kept per document.
-    batch_size: documents per jitted encoder call.
+    batch_size: documents per jitted encoder call (0: `platform.encode_batch_size()`).
     value_dtype: stored weights: float32 | float16 | uint8 | uint16.
     approx: also write the structures of `Index.search(mode="approx")`.
     ram_budget_bytes: memory target of the index build.
@@ -120,6 +120,7 @@ def index_collection(
   if (digest := encode.params_digest(encoder)) is not None:
     meta["encoder_params"] = digest
   stats = encode.new_stats()
+  batch_size = platform.encode_batch_size(batch_size)  # 0: the platform's default
   enc_kw = dict(k=k_doc, batch_size=batch_size, max_length=max_length, min_weight=min_weight, window=WINDOW)
   if n_proc == 1:
     stream = docs.docs() if hasattr(docs, "docs") else iter(docs)

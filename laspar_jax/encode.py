@@ -91,7 +91,7 @@ def encode_sparse(
   *,
   kind: str,
   k: int,
-  batch_size: int = 64,
+  batch_size: int = 0,
   max_length: int | None = None,
   min_weight: float = 0.0,
   window: int = 16,
@@ -112,7 +112,8 @@ def encode_sparse(
     texts: strings (any iterable; consumed in windows of batch_size * window).
     kind: "query" or "doc" (tower, prefix or prompt, and default max length).
     k: dims kept per row.
-    batch_size: rows per jitted call (the last batch is padded to it).
+    batch_size: rows per jitted call (the last batch is padded to it); 0: `platform.encode_batch_size()`
+      (64 on CPU, 256 on accelerators).
     max_length: truncation (default: the config's query/doc max length), prompt included.
     min_weight: weights <= this become 0.
     window: batches per length-sorted window.
@@ -133,6 +134,7 @@ def encode_sparse(
   """
   cfg = encoder.config
   zeroshot.check_config(cfg)
+  batch_size = platform.encode_batch_size(batch_size)
   max_length = max_length or (cfg.query_max_len if kind == "query" else cfg.doc_max_len)
   graphdef, state = nnx.split(encoder)
   shard_mesh = mesh if _model_shards(mesh, encoder.output_dim) > 1 else None

@@ -138,3 +138,10 @@ def test_compilation_cache_writes_entries(tmp_path):
     jax.config.update("jax_compilation_cache_dir", old[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
     cc.reset_cache()
+
+
+def test_encode_batch_size_defaults_per_backend():
+  assert platform.encode_batch_size(0, "cpu") == 64
+  assert platform.encode_batch_size(0, "gpu") == platform.encode_batch_size(0, "tpu") == 256
+  assert platform.encode_batch_size(48, "gpu") == 48
+  assert platform.encode_batch_size(0) == 64  # the tests run on CPU
