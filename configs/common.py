@@ -121,6 +121,7 @@ def train(**overrides: Any) -> ml_collections.ConfigDict:
   c.log_every = 50
   c.checkpoint_every = 1_000
   c.keep_checkpoints = 3
+  c.async_checkpoints = True  # save returns once the state is on the host; written and hashed in the background
   c.eval_every = 10_000  # 0: only at the end
   c.final_eval = True
   c.dropout = True

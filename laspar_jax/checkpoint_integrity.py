@@ -8,6 +8,11 @@ unreadable JSON file of orbax's (`meta/metadata`, `_CHECKPOINT_METADATA`, ...)
 when the step has no checksum file (written by an older version, or a run
 killed between orbax's commit and the checksums). `move_aside` renames a bad
 step to `<step>.corrupt-<unix time>` (never deleted: a person decides).
+
+`mark_unhashed(step_dir)` writes `<step>.unhashed` beside the step folder (orbax
+ignores names that are not integers) before the step is saved, fsynced on local
+disks; `clear_unhashed` removes it once the checksums are written. A step whose
+marker outlived it without checksums was committed but never hashed.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from etils import epath
 from laspar_jax import io_utils
 
 CHECKSUMS = "checksums.json"
+UNHASHED = ".unhashed"  # marker suffix: `<step>.unhashed` beside the step folder
 _CHUNK = 1 << 24
 # orbax's small JSON files: parsed when a step has no checksum file.
 _JSON_FILES = ("_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA")
@@ -104,10 +110,10 @@ def has_checksums(step_dir: io_utils.PathLike) -> bool:
   return (io_utils.as_path(step_dir) / CHECKSUMS).exists()
 
 
-def move_aside(step_dir: io_utils.PathLike) -> epath.Path:
-  """Renames a bad step folder to `<step>.corrupt-<unix time>` and returns the new path."""
+def move_aside(step_dir: io_utils.PathLike, why: str = "corrupt") -> epath.Path:
+  """Renames a bad step folder to `<step>.<why>-<unix time>` and returns the new path."""
   src = io_utils.as_path(step_dir)
-  dst = src.parent / f"{src.name}.corrupt-{int(time.time())}"
+  dst = src.parent / f"{src.name}.{why}-{int(time.time())}"
   while dst.exists():
     dst = src.parent / f"{dst.name}x"
   if io_utils.is_local(src):
@@ -115,3 +121,48 @@ def move_aside(step_dir: io_utils.PathLike) -> epath.Path:
   else:
     src.rename(dst)
   return dst
+
+
+def unhashed_marker(step_dir: io_utils.PathLike) -> epath.Path:
+  """The marker `<step>.unhashed` of a step folder (beside it, in the checkpoint root)."""
+  src = io_utils.as_path(step_dir)
+  return src.parent / f"{src.name}{UNHASHED}"
+
+
+def mark_unhashed(step_dir: io_utils.PathLike) -> None:
+  """Writes the step's marker before it is saved (fsynced with its folder on local disks)."""
+  marker = unhashed_marker(step_dir)
+  if not io_utils.is_local(marker):
+    marker.write_text("saving; checksums not written yet\n")
+    return
+  fd = os.open(os.fspath(marker), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+  try:
+    os.write(fd, b"saving; checksums not written yet\n")
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+  _fsync_dir(marker.parent)
+
+
+def clear_unhashed(step_dir: io_utils.PathLike) -> None:
+  """Removes the step's marker (its checksums are written, or the step is gone)."""
+  marker = unhashed_marker(step_dir)
+  if marker.exists():
+    marker.unlink()
+    if io_utils.is_local(marker):
+      _fsync_dir(marker.parent)
+
+
+def marked_steps(root: io_utils.PathLike) -> list[int]:
+  """Steps with a marker in the checkpoint root `root`."""
+  root = io_utils.as_path(root)
+  names = [p.name.removesuffix(UNHASHED) for p in root.iterdir() if p.name.endswith(UNHASHED)] if root.exists() else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def _fsync_dir(path: epath.Path) -> None:
+  fd = os.open(os.fspath(path), os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)

@@ -6,20 +6,33 @@ position and anything else JSON-able). orbax writes each step to a temporary
 directory and renames it when complete, so a run killed at any moment leaves
 only whole checkpoints; the last `keep` are kept.
 
-Integrity (`checkpoint_integrity`): once orbax has committed a step (at once
-for synchronous saves; for asynchronous ones at the next save, `wait` or
-`close`), every file of it is hashed into `<step>/checksums.json`. Restoring
-the latest step verifies it first; a damaged step (changed bytes, a truncated
-or missing file, unreadable JSON metadata) is renamed to
-`<step>.corrupt-<time>`, a warning names the file and the problem, and the
-next older step is tried. Restoring an explicit step raises
-`CheckpointCorruptError` instead.
+Asynchronous saves (`async_save=True`, what training uses): `save` returns
+once the arrays are copied to host memory (the state may then be donated or
+changed), orbax writes and commits the step in its background thread, and a
+thread of ours waits for that commit and hashes the step at once. The next
+`save`, `wait`, `restore` and `close` first join that thread (orbax's manager
+is driven from one thread at a time) and raise its error, if any.
 
-A step without `checksums.json` (written by an older version, or a run
-killed between orbax's commit and the checksum write) is verified another
-way before use: its JSON metadata must parse, orbax must restore it, and
-every floating-point array must be finite; then a warning says so and its
-checksums are written, so later damage to it is caught like any other.
+Integrity (`checkpoint_integrity`): once orbax has committed a step, every
+file of it is hashed into `<step>/checksums.json`. Restoring the latest step
+verifies it first; a damaged step (changed bytes, a truncated or missing
+file, unreadable JSON metadata) is renamed to `<step>.corrupt-<time>`, a
+warning names the file and the problem, and the next older step is tried.
+Restoring an explicit step raises `CheckpointCorruptError` instead.
+
+No step is used before its checksums exist: before every save a marker
+`<root>/<step>.unhashed` is written (fsynced), and removed only after the
+step's `checksums.json` is. A step with a marker and no checksums was
+committed but never hashed (a run killed in that window, which asynchronous
+saves widen): it is set aside as `<step>.unverified-<time>` like a damaged
+one (a warning names it; an explicit restore raises). A marker without its
+step (killed before orbax's commit) is removed.
+
+A step with neither checksums nor marker (written by an older version) is
+verified another way before use: its JSON metadata must parse, orbax must
+restore it, and every floating-point array must be finite; then a warning
+says so and its checksums are written, so later damage to it is caught like
+any other.
 
 Restoring takes an abstract target (jax.ShapeDtypeStruct leaves with
 shardings), so arrays come back directly on their devices. The directory may
@@ -31,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,7 +86,7 @@ class Checkpointer:
       every: save interval in steps (`should_save`); <= 0 saves only when forced.
       keep: checkpoints kept (older ones are deleted); <= 0 keeps all.
       async_save: write in a background thread (the arrays are copied to host
-        before `save` returns).
+        before `save` returns), then hash the step in another as soon as it is committed.
     """
     directory = os.fspath(directory)
     self.directory = os.path.abspath(directory) if io_utils.is_local(directory) else directory
@@ -82,7 +96,8 @@ class Checkpointer:
     )
     self._mgr = ocp.CheckpointManager(self.directory, options=options)
     self._async = async_save
-    self._unhashed: list[int] = []  # committed (or committing) steps without checksums yet
+    self._hasher: threading.Thread | None = None  # waits for orbax's commit of the last step, then hashes it
+    self._hash_error: tuple[int, BaseException] | None = None
     self.damaged: dict[int, str] = {}  # steps `restore` found damaged and moved aside: step -> problem
 
   def latest_step(self) -> int | None:
@@ -105,14 +120,17 @@ class Checkpointer:
       state: pytree of jax arrays.
       meta: JSON-able dict (data iterator position, ...).
     """
+    self._finalize()  # the previous step is hashed (or its error raised) before this one starts
     if step in self._mgr.all_steps():
       return
-    self._finalize()
     with io_utils.disk_space_errors(self.step_dir(step), f"checkpoint {step}"):
+      if jax.process_index() == 0:
+        integrity.mark_unhashed(self.step_dir(step))
       self._mgr.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
       )
-    self._unhashed.append(step)
+    self._hasher = threading.Thread(target=self._hash_when_committed, args=(step,), name=f"checksums-{step}")
+    self._hasher.start()
     if not self._async:
       self._finalize()
 
@@ -120,17 +138,26 @@ class Checkpointer:
     """The folder of checkpoint `step`."""
     return io_utils.as_path(self.directory) / str(step)
 
-  def _finalize(self) -> None:
-    """Waits for pending saves, then writes the checksums of the steps committed since the last call."""
-    if not self._unhashed:
-      return
-    steps, self._unhashed = self._unhashed, []
-    with io_utils.disk_space_errors(self.step_dir(steps[-1]), f"checkpoint {steps[-1]}"):
+  def _hash_when_committed(self, step: int) -> None:
+    """(The hashing thread.) Waits for orbax to commit `step`, writes its checksums, then removes its marker."""
+    try:
       self._mgr.wait_until_finished()
-    for step in steps:
-      if jax.process_index() == 0 and self.step_dir(step).exists():
-        with io_utils.disk_space_errors(self.step_dir(step), f"the checksums of checkpoint {step}"):
+      if jax.process_index() == 0:
+        if self.step_dir(step).exists():
           integrity.write_checksums(self.step_dir(step))
+        integrity.clear_unhashed(self.step_dir(step))
+    except BaseException as e:  # noqa: BLE001  (raised by `_finalize` in the caller's thread)
+      self._hash_error = (step, e)
+
+  def _finalize(self) -> None:
+    """Joins the hashing thread of the last save and raises its error (a full disk as `DiskFullError`)."""
+    if self._hasher is not None:
+      self._hasher.join()
+      self._hasher = None
+    if self._hash_error is not None:
+      (step, e), self._hash_error = self._hash_error, None
+      with io_utils.disk_space_errors(self.step_dir(step), f"checkpoint {step} or its checksums"):
+        raise e
 
   def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
     """Restores a checkpoint into the structure and shardings of `target`.
@@ -147,13 +174,14 @@ class Checkpointer:
       CheckpointCorruptError: the explicitly asked `step` is damaged.
     """
     self._finalize()
+    self._clear_stale_markers()
     if step is not None:
-      problem = integrity.verify(self.step_dir(step))
+      problem = self._problem(step)
       if problem:
         raise CheckpointCorruptError(f"checkpoint {step} is damaged: {problem}")
       return self._restore(target, step)
     for step in sorted(self._mgr.all_steps(), reverse=True):
-      problem = integrity.verify(self.step_dir(step))
+      problem = self._problem(step)
       if not problem:
         try:
           return self._restore(target, step)
@@ -161,6 +189,26 @@ class Checkpointer:
           problem = str(e)
       self._set_aside(step, problem)
     raise FileNotFoundError(f"no intact checkpoint in {self.directory}")
+
+  def _problem(self, step: int) -> str | None:
+    """What is wrong with `step` (None: intact or legacy): never hashed (marker, no checksums), or damaged."""
+    folder = self.step_dir(step)
+    if integrity.unhashed_marker(folder).exists():
+      if not integrity.has_checksums(folder):
+        return (
+          f"{folder}: committed but never hashed ({integrity.unhashed_marker(folder)} is there and "
+          f"{integrity.CHECKSUMS} is not: the run stopped before its checksums were written); unverified"
+        )
+      if jax.process_index() == 0:  # killed after the (atomic) checksum write: the marker is stale
+        integrity.clear_unhashed(folder)
+    return integrity.verify(folder)
+
+  def _clear_stale_markers(self) -> None:
+    """Removes markers whose step folder is gone (a run killed before orbax committed the step)."""
+    if jax.process_index() == 0:
+      for step in integrity.marked_steps(self.directory):
+        if not self.step_dir(step).exists():
+          integrity.clear_unhashed(self.step_dir(step))
 
   def array_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], str]] | None:
     """{path: (global shape, dtype)} of checkpoint `step`'s state, from orbax's metadata (None: unreadable)."""
@@ -218,22 +266,28 @@ class Checkpointer:
     """Logs why `step` is bad and renames it aside (lead host), so the next older step is used."""
     self.damaged[step] = problem
     if jax.process_index() == 0:
-      dst = integrity.move_aside(self.step_dir(step))
+      unhashed = integrity.unhashed_marker(self.step_dir(step)).exists()
+      dst = integrity.move_aside(self.step_dir(step), "unverified" if unhashed else "corrupt")
+      integrity.clear_unhashed(self.step_dir(step))  # the folder's new name says it
       _LOG.warning(
-        "checkpoint %d is damaged (%s); moved it to %s and falling back to an older checkpoint", step, problem, dst
+        "checkpoint %d is %s (%s); moved it to %s and falling back to an older checkpoint",
+        step,
+        "unverified" if unhashed else "damaged",
+        problem,
+        dst,
       )
     self._mgr.reload()
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk (with their checksums)."""
-    self._mgr.wait_until_finished()
     self._finalize()
 
   def close(self) -> None:
     """Finishes pending saves and releases the manager."""
-    self._mgr.wait_until_finished()
-    self._finalize()
-    self._mgr.close()
+    try:
+      self._finalize()
+    finally:
+      self._mgr.close()
 
 
 def _count_nonfinite(tree: Any) -> int:

@@ -8,8 +8,8 @@ Where the model, the optimizer, the mesh and the data meet:
   step       `train_step.make_train_step` (jitted, donated; accumulation inside)
   loop       batches put on the devices a step ahead (`prefetch`), metrics fetched
              every log_every steps (no per-step host sync) to tqdm, TensorBoard and
-             history.jsonl (`metric_writers`), orbax checkpoints (state + data
-             position), periodic evaluation (`evaluate.evaluate_config`)
+             history.jsonl (`metric_writers`), async orbax checkpoints of state and data
+             position (awaited before evaluation, on SIGTERM, at the end), evaluation
   end        the encoder saved to WORKDIR/encoder, evaluated over the corpus.
   guards     `config_check` before anything is written; `workdir_lock` (one
              run per workdir); damaged checkpoints set aside (`checkpointing`);
@@ -117,9 +117,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: io_utils.Path
 
 def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start: float) -> dict[str, Any]:
   """The body of `train_and_evaluate`, run under the workdir lock."""
-  ckpt = checkpointing.Checkpointer(
-    workdir / "checkpoints", every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
-  )
+  every, keep, async_save = config.train.checkpoint_every, config.train.keep_checkpoints, config.train.async_checkpoints
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", every=every, keep=keep, async_save=async_save)
   try:  # until the loop's own try: close the checkpoint manager on the way out
     latest = ckpt.latest_step()
     # a resume that changed a state-shaping field stops here, before anything is written
@@ -219,6 +218,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Any, lead: bool, t_start:
           result["preempted"] = True
           return result
         if config.train.eval_every and done % config.train.eval_every == 0 and done < total:
+          ckpt.wait()  # the step on disk and hashed before a long phase that may fail
           res = _evaluate_state(graphdef, rest, state, tokenizer, config, workdir, done, lead)
           writer.write_scalars(done, {f"eval/{k}": v for k, v in res.items()})
       ckpt.wait()

@@ -35,8 +35,11 @@ def _env(cache):
 
 
 def _steps(workdir):
+  """Steps committed and hashed (checkpoints are asynchronous: a step without checksums is never used)."""
   d = workdir / "checkpoints"
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+  if not d.is_dir():
+    return []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "checksums.json").exists())
 
 
 def _run_until(cmd, env, workdir, step, sig, timeout=300):
@@ -88,8 +91,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, minilm_path, shared_data
 
 
 # A wrapper around launch/train.py that SIGKILLs itself at a chosen point: "write:<step>" while orbax
-# writes checkpoint <step> (its files are in the temporary folder, not yet renamed into place), or
-# "saved:<step>" right after checkpoint <step> and its checksums are complete.
+# writes checkpoint <step> (its files are in the temporary folder, not yet renamed into place),
+# "hash:<step>" once orbax committed <step> and before its checksums are written (training goes on
+# meanwhile: saves are asynchronous), or "saved:<step>" right after <step>'s checksums are written.
 _KILLER = r"""
 import os, runpy, signal, sys
 where, step = os.environ["KILL_AT"].split(":")
@@ -105,8 +109,11 @@ if where == "write":
 else:
   orig_write = checkpoint_integrity.write_checksums
   def write_checksums(step_dir):
+    hit = os.path.basename(str(step_dir)) == step
+    if hit and where == "hash":
+      os.kill(os.getpid(), signal.SIGKILL)
     out = orig_write(step_dir)
-    if os.path.basename(str(step_dir)) == step:
+    if hit:
       os.kill(os.getpid(), signal.SIGKILL)
     return out
   checkpoint_integrity.write_checksums = write_checksums
@@ -152,21 +159,27 @@ def test_kill_points_and_corrupt_checkpoints_resume_equals_uninterrupted(tmp_pat
   # 2. kill -9 while checkpoint 4 is being written: 2 stays the latest.
   _killed_at(cmd, env, "write:4")
   assert _steps(run) == [2]
-  # 3. kill -9 between checkpoints (just after 6 and its checksums), then flip bits in 6's array data.
-  _killed_at(cmd, env, "saved:6")
-  assert _steps(run) == [2, 4, 6]
+  # 3. kill -9 once 4 is committed, before its checksums: 4 is there but never used.
+  _killed_at(cmd, env, "hash:4")
+  ckpts = run / "checkpoints"
+  assert _steps(run) == [2] and (ckpts / "4").is_dir() and (ckpts / "4.unhashed").exists()
+  # 4. the rerun sets 4 aside and resumes from 2; kill -9 just after 6 and its checksums, then flip bits in 6.
+  r = _killed_at(cmd, env, "saved:6")
+  assert "checkpoint 4 is unverified" in r.stderr and "4.unhashed" in r.stderr, r.stderr[-3000:]
+  assert "resumed from checkpoint 2" in r.stdout
+  assert _steps(run) == [2, 4, 6] and len([p for p in ckpts.iterdir() if ".unverified-" in p.name]) == 1
   data = _array_file(run / "checkpoints" / "6")
   b = bytearray(data.read_bytes())
   for at in (17, len(b) // 2, len(b) - 5):
     b[at] ^= 0x04
   data.write_bytes(bytes(b))
-  # 4. the rerun sets 6 aside, resumes from 4; kill it after the new 6, then truncate 6's metadata.
+  # 5. the rerun sets 6 aside, resumes from 4; kill it after the new 6, then truncate 6's metadata.
   r = _killed_at(cmd, env, "saved:6")
   assert "checkpoint 6 is damaged" in r.stderr and data.name in r.stderr, r.stderr[-3000:]
   assert "resumed from checkpoint 4" in r.stdout
   meta = run / "checkpoints" / "6" / "meta" / "metadata"
   meta.write_bytes(meta.read_bytes()[:4])
-  # 5. the last rerun falls back to 4 again and finishes.
+  # 6. the last rerun falls back to 4 again and finishes.
   r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert "resumed from checkpoint 4" in r.stdout and "meta/metadata" in r.stderr, r.stderr[-3000:]
