@@ -135,3 +135,16 @@ def test_hashing_error_raised_by_the_next_call(tmp_path, monkeypatch):
   ck.wait()  # raised once
   ck.close()
   assert (d / "1.unhashed").exists()  # the step stays unverified: never used
+
+
+def test_speed_benchmark_runs(tmp_path):
+  """benchmarks/checkpoint_speed.py on a 2 MB state (the path only; its figures are for people)."""
+  import sys
+  from pathlib import Path
+
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+  import checkpoint_speed
+
+  out = checkpoint_speed.main(["--mb", "2", "--repeats", "1", "--dir", str(tmp_path)])
+  assert out["state_mb"] == pytest.approx(2.0, rel=0.1)
+  assert out["sync_save_s"] > 0 and 0 < out["async_save_s"] <= out["async_until_hashed_s"]
