@@ -78,6 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.doc_max_len = 256
   c.model.dtype = "float32"  # "bfloat16": bf16 compute, fp32 master weights
   c.model.remat = False
+  c.model.remat_policy = "full"  # with remat: "full" (keep nothing), "dots", "dots_all" (layers.REMAT_POLICIES)
+  c.model.scan_layers = False  # lax.scan over stacked layers (compile time of deep stacks; state-shaping)
   c.model.doc_head = ""  # "" = the query head; else a head name for documents (heads per side)
   c.model.doc_head_kwargs = ml_collections.ConfigDict()
   c.model.attention_impl = "auto"  # "auto" (platform.attention_impl), "xla" or "cpu"

@@ -18,7 +18,7 @@ from laspar_jax import platform
 from laspar_jax import run_config
 from laspar_jax import train_step
 from laspar_jax.data import training
-from laspar_jax.models import heads
+from laspar_jax.models import heads, layers
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -37,6 +37,7 @@ _RULES: tuple[_Rule, ...] = (
   ("model.doc_head", lambda v: not v or v in heads.HEADS, f"empty or one of {sorted(heads.HEADS)}"),
   ("model.dtype", lambda v: v in _DTYPES, f"one of {list(_DTYPES)}"),
   ("model.towers", lambda v: v in ("shared", "separate"), "'shared' or 'separate'"),
+  ("model.remat_policy", lambda v: v in layers.REMAT_POLICIES, f"one of {list(layers.REMAT_POLICIES)}"),
   ("model.matmul_precision", lambda v: v in platform.MATMUL_PRECISIONS, f"one of {list(platform.MATMUL_PRECISIONS)}"),
   ("optim.batch_size", lambda v: v >= 1, ">= 1"),
   ("optim.accum_steps", lambda v: v >= 1, ">= 1"),

@@ -38,6 +38,7 @@ CONFIG_NAME = "config.json"
 STATE_FIELDS = ("model", "optim.freeze", "optim.lora_trainable", "train.rng_impl")
 MODEL_FREE = (
   "model.remat",
+  "model.remat_policy",
   "model.attention_impl",
   "model.query_max_len",
   "model.doc_max_len",

@@ -209,6 +209,8 @@ def model_section(row: Row, a: ml_collections.ConfigDict) -> ml_collections.Conf
   m.doc_max_len = MAX_LEN
   m.dtype = "bfloat16" if big else "float32"
   m.remat = big
+  m.remat_policy = "full"  # with remat: "full", "dots", "dots_all" (layers.REMAT_POLICIES)
+  m.scan_layers = False  # True: one compiled layer for the whole stack (T5, OPT, Llama)
   # Both sides MLP: each side its own Linear (query sum / document max pooling).
   two_mlp = row.head == "mlp" and row.doc_head in ("", "mlp")
   m.doc_head = "mlp" if two_mlp else row.doc_head

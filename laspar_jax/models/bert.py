@@ -5,6 +5,7 @@ activations use `compute_dtype` (fp32 or bf16), with LayerNorm and softmax in
 fp32. Every parameter carries logical axis names (see `layers.py`). Weights
 come from Hugging Face checkpoints through `hf_weights.py` and the name map in
 `bert_params.py`. The optional `lm_head` is BERT's MLM head (cls.predictions).
+`scan_layers` stacks the layers (`layers.Stacked`) and runs them with `lax.scan`.
 
 Family facts (`FAMILY`): read-out "plain"; special tokens "positions" (lsr's
 MLM encoder multiplies by 1 - special_tokens_mask: [CLS]/[SEP] are not pooled).
@@ -58,6 +59,7 @@ class BertConfig:
   pad_token_id: int = 0
   tie_word_embeddings: bool = True  # the MLM decoder is the word embedding table
   model_type: str = "bert"
+  scan_layers: bool = False  # ours: stacked layers run by lax.scan (layers.Stacked); row i = layer i
 
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any]) -> "BertConfig":
@@ -78,6 +80,7 @@ class BertConfig:
         pad_token_id=d.get("pad_token_id", 0),
         tie_word_embeddings=d.get("tie_word_embeddings", True),
         model_type="distilbert",
+        scan_layers=d.get("scan_layers", False),
       )
     names = {f.name for f in dataclasses.fields(cls)}
     cfg = cls(**{k: v for k, v in d.items() if k in names})
@@ -198,15 +201,21 @@ class BertModel(backbone.ConfigBacked, nnx.Module):
   """
 
   def __init__(
-    self, cfg: BertConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+    self,
+    cfg: BertConfig,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Any = jnp.float32,
+    remat: bool | str = False,
+    attention_impl: str = "xla",
   ):
     self.config = cfg
     self.dtype = dtype
     self.remat = remat
     self.embeddings = BertEmbeddings(cfg, rngs=rngs)
-    self.layers = nnx.List(
-      [BertLayer(cfg, dtype=dtype, rngs=rngs, attention_impl=attention_impl) for _ in range(cfg.num_hidden_layers)]
-    )
+    make = lambda _: BertLayer(cfg, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+    n = cfg.num_hidden_layers
+    self.layers = layers.Stacked(make, n) if cfg.scan_layers else nnx.List([make(i) for i in range(n)])
     self.lm_head: BertLMHead | None = nnx.data(None)  # data: a head may be attached later
 
   @property
@@ -234,20 +243,20 @@ class BertModel(backbone.ConfigBacked, nnx.Module):
     if token_type_ids_bl is None:
       token_type_ids_bl = jnp.zeros_like(input_ids_bl)
     h_btd = self.embeddings(input_ids_bl, token_type_ids_bl, dtype=self.dtype, deterministic=deterministic, rngs=rngs)
+    if self.config.scan_layers:
+      r = None if deterministic else rngs
+      return self.layers(h_btd, attention_mask_bl, remat=self.remat, rngs=r, deterministic=deterministic)
+    # rngs goes in as an argument: a remat trace may not mutate a closed-over Rngs
+    run = layers.rematerialized(lambda lyr, h, m, r: lyr(h, m, deterministic=deterministic, rngs=r), self.remat)
     for layer in self.layers:
-      if self.remat:  # rngs goes in as an argument: a remat trace may not mutate a closed-over Rngs
-        h_btd = nnx.remat(lambda lyr, h, m, r: lyr(h, m, deterministic=deterministic, rngs=r))(
-          layer, h_btd, attention_mask_bl, rngs
-        )
-      else:
-        h_btd = layer(h_btd, attention_mask_bl, deterministic=deterministic, rngs=rngs)
+      h_btd = run(layer, h_btd, attention_mask_bl, rngs)
     return h_btd
 
 
 def build(
-  cfg: BertConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+  cfg: BertConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool | str = False, attention_impl: str = "xla"
 ) -> BertModel:
-  """The family's `build`: a BertModel without vocabulary head."""
+  """The family's `build`: a BertModel without vocabulary head (`remat`: False, True or a `layers.REMAT_POLICIES` name)."""
   return BertModel(cfg, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl)
 
 

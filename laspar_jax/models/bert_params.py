@@ -4,7 +4,8 @@ Canonical names are BERT's without the "bert." / "distilbert." / "model."
 prefix, with LayerNorm gamma/beta read as weight/bias and DistilBERT's
 vocabulary head (vocab_transform, vocab_layer_norm, vocab_projector.bias) read
 as BERT's `cls.predictions.*`. PyTorch Linear weights [out, in] are transposed
-to our [in, out] kernels.
+to our [in, out] kernels. Scanned models (`scan_layers`): layer i's tensor is
+row i of the stacked parameter under `layers.layer` (as `llama_params`).
 """
 
 from __future__ import annotations
@@ -89,11 +90,13 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
   if cfg.type_vocab_size:
     m["embeddings.token_type_embeddings.weight"] = (("embeddings", "token_type_embeddings", "embedding"), _I)
   prefix, sub = _LAYER_NAMES["distilbert" if cfg.model_type == "distilbert" else "bert"]
+  scan = getattr(cfg, "scan_layers", False)
+  layer = lambda i, *rest, fn: (("layers", "layer", *rest), fn, i) if scan else (("layers", i, *rest), fn)
   for i in range(cfg.num_hidden_layers):
     for hf, ours in sub.items():
       is_norm = ours.endswith("norm")
-      m[f"{prefix}.{i}.{hf}.weight"] = (("layers", i, ours, "scale" if is_norm else "kernel"), _I if is_norm else _T)
-      m[f"{prefix}.{i}.{hf}.bias"] = (("layers", i, ours, "bias"), _I)
+      m[f"{prefix}.{i}.{hf}.weight"] = layer(i, ours, "scale" if is_norm else "kernel", fn=_I if is_norm else _T)
+      m[f"{prefix}.{i}.{hf}.bias"] = layer(i, ours, "bias", fn=_I)
   ignored = _ALWAYS_IGNORED
   if lm_head:
     m.update(

@@ -30,6 +30,13 @@ class EncoderConfig:
     query_max_len / doc_max_len: truncation lengths.
     dtype: compute dtype, "float32" or "bfloat16" (params stay fp32).
     remat: rematerialize backbone layers in the backward pass.
+    remat_policy: what a rematerialized layer keeps (`layers.REMAT_POLICIES`): "full" (nothing,
+      the least memory), "dots" (matmul outputs without batch dims: the projections and MLP),
+      "dots_all" (every matmul output, attention's too); read when `remat` is on.
+    scan_layers: stack the backbone's layers and run them with `lax.scan` (one compiled layer:
+      deep stacks compile in the time of one layer; parameters then carry a leading "layers"
+      axis, so a checkpoint of one layout does not restore into the other). False keeps the
+      backbone config.json's own `scan_layers` (False when absent).
     seed: head initialisation seed (the document head, when it is its own, uses seed + 1).
     doc_head: the document head ("" = the query head's name and kwargs).
     doc_head_kwargs: constructor arguments of the document head; used when
@@ -91,6 +98,8 @@ class EncoderConfig:
   filter_match: str = "string"
   term_cap: int = 0
   impacts: str = "float"
+  remat_policy: str = "full"
+  scan_layers: bool = False
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -163,4 +172,6 @@ _NEW_FIELDS = {
   "filter_match": "string",
   "term_cap": 0,
   "impacts": "float",
+  "remat_policy": "full",
+  "scan_layers": False,
 }

@@ -338,12 +338,26 @@ def _gguf_tensors(reader: Any, fname: str, hf_cfg: dict[str, Any]) -> Iterator[t
     raise CheckpointError(str(e)) from e
 
 
+def _config(family: backbone.Family, hf_cfg: dict[str, Any], source: str, scan_layers: bool) -> Any:
+  """The family's config of a config.json dict, with `scan_layers` on when asked; CheckpointError if bad."""
+  try:
+    cfg = family.config_from_hf(hf_cfg)
+  except (KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{source}: {e}") from e
+  if scan_layers and not getattr(cfg, "scan_layers", False):
+    if not any(f.name == "scan_layers" for f in dataclasses.fields(cfg)):
+      raise CheckpointError(f"{source}: scan_layers: the {family.name!r} family has no scanned layer stack")
+    cfg = dataclasses.replace(cfg, scan_layers=True)
+  return cfg
+
+
 def load(
   name_or_path: str | os.PathLike,
   *,
   dtype: Any = jnp.float32,
   max_length: int = 256,
-  remat: bool = False,
+  remat: bool | str = False,
+  scan_layers: bool = False,
   weights: bool = True,
   lm_head: bool = False,
   attention_impl: str = "auto",
@@ -357,7 +371,10 @@ def load(
     name_or_path: local folder, .gguf file or hub id (packaged ids resolve offline).
     dtype: compute dtype (params stay fp32).
     max_length: tokenizer truncation length.
-    remat: rematerialize each layer in the backward pass.
+    remat: rematerialize each layer in the backward pass: True (nothing saved) or a
+      `layers.REMAT_POLICIES` name.
+    scan_layers: stacked layers run by `lax.scan` (families whose config has `scan_layers`:
+      BERT, T5, OPT, Llama); False keeps the config.json's own value.
     weights: False builds an abstract model (shapes only) without reading tensors.
     lm_head: attach the vocabulary head (`model.lm_head`, see `vocab_projection()`):
       the checkpoint's tensors when it has them, else a fresh one drawn from `rngs`.
@@ -379,10 +396,7 @@ def load(
   hf_cfg, family, reader, source = _open(path)
   if reader is not None:
     path = source
-  try:
-    cfg = family.config_from_hf(hf_cfg)
-  except (KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f"{source}: {e}") from e
+  cfg = _config(family, hf_cfg, source, scan_layers)
   impl = platform.attention_impl(attention_impl)
   rngs = nnx.Rngs(params=0) if rngs is None else rngs
 
@@ -422,8 +436,9 @@ def abstract_model(
   *,
   lm_head: bool = False,
   dtype: Any = jnp.float32,
-  remat: bool = False,
+  remat: bool | str = False,
   attention_impl: str = "auto",
+  scan_layers: bool = False,
 ) -> nnx.Module:
   """An abstract backbone (shapes only, `nnx.eval_shape`) from a config.json dict; nothing is read.
 
@@ -431,8 +446,9 @@ def abstract_model(
     config: a config.json dict, or a hub id a family knows (`backbone.known_config`).
     lm_head: attach the vocabulary head (`model.lm_head`).
     dtype: compute dtype.
-    remat: rematerialize each layer in the backward pass.
+    remat: rematerialize each layer in the backward pass (True or a `layers.REMAT_POLICIES` name).
     attention_impl: "auto", "xla" or "cpu".
+    scan_layers: stacked layers run by `lax.scan` (as `load`).
 
   Returns:
     The model, its parameters `jax.ShapeDtypeStruct`s.
@@ -446,10 +462,7 @@ def abstract_model(
     known = sorted(k for f in backbone.families().values() for k in f.known_configs)
     raise CheckpointError(f"{config}: no known config.json; known: {known}")
   family = family_of(hf_cfg, source)
-  try:
-    cfg = family.config_from_hf(hf_cfg)
-  except (KeyError, TypeError, ValueError) as e:
-    raise CheckpointError(f"{source}: {e}") from e
+  cfg = _config(family, hf_cfg, source, scan_layers)
   impl = platform.attention_impl(attention_impl)
 
   def build() -> nnx.Module:

@@ -295,20 +295,65 @@ class LMHead(nnx.Module):
     return jnp.dot(self.transform(h_btd), self.kernel_dv().astype(jnp.float32), preferred_element_type=jnp.float32)
 
 
+REMAT_POLICIES = ("full", "dots", "dots_all")
+"""Names of `remat_policy` (encoder config `model.remat_policy`), what a rematerialized layer keeps for the backward:
+
+  "full": nothing (every activation of the layer is recomputed; `jax.checkpoint`'s default, the
+    behaviour before the field existed); least memory, most recomputation.
+  "dots": the outputs of matmuls without batch dimensions (the q/k/v/o projections and the MLP;
+    `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`); attention scores, norms and
+    activations are recomputed.
+  "dots_all": every matmul output, attention's batched q.k and p.v too (`dots_saveable`).
+"""
+
+
+def remat_policy(remat: bool | str) -> Callable[..., bool] | None:
+  """The `jax.checkpoint` policy of a model's `remat` setting: False/True ("full") or a `REMAT_POLICIES` name.
+
+  Raises:
+    ValueError: an unknown policy name.
+  """
+  name = "full" if remat is True else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; known: {', '.join(REMAT_POLICIES)}")
+  if name == "dots":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return jax.checkpoint_policies.dots_saveable if name == "dots_all" else None
+
+
+def remat_setting(remat: bool, policy: str = "full") -> bool | str:
+  """A model's `remat` argument from the encoder config's `remat` and `remat_policy` (False when off)."""
+  remat_policy(policy)  # validates the name even when remat is off
+  return policy if remat else False
+
+
+def rematerialized(fn: Callable, remat: bool | str, *, nnx_transform: bool = True) -> Callable:
+  """`fn` rematerialized in the backward pass under the policy of `remat` (`remat_policy`); `fn` when falsy.
+
+  Every family applies its layers through this (loop: `nnx.remat` over a module argument; scan:
+  `jax.checkpoint` of the scan body, `nnx_transform=False`). A dropout stream must go in as an
+  argument (a remat trace may not mutate an `nnx.Rngs` it closes over).
+  """
+  if not remat:
+    return fn
+  policy = remat_policy(remat)
+  return nnx.remat(fn, policy=policy) if nnx_transform else jax.checkpoint(fn, policy=policy)
+
+
 class Stacked(nnx.Module):
   """`n` copies of a layer with stacked parameters (leading logical axis "layers"), run by `lax.scan`.
 
-  The copies are built one after another from the same `make_layer` (so they
-  draw the same random numbers as an unstacked list would) and stacked; one
-  compiled layer body serves every layer (deep decoders compile in the time of
-  one layer). The parameters live once, under `layer`, with a leading axis of
-  size n: a checkpoint name map addresses layer i's tensor as row i of
-  `("layers", "layer", ...)` and the loader stacks the rows (no views, no
-  module state of loading).
+  The copies are built one after another, `make_layer(i)` for i = 0..n-1 (so
+  they draw the same random numbers as an unstacked list would), and stacked;
+  every copy must have the same structure. One compiled layer body serves
+  every layer (deep stacks compile in the time of one layer). The parameters
+  live once, under `layer`, with a leading axis of size n: a checkpoint name
+  map addresses layer i's tensor as row i of `(..., "layer", ...)` and the
+  loader stacks the rows (no views, no module state of loading).
   """
 
-  def __init__(self, make_layer: Callable[[], nnx.Module], n: int):
-    copies = [make_layer() for _ in range(n)]
+  def __init__(self, make_layer: Callable[[int], nnx.Module], n: int):
+    copies = [make_layer(i) for i in range(n)]
     graphdef = nnx.graphdef(copies[0])
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(c) for c in copies))
     self.layer = nnx.merge(graphdef, stacked)
@@ -322,12 +367,26 @@ class Stacked(nnx.Module):
   def __len__(self) -> int:
     return self.num_layers
 
-  def __call__(self, h: jax.Array, *args, remat: bool = False, **kwargs) -> jax.Array:
-    """Runs the layers in order: h = layer_i(h, *args, **kwargs) (no RNG streams inside)."""
+  def __call__(
+    self, h: jax.Array, *args, remat: bool | str = False, rngs: nnx.Rngs | None = None, **kwargs
+  ) -> jax.Array:
+    """Runs the layers in order: h = layer_i(h, *args, rngs=r_i, **kwargs).
+
+    Args:
+      h: the carried hidden states.
+      *args, **kwargs: the same for every layer (closed over).
+      remat: False, or a `rematerialized` setting (True / a `REMAT_POLICIES` name) for the scan body.
+      rngs: a dropout stream (training) or None: one key is drawn from `rngs.dropout()` and split
+        per layer, and layer i gets `nnx.Rngs(dropout=key_i)` (so dropout masks are not those of
+        an unscanned loop, which draws from one stream in turn; deterministic results are).
+    """
     graphdef, state = nnx.split(self.layer)
+    keys = None if rngs is None else jax.random.split(rngs.dropout(), self.num_layers)
 
-    def body(h, layer_state):
-      return nnx.merge(graphdef, layer_state)(h, *args, **kwargs), None
+    def body(h, xs):
+      layer_state, key = xs
+      r = None if key is None else nnx.Rngs(dropout=key)
+      return nnx.merge(graphdef, layer_state)(h, *args, rngs=r, **kwargs), None
 
-    h, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, h, state)
+    h, _ = jax.lax.scan(rematerialized(body, remat, nnx_transform=False), h, (state, keys))
     return h

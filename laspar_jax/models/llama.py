@@ -162,7 +162,7 @@ class LlamaModel(backbone.ConfigBacked, nnx.Module):
     *,
     rngs: nnx.Rngs,
     dtype: Any = jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
     attention_impl: str = "xla",
   ):
     self.config = cfg
@@ -176,7 +176,7 @@ class LlamaModel(backbone.ConfigBacked, nnx.Module):
     if cfg.scan_layers:
       if len(set(windows)) > 1:
         raise ValueError("scan_layers needs the same sliding window in every layer")
-      self.layers = layers.Stacked(lambda: make(windows[0]), cfg.num_hidden_layers)
+      self.layers = layers.Stacked(lambda _: make(windows[0]), cfg.num_hidden_layers)
     else:
       self.layers = nnx.List([make(w) for w in windows])
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -207,20 +207,18 @@ class LlamaModel(backbone.ConfigBacked, nnx.Module):
     cos_bld, sin_bld = layers.rope_cos_sin(pos_bl, jnp.asarray(self.inv_freq, jnp.float32))
     x_bld = self.embed_tokens(input_ids_bl, self.dtype)
     if self.config.scan_layers:
-      x_bld = self.layers(x_bld, attention_mask_bl, cos_bld, sin_bld, remat=self.remat)
+      x_bld = self.layers(x_bld, attention_mask_bl, cos_bld, sin_bld, remat=self.remat, rngs=r)
     else:
+      run = layers.rematerialized(lambda lyr, *a: lyr(*a), self.remat)
       for layer in self.layers:
-        if self.remat:
-          x_bld = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x_bld, attention_mask_bl, cos_bld, sin_bld, r)
-        else:
-          x_bld = layer(x_bld, attention_mask_bl, cos_bld, sin_bld, r)
+        x_bld = run(layer, x_bld, attention_mask_bl, cos_bld, sin_bld, r)
     return self.norm(x_bld)
 
 
 def build(
-  cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+  cfg: LlamaConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool | str = False, attention_impl: str = "xla"
 ) -> LlamaModel:
-  """The family's `build`: a LlamaModel without LM head."""
+  """The family's `build`: a LlamaModel without LM head (`remat`: False, True or a `layers.REMAT_POLICIES` name)."""
   return LlamaModel(cfg, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl)
 
 

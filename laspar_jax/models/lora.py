@@ -11,7 +11,8 @@ with the base Dense kept as it is (its parameters move to `<name>/base/...`),
 a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) and `lora_b` [r, out] zeros, so a
 fresh adapter leaves the outputs unchanged. The adapters carry logical axes
 (`lora_a`: the base's input axis and None; `lora_b`: None and the base's
-output axis); on scanned (stacked) layers they are stacked the same way.
+output axis); on scanned (stacked) layers they are stacked the same way, and
+dropout inside the scan draws from one key per layer (`layers.Stacked`).
 The vocabulary head (`lm_head`) is never adapted.
 
 The optimizer (`laspar_jax.optim`) trains the parameters named `lora_a` /
@@ -66,8 +67,6 @@ class LoRADense(nnx.Module):
     shape = tuple(base.kernel.get_value().shape)
     axes = layers.logical_axes(base.kernel) or (None,) * len(shape)
     *lead, d_in, d_out = shape
-    if lead and dropout > 0.0:
-      raise ValueError("LoRA dropout is not supported on scanned (stacked) layers; use dropout 0")
     bound = d_in**-0.5  # kaiming_uniform_(a=sqrt(5)) on peft's [r, in] weight
     a = jax.random.uniform(rngs.params(), (*lead, d_in, rank), jnp.float32, -bound, bound)
     self.base = base

@@ -5,7 +5,8 @@ Learned positions with OPT's offset 2, computed from the attention mask
 (`do_layer_norm_before`, 125m and >= 1.3b) with a final LayerNorm, or the
 opt-350m post-LN blocks without one; `project_in` / `project_out` when the
 word embeddings live in a smaller space (`word_embed_proj_dim` != hidden_size);
-ReLU FFN (fc1, fc2); LM head tied to `embed_tokens`.
+ReLU FFN (fc1, fc2); LM head tied to `embed_tokens`. `scan_layers` stacks the
+layers (`layers.Stacked`) and runs them with `lax.scan`, as Llama's.
 
 The backbone output h_btd is HF's `last_hidden_state`: after the final norm
 and after `project_out`, so `hidden_size` is `word_embed_proj_dim` (the space
@@ -32,7 +33,7 @@ POSITION_OFFSET = 2
 
 @dataclasses.dataclass(frozen=True)
 class OPTConfig:
-  """Hyper-parameters of an OPT decoder (Hugging Face names; `bidirectional` is ours)."""
+  """Hyper-parameters of an OPT decoder (Hugging Face names; `bidirectional` and `scan_layers` are ours)."""
 
   vocab_size: int = 50272
   hidden_size: int = 768
@@ -49,6 +50,7 @@ class OPTConfig:
   layer_norm_eps: float = 1e-5
   pad_token_id: int = 1
   bidirectional: bool = False  # LLM2Vec-style: no causal mask
+  scan_layers: bool = False  # stacked layers run by lax.scan (layers.Stacked); same name map, row i = layer i
 
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any]) -> "OPTConfig":
@@ -123,7 +125,13 @@ class OPTModel(backbone.ConfigBacked, nnx.Module):
   """OPT decoder: ids -> last hidden states h_btd [B, T, word_embed_proj_dim]; a `backbone.Backbone`."""
 
   def __init__(
-    self, cfg: OPTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+    self,
+    cfg: OPTConfig,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Any = jnp.float32,
+    remat: bool | str = False,
+    attention_impl: str = "xla",
   ):
     self.config = cfg
     self.dtype = dtype
@@ -138,12 +146,9 @@ class OPTModel(backbone.ConfigBacked, nnx.Module):
     self.project_out = (
       layers.Dense(d, w, axes=("embed", None), use_bias=False, dtype=dtype, rngs=rngs) if proj else None
     )
-    self.layers = nnx.List(
-      [
-        OPTDecoderLayer(cfg, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
-        for _ in range(cfg.num_hidden_layers)
-      ]
-    )
+    make = lambda _: OPTDecoderLayer(cfg, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+    n = cfg.num_hidden_layers
+    self.layers = layers.Stacked(make, n) if cfg.scan_layers else nnx.List([make(i) for i in range(n)])
     final = cfg.do_layer_norm_before and not cfg.remove_final_layer_norm
     self.final_layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps) if final else None
     self.lm_head: layers.LMHead | None = nnx.data(None)  # data: a head may be attached later
@@ -174,13 +179,13 @@ class OPTModel(backbone.ConfigBacked, nnx.Module):
     if self.project_in is not None:
       x_bld = self.project_in(x_bld)
     x_bld = x_bld + self.embed_positions(pos_bl, self.dtype)  # no embedding dropout (as HF)
-    for layer in self.layers:
-      if self.remat:
-        x_bld = nnx.remat(lambda lyr, h, m: lyr(h, m, deterministic=deterministic, rngs=rngs))(
-          layer, x_bld, attention_mask_bl
-        )
-      else:
-        x_bld = layer(x_bld, attention_mask_bl, deterministic=deterministic, rngs=rngs)
+    if self.config.scan_layers:
+      r = None if deterministic else rngs
+      x_bld = self.layers(x_bld, attention_mask_bl, remat=self.remat, rngs=r, deterministic=deterministic)
+    else:  # rngs goes in as an argument: a remat trace may not mutate a closed-over Rngs
+      run = layers.rematerialized(lambda lyr, h, m, r: lyr(h, m, deterministic=deterministic, rngs=r), self.remat)
+      for layer in self.layers:
+        x_bld = run(layer, x_bld, attention_mask_bl, rngs)
     if self.final_layer_norm is not None:
       x_bld = self.final_layer_norm(x_bld)
     if self.project_out is not None:
@@ -189,9 +194,9 @@ class OPTModel(backbone.ConfigBacked, nnx.Module):
 
 
 def build(
-  cfg: OPTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+  cfg: OPTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool | str = False, attention_impl: str = "xla"
 ) -> OPTModel:
-  """The family's `build`: an OPTModel without LM head."""
+  """The family's `build`: an OPTModel without LM head (`remat`: False, True or a `layers.REMAT_POLICIES` name)."""
   return OPTModel(cfg, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl)
 
 

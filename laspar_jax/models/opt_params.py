@@ -6,7 +6,8 @@ OPTModel and OPTDecoder checkpoints): `embed_tokens.weight`,
 `layers.{i}.{self_attn.{q,k,v,out}_proj, fc1, fc2, self_attn_layer_norm,
 final_layer_norm}.*`. The LM head is tied to `embed_tokens`, so a stored
 `lm_head.weight` is ignored. PyTorch Linear weights [out, in] are transposed
-to our [in, out] kernels.
+to our [in, out] kernels. Scanned models (`scan_layers`): layer i's tensor is
+row i of the stacked parameter under `layers.layer` (as `llama_params`).
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ def checkpoint_names(cfg: Any, *, lm_head: bool = False) -> backbone.CheckpointN
   if cfg.do_layer_norm_before and not cfg.remove_final_layer_norm:
     m["final_layer_norm.weight"] = (("final_layer_norm", "scale"), _I)
     m["final_layer_norm.bias"] = (("final_layer_norm", "bias"), _I)
+  scan = getattr(cfg, "scan_layers", False)
+  layer = lambda i, *rest, fn: (("layers", "layer", *rest), fn, i) if scan else (("layers", i, *rest), fn)
   for i in range(cfg.num_hidden_layers):
     for hf, ours in _LAYER.items():
-      m[f"layers.{i}.{hf}.weight"] = (("layers", i, *ours, "kernel"), _T)
+      m[f"layers.{i}.{hf}.weight"] = layer(i, *ours, "kernel", fn=_T)
       if cfg.enable_bias:
-        m[f"layers.{i}.{hf}.bias"] = (("layers", i, *ours, "bias"), _I)
+        m[f"layers.{i}.{hf}.bias"] = layer(i, *ours, "bias", fn=_I)
     for norm in _NORMS:
-      m[f"layers.{i}.{norm}.weight"] = (("layers", i, norm, "scale"), _I)
-      m[f"layers.{i}.{norm}.bias"] = (("layers", i, norm, "bias"), _I)
+      m[f"layers.{i}.{norm}.weight"] = layer(i, norm, "scale", fn=_I)
+      m[f"layers.{i}.{norm}.bias"] = layer(i, norm, "bias", fn=_I)
   return backbone.CheckpointNames(params=m, canonical=canonical, ignored=re.compile(r"^(lm_head\.weight$)"))

@@ -54,7 +54,7 @@ from laspar_jax.models import backbone as backbone_lib
 from laspar_jax.models import decoding as decoding_lib
 from laspar_jax.models import encoder_config
 from laspar_jax.models import heads as heads_lib
-from laspar_jax.models import hf_weights
+from laspar_jax.models import hf_weights, layers
 from laspar_jax.models import lora as lora_lib
 from laspar_jax.models.encoder_files import (
   BACKBONE_FILES,
@@ -220,6 +220,9 @@ def special_rule(cfg: EncoderConfig, loaded: hf_weights.Loaded) -> str:
 def _build(cfg: EncoderConfig, *, weights: bool, tokenizers: list[Tokenizer] | None = None) -> SparseEncoder:
   if cfg.towers not in ("shared", "separate"):
     raise ValueError(f"towers must be 'shared' or 'separate', got {cfg.towers!r}")
+  if cfg.remat_policy not in layers.REMAT_POLICIES:
+    raise ValueError(f"EncoderConfig.remat_policy must be one of {layers.REMAT_POLICIES}, got {cfg.remat_policy!r}")
+  remat = layers.remat_setting(cfg.remat, cfg.remat_policy)
   q_spec, d_spec = cfg.head_specs()
   q_vocab, d_vocab = heads_lib.uses_vocab(q_spec[0]), heads_lib.uses_vocab(d_spec[0])
 
@@ -229,7 +232,8 @@ def _build(cfg: EncoderConfig, *, weights: bool, tokenizers: list[Tokenizer] | N
       cfg.backbone,
       dtype=_DTYPES[cfg.dtype],
       max_length=max(cfg.query_max_len, cfg.doc_max_len),
-      remat=cfg.remat,
+      remat=remat,
+      scan_layers=cfg.scan_layers,
       weights=weights,
       lm_head=lm_head,
       attention_impl=cfg.attention_impl,

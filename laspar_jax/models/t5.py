@@ -40,10 +40,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from laspar_jax.models import attention, backbone, known_configs, layers, t5_params
+from laspar_jax.models.t5_position import position_bias, relative_position_buckets  # noqa: F401 (re-exported)
 
 MODES = ("encoder", "encoder_decoder", "decoder")
 
@@ -75,6 +75,7 @@ class T5Config:
   eos_token_id: int = 1  # `</s>` (the multi-token read-out may leave it out of pooling)
   has_decoder: bool = True  # False for T5EncoderModel checkpoints
   mode: str = "encoder"
+  scan_layers: bool = False  # both stacks' blocks stacked and run by lax.scan (layers.Stacked)
   model_type: str = "t5"
 
   @property
@@ -116,31 +117,6 @@ class T5Config:
     return cfg
 
 
-def relative_position_buckets(
-  q_len: int, k_len: int, *, bidirectional: bool, num_buckets: int, max_distance: int
-) -> np.ndarray:
-  """T5's bucket of each relative position (key - query), [q_len, k_len] int32.
-
-  Computed on the host in float32 as Hugging Face's `_relative_position_bucket`
-  does in torch, so that every backend gets the same buckets.
-  """
-  rel = np.arange(k_len, dtype=np.int64)[None, :] - np.arange(q_len, dtype=np.int64)[:, None]
-  buckets = np.zeros_like(rel)
-  if bidirectional:
-    num_buckets //= 2
-    buckets += (rel > 0).astype(np.int64) * num_buckets
-    rel = np.abs(rel)
-  else:
-    rel = -np.minimum(rel, 0)
-  max_exact = num_buckets // 2
-  with np.errstate(divide="ignore"):
-    ratio = np.log(rel.astype(np.float32) / np.float32(max_exact))
-  ratio = ratio / np.float32(np.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
-  large = max_exact + np.where(rel < max_exact, 0, ratio).astype(np.int64)
-  large = np.minimum(large, num_buckets - 1)
-  return (buckets + np.where(rel < max_exact, rel, large)).astype(np.int32)
-
-
 class T5Attention(nnx.Module):
   """Multi-head attention without biases or q.k scaling; the first layer of a stack owns the position bias table."""
 
@@ -162,16 +138,6 @@ class T5Attention(nnx.Module):
       if relative_bias
       else None
     )
-
-  def position_bias(
-    self, q_len: int, k_len: int, *, bidirectional: bool, num_buckets: int, max_distance: int
-  ) -> jax.Array:
-    """The relative position bias [1, H, q_len, k_len] (float32) from this layer's table."""
-    buckets_ts = relative_position_buckets(
-      q_len, k_len, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
-    )
-    bias_tsh = jnp.take(self.relative_attention_bias[...], jnp.asarray(buckets_ts), axis=0)
-    return bias_tsh.transpose(2, 0, 1)[None].astype(jnp.float32)
 
   def __call__(
     self,
@@ -263,7 +229,11 @@ class T5Block(nnx.Module):
 
 
 class T5Stack(nnx.Module):
-  """The encoder or the decoder: blocks, a final RMS norm, dropout at entry and exit."""
+  """The encoder or the decoder: blocks, a final RMS norm, dropout at entry and exit.
+
+  Scanned (`scan_layers`): the blocks are a `layers.Stacked` and block 0's position bias table
+  moves to the stack (`relative_attention_bias`), so that every block has the same structure.
+  """
 
   def __init__(
     self,
@@ -272,20 +242,23 @@ class T5Stack(nnx.Module):
     is_decoder: bool,
     dtype: Any,
     rngs: nnx.Rngs,
-    remat: bool = False,
+    remat: bool | str = False,
     attention_impl: str = "xla",
   ):
     n = cfg.num_decoder_layers if is_decoder else cfg.num_layers
-    self.blocks = nnx.List(
-      [
-        T5Block(cfg, is_decoder=is_decoder, relative_bias=i == 0, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
-        for i in range(n)
-      ]
+    make = lambda i: T5Block(
+      cfg, is_decoder=is_decoder, relative_bias=i == 0, dtype=dtype, rngs=rngs, attention_impl=attention_impl
     )
+    if cfg.scan_layers:  # block 0 drawn first, as in the loop; its table then moves to the stack
+      first = make(0)
+      self.relative_attention_bias = first.self_attn.relative_attention_bias
+      first.self_attn.relative_attention_bias = None
+      self.blocks = layers.Stacked(lambda i: first if i == 0 else make(i), n)
+    else:
+      self.blocks = nnx.List([make(i) for i in range(n)])
     self.final_layer_norm = layers.RMSNorm(cfg.d_model, eps=cfg.layer_norm_epsilon)
     self.is_decoder = is_decoder
     self.remat = remat
-    self.num_buckets = cfg.relative_attention_num_buckets
     self.max_distance = cfg.relative_attention_max_distance
     self.rate = cfg.dropout_rate
 
@@ -299,17 +272,21 @@ class T5Stack(nnx.Module):
     deterministic: bool,
     rngs,
   ) -> jax.Array:
-    t = x_btd.shape[1]
-    bias_1htt = self.blocks[0].self_attn.position_bias(
-      t, t, bidirectional=not self.is_decoder, num_buckets=self.num_buckets, max_distance=self.max_distance
+    scanned = isinstance(self.blocks, layers.Stacked)
+    table = self.relative_attention_bias if scanned else self.blocks[0].self_attn.relative_attention_bias
+    bias_1htt = position_bias(
+      table[...], x_btd.shape[1], bidirectional=not self.is_decoder, max_distance=self.max_distance
     )
     x_btd = layers.dropout(x_btd, self.rate, deterministic=deterministic, rngs=rngs)
-    # rngs goes in as an argument: a remat trace may not mutate an Rngs it closes over.
-    run = lambda blk, x, m, b, e, em, r: blk(x, m, b, e, em, deterministic=deterministic, rngs=r)
-    if self.remat:
-      run = nnx.remat(run)
-    for block in self.blocks:
-      x_btd = run(block, x_btd, mask_bt, bias_1htt, enc_bsd, enc_mask_bs, rngs)
+    args = (mask_bt, bias_1htt, enc_bsd, enc_mask_bs)
+    if scanned:
+      r = None if deterministic else rngs
+      x_btd = self.blocks(x_btd, *args, remat=self.remat, rngs=r, deterministic=deterministic)
+    else:  # rngs goes in as an argument: a remat trace may not mutate an Rngs it closes over.
+      run = lambda blk, x, m, b, e, em, r: blk(x, m, b, e, em, deterministic=deterministic, rngs=r)
+      run = layers.rematerialized(run, self.remat)
+      for block in self.blocks:
+        x_btd = run(block, x_btd, *args, rngs)
     x_btd = self.final_layer_norm(x_btd)
     return layers.dropout(x_btd, self.rate, deterministic=deterministic, rngs=rngs)
 
@@ -378,7 +355,13 @@ class T5Model(backbone.ConfigBacked, nnx.Module):
   """
 
   def __init__(
-    self, cfg: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+    self,
+    cfg: T5Config,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Any = jnp.float32,
+    remat: bool | str = False,
+    attention_impl: str = "xla",
   ):
     self.config = cfg
     self.dtype = dtype
@@ -488,9 +471,9 @@ class T5Model(backbone.ConfigBacked, nnx.Module):
 
 
 def build(
-  cfg: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False, attention_impl: str = "xla"
+  cfg: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool | str = False, attention_impl: str = "xla"
 ) -> T5Model:
-  """The family's `build`: a T5Model without LM head."""
+  """The family's `build`: a T5Model without LM head (`remat`: False, True or a `layers.REMAT_POLICIES` name)."""
   return T5Model(cfg, rngs=rngs, dtype=dtype, remat=remat, attention_impl=attention_impl)
 
 

@@ -8,7 +8,10 @@ self-attention (`SelfAttention.{q,k,v,o}`, block 0 also
 the last layer the FFN (`DenseReluDense.{wi | wi_0, wi_1, wo}`), each with its
 `layer_norm`; `{encoder,decoder}.final_layer_norm.weight`; `lm_head.weight`
 (untied v1.1 heads only; a tied v1.0 head is the shared table). PyTorch
-Linear weights [out, in] are transposed to our [in, out] kernels.
+Linear weights [out, in] are transposed to our [in, out] kernels. Scanned
+models (`scan_layers`): block i's tensor is row i of the stacked parameter
+under `{stack}.blocks.layer`, and block 0's position bias table is the
+stack's own `{stack}.relative_attention_bias`.
 """
 
 from __future__ import annotations
@@ -32,27 +35,27 @@ def canonical(name: str) -> str:
   return name
 
 
-def _attention(m: dict, hf: str, ours: tuple, *, relative_bias: bool) -> None:
-  for proj in ("q", "k", "v", "o"):
-    m[f"{hf}.{proj}.weight"] = (ours + (proj, "kernel"), _T)
-  if relative_bias:
-    m[f"{hf}.relative_attention_bias.weight"] = (ours + ("relative_attention_bias",), _I)
-
-
 def _stack(m: dict, cfg: Any, stack: str, num_layers: int) -> None:
   is_decoder = stack == "decoder"
   ffn_index = 2 if is_decoder else 1
   mlp = ("wi_0", "wi_1", "wo") if cfg.gated else ("wi", "wo")
+  attention = (("0.SelfAttention", "self_attn"), ("1.EncDecAttention", "cross_attn"))[: 1 + is_decoder]
+  scan = getattr(cfg, "scan_layers", False)
+
+  def at(i: int, *rest: str, fn: backbone.Transform) -> tuple:
+    return ((stack, "blocks", "layer", *rest), fn, i) if scan else ((stack, "blocks", i, *rest), fn)
+
   for i in range(num_layers):
-    hf, ours = f"{stack}.block.{i}.layer", (stack, "blocks", i)
-    _attention(m, f"{hf}.0.SelfAttention", ours + ("self_attn",), relative_bias=i == 0)
-    m[f"{hf}.0.layer_norm.weight"] = (ours + ("self_attn_norm", "scale"), _I)
-    if is_decoder:
-      _attention(m, f"{hf}.1.EncDecAttention", ours + ("cross_attn",), relative_bias=False)
-      m[f"{hf}.1.layer_norm.weight"] = (ours + ("cross_attn_norm", "scale"), _I)
+    hf = f"{stack}.block.{i}.layer"
+    for sub, ours in attention:
+      for proj in ("q", "k", "v", "o"):
+        m[f"{hf}.{sub}.{proj}.weight"] = at(i, ours, proj, "kernel", fn=_T)
+      m[f"{hf}.{sub[0]}.layer_norm.weight"] = at(i, f"{ours}_norm", "scale", fn=_I)
     for proj in mlp:
-      m[f"{hf}.{ffn_index}.DenseReluDense.{proj}.weight"] = (ours + ("mlp", proj, "kernel"), _T)
-    m[f"{hf}.{ffn_index}.layer_norm.weight"] = (ours + ("mlp_norm", "scale"), _I)
+      m[f"{hf}.{ffn_index}.DenseReluDense.{proj}.weight"] = at(i, "mlp", proj, "kernel", fn=_T)
+    m[f"{hf}.{ffn_index}.layer_norm.weight"] = at(i, "mlp_norm", "scale", fn=_I)
+  table = (stack, "relative_attention_bias") if scan else (stack, "blocks", 0, "self_attn", "relative_attention_bias")
+  m[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (table, _I)
   m[f"{stack}.final_layer_norm.weight"] = ((stack, "final_layer_norm", "scale"), _I)
 
 
