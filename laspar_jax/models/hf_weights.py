@@ -338,6 +338,12 @@ def _gguf_tensors(reader: Any, fname: str, hf_cfg: dict[str, Any]) -> Iterator[t
     raise CheckpointError(str(e)) from e
 
 
+def attention_impl_for(family: backbone.Family, cfg: Any, requested: str, dtype: Any) -> str:
+  """`platform.attention_impl` for a family's model: "auto" weighs its dtype, head dim and logit bias."""
+  head_dim, has_bias = family.attention_shape(cfg) if family.attention_shape else (None, False)
+  return platform.attention_impl(requested, dtype=dtype, head_dim=head_dim, has_bias=has_bias)
+
+
 def load(
   name_or_path: str | os.PathLike,
   *,
@@ -361,7 +367,7 @@ def load(
     weights: False builds an abstract model (shapes only) without reading tensors.
     lm_head: attach the vocabulary head (`model.lm_head`, see `vocab_projection()`):
       the checkpoint's tensors when it has them, else a fresh one drawn from `rngs`.
-    attention_impl: "auto" (resolved by `platform.attention_impl`), "xla" or "cpu".
+    attention_impl: "auto" (resolved by `platform.attention_impl`), "xla", "cpu" or "cudnn".
     rngs: draws of a fresh vocabulary head (default `nnx.Rngs(params=0)`); the
       backbone itself draws nothing from it.
     mesh: place every parameter on this mesh as it is read, sharded by its logical
@@ -383,7 +389,7 @@ def load(
     cfg = family.config_from_hf(hf_cfg)
   except (KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f"{source}: {e}") from e
-  impl = platform.attention_impl(attention_impl)
+  impl = attention_impl_for(family, cfg, attention_impl, dtype)
   rngs = nnx.Rngs(params=0) if rngs is None else rngs
 
   def build(head_rngs: nnx.Rngs | None) -> nnx.Module:
@@ -432,7 +438,7 @@ def abstract_model(
     lm_head: attach the vocabulary head (`model.lm_head`).
     dtype: compute dtype.
     remat: rematerialize each layer in the backward pass.
-    attention_impl: "auto", "xla" or "cpu".
+    attention_impl: "auto", "xla", "cpu" or "cudnn".
 
   Returns:
     The model, its parameters `jax.ShapeDtypeStruct`s.
@@ -450,7 +456,7 @@ def abstract_model(
     cfg = family.config_from_hf(hf_cfg)
   except (KeyError, TypeError, ValueError) as e:
     raise CheckpointError(f"{source}: {e}") from e
-  impl = platform.attention_impl(attention_impl)
+  impl = attention_impl_for(family, cfg, attention_impl, dtype)
 
   def build() -> nnx.Module:
     model = family.build(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, attention_impl=impl)
