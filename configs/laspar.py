@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.scan_layers = False  # lax.scan over stacked layers (compile time of deep stacks; state-shaping)
   c.model.doc_head = ""  # "" = the query head; else a head name for documents (heads per side)
   c.model.doc_head_kwargs = ml_collections.ConfigDict()
-  c.model.attention_impl = "auto"  # "auto" (platform.attention_impl), "xla" or "cpu"
+  c.model.attention_impl = "auto"  # "auto" (platform.attention_impl), "xla", "cpu" or "cudnn" (CUDA GPU, bf16)
   c.model.matmul_precision = "default"  # fp32 dots: "default" (TF32 on GPUs), "tf32", "highest" (platform.py)
   # LoRA adapters on the backbone ({} = full fine-tune); e.g. {"rank": 16, "alpha": 32,
   # "dropout": 0.0, "targets": "default"}; the base then gets no update and no optimizer state.

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from laspar_jax import platform, prefetch, prompts, sparsify, zeroshot
 from laspar_jax.data import sources
-from laspar_jax.tokenizer import Tokenizer
+from laspar_jax.models import layers
 from laspar_jax.models.sparse_encoder import SparseEncoder
+from laspar_jax.tokenizer import Tokenizer
 
 
 def _model_shards(mesh: Mesh | None, dim: int) -> int:
@@ -59,6 +60,20 @@ def _encode_fn(
     return *sparsify.topk(rep_bv, k, min_weight=min_weight), fell_back_b
 
   return platform.jit(fn, compute_dtype=compute_dtype, matmul_precision=matmul_precision)
+
+
+def inference_state(encoder: SparseEncoder) -> tuple[nnx.GraphDef, nnx.State]:
+  """`nnx.split(encoder)` with the kernels a bf16 layer casts at every use cast once (`layers.cast_once`).
+
+  The encoder itself is unchanged; the state shares its other arrays. Every encoder
+  call then reads bf16 kernels (no per-call conversion, half the weight bytes), for
+  the same outputs; the bf16 copies live as long as the state.
+  """
+  graphdef, state = nnx.split(encoder)
+  view = nnx.merge(graphdef, nnx.to_pure_dict(state))  # new variables over the same arrays
+  if layers.cast_once(view) == 0:
+    return graphdef, state
+  return nnx.split(view)
 
 
 def new_stats() -> dict[str, Any]:
@@ -136,7 +151,7 @@ def encode_sparse(
   zeroshot.check_config(cfg)
   batch_size = platform.encode_batch_size(batch_size)
   max_length = max_length or (cfg.query_max_len if kind == "query" else cfg.doc_max_len)
-  graphdef, state = nnx.split(encoder)
+  graphdef, state = inference_state(encoder)
   shard_mesh = mesh if _model_shards(mesh, encoder.output_dim) > 1 else None
   k = min(int(k), encoder.output_dim)
   filt = zeroshot.InTextFilter(tokenizer, encoder.output_dim, match=cfg.filter_match) if cfg.in_text_filter else None

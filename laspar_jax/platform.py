@@ -1,9 +1,11 @@
 """The one place that looks at the backend: compiler options, attention choice, precision, compilation cache.
 
-`attention_impl("auto")` picks the attention implementation a model is built
-with: the CPU-tuned kernel ("cpu") on the CPU backend, `jax.nn.dot_product_attention`
-("xla": cuDNN / flash on GPU, XLA on TPU) elsewhere. Model code receives the
-resolved string and never asks for the backend itself.
+`attention_impl("auto", dtype=, head_dim=, has_bias=)` picks the attention
+implementation a model is built with: the CPU-tuned kernel ("cpu") on the CPU
+backend; on a CUDA GPU cuDNN's fused kernel ("cudnn") where the dtype (bf16 /
+fp16), head dim and compute capability allow and there is no logit bias, else
+`jax.nn.dot_product_attention`'s XLA form ("xla", also on TPUs). Model code
+receives the resolved string and never asks for the backend itself.
 
 Per-computation XLA compiler options (XLA:CPU library choices):
 
@@ -55,7 +57,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("xla", "cpu")
+ATTENTION_IMPLS = ("xla", "cpu", "cudnn")
+CUDNN_MIN_CAPABILITY = (8, 0)  # Ampere: the oldest GPU cuDNN's fused flash attention serves
 
 # Empty list: no YNNPACK library fusions (dots and reductions go to Eigen / XLA codegen).
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -228,21 +231,88 @@ def init_compilation_cache(setting: str | None = None) -> str | None:
   return path
 
 
-def attention_impl(requested: str = "auto", backend: str | None = None) -> str:
-  """Resolves an attention implementation name for `models.attention.attention`.
+def cuda_capability() -> tuple[int, int] | None:
+  """The first GPU's CUDA compute capability, e.g. (9, 0); None when there is no CUDA GPU."""
+  try:
+    device = jax.devices("gpu")[0]
+    if "cuda" not in device.client.platform_version.lower():
+      return None
+    major, minor = str(device.compute_capability).split(".")[:2]
+    return int(major), int(minor)
+  except (RuntimeError, ValueError, AttributeError, IndexError):
+    return None
+
+
+def cudnn_attention_problem(
+  backend: str, dtype: Any = None, head_dim: int | None = None, compute_capability: tuple[int, int] | None = None
+) -> str | None:
+  """Why cuDNN's fused attention cannot serve a model, or None when it can (unknown fields pass).
+
+  The rules (`models.attention.cudnn_attention` cites their source): a CUDA GPU of
+  compute capability >= 8.0 (`CUDNN_MIN_CAPABILITY`), a bf16 / fp16 compute dtype,
+  a head dim that is a multiple of 8 and <= 128 (<= 256 from capability 9.0).
+  `compute_capability` (0, 0) means a GPU that is not CUDA.
+  """
+  if backend != "gpu":
+    return f"cuDNN runs on CUDA GPUs; the backend is {backend!r}"
+  if compute_capability == (0, 0):
+    return "the GPU is not a CUDA GPU (no cuDNN)"
+  if compute_capability is not None and compute_capability < CUDNN_MIN_CAPABILITY:
+    return f"cuDNN fused attention needs compute capability >= 8.0, the GPU has {compute_capability}"
+  if dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"cuDNN fused attention needs a bfloat16 or float16 compute dtype (model.dtype), got {jnp.dtype(dtype)}"
+  h_max = 256 if compute_capability is not None and compute_capability >= (9, 0) else 128
+  if head_dim is not None and (head_dim % 8 or head_dim > h_max):
+    return f"cuDNN fused attention needs a head dim that is a multiple of 8 and <= {h_max}, the model has {head_dim}"
+  return None
+
+
+def attention_impl(
+  requested: str = "auto",
+  backend: str | None = None,
+  *,
+  dtype: Any = None,
+  head_dim: int | None = None,
+  has_bias: bool = False,
+  compute_capability: tuple[int, int] | None = None,
+) -> str:
+  """Resolves an attention implementation name for `models.attention.attention` when a model is built.
+
+  "auto": "cpu" on the CPU backend; on a GPU "cudnn" when `cudnn_attention_problem`
+  finds none, the dtype and head dim are known and there is no additive bias (T5's
+  relative bias would enter cuDNN in bf16 and be materialised [B, H, T, S] with its
+  gradient), else "xla"; "xla" on TPUs and elsewhere.
 
   Args:
-    requested: "auto", "xla" or "cpu"; explicit names pass through.
-    backend: the backend "auto" decides for (default: `jax.default_backend()`).
+    requested: "auto", "xla", "cpu" or "cudnn"; explicit names pass through ("cudnn" is checked).
+    backend: the backend deciding (default: the JAX backend, whose GPU is then asked for its
+      compute capability).
+    dtype: the attention's compute dtype (the model's), None when unknown.
+    head_dim: per-head dimension, None when unknown.
+    has_bias: the model adds a bias to the logits (T5's relative position bias).
+    compute_capability: the CUDA GPU's, e.g. (9, 0); None: unknown (or asked, see `backend`).
 
   Returns:
-    "cpu" for "auto" on the CPU backend, "xla" for "auto" elsewhere, else `requested`.
+    The implementation name.
 
   Raises:
-    ValueError: an unknown name.
+    ValueError: an unknown name, or "cudnn" where cuDNN cannot serve (names `model.attention_impl`).
   """
-  if requested in ATTENTION_IMPLS:
-    return requested
-  if requested != "auto":
+  if requested != "auto" and requested not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention implementation {requested!r}; known: auto, {', '.join(ATTENTION_IMPLS)}")
-  return "cpu" if (backend or jax.default_backend()) == "cpu" else "xla"
+  if requested in ("xla", "cpu"):
+    return requested
+  if backend is None:
+    backend = jax.default_backend()
+    if backend == "gpu" and compute_capability is None:
+      compute_capability = cuda_capability() or (0, 0)
+  if requested == "cudnn":
+    problem = cudnn_attention_problem(backend, dtype, head_dim, compute_capability)
+    if problem:
+      raise ValueError(f"model.attention_impl='cudnn' cannot serve this model: {problem}")
+    return "cudnn"
+  if backend == "cpu":
+    return "cpu"
+  if backend != "gpu" or dtype is None or head_dim is None or has_bias:
+    return "xla"
+  return "xla" if cudnn_attention_problem(backend, dtype, head_dim, compute_capability) else "cudnn"

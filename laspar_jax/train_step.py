@@ -6,6 +6,13 @@ parameters and optimizer state unchanged and records the step in
 `state.bad_step` (the loop reads it at log and checkpoint boundaries).
 Frozen parameters (`optim.trainable_mask`) enter the loss through
 `stop_gradient`: no weight gradient is computed for them.
+
+In a bf16 model the kernels the layers would cast at every use
+(`layers.cast_once`) are cast once per tower call (query, document) of each
+micro-batch, not per layer and use inside the (scanned, rematerialised)
+stack; the two towers cast separately so their gradients still meet in fp32.
+The loss and gradients are those of the per-use casts; the float32 master
+parameters, optimizer state and updates are unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from laspar_jax import loss_terms, losses, schedules
+from laspar_jax.models import layers
 from laspar_jax.train_state import TrainState
 
 Regularizer = tuple[str, str, float]
@@ -100,6 +108,7 @@ class StepConfig:
   q_topk: int = 0
   d_topk: int = 0
   terms: tuple[loss_terms.LossTerm, ...] | None = None  # built from the fields above when None
+  cast_params: bool = True  # bf16 layers' kernels cast once per tower call (False: at every use)
 
   def __post_init__(self):
     if self.terms is None:  # the loss terms, resolved from names once (the step only applies them)
@@ -164,9 +173,15 @@ def loss_fn(
   Returns:
     (loss, metrics) as `loss_terms.apply_terms`.
   """
-  encoder = nnx.merge(graphdef, params, rest)
+
+  def tower() -> nnx.Module:  # one merge (and one cast) per tower: each cast has one use per parameter
+    encoder = nnx.merge(graphdef, params, rest)
+    if cfg.cast_params:
+      layers.cast_once(encoder)
+    return encoder
+
   kq, kd = jax.random.split(key)
-  rep_q_bv = encoder(
+  rep_q_bv = tower()(
     batch["q_input_ids"],
     batch["q_attention_mask"],
     kind="query",
@@ -174,7 +189,7 @@ def loss_fn(
     rngs=nnx.Rngs(dropout=kq) if cfg.dropout else None,
     topk=cfg.q_topk or None,
   )
-  rep_d_mv = encoder(
+  rep_d_mv = tower()(
     batch["d_input_ids"],
     batch["d_attention_mask"],
     kind="doc",

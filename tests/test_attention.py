@@ -1,4 +1,8 @@
-"""attention: both implementations (and both offsets of the CPU kernel) equal a float64 reference.
+"""attention: every implementation (and both offsets of the CPU kernel) equals a float64 reference.
+
+"cudnn" runs here as its own pre/post-processing around jax's XLA kernel
+(`cudnn_attention(implementation="xla")`, or a spy in place of the kernel call);
+the cuDNN kernel itself needs a CUDA GPU (benchmarks/device_check.py).
 
 Covers padding masks, general [B, T, S] masks, additive biases, causal masks,
 custom scales, grouped-query heads, rows that see no key, and gradients.
@@ -9,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from laspar_jax.models.attention import attention, cpu_attention
+from laspar_jax.models.attention import attention, cpu_attention, cudnn_attention
 
 IMPLS = ["xla", "cpu"]
 
@@ -211,3 +215,60 @@ def test_cpu_impl_equals_kernel_with_bound_offset():
   a = attention(q, k, v, mask_bs=mask, impl="cpu")
   b = cpu_attention(q, k, v, _keep(mask), offset="bound")
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cudnn_processing_matches_reference(case):
+  """The "cudnn" path's padding to even lengths (T = S = 7 here), mask and bias shaping, zeroed rows, gradients."""
+  c = CASES[case]
+  h = c.get("h", 2)
+  q, k, v, mask = _inputs(1.5, seed=4, h=h, kv=c.get("kv"))
+  mask[0] = 0  # a row that sees nothing
+  b, t = mask.shape
+  if c.get("mask_bts"):
+    mask = np.random.default_rng(5).integers(0, 2, (b, t, t)).astype(np.int32)
+    mask[:, :, 0] = 1
+  bias = _bias(b, h, t, t) if c.get("bias") else None
+  kwargs = dict(bias_bhts=bias, causal=c.get("causal", False), scale=c.get("scale"))
+  fn = lambda q, k, v: cudnn_attention(q, k, v, mask_bs=mask, implementation="xla", **kwargs)
+  ref = _reference(q, k, v, mask, bias=bias, causal=kwargs["causal"], scale=kwargs["scale"])
+  np.testing.assert_allclose(np.asarray(jax.jit(fn)(q, k, v)), ref, rtol=2e-5, atol=2e-5)
+  w = np.random.default_rng(7).standard_normal(q.shape).astype(np.float32)
+  plain = lambda q, k, v: attention(q, k, v, mask_bs=mask, impl="xla", **kwargs)
+  for a, r in zip(_grads(fn, q, k, v, w), _grads(plain, q, k, v, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
+def test_cudnn_kernel_call_takes_what_cudnn_accepts(monkeypatch):
+  """impl="cudnn" hands the kernel one dtype, a [B, 1, T, S] mask, a bias in that dtype spanning T and S, even T, S."""
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def spy(q, k, v, bias=None, mask=None, **kw):
+    calls.append(dict(q=q, k=k, v=v, bias=bias, mask=mask, **kw))
+    return real(q, k, v, bias, mask, **dict(kw, implementation="xla"))
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  q, k, v, mask = _inputs(1.0, h=4, kv=2)
+  bias = _bias(3, 4, 7, 7)[:1]  # [1, H, T, S]
+  q16, k16, v16 = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  out = attention(q16.astype(jnp.float32), k16, v16, mask_bs=mask, bias_bhts=bias, causal=True, impl="cudnn")
+  (call,) = calls
+  assert call["implementation"] == "cudnn" and call["is_causal"]
+  assert {call[n].dtype for n in ("q", "k", "v", "bias")} == {jnp.dtype(jnp.bfloat16)}
+  assert call["q"].shape == (3, 8, 4, 8) and call["k"].shape == (3, 8, 2, 8)
+  assert call["mask"].shape == (3, 1, 8, 8) and call["mask"].dtype == bool and not call["mask"][:, :, :, 7].any()
+  assert call["bias"].shape == (1, 4, 8, 8)
+  assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+  ref = _reference(q16.astype(jnp.float32), k16, v16, mask, bias=bias, causal=True)
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=5e-2)
+  calls.clear()
+  attention(q16[:, :6], k16[:, :6], v16[:, :6], impl="cudnn")  # no mask, no bias: nothing padded or added
+  assert calls[0]["q"].shape[1] == 6 and calls[0]["mask"] is None and calls[0]["bias"] is None
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU the kernel may run")
+def test_cudnn_kernel_needs_a_cuda_gpu():
+  q, k, v, mask = _inputs(1.0)
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask_bs=mask, impl="cudnn")

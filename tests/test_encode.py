@@ -98,3 +98,25 @@ def test_batches_in_flight_give_the_rows_of_one_batch_at_a_time(encoder):
     ((one_idx, one_val),) = encode.encode_sparse(enc, tok, [text], kind="doc", k=32, batch_size=4)
     np.testing.assert_array_equal(one_idx[0], idx[i])
     np.testing.assert_allclose(one_val[0], val[i], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_kernels_cast_once_for_inference(tmp_path, minilm_path):
+  """A bf16 encoder's kernels are cast once for all calls: same representations, fp32 encoders untouched."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  path = tiny_bert.write_tiny_bert(tmp_path / "bert", minilm_path)
+  cfg = EncoderConfig(backbone=str(path), head="mlm", dtype="bfloat16", query_max_len=16, doc_max_len=24)
+  enc, tok = sparse_encoder.build_encoder(cfg)
+  graphdef, state = encode.inference_state(enc)
+  dtypes = {"/".join(map(str, p)): v.get_value().dtype for p, v in nnx.to_flat_state(state)}
+  cast = sorted(k for k, d in dtypes.items() if d == jnp.bfloat16)
+  assert len(cast) == 12 and all(k.endswith("/kernel") for k in cast)  # 6 Dense per layer, 2 layers
+  assert all(v.get_value().dtype == jnp.float32 for _, v in nnx.to_flat_state(nnx.state(enc, nnx.Param)))
+  batch = tok(TEXTS, max_length=24)
+  ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+  run = jax.jit(lambda s: nnx.merge(graphdef, s)(ids, mask, kind="doc"))
+  np.testing.assert_array_equal(np.asarray(run(state)), np.asarray(run(nnx.split(enc)[1])))
+  fp32, _ = sparse_encoder.build_encoder(EncoderConfig(**{**cfg.to_dict(), "dtype": "float32"}))
+  assert all(v.get_value().dtype == jnp.float32 for _, v in nnx.to_flat_state(encode.inference_state(fp32)[1]))

@@ -70,6 +70,59 @@ def test_attention_impl_choice():
     platform.attention_impl("flash")
 
 
+BF16, F32, F16 = jnp.bfloat16, jnp.float32, jnp.float16
+
+
+@pytest.mark.parametrize(
+  "backend, dtype, head_dim, bias, cc, expected",
+  [
+    ("cpu", BF16, 64, False, None, "cpu"),
+    ("tpu", BF16, 64, False, None, "xla"),
+    ("gpu", BF16, 64, False, (9, 0), "cudnn"),
+    ("gpu", F16, 32, False, (8, 0), "cudnn"),
+    ("gpu", BF16, 128, False, None, "cudnn"),  # capability unknown: the pre-Hopper limits
+    ("gpu", F32, 64, False, (9, 0), "xla"),  # fp32: cuDNN takes bf16 / fp16 only
+    ("gpu", BF16, 64, True, (9, 0), "xla"),  # a logit bias (T5)
+    ("gpu", BF16, 60, False, (9, 0), "xla"),  # not a multiple of 8
+    ("gpu", BF16, 256, False, (9, 0), "cudnn"),
+    ("gpu", BF16, 256, False, (8, 0), "xla"),  # > 128 before Hopper
+    ("gpu", BF16, 264, False, (9, 0), "xla"),
+    ("gpu", BF16, 64, False, (7, 5), "xla"),  # before Ampere
+    ("gpu", BF16, 64, False, (0, 0), "xla"),  # a GPU that is not CUDA
+    ("gpu", BF16, None, False, (9, 0), "xla"),  # head dim unknown
+    ("gpu", None, 64, False, (9, 0), "xla"),  # dtype unknown
+  ],
+)
+def test_attention_auto_selection(backend, dtype, head_dim, bias, cc, expected):
+  kw = dict(dtype=dtype, head_dim=head_dim, has_bias=bias, compute_capability=cc)
+  assert platform.attention_impl("auto", backend, **kw) == expected
+
+
+def test_explicit_cudnn_checked_at_build_time():
+  ok = dict(dtype=BF16, head_dim=64)
+  assert platform.attention_impl("cudnn", "gpu", **ok, has_bias=True) == "cudnn"  # allowed when asked for
+  for backend, kw, reason in [
+    ("gpu", dict(ok, dtype=F32), "bfloat16 or float16"),
+    ("gpu", dict(ok, head_dim=72 + 4), "multiple of 8"),
+    ("gpu", dict(ok, compute_capability=(7, 0)), "compute capability"),
+    ("cpu", ok, "CUDA"),
+    (None, ok, "CUDA"),  # the tests' backend is the CPU
+  ]:
+    with pytest.raises(ValueError, match=f"model.attention_impl='cudnn'.*{reason}"):
+      platform.attention_impl("cudnn", backend, **kw)
+
+
+def test_models_pass_what_the_choice_needs():
+  from laspar_jax.models import backbone
+
+  cases = {"bert-base-uncased": (64, False), "facebook/opt-1.3b": (64, False), "google/flan-t5-base": (64, True)}
+  for hub_id, expected in cases.items():
+    hf = backbone.known_config(hub_id)
+    fam = backbone.family_for_type(hf["model_type"])
+    assert fam.attention_shape(fam.config_from_hf(hf)) == expected
+  assert all(f.attention_shape is not None for f in backbone.families().values())
+
+
 def test_default_backend_only_in_platform():
   """Backend choices live at the boundary: no other module asks for the backend."""
   import pathlib

@@ -1,15 +1,22 @@
-"""train_step: regularizer terms from the config's named dicts, StepConfig."""
+"""train_step: regularizer terms from the config's named dicts, StepConfig, kernels cast once per tower."""
+
+import json
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from laspar_jax import loss_terms, train_step
+from laspar_jax import loss_terms, train_state, train_step
 from laspar_jax import mesh as mesh_lib
+from laspar_jax.models import layers, sparse_encoder
+from laspar_jax.models.encoder_config import EncoderConfig
 
 
 def _regs(**terms):
@@ -144,3 +151,102 @@ def test_step_config_builds_the_loss_terms_once():
     flops_num_shards=4,
   )
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def _llama_encoder(tmp_path, dtype: str, lora=None):
+  """A tiny scanned (remat) Llama sparse encoder from the llama3 fixture, mlm head."""
+  src = pathlib.Path(__file__).parent / "fixtures" / "llama3"
+  dst = tmp_path / f"llama_{dtype}"
+  if not dst.exists():
+    shutil.copytree(src, dst)
+    hf = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**hf, "scan_layers": True}))
+  cfg = EncoderConfig(
+    backbone=str(dst), head="mlm", dtype=dtype, remat=True, query_max_len=8, doc_max_len=12, lora=lora or {}
+  )
+  return sparse_encoder.build_encoder(cfg)[0]
+
+
+def _loss_and_grads(enc, cast: bool, trainable=None):
+  """jit(value_and_grad(loss_fn)) with cast_params=`cast`; (loss, grads, compiled HLO text)."""
+  graphdef, params, rest = nnx.split(enc, nnx.Param, ...)
+  params = nnx.to_pure_dict(params)
+  rng = np.random.default_rng(0)
+  batch = {
+    "q_input_ids": rng.integers(3, 128, (4, 8)),
+    "q_attention_mask": np.ones((4, 8), np.int32),
+    "d_input_ids": rng.integers(3, 128, (4, 12)),
+    "d_attention_mask": np.r_[np.ones((3, 12)), [[1] * 5 + [0] * 7]].astype(np.int32),
+  }
+  cfg = train_step.StepConfig(cast_params=cast)
+
+  def loss(p):
+    if trainable is not None:
+      p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
+    return train_step.loss_fn(p, graphdef, rest, batch, jnp.int32(0), jax.random.key(0), cfg)[0]
+
+  fn = jax.value_and_grad(loss)
+  value, grads = jax.jit(fn)(params)
+  return value, grads, jax.make_jaxpr(fn)(params).jaxpr
+
+
+def _cast_elements(jaxpr, times: int = 1) -> int:
+  """Elements the program converts f32 -> bf16, counting a scan body once per iteration."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "convert_element_type":
+      a, b = eqn.invars[0].aval, eqn.outvars[0].aval
+      n += times * a.size * (a.dtype == jnp.float32 and b.dtype == jnp.bfloat16)
+    inner = times * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else times
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, tuple) else (v,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          n += _cast_elements(sub, inner)
+  return n
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_params_cast_once_equal_the_per_use_casts(tmp_path, lora):
+  """bf16 scanned Llama: kernels cast once per tower give bitwise the loss and fp32 grads of the per-use casts."""
+  from laspar_jax import optim
+
+  enc = _llama_encoder(tmp_path, "bfloat16", {"rank": 2, "alpha": 4} if lora else None)
+  trainable = None
+  if lora:
+    o = ml_collections.ConfigDict(dict(freeze=(), lora_trainable=(), head_lr_mult=1.0))
+    trainable = optim.trainable_mask(train_state.encoder_params(enc), o)
+  once, per_use = _loss_and_grads(enc, True, trainable), _loss_and_grads(enc, False, trainable)
+  assert np.isfinite(float(once[0]))
+  # Bitwise: a cast commutes with slicing a layer out of the stack, and each tower's
+  # cast has one use per parameter, so every bf16 gradient meets fp32 where it did before.
+  np.testing.assert_array_equal(np.asarray(once[0]), np.asarray(per_use[0]))
+  for (path, g1), g2 in zip(jax.tree_util.tree_flatten_with_path(once[1])[0], jax.tree.leaves(per_use[1])):
+    assert g1.dtype == jnp.float32, path
+    np.testing.assert_array_equal(np.asarray(g1), np.asarray(g2), err_msg=jax.tree_util.keystr(path))
+  kernels = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(once[1])[0] if "layers" in str(p))
+  saved = _cast_elements(per_use[2]) - _cast_elements(once[2])
+  assert saved >= kernels  # remat no longer re-casts the stacked kernels (per tower: >= one pass)
+
+
+def test_cast_once_leaves_fp32_models_and_fp32_readers_alone(tmp_path):
+  enc = _llama_encoder(tmp_path, "float32")
+  assert layers.cast_once(enc) == 0
+  graphdef, params, rest = nnx.split(enc, nnx.Param, ...)
+  params = nnx.to_pure_dict(params)
+  fp32 = [str(jax.make_jaxpr(lambda p, c=c: _merged_kernels(graphdef, p, rest, c))(params)) for c in (True, False)]
+  assert fp32[0] == fp32[1]  # no cast inserted
+  enc16 = _llama_encoder(tmp_path, "bfloat16")
+  n = layers.cast_once(enc16)
+  assert n == 7  # q, k, v, o, gate, up, down: stacked once each
+  dtypes = {"/".join(map(str, p)): v.get_value().dtype for p, v in nnx.to_flat_state(nnx.state(enc16, nnx.Param))}
+  cast = {k for k, d in dtypes.items() if d == jnp.bfloat16}
+  assert len(cast) == 7 and all(k.startswith("query_backbone/layers/") and k.endswith("/kernel") for k in cast), cast
+  assert any("norm" in k for k in dtypes) and any("lm_head" in k for k in dtypes)  # norms, embeddings, head: fp32
+
+
+def _merged_kernels(graphdef, params, rest, cast):
+  enc = nnx.merge(graphdef, params, rest)
+  if cast:
+    layers.cast_once(enc)
+  return nnx.state(enc, nnx.Param)

@@ -1,6 +1,6 @@
 """Softmax attention with padding masks, additive biases, causal masks and grouped-query heads.
 
-`attention(q, k, v, ..., impl=...)` has two implementations with one meaning:
+`attention(q, k, v, ..., impl=...)` has three implementations with one meaning:
 
   "xla": `jax.nn.dot_product_attention` (its XLA implementation on every
          backend). The default; grouped-query heads are native there.
@@ -9,6 +9,9 @@
          column of ones), normalisation after the value product, and an
          overflow offset that needs no reduction over [B, H, T, S] when there
          is no additive bias.
+  "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's
+         fused (flash) kernel on CUDA GPUs, bf16 / fp16 only (`cudnn_attention`;
+         `platform.attention_impl` checks what it can take when a model is built).
 
 The choice is a string fixed when a model is built (`platform.attention_impl`
 resolves "auto"); nothing here looks at the backend.
@@ -22,6 +25,8 @@ Conventions shared by both:
     that see real keys attend normally (their outputs are finite; masks
     downstream drop them).
   - The output has the dtype of v.
+  - "cudnn" adds the bias in v's dtype (bf16: about 3 significant digits);
+    the others add it in float32.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "cpu")
+IMPLS = ("xla", "cpu", "cudnn")
 
 _BOUND_SLACK = 60.0  # e^60 ~ 1.1e26: headroom below the fp32 / bf16 max (3.4e38)
 _MIN_SUM = 1e-25  # smallest row sum of exponentials "bound" accepts (else: "max")
@@ -58,7 +63,7 @@ def attention(
       position biases, ALiBi); finite values.
     causal: query t sees keys s <= t only (T == S, aligned at the start).
     scale: logit scale (default 1/sqrt(D)).
-    impl: "xla" or "cpu" (see the module docstring).
+    impl: "xla", "cpu" or "cudnn" (see the module docstring).
 
   Returns:
     [B, T, H, D] in the dtype of v.
@@ -68,6 +73,8 @@ def attention(
     raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({kv})")
   if impl == "xla":
     return _xla_attention(q_bthd, k_bshd, v_bshd, mask_bs, bias_bhts, causal, scale)
+  if impl == "cudnn":
+    return cudnn_attention(q_bthd, k_bshd, v_bshd, mask_bs=mask_bs, bias_bhts=bias_bhts, causal=causal, scale=scale)
   if impl == "cpu":
     if kv != h:
       k_bshd, v_bshd = (jnp.repeat(x, h // kv, axis=2) for x in (k_bshd, v_bshd))
@@ -104,6 +111,67 @@ def _xla_attention(q_bthd, k_bshd, v_bshd, mask_bs, bias_bhts, causal, scale) ->
     return out_bthd  # every row sees at least key 0 (causal) or all keys
   # Rows with no visible key: jax gives the mean of all values; the convention is zeros.
   seen_bt = _keep_b1ts(mask_bs, causal, q_bthd.shape[1], k_bshd.shape[1]).any(-1)[:, 0]
+  return jnp.where(seen_bt[:, :, None, None], out_bthd, 0).astype(dtype)
+
+
+def cudnn_attention(
+  q_bthd: jax.Array,
+  k_bshd: jax.Array,
+  v_bshd: jax.Array,
+  *,
+  mask_bs: jax.Array | None = None,
+  bias_bhts: jax.Array | None = None,
+  causal: bool = False,
+  scale: float | None = None,
+  implementation: str | None = "cudnn",
+) -> jax.Array:
+  """cuDNN's fused attention under this module's conventions (arguments as `attention`).
+
+  What the kernel takes (read in jax 0.10.2's `jax/_src/cudnn/fused_attention_stablehlo.py`,
+  `check_layout` / `check_is_flash_attention`, and `jax/_src/nn/functions.py`):
+    - q, k, v of one dtype, bf16 or fp16 (fp8 aside); the output has q's dtype.
+    - head dim a multiple of 8, <= 128 (<= 256 from compute capability 9.0, Hopper).
+    - grouped-query heads natively (K divides H).
+    - a boolean mask becomes an additive bias in q's dtype (-2^41 where hidden),
+      and a bias must span the query and key lengths: [B or 1, H or 1, T, S].
+    - with a bias, training needs even T and S.
+    - causal: the kernel's own causal mask (non-causal blocks skipped).
+  So here: q, k go to v's dtype, the bias to v's dtype and [., ., T, S], the mask
+  to [B, 1, T, S]; with a mask or bias an odd T or S is padded by one (padded keys
+  hidden, padded query rows dropped); rows that see no key are set to 0 after.
+
+  Args:
+    implementation: passed to `jax.nn.dot_product_attention`; "cudnn" (the
+      kernel), or "xla" / None to run this same pre- and post-processing on
+      any backend (the tests do).
+
+  Returns:
+    [B, T, H, D] in the dtype of v.
+  """
+  dtype = v_bshd.dtype
+  q_bthd, k_bshd = q_bthd.astype(dtype), k_bshd.astype(dtype)
+  b, t, _, _ = q_bthd.shape
+  s = k_bshd.shape[1]
+  keep = None if mask_bs is None else jnp.broadcast_to(_keep_b1ts(mask_bs, False, t, s), (b, 1, t, s))
+  bias = None
+  if bias_bhts is not None:
+    bias = jnp.asarray(bias_bhts, dtype)
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    bias = jnp.broadcast_to(bias, bias.shape[:2] + (t, s))
+  pad_t, pad_s = (t % 2, s % 2) if (keep is not None or bias is not None) else (0, 0)
+  if pad_t or pad_s:
+    q_bthd = jnp.pad(q_bthd, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+    k_bshd, v_bshd = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (k_bshd, v_bshd))
+    keep = jnp.ones((1, 1, t, s), bool) if keep is None else keep
+    keep = jnp.pad(keep, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)))  # padded keys and query rows: hidden
+    if bias is not None:
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)))
+  out_bthd = jax.nn.dot_product_attention(
+    q_bthd, k_bshd, v_bshd, bias, keep, scale=scale, is_causal=causal, implementation=implementation
+  )[:, :t]
+  if mask_bs is None:
+    return out_bthd.astype(dtype)  # every row sees at least key 0 (causal) or all keys
+  seen_bt = _keep_b1ts(mask_bs, causal, t, s).any(-1)[:, 0]
   return jnp.where(seen_bt[:, :, None, None], out_bthd, 0).astype(dtype)
 
 

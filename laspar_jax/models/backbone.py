@@ -163,6 +163,8 @@ class Family:
     special_tokens: the reference's rule for special tokens in sparse read-outs: "keep"
       (T5: special ids are ordinary dims) or "positions" (BERT, OPT, Llama: special
       positions are not pooled).
+    attention_shape: config -> (head dim, whether a bias is added to the logits): what
+      `platform.attention_impl` weighs to pick cuDNN's fused attention (None: unknown).
   """
 
   name: str
@@ -178,6 +180,7 @@ class Family:
   gguf_architectures: Mapping[str, tuple[str, bool]] = dataclasses.field(default_factory=dict)
   known_configs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   special_tokens: str = "positions"
+  attention_shape: Callable[[Any], tuple[int, bool]] | None = None
 
   def __post_init__(self):
     if self.special_tokens not in SPECIAL_RULES:

@@ -278,5 +278,6 @@ FAMILY = backbone.register(
     lora_targets=("query", "key", "value", "attn_out", "mlp_in", "mlp_out"),
     known_configs=known_configs.for_model_types("bert", "distilbert"),
     special_tokens="positions",
+    attention_shape=lambda c: (c.hidden_size // c.num_attention_heads, False),
   )
 )

@@ -41,7 +41,7 @@ class EncoderConfig:
     doc_head: the document head ("" = the query head's name and kwargs).
     doc_head_kwargs: constructor arguments of the document head; used when
       `doc_head` or this is set (else the document side copies the query side).
-    attention_impl: attention implementation of the backbone ("auto", "xla", "cpu").
+    attention_impl: attention implementation of the backbone ("auto", "xla", "cpu", "cudnn"; `platform.attention_impl`).
     lora: LoRA adapters on the backbone(s) ({} = none): {"rank": 16, "alpha": 32,
       "dropout": 0.0, "targets": "default" or a list of attribute names}; the
       optimizer then freezes the rest of the backbone.

@@ -351,6 +351,12 @@ def _config(family: backbone.Family, hf_cfg: dict[str, Any], source: str, scan_l
   return cfg
 
 
+def attention_impl_for(family: backbone.Family, cfg: Any, requested: str, dtype: Any) -> str:
+  """`platform.attention_impl` for a family's model: "auto" weighs its dtype, head dim and logit bias."""
+  head_dim, has_bias = family.attention_shape(cfg) if family.attention_shape else (None, False)
+  return platform.attention_impl(requested, dtype=dtype, head_dim=head_dim, has_bias=has_bias)
+
+
 def load(
   name_or_path: str | os.PathLike,
   *,
@@ -378,7 +384,7 @@ def load(
     weights: False builds an abstract model (shapes only) without reading tensors.
     lm_head: attach the vocabulary head (`model.lm_head`, see `vocab_projection()`):
       the checkpoint's tensors when it has them, else a fresh one drawn from `rngs`.
-    attention_impl: "auto" (resolved by `platform.attention_impl`), "xla" or "cpu".
+    attention_impl: "auto" (resolved by `platform.attention_impl`), "xla", "cpu" or "cudnn".
     rngs: draws of a fresh vocabulary head (default `nnx.Rngs(params=0)`); the
       backbone itself draws nothing from it.
     mesh: place every parameter on this mesh as it is read, sharded by its logical
@@ -397,7 +403,7 @@ def load(
   if reader is not None:
     path = source
   cfg = _config(family, hf_cfg, source, scan_layers)
-  impl = platform.attention_impl(attention_impl)
+  impl = attention_impl_for(family, cfg, attention_impl, dtype)
   rngs = nnx.Rngs(params=0) if rngs is None else rngs
 
   def build(head_rngs: nnx.Rngs | None) -> nnx.Module:
@@ -447,7 +453,7 @@ def abstract_model(
     lm_head: attach the vocabulary head (`model.lm_head`).
     dtype: compute dtype.
     remat: rematerialize each layer in the backward pass (True or a `layers.REMAT_POLICIES` name).
-    attention_impl: "auto", "xla" or "cpu".
+    attention_impl: "auto", "xla", "cpu" or "cudnn".
     scan_layers: stacked layers run by `lax.scan` (as `load`).
 
   Returns:
@@ -463,7 +469,7 @@ def abstract_model(
     raise CheckpointError(f"{config}: no known config.json; known: {known}")
   family = family_of(hf_cfg, source)
   cfg = _config(family, hf_cfg, source, scan_layers)
-  impl = platform.attention_impl(attention_impl)
+  impl = attention_impl_for(family, cfg, attention_impl, dtype)
 
   def build() -> nnx.Module:
     model = family.build(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, attention_impl=impl)

@@ -5,6 +5,11 @@ Every parameter is an `nnx.Param` annotated with a tuple of *logical* axis names
 maps them to mesh axes by rules from the config. Parameters are created
 unsharded (no eager sharding); `mesh.shard_model` places them afterwards, so a
 module can be built the same way with or without a mesh.
+
+A layer that casts parameters to its compute dtype at every use lists them in
+`CAST_AT_USE` (Dense: `kernel`); `cast_once` casts those of a whole model once,
+so a scanned or rematerialised stack does not convert them again per layer and
+use (the layer's own cast is then a no-op).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class Dense(nnx.Module):
     bias: [out] with logical axis `axes[1]` (if use_bias).
   """
 
+  CAST_AT_USE = ("kernel",)  # read only as `kernel.astype(dtype)` (`cast_once`)
+
   def __init__(
     self,
     in_features: int,
@@ -73,6 +80,31 @@ class Dense(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...]
     return y.astype(self.dtype)
+
+
+def cast_once(module: nnx.Module) -> int:
+  """Casts, in place, each parameter a layer reads only in its compute dtype (`CAST_AT_USE`) to that dtype.
+
+  Layers whose `dtype` is float32 are left alone, as are norms, biases, embeddings
+  and everything a layer also reads in float32. Values are those the layers
+  computed anyway (a cast commutes with slicing a stacked layer); gradients flow
+  through the cast to the float32 originals. Call it on a model merged inside a
+  traced function (the train step), once per forward pass that should share the cast.
+
+  Returns:
+    The number of parameters cast.
+  """
+  n = 0
+  for _, m in nnx.iter_modules(module):
+    dtype = getattr(m, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) == jnp.float32:
+      continue
+    for name in getattr(type(m), "CAST_AT_USE", ()):
+      var = getattr(m, name, None)
+      if isinstance(var, nnx.Variable) and var.get_value().dtype != jnp.dtype(dtype):
+        var.set_value(var.get_value().astype(dtype))
+        n += 1
+  return n
 
 
 class LayerNorm(nnx.Module):

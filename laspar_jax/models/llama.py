@@ -243,5 +243,6 @@ FAMILY = backbone.register(
     gguf_architectures={"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False)},
     known_configs=known_configs.for_model_types("llama", "qwen2", "mistral"),
     special_tokens="positions",
+    attention_shape=lambda c: (c.head_dim, False),
   )
 )

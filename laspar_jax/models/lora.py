@@ -61,6 +61,8 @@ class LoRADense(nnx.Module):
     rate: dropout rate on the adapter's input (applied when a call passes `rngs`).
   """
 
+  CAST_AT_USE = ("lora_a", "lora_b")  # in the step only as `.astype(dtype)` (`layers.cast_once`)
+
   def __init__(self, base: layers.Dense, *, rank: int, alpha: float, dropout: float = 0.0, rngs: nnx.Rngs):
     if rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {rank}")

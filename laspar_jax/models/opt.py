@@ -219,5 +219,6 @@ FAMILY = backbone.register(
     lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     known_configs=known_configs.for_model_types("opt"),
     special_tokens="positions",
+    attention_shape=lambda c: (c.hidden_size // c.num_attention_heads, False),
   )
 )

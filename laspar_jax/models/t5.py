@@ -495,5 +495,6 @@ FAMILY = backbone.register(
     lora_targets=("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
     known_configs=known_configs.for_model_types("t5", "mt5"),
     special_tokens="keep",
+    attention_shape=lambda c: (c.d_kv, True),
   )
 )
