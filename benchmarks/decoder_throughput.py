@@ -25,6 +25,11 @@ in-batch cross-entropy, the vocabulary head) of random Flan-T5-base-,
 OPT-1.3b- and Llama-3-8B-sized encoders with LoRA adapters on every
 projection (the base frozen, no optimizer state): compile time, step time and
 peak device memory. The 8B model uses scanned layers, remat and bf16 compute.
+Beside the peak (`memory_stats`, the process's, so across rows) each row
+prints the peak before its first step (building the random model), XLA's
+plan of the compiled step (`compiled.memory_analysis()`: arguments + outputs
+- donated + temp; CPUs have it too) and `laspar_jax.memory.estimate`, whose
+terms follow the table (README: "Device memory per family").
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root (configs)
 from configs import common  # noqa: E402
+from laspar_jax import memory, optim, platform, train_state, train_step  # noqa: E402
 from laspar_jax import mesh as mesh_lib  # noqa: E402
-from laspar_jax import optim, platform, train_state, train_step  # noqa: E402
 from laspar_jax.models import heads, hf_weights, lora, sparse_encoder  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -260,11 +265,12 @@ CONFIGS = {
 BIG = ("llama3_8b",)  # bf16 compute and remat
 
 
-def _random_encoder(name: str, hf: dict, lora_spec: dict, dtype, remat: bool):
+def _random_encoder(name: str, hf: dict, lora_spec: dict, dtype, remat: bool, attention_impl: str = "auto"):
   """A SparseEncoder of random weights: backbone + LM head + LoRA adapters + the vocabulary head."""
   family = hf_weights.family_of(hf, f"random:{name}")  # imports the family module on first use
   cfg = family.config_from_hf(hf)
-  model = family.build(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, attention_impl=platform.attention_impl("auto"))
+  impl = platform.attention_impl(attention_impl)
+  model = family.build(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, attention_impl=impl)
   model.lm_head = family.lm_head(model, cfg, rngs=nnx.Rngs(1))
   lora.apply_lora(
     model, targets=lora.default_targets(family.name), rank=lora_spec["rank"], alpha=lora_spec["alpha"], rngs=nnx.Rngs(2)
@@ -302,25 +308,38 @@ def lora_shapes(scale: str) -> tuple[int, int, int]:
   return (32, 32, 256) if scale == "full" else (8, 8, 16)
 
 
-def lora_step_row(name: str, scale: str = "full", steps: int = 5) -> dict:
-  """One LoRA train-step row: a random `CONFIGS[name]` encoder, its jitted donated step on one batch.
+def lora_setup(
+  name: str,
+  scale: str = "full",
+  *,
+  hf: dict | None = None,
+  shape: tuple[int, int, int] | None = None,
+  big: bool | None = None,
+  dtype: str | None = None,
+  remat: bool | str | None = None,
+  attention_impl: str = "auto",
+) -> dict:
+  """A LoRA row's jitted step, state and batch (nothing compiled yet) and what `memory.estimate` needs.
 
   Args:
-    name: a key of CONFIGS.
-    scale: "full" (the real model's shapes) or "tiny".
-    steps: timed steps after the compiling one.
-
-  Returns:
-    {"model", "params", "lora_params", "compile_s" (first call: trace + compile + one step),
-     "step_s" (median), "loss", "peak_GiB" (None where the backend keeps no statistics)}.
+    name: a key of CONFIGS, or any name when `hf` is given.
+    scale: "full" or "tiny" (the CONFIGS sizes); `hf` (a config.json dict) replaces them, `shape` the batch.
+    big: bf16 compute and remat (default: the BIG rows at full scale); `dtype` ("float32" / "bfloat16") and
+      `remat` (bool or a remat policy name) override each.
+    attention_impl: "auto", "xla" or "cpu" (`platform.attention_impl`).
   """
   mesh = mesh_lib.make_mesh(data=-1, model=1)
   o = ml_collections.ConfigDict(LORA_OPTIM)
-  bq, lq, ld = lora_shapes(scale)
-  full, tiny = CONFIGS[name]
-  hf = full if scale == "full" else {**full, **tiny}
-  big = name in BIG and scale == "full"
-  enc, n_lora = _random_encoder(name, hf, {"rank": 16, "alpha": 32}, jnp.bfloat16 if big else jnp.float32, remat=big)
+  bq, lq, ld = shape or lora_shapes(scale)
+  if hf is None:
+    full, tiny = CONFIGS[name]
+    hf = full if scale == "full" else {**full, **tiny}
+  big = (name in BIG and scale == "full") if big is None else big
+  dtype = dtype or ("bfloat16" if big else "float32")
+  remat = big if remat is None else remat
+  enc, n_lora = _random_encoder(
+    name, hf, {"rank": 16, "alpha": 32}, jnp.dtype(dtype), remat=remat, attention_impl=attention_impl
+  )
   params = train_state.encoder_params(enc)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   tx, lr = optim.make_optimizer(o, 100, params)
@@ -342,45 +361,97 @@ def lora_step_row(name: str, scale: str = "full", steps: int = 5) -> dict:
     },
     mesh,
   )
+  setting = {
+    "n_params": int(n_params),
+    "n_trainable": int(n_lora),
+    "dtype": dtype,
+    "remat": remat,
+    "scan": bool(hf.get("scan_layers", False)),
+    "lora_rank": 16,
+    "attention": "xla",  # scores materialized on every path of `models.attention`
+    "devices": int(mesh.shape["data"]),
+  }
+  return {"step": step, "state": state, "batch": batch, "hf": hf, "shape": memory.Shape(bq, lq, ld), "setting": setting}
+
+
+def lora_step_row(name: str, scale: str = "full", steps: int = 5) -> dict:
+  """One LoRA train-step row: a random `CONFIGS[name]` encoder, its jitted donated step on one batch.
+
+  Args:
+    name: a key of CONFIGS.
+    scale: "full" (the real model's shapes) or "tiny".
+    steps: timed steps after the compiling one.
+
+  Returns:
+    {"model", "params", "lora_params", "compile_s" (trace + compile + one step), "step_s" (median),
+     "loss", "peak_GiB" (the process's peak; None where the backend keeps no statistics),
+     "peak_bytes" (the same in bytes), "build_peak_bytes" (the peak before the first step: building the
+     random model), "planned_bytes" (XLA's plan of the step: arguments + outputs - donated + temp; None
+     without one),
+     "estimate" (`memory.estimate`, bytes per term)}.
+  """
+  s = lora_setup(name, scale)
+  state, batch = s["state"], s["batch"]
+  build_peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   t = time.perf_counter()
-  state, metrics = step(state, batch)
+  compiled = s["step"].lower(state, batch).compile()
+  state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
   compile_s = time.perf_counter() - t
   times = []
   for _ in range(steps):
     t = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - t)
   stats = jax.local_devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
+  planned = memory.xla_planned_bytes(compiled)
   return {
     "model": name,
-    "params": int(n_params),
-    "lora_params": int(n_lora),
+    "params": s["setting"]["n_params"],
+    "lora_params": s["setting"]["n_trainable"],
     "compile_s": compile_s,
     "step_s": float(np.median(times)),
     "loss": float(metrics["loss"]),
     "peak_GiB": peak / 2**30 if peak else None,
+    "peak_bytes": peak,
+    "build_peak_bytes": build_peak,
+    "planned_bytes": planned["peak"] if planned else None,
+    "estimate": memory.estimate(s["hf"], s["shape"], **s["setting"]),
   }
 
 
 def train_main(args: argparse.Namespace) -> None:
-  """LoRA train steps of large random encoders: compile s, step s, peak device memory."""
+  """LoRA train steps of large random encoders: compile s, step s, peak device memory beside its estimate."""
   bq, lq, ld = lora_shapes(args.scale)
   print(
     f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  batch {bq} queries x {lq} + "
     f"{bq} docs x {ld} tokens, LoRA r=16 on every projection, vocabulary head"
   )
-  print(f"{'model':<14}{'params':>10}{'lora':>10}{'compile s':>11}{'step s':>9}{'peak GiB':>10}")
+  unit, uname = (2**30, "GiB") if args.scale == "full" else (2**20, "MiB")
+  print(
+    f"{'model':<14}{'params':>10}{'lora':>10}{'compile s':>11}{'step s':>9}{'peak':>9}{'build':>9}"
+    f"{'XLA plan':>10}{'estimate':>10}  ({uname})"
+  )
+  size = lambda x: f"{x / unit:.1f}" if x else "-"
+  rows = []
   for name in args.models:
     r = lora_step_row(name, args.scale, args.steps)
     assert np.isfinite(r["loss"])
-    peak = f"{r['peak_GiB']:.1f}" if r["peak_GiB"] else "-"
+    rows.append(r)
     print(
       f"{name:<14}{r['params'] / 1e6:>9.1f}M{r['lora_params'] / 1e6:>9.2f}M{r['compile_s']:>11.1f}{r['step_s']:>9.3f}"
-      f"{peak:>10}"
+      f"{size(r['peak_bytes']):>9}{size(r['build_peak_bytes']):>9}{size(r['planned_bytes']):>10}"
+      f"{size(r['estimate']['total']):>10}"
     )
+  print(
+    f"\npeak: the process's device peak so far (rows run in one process); build: that peak before the first"
+    f" step (building the random model); XLA plan: arguments + outputs - donated + temp of the compiled step."
+    f"\nestimate per term ({uname}; `laspar_jax.memory`):"
+  )
+  for r in rows:
+    print(f"  {r['model']:<14}{memory.format_breakdown(r['estimate'], unit)}")
 
 
 def main() -> None:
