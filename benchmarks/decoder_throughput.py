@@ -24,7 +24,10 @@ GPU mode (`--gpu`): the jitted, donated train step (`train_step.make_train_step`
 in-batch cross-entropy, the vocabulary head) of random Flan-T5-base-,
 OPT-1.3b- and Llama-3-8B-sized encoders with LoRA adapters on every
 projection (the base frozen, no optimizer state): compile time, step time and
-peak device memory. The 8B model uses scanned layers, remat and bf16 compute.
+peak device memory. Every row runs scanned layers (one compiled layer body per
+stack); the 8B model also uses remat and bf16 compute. Attention is chosen as
+the encoders choose it (`hf_weights.attention_impl_for`: cuDNN on a GPU where
+dtype and head dim allow, e.g. the bf16 Llama row; T5's logit bias keeps XLA).
 Beside the peak (`memory_stats`, the process's, so across rows) each row
 prints the peak before its first step (building the random model), XLA's
 plan of the compiled step (`compiled.memory_analysis()`: arguments + outputs
@@ -219,6 +222,7 @@ CONFIGS = {
       feed_forward_proj="gated-gelu",
       tie_word_embeddings=False,
       mode="encoder_decoder",
+      scan_layers=True,
     ),
     dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=512),
   ),
@@ -234,6 +238,7 @@ CONFIGS = {
       do_layer_norm_before=True,
       activation_function="relu",
       tie_word_embeddings=True,
+      scan_layers=True,
     ),
     dict(
       hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64, vocab_size=512
@@ -269,7 +274,7 @@ def _random_encoder(name: str, hf: dict, lora_spec: dict, dtype, remat: bool, at
   """A SparseEncoder of random weights: backbone + LM head + LoRA adapters + the vocabulary head."""
   family = hf_weights.family_of(hf, f"random:{name}")  # imports the family module on first use
   cfg = family.config_from_hf(hf)
-  impl = platform.attention_impl(attention_impl)
+  impl = hf_weights.attention_impl_for(family, cfg, attention_impl, dtype)  # cuDNN where it can serve
   model = family.build(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, attention_impl=impl)
   model.lm_head = family.lm_head(model, cfg, rngs=nnx.Rngs(1))
   lora.apply_lora(
@@ -285,7 +290,7 @@ def _random_encoder(name: str, hf: dict, lora_spec: dict, dtype, remat: bool, at
     dtype="bfloat16" if dtype == jnp.bfloat16 else "float32",
     remat=remat,
   )
-  return sparse_encoder.SparseEncoder(enc_cfg, model, head), lora.lora_param_count(model)
+  return sparse_encoder.SparseEncoder(enc_cfg, model, head), lora.lora_param_count(model), impl
 
 
 LORA_OPTIM = dict(
@@ -326,7 +331,7 @@ def lora_setup(
     scale: "full" or "tiny" (the CONFIGS sizes); `hf` (a config.json dict) replaces them, `shape` the batch.
     big: bf16 compute and remat (default: the BIG rows at full scale); `dtype` ("float32" / "bfloat16") and
       `remat` (bool or a remat policy name) override each.
-    attention_impl: "auto", "xla" or "cpu" (`platform.attention_impl`).
+    attention_impl: "auto", "xla", "cpu" or "cudnn" (`hf_weights.attention_impl_for`).
   """
   mesh = mesh_lib.make_mesh(data=-1, model=1)
   o = ml_collections.ConfigDict(LORA_OPTIM)
@@ -337,7 +342,7 @@ def lora_setup(
   big = (name in BIG and scale == "full") if big is None else big
   dtype = dtype or ("bfloat16" if big else "float32")
   remat = big if remat is None else remat
-  enc, n_lora = _random_encoder(
+  enc, n_lora, impl = _random_encoder(
     name, hf, {"rank": 16, "alpha": 32}, jnp.dtype(dtype), remat=remat, attention_impl=attention_impl
   )
   params = train_state.encoder_params(enc)
@@ -368,7 +373,7 @@ def lora_setup(
     "remat": remat,
     "scan": bool(hf.get("scan_layers", False)),
     "lora_rank": 16,
-    "attention": "xla",  # scores materialized on every path of `models.attention`
+    "attention": "fused" if impl == "cudnn" else "xla",  # the XLA and CPU paths materialize the scores
     "devices": int(mesh.shape["data"]),
   }
   return {"step": step, "state": state, "batch": batch, "hf": hf, "shape": memory.Shape(bq, lq, ld), "setting": setting}

@@ -14,6 +14,7 @@ use (the layer's own cast is then a no-op).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -372,11 +373,18 @@ def rematerialized(fn: Callable, remat: bool | str, *, nnx_transform: bool = Tru
   return nnx.remat(fn, policy=policy) if nnx_transform else jax.checkpoint(fn, policy=policy)
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_row(stacked: Any, row: Any, i: int) -> Any:
+  """`stacked` with row i of every leaf set to `row`'s leaf, in place (the stack is donated)."""
+  return jax.tree.map(lambda a, b: a.at[i].set(b), stacked, row)
+
+
 class Stacked(nnx.Module):
   """`n` copies of a layer with stacked parameters (leading logical axis "layers"), run by `lax.scan`.
 
   The copies are built one after another, `make_layer(i)` for i = 0..n-1 (so
-  they draw the same random numbers as an unstacked list would), and stacked;
+  they draw the same random numbers as an unstacked list would), each written
+  into the stack in place and dropped before the next is built;
   every copy must have the same structure. One compiled layer body serves
   every layer (deep stacks compile in the time of one layer). The parameters
   live once, under `layer`, with a leading axis of size n: a checkpoint name
@@ -385,9 +393,13 @@ class Stacked(nnx.Module):
   """
 
   def __init__(self, make_layer: Callable[[int], nnx.Module], n: int):
-    copies = [make_layer(i) for i in range(n)]
-    graphdef = nnx.graphdef(copies[0])
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(c) for c in copies))
+    first = make_layer(0)
+    graphdef, state = nnx.split(first)
+    stacked = jax.tree.map(lambda x: jnp.zeros((n,) + x.shape, x.dtype), state)
+    stacked = _put_row(stacked, state, 0)
+    del first, state
+    for i in range(1, n):  # one copy alive at a time: the build peaks at the stack plus one layer, not twice the stack
+      stacked = _put_row(stacked, nnx.state(make_layer(i)), i)
     self.layer = nnx.merge(graphdef, stacked)
     for _, var in nnx.iter_graph(self.layer):
       if isinstance(var, nnx.Variable):
