@@ -29,7 +29,8 @@ so that every peak is its own; in one process on CPU, where peaks are n/a):
             (SDPA) in the same process: fp32, TF32, bf16 (autocast for the
             backward); torch rows say "torch not installed" without it
   lora_*    one LoRA train step per family: Flan-T5-base, OPT-1.3b, Llama-3-8B
-            shapes, random weights (`decoder_throughput.lora_step_row`)
+            shapes, random weights, scanned stacks (`decoder_throughput.lora_step_row`):
+            compile, step, the build's peak, XLA's plan and `memory.estimate` by term
 
 Peak device memory is `memory_stats()["peak_bytes_in_use"]` of the task's
 process after the row (so within a task it can only grow); torch rows give
@@ -239,6 +240,12 @@ def task_encoder(tiny: bool) -> list[dict]:
   ]
 
 
+def _terms(estimate: dict) -> str:
+  """`memory.estimate`'s terms in GiB, largest first."""
+  terms = sorted(((k, v) for k, v in estimate.items() if k != "total" and v), key=lambda kv: -kv[1])
+  return ", ".join(f"{k} {v / 2**30:.2f}" for k, v in terms)
+
+
 def task_lora(name: str, tiny: bool) -> list[dict]:
   r = decoder_throughput.lora_step_row(name, "tiny" if tiny else "full", steps=3)
   note = f"{r['params'] / 1e6:.1f}M params, {r['lora_params'] / 1e6:.2f}M LoRA"
@@ -246,6 +253,15 @@ def task_lora(name: str, tiny: bool) -> list[dict]:
     row(f"lora_{name}", "compile (first step)", r["compile_s"], "s", peak=r["peak_GiB"], note=note),
     row(f"lora_{name}", "step", r["step_s"], "s/step", peak=r["peak_GiB"]),
     row(f"lora_{name}", "loss (finite)", r["loss"], "", peak=r["peak_GiB"]),
+    row(
+      f"lora_{name}",
+      "build peak",
+      (r["build_peak_bytes"] or math.nan) / 2**30,
+      "GiB",
+      note="random model, before step 1",
+    ),
+    row(f"lora_{name}", "XLA plan", (r["planned_bytes"] or math.nan) / 2**30, "GiB", note="arguments + outputs + temp"),
+    row(f"lora_{name}", "estimate", r["estimate"]["total"] / 2**30, "GiB", note=_terms(r["estimate"])),
   ]
 
 
