@@ -2,6 +2,7 @@ r"""Train-loop overhead: steady-state step time of the real loop vs the bare jit
 
   python benchmarks/loop_overhead.py                     # the smoke config (configs/laspar.py:runlocal), 30 steps
   python benchmarks/loop_overhead.py --steps 60 --log_every 10 --checkpoint_every 20
+  python benchmarks/loop_overhead.py --checkpoint_every 5 --sync_checkpoints   # checkpoints in every window, synchronous
   python benchmarks/loop_overhead.py --tiny              # a tiny random BERT (a quick check of the code path)
 
 The real loop is `train_lib.train_and_evaluate` (host pipeline, device
@@ -127,10 +128,12 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=31, help="optimizer steps (the first compiles)")
   ap.add_argument("--log_every", type=int, default=5)
   ap.add_argument("--checkpoint_every", type=int, default=0, help="0: only the final checkpoint")
+  ap.add_argument("--sync_checkpoints", action="store_true", help="train.async_checkpoints=False (the reference)")
   ap.add_argument("--tiny", action="store_true")
   ap.add_argument("--workdir", default=None, help="default: a fresh temporary folder")
   args = ap.parse_args()
   c = smoke_config(args.steps, args.log_every, args.checkpoint_every, args.tiny)
+  c.train.async_checkpoints = not args.sync_checkpoints
   res = measure(c, args.workdir or tempfile.mkdtemp(prefix="loop_overhead_"))
   print(
     f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  {res['steps']} steps, windows of "
