@@ -3,6 +3,7 @@
 import json
 import pathlib
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,9 @@ from laspar_jax import loss_terms, train_state, train_step
 from laspar_jax import mesh as mesh_lib
 from laspar_jax.models import layers, sparse_encoder
 from laspar_jax.models.encoder_config import EncoderConfig
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import param_cast  # noqa: E402  (benchmarks/param_cast.py: the f32 -> bf16 conversion count)
 
 
 def _regs(**terms):
@@ -190,22 +194,6 @@ def _loss_and_grads(enc, cast: bool, trainable=None):
   return value, grads, jax.make_jaxpr(fn)(params).jaxpr
 
 
-def _cast_elements(jaxpr, times: int = 1) -> int:
-  """Elements the program converts f32 -> bf16, counting a scan body once per iteration."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "convert_element_type":
-      a, b = eqn.invars[0].aval, eqn.outvars[0].aval
-      n += times * a.size * (a.dtype == jnp.float32 and b.dtype == jnp.bfloat16)
-    inner = times * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else times
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, tuple) else (v,):
-        sub = getattr(sub, "jaxpr", sub)
-        if hasattr(sub, "eqns"):
-          n += _cast_elements(sub, inner)
-  return n
-
-
 @pytest.mark.parametrize("lora", [False, True])
 def test_params_cast_once_equal_the_per_use_casts(tmp_path, lora):
   """bf16 scanned Llama: kernels cast once per tower give bitwise the loss and fp32 grads of the per-use casts."""
@@ -225,7 +213,7 @@ def test_params_cast_once_equal_the_per_use_casts(tmp_path, lora):
     assert g1.dtype == jnp.float32, path
     np.testing.assert_array_equal(np.asarray(g1), np.asarray(g2), err_msg=jax.tree_util.keystr(path))
   kernels = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(once[1])[0] if "layers" in str(p))
-  saved = _cast_elements(per_use[2]) - _cast_elements(once[2])
+  saved = param_cast.cast_elements(per_use[2]) - param_cast.cast_elements(once[2])
   assert saved >= kernels  # remat no longer re-casts the stacked kernels (per tower: >= one pass)
 
 
