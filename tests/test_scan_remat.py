@@ -6,8 +6,10 @@ numbers; LoRA adapts, trains with dropout, merges and saves with a scanned stack
 policy gives the gradients of no remat, and an unknown policy name is refused naming the field.
 """
 
+import gc
 import pathlib
 import sys
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -212,3 +214,25 @@ def test_remat_policy_names_are_checked():
   assert enc_cfg.remat_policy == "full" and not enc_cfg.scan_layers
   assert sparse_encoder.EncoderConfig(remat_policy="full", scan_layers=False).fingerprint() == enc_cfg.fingerprint()
   assert sparse_encoder.EncoderConfig(scan_layers=True).fingerprint() != enc_cfg.fingerprint()
+
+
+def test_stacked_build_keeps_one_layer_copy_alive():
+  """Each copy is written into the stack and dropped before the next is built (the build peaks at the
+  stack plus one layer, not twice the stack); the stack holds every copy's values in order."""
+  built: list[weakref.ref] = []
+  alive_before: list[int] = []
+
+  class Layer(nnx.Module):
+    def __init__(self, i: int):
+      self.w = nnx.Param(jnp.full((3, 2), float(i)))
+
+  def make(i: int) -> nnx.Module:
+    gc.collect()
+    alive_before.append(sum(r() is not None for r in built))
+    layer = Layer(i)
+    built.append(weakref.ref(layer))
+    return layer
+
+  stacked = layers.Stacked(make, 4)
+  assert alive_before == [0, 0, 0, 0]
+  np.testing.assert_array_equal(stacked.layer.w[...][:, 0, 0], [0.0, 1.0, 2.0, 3.0])
