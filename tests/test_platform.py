@@ -198,3 +198,25 @@ def test_encode_batch_size_defaults_per_backend():
   assert platform.encode_batch_size(0, "gpu") == platform.encode_batch_size(0, "tpu") == 256
   assert platform.encode_batch_size(48, "gpu") == 48
   assert platform.encode_batch_size(0) == 64  # the tests run on CPU
+
+
+def test_auto_cudnn_falls_back_to_xla_when_the_probe_fails(monkeypatch):
+  """ "auto" picking cuDNN compiles a tiny forward + backward first; a device that rejects it gets XLA and a warning."""
+  import functools
+
+  from laspar_jax.models import attention, backbone, hf_weights
+
+  hf = backbone.known_config("facebook/opt-1.3b")
+  fam = backbone.family_for_type(hf["model_type"])
+  cfg = fam.config_from_hf(hf)
+  real = platform.attention_impl
+  monkeypatch.setattr(platform, "attention_impl", lambda req, **kw: real(req, "gpu", compute_capability=(9, 0), **kw))
+  attention.cudnn_problem.cache_clear()
+  with pytest.warns(UserWarning, match="cuDNN attention failed a build-time probe"):
+    assert hf_weights.attention_impl_for(fam, cfg, "auto", jnp.bfloat16) == "xla"  # no cuDNN on the CPU
+  assert hf_weights.attention_impl_for(fam, cfg, "auto", jnp.float32) == "xla"  # not a cuDNN dtype: no probe
+  # A device that compiles the probe keeps cuDNN (the kernel replaced by XLA's to stand in for one).
+  monkeypatch.setattr(attention, "cudnn_attention", functools.partial(attention.cudnn_attention, implementation="xla"))
+  attention.cudnn_problem.cache_clear()
+  assert hf_weights.attention_impl_for(fam, cfg, "auto", jnp.bfloat16) == "cudnn"
+  attention.cudnn_problem.cache_clear()

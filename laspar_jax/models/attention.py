@@ -31,6 +31,8 @@ Conventions shared by both:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -269,3 +271,28 @@ def cpu_attention(
   r_bht1 = jax.lax.stop_gradient(1.0 / sum_bht1)
   out_bhtd = (o_bhtd[..., :-1] * r_bht1) / (sum_bht1 * r_bht1)
   return out_bhtd.astype(v_bshd.dtype).transpose(0, 2, 1, 3)
+
+
+@functools.lru_cache(maxsize=16)
+def cudnn_problem(dtype_name: str, head_dim: int, heads: int = 4, kv_heads: int = 2) -> str | None:
+  """Compiles a tiny forward + backward of `cudnn_attention` (grouped-query heads, a padding mask, causal and
+  not); the error, or None.
+
+  A build-time probe for `attention_impl="auto"`: the selection rules come from
+  reading JAX's source, and a GPU, driver or cuDNN that disagrees should cost a
+  warning and the XLA path, not a failed run. Cached per argument set.
+  """
+  dtype = jnp.dtype(dtype_name)
+  q = jnp.zeros((2, 8, heads, head_dim), dtype)
+  kv = jnp.zeros((2, 8, kv_heads, head_dim), dtype)
+  mask = jnp.ones((2, 8), jnp.int32).at[1, 5:].set(0)
+
+  def loss(q, k, v, causal):
+    return cudnn_attention(q, k, v, mask_bs=mask, causal=causal).astype(jnp.float32).sum()
+
+  try:
+    for causal in (False, True):
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3).lower(q, kv, kv, causal).compile()
+  except Exception as e:  # noqa: BLE001 - any failure means "do not pick cuDNN"
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  return None

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -46,7 +47,7 @@ from safetensors import safe_open
 
 from laspar_jax import mesh as mesh_lib
 from laspar_jax import platform
-from laspar_jax.models import backbone
+from laspar_jax.models import attention, backbone
 from laspar_jax.models import gguf as gguf_lib
 from laspar_jax.tokenizer import Tokenizer
 
@@ -352,9 +353,20 @@ def _config(family: backbone.Family, hf_cfg: dict[str, Any], source: str, scan_l
 
 
 def attention_impl_for(family: backbone.Family, cfg: Any, requested: str, dtype: Any) -> str:
-  """`platform.attention_impl` for a family's model: "auto" weighs its dtype, head dim and logit bias."""
+  """`platform.attention_impl` for a family's model: "auto" weighs its dtype, head dim and logit bias.
+
+  When "auto" resolves to "cudnn", a tiny forward + backward is compiled first
+  (`attention.cudnn_problem`); if the device rejects it, a warning says why and
+  the model gets "xla".
+  """
   head_dim, has_bias = family.attention_shape(cfg) if family.attention_shape else (None, False)
-  return platform.attention_impl(requested, dtype=dtype, head_dim=head_dim, has_bias=has_bias)
+  impl = platform.attention_impl(requested, dtype=dtype, head_dim=head_dim, has_bias=has_bias)
+  if impl == "cudnn" and requested == "auto":
+    problem = attention.cudnn_problem(jnp.dtype(dtype).name, int(head_dim))
+    if problem:
+      warnings.warn(f"cuDNN attention failed a build-time probe ({problem}); using XLA attention", stacklevel=2)
+      return "xla"
+  return impl
 
 
 def load(
